@@ -1,0 +1,276 @@
+"""Paged KV-cache bookkeeping: fixed-size blocks, reference counts, prefix caching.
+
+No torch here: the block manager only hands out block ids; the model runner
+owns the tensors they index.
+
+Lifecycle of a block:
+
+1. free and uncached: on the ``_free_uncached`` stack, handed out first.
+2. in use: ``ref_count`` ≥ 1, listed in one or more requests' block tables.
+3. when full and computed, a block gets a content hash chained over its whole
+   prefix (``cache_full_blocks``); other requests with the same prefix share it.
+4. freed (``ref_count`` back to 0): a hashed block goes to the LRU of free
+   cached blocks (still reusable by a prefix hit), an unhashed one back to the
+   stack. Allocation evicts the least recently freed cached block only when no
+   uncached block is left.
+
+Ownership: a request's blocks belong to it from ``allocate_slots`` (or
+``reserve``) until ``free`` (``release`` on the prefill side of a hand-off).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.request import Request
+
+
+@dataclass
+class Block:
+    """One KV block: its id, users, and (once full) its prefix hash."""
+
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class BlockManagerStats:
+    """A snapshot of block usage and prefix-cache effectiveness."""
+
+    num_blocks: int
+    num_free_blocks: int
+    num_used_blocks: int
+    num_cached_blocks: int
+    num_held_requests: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Fraction of looked-up prompt tokens found in the prefix cache."""
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+
+def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+    """Content hash of a full block, chained over every block before it."""
+    return hash((parent_hash, tuple(token_ids)))
+
+
+class BlockManager:
+    """Allocates KV blocks to requests, with prefix caching and LRU eviction."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be ≥ 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Reversed so that block 0 is handed out first (easier to read in tests).
+        self._free_uncached: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._free_cached: OrderedDict[int, None] = OrderedDict()
+        self._hash_to_block: dict[int, int] = {}
+        self._req_blocks: dict[str, list[int]] = {}
+        self._req_hashes: dict[str, list[int]] = {}
+        self._held: set[str] = set()
+        self._prefix_query_tokens = 0
+        self._prefix_hit_tokens = 0
+
+    # -- queries ---------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no request uses (cached ones included: they can be evicted)."""
+        return len(self._free_uncached) + len(self._free_cached)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The block table of a request (empty if it holds none)."""
+        return self._req_blocks.get(request_id, [])
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold ``num_tokens`` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def stats(self) -> BlockManagerStats:
+        """Current usage counters."""
+        num_free = self.num_free_blocks
+        return BlockManagerStats(
+            num_blocks=self.num_blocks,
+            num_free_blocks=num_free,
+            num_used_blocks=self.num_blocks - num_free,
+            num_cached_blocks=len(self._hash_to_block),
+            num_held_requests=len(self._held),
+            prefix_query_tokens=self._prefix_query_tokens,
+            prefix_hit_tokens=self._prefix_hit_tokens,
+        )
+
+    # -- prefix cache ----------------------------------------------------------
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """Look up the longest cached prefix of a request's tokens.
+
+        Returns the hit block ids (not yet referenced: pass them to
+        ``allocate_slots``) and the number of tokens they cover. At least one
+        token is always left to compute, so the request gets logits.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        tokens = request.all_token_ids
+        num_full = (len(tokens) - 1) // self.block_size
+        hashes = self._hashes(request, num_full)
+        hits: list[int] = []
+        for i in range(num_full):
+            block_id = self._hash_to_block.get(hashes[i])
+            if block_id is None:
+                break
+            start = i * self.block_size
+            if self.blocks[block_id].token_ids != tuple(tokens[start : start + self.block_size]):
+                break  # hash collision: treat as a miss
+            hits.append(block_id)
+        self._prefix_query_tokens += len(tokens)
+        self._prefix_hit_tokens += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the hashes of a request's blocks that are full and computed.
+
+        Call after the step that computed them: only then is their KV valid
+        for another request to reuse.
+        """
+        if not self.enable_prefix_caching:
+            return
+        table = self._req_blocks.get(request.request_id)
+        if not table:
+            return
+        num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        hashes = self._hashes(request, num_full)
+        for i in range(num_full):
+            block = self.blocks[table[i]]
+            if block.block_hash is not None:
+                continue
+            if hashes[i] in self._hash_to_block:
+                continue  # the same content is already cached in another block
+            start = i * self.block_size
+            block.block_hash = hashes[i]
+            block.token_ids = tuple(request.all_token_ids[start : start + self.block_size])
+            self._hash_to_block[hashes[i]] = block.block_id
+
+    def _hashes(self, request: Request, num_full: int) -> list[int]:
+        hashes = self._req_hashes.setdefault(request.request_id, [])
+        tokens = request.all_token_ids
+        while len(hashes) < num_full:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size]))
+        return hashes
+
+    # -- allocation --------------------------------------------------------------
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        """True when ``num_blocks`` new blocks can be handed out now."""
+        return num_blocks <= self.num_free_blocks
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()
+    ) -> bool:
+        """Make the request's block table cover its computed plus new tokens.
+
+        ``computed_blocks`` (from ``get_computed_blocks``, on first admission)
+        are shared, not copied. Returns False, changing nothing, when there
+        are not enough free blocks.
+        """
+        table = self._req_blocks.get(request.request_id, [])
+        num_computed = max(request.num_computed_tokens, len(computed_blocks) * self.block_size)
+        num_needed = self.num_blocks_for(num_computed + num_new_tokens)
+        num_new_blocks = num_needed - len(table) - len(computed_blocks)
+        # Cached hits sitting in the free LRU are about to leave it.
+        num_reclaimed = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
+        if num_new_blocks > self.num_free_blocks - num_reclaimed:
+            return False
+        table = self._req_blocks.setdefault(request.request_id, table)
+        for block_id in computed_blocks:
+            self._touch(block_id)
+            table.append(block_id)
+        for _ in range(max(num_new_blocks, 0)):
+            table.append(self._take_free_block())
+        return True
+
+    def append_slot(self, request: Request) -> bool:
+        """Room for one more token of a decoding request (False if out of blocks)."""
+        return self.allocate_slots(request, 1)
+
+    def free(self, request_id: str) -> None:
+        """Drop a request's references to its blocks; unused blocks become free.
+
+        Blocks are released tail first, so the LRU evicts a prefix's tail
+        before its head (a shorter shared prefix stays useful longer).
+        """
+        table = self._req_blocks.pop(request_id, [])
+        self._req_hashes.pop(request_id, None)
+        self._held.discard(request_id)
+        for block_id in reversed(table):
+            block = self.blocks[block_id]
+            assert block.ref_count > 0, f"block {block_id} freed twice"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.block_hash is not None:
+                    self._free_cached[block_id] = None
+                else:
+                    self._free_uncached.append(block_id)
+
+    # -- disaggregation ------------------------------------------------------------
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Decode side: reserve blocks for KV that another worker will write.
+
+        Returns the block ids, or None (nothing reserved) when there is no room.
+        """
+        if request_id in self._req_blocks:
+            raise ValueError(f"request {request_id!r} already holds blocks")
+        num_blocks = self.num_blocks_for(num_tokens)
+        if not self.can_allocate(num_blocks):
+            return None
+        table = [self._take_free_block() for _ in range(num_blocks)]
+        self._req_blocks[request_id] = table
+        return list(table)
+
+    def export(self, request_id: str) -> list[int]:
+        """Prefill side: the blocks holding a request's KV, kept alive until ``release``."""
+        if request_id not in self._req_blocks:
+            raise KeyError(f"request {request_id!r} holds no blocks")
+        self._held.add(request_id)
+        return list(self._req_blocks[request_id])
+
+    def release(self, request_id: str) -> None:
+        """Prefill side: the receiver has the KV (or gave up); free the held blocks."""
+        self.free(request_id)
+
+    @property
+    def held_request_ids(self) -> set[str]:
+        """Requests whose blocks are exported and not yet released."""
+        return set(self._held)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _touch(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self._free_cached[block_id]
+        block.ref_count += 1
+
+    def _take_free_block(self) -> int:
+        if self._free_uncached:
+            block_id = self._free_uncached.pop()
+        else:
+            block_id, _ = self._free_cached.popitem(last=False)
+            block = self.blocks[block_id]
+            assert block.block_hash is not None
+            del self._hash_to_block[block.block_hash]
+            block.block_hash = None
+            block.token_ids = None
+        self.blocks[block_id].ref_count = 1
+        return block_id

@@ -1,0 +1,278 @@
+"""Decides, every step, which requests compute how many tokens.
+
+One step:
+
+1. ``schedule()``: running requests first, in admission order, each gets its
+   next prompt chunk or one decode token; when blocks run out, the most
+   recently admitted running request is preempted (its blocks are freed and
+   it will be recomputed). Then waiting requests are admitted first-come
+   first-served while the token budget, ``max_num_seqs`` and free blocks allow.
+2. the model runner executes the ``SchedulerOutput``.
+3. ``update()``: progress is recorded, sampled tokens are appended, token-level
+   stop conditions are checked and finished requests give their blocks back.
+
+Roles change step 3: a ``prefill`` scheduler ends a request after its first
+token and *holds* its blocks (``FINISHED_PREFILLED``) until ``release``; a
+``decode`` scheduler admits requests whose KV is written from outside
+(``add_remote_request`` → ``WAITING_FOR_KV`` → ``finish_remote_kv``) and never
+prefills them (a preempted one is recomputed locally, the only way to go on).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pdserve.config import Role, SchedulerConfig
+from pdserve.engine.block_manager import BlockManager
+from pdserve.request import Request, RequestStatus, TokenLogprobs
+
+logger = logging.getLogger(__name__)
+
+
+class Sampled(Protocol):
+    """What the runner returns for a request that sampled a token."""
+
+    token_id: int
+    logprobs: TokenLogprobs | None
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+
+    @property
+    def num_computed_tokens(self) -> int:
+        """Tokens already in the cache before this step."""
+        return self.request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the request's tokens (a token is sampled)."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """The batch of one step."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        """Tokens computed this step, over all requests."""
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when there is nothing to run."""
+        return not self.scheduled
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill, preemption by recompute and roles."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.waiting_for_kv: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- admission ---------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request to be prefilled here (prefill and mixed roles)."""
+        if self.config.role is Role.DECODE:
+            raise RuntimeError("a decode scheduler only takes requests via add_remote_request")
+        self._register(request)
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def add_remote_request(self, request: Request) -> list[int] | None:
+        """Decode role: reserve blocks for a request whose KV another worker writes.
+
+        Returns the reserved block ids (the prefill worker writes the prompt's
+        KV into them), or None when there is no room now.
+        """
+        if self.config.role is not Role.DECODE:
+            raise RuntimeError("add_remote_request is for the decode role")
+        # Room for the prompt's KV and the first token the prefill worker sends.
+        block_ids = self.block_manager.reserve(request.request_id, request.num_prompt_tokens + 1)
+        if block_ids is None:
+            return None
+        self._register(request)
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.waiting_for_kv[request.request_id] = request
+        return block_ids
+
+    def finish_remote_kv(
+        self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None
+    ) -> Request:
+        """Decode role: the prompt's KV is in place; join the running batch."""
+        request = self.waiting_for_kv.pop(request_id)
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.block_manager.cache_full_blocks(request)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self._append_and_check(request, first_token_id, logprobs)
+        if request.finished:
+            self._retire(request)
+        return request
+
+    def _register(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+
+    # -- step --------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's batch (see the module docstring)."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while not bm.allocate_slots(request, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, num_new, bm.block_ids(request.request_id)))
+                budget -= num_new
+                i += 1
+        if out.preempted_ids:
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_cached = bm.get_computed_blocks(request)
+            num_new = self._num_new_tokens(request, num_cached, budget, alone=not out.scheduled)
+            if num_new == 0 or not bm.allocate_slots(request, num_new, computed_blocks):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new, bm.block_ids(request.request_id)))
+            budget -= num_new
+        return out
+
+    def _num_new_tokens(self, request: Request, num_computed: int, budget: int, alone: bool = False) -> int:
+        remaining = request.num_tokens - num_computed
+        if self.config.enable_chunked_prefill:
+            return min(remaining, self.config.chunk_size, budget)
+        # Without chunking a prompt runs whole; one longer than the budget runs alone.
+        return remaining if remaining <= budget or alone else 0
+
+    def update(self, out: SchedulerOutput, sampled: list[Sampled | None]) -> list[Request]:
+        """Record a step's results; returns the requests that got a token or finished."""
+        changed: list[Request] = []
+        for item, token in zip(out.scheduled, sampled, strict=True):
+            request = item.request
+            if request.finished:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(request)
+            if token is None:
+                continue
+            self._append_and_check(request, token.token_id, token.logprobs)
+            if request.finished:
+                self._retire(request)
+            changed.append(request)
+        return changed
+
+    def _append_and_check(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        request.append_token(token_id, logprobs)
+        params = request.sampling_params
+        if self.config.role is Role.PREFILL:
+            request.status = RequestStatus.FINISHED_PREFILLED
+            return
+        past_min = request.num_output_tokens > params.min_tokens
+        if past_min and token_id in params.stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = token_id
+        elif past_min and not params.ignore_eos and token_id in request.eos_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+        elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+
+    # -- endings -------------------------------------------------------------------
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request from outside (stop string matched, client abort)."""
+        request = self.requests.get(request_id)
+        if request is None or request.finished:
+            return None
+        assert status.finished
+        request.status = status
+        self._retire(request)
+        return request
+
+    def abort(self, request_id: str) -> Request | None:
+        """Abort a request wherever it is; its blocks (held ones too) are freed."""
+        if request_id in self.held:
+            self.release(request_id)
+            return None
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: the decode side has the KV; free the held blocks."""
+        request = self.held.pop(request_id, None)
+        if request is not None:
+            self.block_manager.release(request_id)
+
+    def _retire(self, request: Request) -> None:
+        rid = request.request_id
+        self.requests.pop(rid, None)
+        if request in self.running:
+            self.running.remove(request)
+        elif rid in self.waiting_for_kv:
+            del self.waiting_for_kv[rid]
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        if request.status is RequestStatus.FINISHED_PREFILLED:
+            self.block_manager.export(rid)
+            self.held[rid] = request
+        else:
+            self.block_manager.free(rid)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        logger.debug("preempted %s (%d tokens to recompute)", request.request_id, request.num_tokens)
+
+    # -- queries -------------------------------------------------------------------
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests waiting, running or waiting for KV (held ones are finished)."""
+        return len(self.waiting) + len(self.running) + len(self.waiting_for_kv)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request still needs steps or remote KV."""
+        return self.num_unfinished > 0
