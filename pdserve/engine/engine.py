@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pdserve.config import EngineConfig, Role
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.errors import InvalidRequestError
 from pdserve.model.arch import ArchConfig, load_arch_config
 from pdserve.model.tokenizer import Tokenizer, load_tokenizer
@@ -43,6 +43,16 @@ class RequestOutput:
     num_cached_tokens: int = 0
 
 
+class StepHooks(Protocol):
+    """Observers of one step, used by workers to stream KV while it is computed."""
+
+    def on_schedule(self, out: SchedulerOutput) -> None:
+        """Called with the batch before the model runs."""
+
+    def on_layer_done(self, layer: int) -> None:
+        """Called as soon as a layer has written this step's K/V into the cache."""
+
+
 def resolve_max_model_len(config: EngineConfig, arch: ArchConfig) -> int:
     """The context limit: the configured one, capped by the model's positions."""
     limit = arch.max_position_embeddings
@@ -57,10 +67,21 @@ def resolve_max_model_len(config: EngineConfig, arch: ArchConfig) -> int:
 
 
 class LLMEngine:
-    """Single-process engine for one role (mixed, prefill or decode)."""
+    """Single-process engine for one role (mixed, prefill or decode).
 
-    def __init__(self, config: EngineConfig, kv_allocator: KVAllocator | None = None) -> None:
+    Args:
+        config: model, cache and scheduler settings.
+        kv_allocator: allocates the KV tensors (a decode worker places them where
+            its KV receiver can write); default: plain tensors on the device.
+        detokenize: turn tokens into text and apply stop strings here. Workers
+            turn it off: the router owns text and stop strings.
+    """
+
+    def __init__(
+        self, config: EngineConfig, kv_allocator: KVAllocator | None = None, detokenize: bool = True
+    ) -> None:
         self.config = config
+        self.detokenize = detokenize
         self.arch = load_arch_config(config.model.model)
         self.tokenizer: Tokenizer = load_tokenizer(config.model.model)
         self.max_model_len = resolve_max_model_len(config, self.arch)
@@ -142,7 +163,8 @@ class LLMEngine:
         return self._output(request, [first_token_id])
 
     def _track(self, request: Request) -> None:
-        self._detokenizers[request.request_id] = Detokenizer(self.tokenizer, request.sampling_params.stop)
+        if self.detokenize:
+            self._detokenizers[request.request_id] = Detokenizer(self.tokenizer, request.sampling_params.stop)
 
     def abort_request(self, request_id: str) -> None:
         """Abort a request wherever it is and free its KV."""
@@ -159,17 +181,19 @@ class LLMEngine:
 
     # -- step --------------------------------------------------------------------
 
-    def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
+    def step(self, hooks: StepHooks | None = None) -> list[RequestOutput]:
         """Run one step; returns outputs of requests that produced tokens or finished."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        if hooks is not None:
+            hooks.on_schedule(out)
         self.num_steps += 1
         self.num_prompt_tokens_computed += sum(
             min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.num_computed_tokens, 0))
             for s in out.scheduled
         )
-        sampled = self.runner.execute(out, on_layer_done)
+        sampled = self.runner.execute(out, hooks.on_layer_done if hooks is not None else None)
         changed = self.scheduler.update(out, sampled)
         return [self._output(r, r.output_token_ids[-1:]) for r in changed]
 

@@ -60,20 +60,19 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompt_list: list[str | list[int]] = [prompts] if isinstance(prompts, str) else list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params_list = (
-            [sampling_params] * len(prompts)
+            [sampling_params] * len(prompt_list)
             if isinstance(sampling_params, SamplingParams)
             else list(sampling_params)
         )
-        if len(params_list) != len(prompts):
-            raise ConfigError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        if len(params_list) != len(prompt_list):
+            raise ConfigError(f"{len(prompt_list)} prompts but {len(params_list)} sampling params")
         engine = self.engine
         # Validate everything before queueing anything, so a bad prompt leaves no work behind.
-        requests = [engine.make_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        requests = [engine.make_request(p, sp) for p, sp in zip(prompt_list, params_list, strict=True)]
         for request in requests:
             engine.enqueue(request)
         results: dict[str, RequestOutput] = {}
@@ -98,6 +97,5 @@ class LLM:
         sampling_params: SamplingParams | None = None,
     ) -> RequestOutput:
         """Generate the assistant's reply to a chat (the model's chat template applies)."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         return self.generate([ids], sampling_params)[0]

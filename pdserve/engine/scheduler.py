@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -184,7 +185,7 @@ class Scheduler:
         # Without chunking a prompt runs whole; one longer than the budget runs alone.
         return remaining if remaining <= budget or alone else 0
 
-    def update(self, out: SchedulerOutput, sampled: list[Sampled | None]) -> list[Request]:
+    def update(self, out: SchedulerOutput, sampled: Sequence[Sampled | None]) -> list[Request]:
         """Record a step's results; returns the requests that got a token or finished."""
         changed: list[Request] = []
         for item, token in zip(out.scheduled, sampled, strict=True):

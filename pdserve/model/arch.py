@@ -104,8 +104,14 @@ class ArchConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         for name in (
-            "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-            "head_dim", "intermediate_size", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -186,7 +192,7 @@ class ArchConfig:
 
 
 def _normalise_rope_scaling(scaling: Any) -> dict[str, Any] | None:
-    """Validate RoPE scaling and spell its type as ``rope_type``; None stays None."""
+    """Validate RoPE scaling and spell its type as ``rope_type``; no scaling becomes None."""
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
@@ -196,10 +202,11 @@ def _normalise_rope_scaling(scaling: Any) -> dict[str, Any] | None:
     rope_type = out.get("rope_type", rope_type) or "default"
     out.pop("rope_theta", None)
     out["rope_type"] = rope_type
+    if rope_type == "default":
+        return None
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
-            f"rope scaling type {rope_type!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     missing = [k for k in _ROPE_REQUIRED_KEYS[rope_type] if out.get(k) is None]
     if missing:
@@ -284,8 +291,6 @@ def arch_config_from_hf(config: dict[str, Any], generation: dict[str, Any]) -> A
     else:
         rope_theta = float(config.get("rope_theta", 10000.0))
         scaling = config.get("rope_scaling")
-    if scaling is not None and (scaling.get("rope_type") or scaling.get("type")) in (None, "default"):
-        scaling = None
 
     max_pos = int(config.get("max_position_embeddings", 4096))
     window = config.get("sliding_window")
@@ -294,7 +299,9 @@ def arch_config_from_hf(config: dict[str, Any], generation: dict[str, Any]) -> A
         # pdserve attends over the full context; below the window both agree.
         logger.warning(
             "sliding_window=%d is not implemented; limiting max_position_embeddings %d -> %d",
-            window, max_pos, window,
+            window,
+            max_pos,
+            window,
         )
         max_pos = window
 

@@ -50,9 +50,7 @@ def _tojson(
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -93,11 +91,9 @@ class ChatTemplate:
         try:
             return self._template.render(**context)
         except _TemplateRaised as e:
-            raise InvalidRequestError(f"chat template rejected the messages: {e}",
-                                      param="messages") from None
+            raise InvalidRequestError(f"chat template rejected the messages: {e}", param="messages") from None
         except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
-            raise InvalidRequestError(f"chat template failed on these messages: {e}",
-                                      param="messages") from e
+            raise InvalidRequestError(f"chat template failed on these messages: {e}", param="messages") from e
 
 
 def find_chat_template(model_dir: str, tokenizer_config: dict[str, Any]) -> ChatTemplate | None:
@@ -127,6 +123,7 @@ def find_chat_template(model_dir: str, tokenizer_config: dict[str, Any]) -> Chat
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
         source = named.get("default") or next(iter(named.values()), None)
     if not isinstance(source, str):
-        raise ModelLoadError(f"chat template in {origin} must be a string or a list of "
-                             "{name, template} objects")
+        raise ModelLoadError(
+            f"chat template in {origin} must be a string or a list of {{name, template}} objects"
+        )
     return ChatTemplate(source, origin)

@@ -13,8 +13,10 @@ Two implementations behind the :class:`Tokenizer` interface:
 :func:`load_tokenizer` picks one for a model name. This module must not
 import torch.
 
-A rendered chat prompt already holds the template's own special tokens
-(e.g. BOS), so encode it with ``add_special_tokens=False``.
+To tokenize a chat, use :meth:`Tokenizer.encode_chat`: an HF template
+writes its own special tokens (e.g. BOS) into the text, so its prompt is
+encoded with ``add_special_tokens=False``, while the byte format gets its
+BOS from :meth:`Tokenizer.encode`.
 """
 
 from __future__ import annotations
@@ -69,6 +71,20 @@ class Tokenizer(ABC):
             InvalidRequestError: malformed messages, a model without a chat
                 template, or a template that rejects the conversation.
         """
+
+    #: Whether :meth:`encode_chat` adds special tokens to the rendered prompt
+    #: (HF templates write their own BOS into the text; the byte format does not).
+    chat_adds_special_tokens: bool = False
+
+    def encode_chat(
+        self,
+        messages: list[Message],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Token ids of the chat prompt, with exactly the special tokens the model expects."""
+        text = self.apply_chat_template(messages, add_generation_prompt, chat_template_kwargs)
+        return self.encode(text, add_special_tokens=self.chat_adds_special_tokens)
 
     @abstractmethod
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
@@ -126,6 +142,7 @@ class ByteTokenizer(Tokenizer):
     ``<|assistant|>\\n`` when a generation prompt is asked for.
     """
 
+    chat_adds_special_tokens = True
     PAD_ID = 0
     BOS_ID = 1
     EOS_ID = 2
@@ -255,14 +272,12 @@ class HFTokenizer(Tokenizer):
         self._add_bos = config.get("add_bos_token")
         self._add_eos = config.get("add_eos_token")
         self._bos_id = self._id_of(self._special_tokens["bos_token"])
-        eos = [self._id_of(self._special_tokens["eos_token"])]
+        self._eos_id = self._id_of(self._special_tokens["eos_token"])
+        eos = [self._eos_id]
         for name in ("generation_config.json", "config.json"):
             value = _read_json(os.path.join(model_dir, name)).get("eos_token_id")
             eos.extend([value] if isinstance(value, int) else (value or []))
         self._eos_ids = tuple(dict.fromkeys(int(i) for i in eos if i is not None))
-        self._special_ids = frozenset(
-            i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
-        )
         self._chat_template = find_chat_template(model_dir, config)
         self._model_dir = model_dir
 
@@ -291,9 +306,8 @@ class HFTokenizer(Tokenizer):
         if add_special_tokens:
             if self._add_bos and self._bos_id is not None and ids[:1] != [self._bos_id]:
                 ids.insert(0, self._bos_id)
-            eos = self._id_of(self._special_tokens["eos_token"])
-            if self._add_eos and eos is not None and ids[-1:] != [eos]:
-                ids.append(eos)
+            if self._add_eos and self._eos_id is not None and ids[-1:] != [self._eos_id]:
+                ids.append(self._eos_id)
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -316,7 +330,9 @@ class HFTokenizer(Tokenizer):
                 param="messages",
             )
         return self._chat_template.render(
-            _check_messages(messages), add_generation_prompt, self._special_tokens,
+            _check_messages(messages),
+            add_generation_prompt,
+            self._special_tokens,
             chat_template_kwargs,
         )
 

@@ -110,7 +110,7 @@ def test_eviction_prefers_uncached_then_lru() -> None:
     c = make_request("c", [5, 6])
     assert bm.allocate_slots(c, 2)
     assert bm.stats().num_cached_blocks == 1
-    hits, n = bm.get_computed_blocks(make_request("d", [1, 2, 3, 4, 0]))
+    _, n = bm.get_computed_blocks(make_request("d", [1, 2, 3, 4, 0]))
     assert n == 2  # the head block of a's prefix survived
     for rid in ("b", "c"):
         bm.free(rid)

@@ -1,0 +1,84 @@
+"""Models, tokenizers and the paged attention they run on.
+
+Torch-free entry points (safe for the router): :mod:`pdserve.model.arch`,
+:mod:`pdserve.model.presets`, :mod:`pdserve.model.tokenizer`. Importing this
+package itself does not import torch either: the torch-based names load on
+first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from pdserve.model.arch import (
+    SUPPORTED_ARCHITECTURES,
+    SUPPORTED_ROPE_TYPES,
+    ArchConfig,
+    load_arch_config,
+)
+from pdserve.model.presets import PRESETS, is_preset, preset_names
+from pdserve.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from pdserve.model.attention import (
+        AttentionMetadata,
+        KVCache,
+        SeqSpec,
+        allocate_kv_cache,
+        build_attention_metadata,
+    )
+    from pdserve.model.llama import LlamaForCausalLM
+    from pdserve.model.loader import (
+        dummy_weights,
+        load_model,
+        resolve_device,
+        resolve_dtype,
+        save_hf_checkpoint,
+    )
+
+_LAZY = {
+    "AttentionMetadata": "pdserve.model.attention",
+    "KVCache": "pdserve.model.attention",
+    "SeqSpec": "pdserve.model.attention",
+    "allocate_kv_cache": "pdserve.model.attention",
+    "build_attention_metadata": "pdserve.model.attention",
+    "LlamaForCausalLM": "pdserve.model.llama",
+    "dummy_weights": "pdserve.model.loader",
+    "load_model": "pdserve.model.loader",
+    "resolve_device": "pdserve.model.loader",
+    "resolve_dtype": "pdserve.model.loader",
+    "save_hf_checkpoint": "pdserve.model.loader",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "PRESETS",
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_ROPE_TYPES",
+    "ArchConfig",
+    "AttentionMetadata",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "KVCache",
+    "LlamaForCausalLM",
+    "SeqSpec",
+    "Tokenizer",
+    "allocate_kv_cache",
+    "build_attention_metadata",
+    "dummy_weights",
+    "is_preset",
+    "load_arch_config",
+    "load_model",
+    "load_tokenizer",
+    "preset_names",
+    "resolve_device",
+    "resolve_dtype",
+    "save_hf_checkpoint",
+]
