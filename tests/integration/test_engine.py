@@ -47,7 +47,7 @@ def test_seeded_sampling_is_independent_of_the_batch(llm: LLM) -> None:
         ("greedy one", SamplingParams(max_tokens=10, temperature=0.0)),
     ]
     for i in range(len(neighbours) + 1):
-        batch = neighbours[:i] + [("seeded prompt", target)] + neighbours[i:]
+        batch = [*neighbours[:i], ("seeded prompt", target), *neighbours[i:]]
         outs = llm.generate([p for p, _ in batch], [sp for _, sp in batch])
         assert outs[i].token_ids == alone
     other_seed = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=43, ignore_eos=True)
@@ -139,4 +139,5 @@ def test_preset_weights_are_deterministic() -> None:
     arch = load_arch_config("tiny")
     a = load_model("tiny", arch, torch.float32, torch.device("cpu"), seed=3)
     b = load_model("tiny", arch, torch.float32, torch.device("cpu"), seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)

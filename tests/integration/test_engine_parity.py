@@ -18,8 +18,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_checkpoints import HF_VOCAB, build_hf_model, train_tokenizer  # noqa: E402
-from pdserve import LLM, SamplingParams  # noqa: E402
+from hf_checkpoints import HF_VOCAB, build_hf_model, train_tokenizer
+
+from pdserve import LLM, SamplingParams
 
 NUM_TOKENS = 32
 PROMPT_LENGTHS = (1, 5, 17, 40)
