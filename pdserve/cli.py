@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pdserve.errors import PDServeError
 
@@ -30,7 +31,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of dummy weights and unseeded sampling")
 
 
-def engine_options(args: argparse.Namespace) -> dict[str, object]:
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine options named by :func:`add_engine_args`, for ``make_engine_config``."""
     return {
         "dtype": args.dtype,
@@ -85,6 +86,67 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pdserve.launch.local import LaunchConfig, LocalLauncher
+
+    router_args = ["--model", args.model, "--policy", args.policy]
+    if args.max_model_len:
+        router_args += ["--max-model-len", str(args.max_model_len)]
+    worker_args = list(args.worker_args)
+    worker_args += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
+    if args.max_model_len:
+        worker_args += ["--max-model-len", str(args.max_model_len)]
+    if args.kv_transport:
+        worker_args += ["--kv-transport", args.kv_transport]
+    launcher = LocalLauncher(LaunchConfig(
+        mode=args.mode, num_prefill=args.prefill, num_decode=args.decode, num_mixed=args.mixed,
+        host=args.host, port=args.port, router_args=router_args, worker_args=worker_args,
+        threads_per_worker=args.threads_per_worker, ready_timeout_s=args.ready_timeout,
+        log_level=args.log_level,
+    ))
+    try:
+        launcher.start()
+        print(f"pdserve is ready: {launcher.url}/v1  ({args.model}, {args.mode}; Ctrl-C stops)", flush=True)
+        return launcher.wait()
+    finally:
+        launcher.stop()
+
+
+def _router(args: argparse.Namespace) -> int:
+    from pdserve.router.server import RouterConfig, run_router
+
+    run_router(RouterConfig(
+        model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+        control_host=args.control_host, control_port=args.control_port, policy=args.policy,
+        max_model_len=args.max_model_len, lease_s=args.lease, secret=_secret(args),
+    ))
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import torch
+
+    from pdserve.engine.llm import make_engine_config
+    from pdserve.worker.worker import Worker, WorkerConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = make_engine_config(args.model, role=args.role, **engine_options(args))
+    worker = Worker(WorkerConfig(
+        engine=engine, router=args.router, worker_id=args.worker_id or "", kv_host=args.kv_host,
+        kv_transport=args.kv_transport, heartbeat_interval_s=args.heartbeat_interval, secret=_secret(args),
+    ))
+    worker.run()
+    return 0
+
+
+def _secret(args: argparse.Namespace) -> str:
+    """The cluster secret comes from the environment, never from the command line (``ps`` shows it)."""
+    import os
+
+    return os.environ.get("PDSERVE_CLUSTER_SECRET", "")
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
@@ -103,6 +165,48 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     gen.add_argument("--ignore-eos", action="store_true")
     add_engine_args(gen)
     commands["generate"] = _generate
+
+    serve = sub.add_parser("serve", help="run router and workers on this host (OpenAI API)")
+    serve.add_argument("--model", default="tiny", help="preset (tiny, bench-50m) or HF checkpoint dir")
+    serve.add_argument("--mode", default="disaggregated", choices=["disaggregated", "aggregated"])
+    serve.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
+    serve.add_argument("--decode", type=int, default=1, help="decode workers (disaggregated)")
+    serve.add_argument("--mixed", type=int, default=1, help="mixed workers (aggregated)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
+    serve.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--threads-per-worker", type=int, default=0, help="0: share the cores evenly")
+    serve.add_argument("--ready-timeout", type=float, default=120.0)
+    serve.add_argument("--worker-args", nargs=argparse.REMAINDER, default=[],
+                       help="the rest of the line goes to every worker (engine options)")
+    commands["serve"] = _serve
+
+    router = sub.add_parser("router", help="run the router (OpenAI API + dispatcher) alone")
+    router.add_argument("--model", default="tiny")
+    router.add_argument("--served-model-name", default=None)
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, default=8000)
+    router.add_argument("--control-host", default="127.0.0.1", help="interface workers connect to")
+    router.add_argument("--control-port", type=int, default=5557)
+    router.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
+    router.add_argument("--max-model-len", type=int, default=None)
+    router.add_argument("--lease", type=float, default=3.0, help="heartbeat lease of workers, seconds")
+    commands["router"] = _router
+
+    worker = sub.add_parser("worker", help="run one worker and register it with a router")
+    worker.add_argument("--role", required=True, choices=["prefill", "decode", "mixed"])
+    worker.add_argument("--router", default="tcp://127.0.0.1:5557", help="the router's control endpoint")
+    worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    worker.add_argument("--kv-host", default="127.0.0.1", help="interface the KV receiver binds to")
+    worker.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
+    worker.add_argument("--heartbeat-interval", type=float, default=0.5)
+    add_engine_args(worker)
+    commands["worker"] = _worker
     return parser, commands
 
 

@@ -139,10 +139,10 @@ class Planner:
                 if not req.messages:
                     raise APIError(400, "messages must not be empty", param="messages")
                 messages = [m.model_dump(exclude_none=True) for m in req.messages]
-                text = self.tokenizer.apply_chat_template(
+                ids = self.tokenizer.encode_chat(
                     messages, add_generation_prompt=True, chat_template_kwargs=req.chat_template_kwargs
                 )
-                return [self._check_ids(self.tokenizer.encode(text, add_special_tokens=False), "messages")]
+                return [self._check_ids(ids, "messages")]
             prompt = cast(CompletionRequest, req).prompt
             single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], int))
             items: list[Any] = [prompt] if single else list(prompt)

@@ -1,0 +1,178 @@
+"""The ``local`` launcher: router and workers as child processes on this host.
+
+Lifecycle:
+
+1. Pick free ports; start the router (``pdserve router ...``), then each
+   worker (``pdserve worker --role ... --router tcp://...``): the same commands
+   a user would run by hand on other hosts, so ``ps`` shows every role.
+2. Wait until the router's ``/ready`` answers 200 (or a child dies, or time
+   runs out).
+3. Run until SIGINT/SIGTERM or until a child exits; then stop every child
+   (SIGTERM, then SIGKILL after a grace period). Children also get SIGTERM
+   from the kernel if the launcher itself dies (``PR_SET_PDEATHSIG``), so no
+   process is orphaned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+logger = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness poll is not news
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """A local deployment.
+
+    Attributes:
+        mode: ``disaggregated`` (prefill + decode workers) or ``aggregated`` (mixed workers).
+        num_prefill, num_decode: worker counts in disaggregated mode.
+        num_mixed: worker count in aggregated mode.
+        host, port: the HTTP API (port 0 picks a free one).
+        router_args: extra ``pdserve router`` arguments.
+        worker_args: extra ``pdserve worker`` arguments (engine options, transport...).
+        threads_per_worker: torch threads of each worker; 0 shares the cores out evenly.
+        ready_timeout_s: how long to wait for ``/ready``.
+        log_level: log level of every child.
+    """
+
+    mode: str = "disaggregated"
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_mixed: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    router_args: list[str] = field(default_factory=list)
+    worker_args: list[str] = field(default_factory=list)
+    threads_per_worker: int = 0
+    ready_timeout_s: float = 120.0
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disaggregated", "aggregated"):
+            raise ValueError(f"mode={self.mode!r}: use disaggregated or aggregated")
+        counts = (self.num_prefill, self.num_decode) if self.mode == "disaggregated" else (self.num_mixed,)
+        if min(counts) < 1:
+            raise ValueError(f"{self.mode} mode needs at least one worker of each kind, got {counts}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An ephemeral TCP port that is free right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the launcher dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class LocalLauncher:
+    """Starts, watches and stops one local deployment."""
+
+    def __init__(self, config: LaunchConfig) -> None:
+        self.config = config
+        self.port = config.port or free_port(config.host)
+        self.control_port = free_port()
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    @property
+    def url(self) -> str:
+        """Base URL of the OpenAI API."""
+        return f"http://{self.config.host}:{self.port}"
+
+    def _spawn(self, name: str, args: list[str], threads: int | None = None) -> None:
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        cmd = [sys.executable, "-m", "pdserve", "--log-level", self.config.log_level, *args]
+        logger.info("starting %s: %s", name, " ".join(cmd))
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        self.procs.append((name, proc))
+
+    def start(self) -> None:
+        """Start router and workers; return once the router is ready."""
+        c = self.config
+        self._spawn("router", [
+            "router", "--host", c.host, "--port", str(self.port), "--control-port", str(self.control_port),
+            *c.router_args,
+        ])
+        roles = (
+            [("prefill", c.num_prefill), ("decode", c.num_decode)]
+            if c.mode == "disaggregated" else [("mixed", c.num_mixed)]
+        )
+        num_workers = sum(n for _, n in roles)
+        threads = c.threads_per_worker or max((os.cpu_count() or 1) // num_workers, 1)
+        router = f"tcp://127.0.0.1:{self.control_port}"
+        for role, count in roles:
+            for i in range(count):
+                self._spawn(f"{role}-{i}", [
+                    "worker", "--role", role, "--router", router, "--worker-id", f"{role}-{i}",
+                    "--threads", str(threads), *c.worker_args,
+                ], threads)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while time.monotonic() < deadline:
+            for name, proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the deployment was not ready within {self.config.ready_timeout_s:.0f} s")
+
+    def wait(self) -> int:
+        """Block until a signal arrives or a child exits; returns an exit code."""
+        stop = {"signal": 0}
+
+        def on_signal(signum: int, _frame: object) -> None:
+            stop["signal"] = signum
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stop["signal"]:
+                for name, proc in self.procs:
+                    if proc.poll() is not None:
+                        logger.error("%s exited with code %s; stopping the deployment", name, proc.returncode)
+                        return 1
+                time.sleep(0.2)
+            return 0
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop every child: workers first, then the router; SIGKILL what lingers."""
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name, proc in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0f s; killing it", name, grace_s)
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,226 @@
+"""Typed messages between the router and the workers (msgpack over ZeroMQ).
+
+The router binds one ROUTER socket; every worker connects a DEALER socket
+whose identity is its worker id. All messages are tagged msgspec Structs, so
+one decoder reads any of them.
+
+Path of a disaggregated request (P = prefill worker, D = decode worker):
+
+1. router → D ``DecodeRequest``; router → P ``PrefillRequest`` (same moment).
+2. D reserves blocks → router ``Reserved`` → P ``Blocks`` (where to write).
+3. P prefills and pushes each layer's KV into D's blocks as it is computed;
+   P → router ``Tokens`` with the first token (TTFT does not wait for D).
+4. P → D (on the KV channel) "done" with the first token; D joins the
+   request to its batch and sends ``KVReceived``; router → P ``Release``.
+5. D → router ``Tokens`` for every later token, the last with ``finished``.
+
+Aggregated mode sends only ``PrefillRequest`` (no decode worker) to a mixed
+worker, which streams every token itself.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from pdserve.sampling_params import SamplingParams
+from pdserve.transfer.descriptor import KVDescriptor
+
+
+class WireSamplingParams(msgspec.Struct, frozen=True):
+    """The token-level sampling parameters a worker needs (stop strings stay at the router)."""
+
+    max_tokens: int
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    @classmethod
+    def from_params(cls, p: SamplingParams) -> WireSamplingParams:
+        """Drop what only the router uses (stop strings)."""
+        return cls(
+            max_tokens=p.max_tokens, min_tokens=p.min_tokens, temperature=p.temperature, top_k=p.top_k,
+            top_p=p.top_p, min_p=p.min_p, seed=p.seed, stop_token_ids=list(p.stop_token_ids),
+            ignore_eos=p.ignore_eos, logprobs=p.logprobs,
+        )
+
+    def to_params(self) -> SamplingParams:
+        """Back to engine sampling parameters (without stop strings)."""
+        return SamplingParams(
+            max_tokens=self.max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
+            top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, seed=self.seed,
+            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, logprobs=self.logprobs,
+        )
+
+
+class WorkerLoad(msgspec.Struct):
+    """Load a worker reports in every heartbeat."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_waiting_for_kv: int = 0
+    num_held: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_cached_blocks: int = 0
+
+
+# -- worker → router -----------------------------------------------------------------
+
+
+class Register(msgspec.Struct, tag=True):
+    """A worker announces itself (and re-announces after a router restart)."""
+
+    worker_id: str
+    role: str
+    model: str
+    pid: int
+    host_id: str
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    kv: KVDescriptor | None = None
+    secret: str = ""
+
+
+class Heartbeat(msgspec.Struct, tag=True):
+    """Periodic liveness and load report."""
+
+    worker_id: str
+    load: WorkerLoad
+
+
+class Tokens(msgspec.Struct, tag=True):
+    """New output tokens of a request; ``start`` is the index of the first one in the output."""
+
+    request_id: str
+    start: int
+    token_ids: list[int]
+    logprobs: list[tuple[int, float, dict[int, float]]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class Reserved(msgspec.Struct, tag=True):
+    """Decode worker: blocks reserved for a request's KV."""
+
+    request_id: str
+    block_ids: list[int]
+
+
+class KVReceived(msgspec.Struct, tag=True):
+    """Decode worker: the whole prompt KV arrived; the prefill side may free it."""
+
+    request_id: str
+    num_bytes: int
+    transfer_s: float
+
+
+class RequestFailed(msgspec.Struct, tag=True):
+    """A worker could not serve a request; ``message`` is safe to show a client."""
+
+    request_id: str
+    message: str
+    code: int = 500
+
+
+class WorkerStats(msgspec.Struct, tag=True):
+    """Answer to ``GetStats``: counters for tests, metrics and ``pdserve status``."""
+
+    worker_id: str
+    role: str
+    load: WorkerLoad
+    num_prompt_tokens_computed: int
+    num_steps: int
+    kv_bytes_sent: int = 0
+    kv_bytes_received: int = 0
+    kv_transfers: int = 0
+    transports: list[str] = []
+
+
+# -- router → worker ------------------------------------------------------------------
+
+
+class PrefillRequest(msgspec.Struct, tag=True):
+    """Prefill a prompt; hand the KV to ``decode_worker_id`` (None: generate here, mixed role)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: WireSamplingParams
+    decode_worker_id: str | None = None
+    decode_kv: KVDescriptor | None = None
+    output_token_ids: list[int] = []
+
+
+class DecodeRequest(msgspec.Struct, tag=True):
+    """Reserve blocks for a request whose KV the prefill worker will push, then decode it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: WireSamplingParams
+    prefill_worker_id: str
+
+
+class Blocks(msgspec.Struct, tag=True):
+    """Where the decode worker wants a request's KV written."""
+
+    request_id: str
+    block_ids: list[int]
+
+
+class Release(msgspec.Struct, tag=True):
+    """The decode worker has the KV: free the held blocks."""
+
+    request_id: str
+
+
+class Abort(msgspec.Struct, tag=True):
+    """Stop a request and free its KV."""
+
+    request_id: str
+
+
+class GetStats(msgspec.Struct, tag=True):
+    """Ask for a ``WorkerStats`` answer."""
+
+
+class Registered(msgspec.Struct, tag=True):
+    """The router accepted a registration."""
+
+    worker_id: str
+    heartbeat_interval_s: float
+
+
+class Reregister(msgspec.Struct, tag=True):
+    """The router does not know this worker (it restarted): register again."""
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    """Drain and exit."""
+
+
+Message = (
+    Register | Heartbeat | Tokens | Reserved | KVReceived | RequestFailed | WorkerStats
+    | PrefillRequest | DecodeRequest | Blocks | Release | Abort | GetStats | Registered | Reregister | Shutdown
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    """Serialise one message."""
+    return _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    """Parse one message; raises ``msgspec.DecodeError`` on garbage."""
+    return _decoder.decode(data)

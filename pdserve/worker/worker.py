@@ -1,0 +1,309 @@
+"""A worker process: one engine of one role, driven by messages from the router.
+
+Lifecycle:
+
+1. Start: load the model, allocate the KV cache (a decode worker allocates it
+   through its KV receiver so prefill workers can write into it), connect to
+   the router and ``Register`` (with the KV descriptor, for decode workers).
+2. Loop: read every pending control message, collect KV arrivals (decode),
+   run one engine step when there is work, report tokens, heartbeat.
+3. Stop on ``Shutdown``, SIGTERM or SIGINT: close sockets, free shared memory.
+
+The role decides what the messages mean (see ``protocol``): a prefill worker
+pushes KV through a :class:`KVPusher`, a decode worker takes it in through a
+:class:`KVIntake`, a mixed worker generates whole requests by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+import torch
+import zmq
+
+from pdserve.config import EngineConfig, Role
+from pdserve.engine.engine import LLMEngine, RequestOutput
+from pdserve.errors import PDServeError
+from pdserve.request import TokenLogprobs
+from pdserve.model.attention import KVCache
+from pdserve.transfer.base import KVReceiver, KVSender, host_id, make_receiver, make_sender
+from pdserve.transfer.descriptor import KVLayout
+from pdserve.worker import protocol as p
+from pdserve.worker.decode import KVIntake
+from pdserve.worker.prefill import KVPusher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker runs and reaches the router.
+
+    Attributes:
+        engine: model, cache and scheduler settings (the role is ``engine.scheduler.role``).
+        router: the router's control endpoint, ``tcp://HOST:PORT``.
+        worker_id: unique name; default ``ROLE-HOSTNAME-PID``.
+        kv_host: address the KV receiver binds to (decode role); loopback by default.
+        kv_transport: force ``shm`` or ``tcp`` instead of choosing per peer.
+        heartbeat_interval_s: seconds between heartbeats.
+        secret: cluster secret presented at registration.
+    """
+
+    engine: EngineConfig
+    router: str
+    worker_id: str = ""
+    kv_host: str = "127.0.0.1"
+    kv_transport: str | None = None
+    heartbeat_interval_s: float = 0.5
+    secret: str = field(default="", repr=False)
+
+    @property
+    def role(self) -> Role:
+        """The engine's role."""
+        return self.engine.scheduler.role
+
+
+def wire_logprobs(lps: list[TokenLogprobs]) -> list[tuple[int, float, dict[int, float]]]:
+    """Log-probabilities in their wire form."""
+    return [(lp.token_id, lp.logprob, lp.top) for lp in lps]
+
+
+class Worker:
+    """Runs an engine for the router until told to stop."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.role = config.role
+        self.worker_id = config.worker_id or f"{self.role.value}-{socket.gethostname()}-{os.getpid()}"
+        self.receiver: KVReceiver | None = None
+        self.sender: KVSender | None = None
+        if self.role is Role.DECODE:
+            self.engine = LLMEngine(config.engine, kv_allocator=self._allocate_receiver, detokenize=False)
+            assert self.receiver is not None
+            self.intake: KVIntake | None = KVIntake(self.engine, self.receiver)
+        else:
+            self.engine = LLMEngine(config.engine, detokenize=False)
+            self.intake = None
+        self.pusher: KVPusher | None = None
+        if self.role is Role.PREFILL:
+            self.sender = make_sender(self.engine.runner.kv_caches, override=config.kv_transport)
+            self.pusher = KVPusher(self.engine, self.sender)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(config.router)
+        self._stop = False
+        self._next_heartbeat_s = 0.0
+
+    def _allocate_receiver(
+        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> list[KVCache]:
+        """KV cache allocator of a decode worker: the receiver owns the tensors."""
+        dtype_name = str(dtype).removeprefix("torch.")
+        layout = KVLayout(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype_name)
+        self.receiver = make_receiver(
+            self.config.kv_transport or "auto", layout, device, bind_host=self.config.kv_host
+        )
+        return self.receiver.kv_caches
+
+    # -- messaging ---------------------------------------------------------------------
+
+    def send(self, message: p.Message) -> None:
+        """Send one message to the router."""
+        self._sock.send(p.encode(message), copy=False)
+
+    def register(self) -> None:
+        """Announce this worker to the router."""
+        runner = self.engine.runner
+        self.send(p.Register(
+            worker_id=self.worker_id, role=self.role.value, model=self.config.engine.model.model,
+            pid=os.getpid(), host_id=host_id(), max_model_len=self.engine.max_model_len,
+            block_size=runner.block_size, num_blocks=runner.num_blocks,
+            kv=self.receiver.descriptor() if self.receiver is not None else None, secret=self.config.secret,
+        ))
+
+    def load(self) -> p.WorkerLoad:
+        """Current load, as heartbeats report it."""
+        sched, stats = self.engine.scheduler, self.engine.block_manager.stats()
+        return p.WorkerLoad(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting) + (self.intake.num_pending if self.intake else 0),
+            num_waiting_for_kv=len(sched.waiting_for_kv), num_held=len(sched.held),
+            num_free_blocks=stats.num_free_blocks, num_total_blocks=stats.num_blocks,
+            num_cached_blocks=stats.num_cached_blocks,
+        )
+
+    def stats(self) -> p.WorkerStats:
+        """Counters for tests, metrics and ``pdserve status``."""
+        sent = self.sender.stats() if self.sender is not None else None
+        return p.WorkerStats(
+            worker_id=self.worker_id, role=self.role.value, load=self.load(),
+            num_prompt_tokens_computed=self.engine.num_prompt_tokens_computed, num_steps=self.engine.num_steps,
+            kv_bytes_sent=sent.num_bytes if sent is not None else 0,
+            kv_bytes_received=self.intake.num_bytes_received if self.intake else 0,
+            kv_transfers=(sent.num_transfers if sent is not None else 0)
+            + (self.intake.num_transfers if self.intake else 0),
+            transports=sorted(sent.transports) if sent is not None else (
+                [self.receiver.descriptor().transport] if self.receiver is not None else []),
+        )
+
+    # -- loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stopped."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.register()
+        logger.info("worker %s (%s) registered with %s", self.worker_id, self.role.value, self.config.router)
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        try:
+            while not self._stop:
+                sched = self.engine.scheduler
+                if sched.running or sched.waiting:
+                    timeout_ms = 0
+                elif sched.waiting_for_kv or (self.intake and self.intake.num_pending):
+                    timeout_ms = 1
+                else:
+                    timeout_ms = 10
+                if poller.poll(timeout_ms):
+                    self._drain_messages()
+                if self.intake is not None:
+                    self._take_kv()
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                now = time.monotonic()
+                if now >= self._next_heartbeat_s:
+                    self.send(p.Heartbeat(self.worker_id, self.load()))
+                    self._next_heartbeat_s = now + self.config.heartbeat_interval_s
+        finally:
+            self.close()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        logger.info("worker %s: signal %d, stopping", self.worker_id, signum)
+        self._stop = True
+
+    def _drain_messages(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = p.decode(data)
+            except Exception:
+                logger.warning("worker %s: undecodable control message dropped", self.worker_id)
+                continue
+            self._handle(message)
+
+    def _handle(self, message: p.Message) -> None:
+        match message:
+            case p.PrefillRequest():
+                self._on_prefill(message)
+            case p.DecodeRequest():
+                self._on_decode(message)
+            case p.Blocks(request_id=rid, block_ids=block_ids):
+                if self.pusher is not None:
+                    self.pusher.set_destination(rid, block_ids)
+            case p.Release(request_id=rid):
+                self.engine.release(rid)
+                if self.pusher is not None:
+                    self.pusher.forget(rid)
+            case p.Abort(request_id=rid):
+                self._abort(rid)
+            case p.GetStats():
+                self.send(self.stats())
+            case p.Registered():
+                logger.debug("worker %s: registration confirmed", self.worker_id)
+            case p.Reregister():
+                self.register()
+            case p.Shutdown():
+                self._stop = True
+            case _:
+                logger.warning("worker %s: unexpected %s", self.worker_id, type(message).__name__)
+
+    def _on_prefill(self, m: p.PrefillRequest) -> None:
+        try:
+            request = self.engine.make_request(
+                m.prompt_token_ids, m.params.to_params(), m.request_id, m.output_token_ids
+            )
+            if self.role is Role.PREFILL:
+                if m.decode_worker_id is None or m.decode_kv is None or self.pusher is None:
+                    raise PDServeError("a prefill worker needs a decode worker to hand the KV to")
+                self.pusher.track(m.request_id, m.decode_worker_id, m.decode_kv)
+            elif self.role is Role.DECODE:
+                raise PDServeError("a decode worker does not take PrefillRequest")
+            self.engine.enqueue(request)
+        except (PDServeError, ValueError) as exc:
+            if self.pusher is not None:
+                self.pusher.forget(m.request_id)
+            self.send(p.RequestFailed(m.request_id, str(exc), 400))
+
+    def _on_decode(self, m: p.DecodeRequest) -> None:
+        assert self.intake is not None
+        try:
+            request = self.engine.make_request(m.prompt_token_ids, m.params.to_params(), m.request_id)
+            block_ids = self.intake.admit(request)
+        except (PDServeError, ValueError) as exc:
+            self.send(p.RequestFailed(m.request_id, str(exc), 400))
+            return
+        if block_ids is not None:
+            self.send(p.Reserved(m.request_id, block_ids))
+
+    def _abort(self, rid: str) -> None:
+        if self.intake is not None:
+            self.intake.abort(rid)
+            return
+        if self.pusher is not None:
+            self.pusher.abort(rid)
+        self.engine.abort_request(rid)
+
+    def _take_kv(self) -> None:
+        assert self.intake is not None
+        for rid, block_ids in self.intake.retry_pending():
+            self.send(p.Reserved(rid, block_ids))
+        for arrival in self.intake.poll():
+            out = arrival.output
+            self.send(p.KVReceived(out.request_id, arrival.num_bytes, arrival.transfer_s))
+            self._report(out)
+
+    def _step(self) -> None:
+        outputs = self.engine.step(hooks=self.pusher)
+        for out in outputs:
+            if out.finish_reason == "prefilled" and self.pusher is not None:
+                lp = out.logprobs[-1] if out.logprobs else None
+                self.pusher.prefill_finished(out.request_id, out.new_token_ids[0], lp)
+                self._report(out, finished=False)
+            else:
+                self._report(out)
+        if self.pusher is not None:
+            self.pusher.after_step()
+
+    def _report(self, out: RequestOutput, finished: bool | None = None) -> None:
+        new = out.new_token_ids
+        start = len(out.token_ids) - len(new)
+        logprobs = wire_logprobs(out.logprobs[start:]) if out.logprobs else None
+        done = out.finished if finished is None else finished
+        self.send(p.Tokens(
+            request_id=out.request_id, start=start, token_ids=list(new), logprobs=logprobs,
+            finished=done, finish_reason=out.finish_reason if done else None,
+            stop_reason=out.stop_reason if done else None,
+            num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
+        ))
+
+    def close(self) -> None:
+        """Close sockets and free the KV transport's resources."""
+        if self.sender is not None:
+            self.sender.close()
+        if self.receiver is not None:
+            self.receiver.close()
+        self._sock.close(0)
+        self._ctx.term()
