@@ -136,12 +136,17 @@ class LocalLauncher:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200 and self._all_registered():
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"the deployment was not ready within {self.config.ready_timeout_s:.0f} s")
+
+    def _all_registered(self) -> bool:
+        """Every worker we started is in the router's registry (ready needs only one pair)."""
+        workers = httpx.get(f"{self.url}/pdserve/workers?stats=false", timeout=5.0).json()["workers"]
+        return len(workers) >= len(self.procs) - 1
 
     def wait(self) -> int:
         """Block until a signal arrives or a child exits; returns an exit code."""

@@ -72,9 +72,9 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
     app.router.lifespan_context = lifespan
 
     @app.get("/pdserve/workers")
-    async def workers() -> dict[str, object]:
-        """Registered workers and their counters (for tests, operators and ``pdserve status``)."""
-        stats = {s.worker_id: s for s in await dispatcher.worker_stats()}
+    async def workers(stats: bool = True) -> dict[str, object]:
+        """Registered workers and (unless ``?stats=false``) their counters, asked for now."""
+        counters = {s.worker_id: s for s in await dispatcher.worker_stats()} if stats else {}
         return {
             "control_endpoint": dispatcher.endpoint,
             "kv_bytes_relayed": dispatcher.num_kv_bytes,
@@ -82,7 +82,7 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
                 {
                     "worker_id": w.worker_id, "role": w.role.value, "pid": w.pid,
                     "num_inflight": w.num_inflight,
-                    "stats": _plain(stats.get(w.worker_id)),
+                    "stats": _plain(counters.get(w.worker_id)),
                 }
                 for w in dispatcher.registry.all()
             ],

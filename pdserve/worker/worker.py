@@ -52,6 +52,8 @@ class WorkerConfig:
         kv_host: address the KV receiver binds to (decode role); loopback by default.
         kv_transport: force ``shm`` or ``tcp`` instead of choosing per peer.
         heartbeat_interval_s: seconds between heartbeats.
+        kv_lease_s: a prefill worker frees KV held for a hand-off after this long
+            without the decode side's acknowledgement (it is gone or stuck).
         secret: cluster secret presented at registration.
     """
 
@@ -61,6 +63,7 @@ class WorkerConfig:
     kv_host: str = "127.0.0.1"
     kv_transport: str | None = None
     heartbeat_interval_s: float = 0.5
+    kv_lease_s: float = 30.0
     secret: str = field(default="", repr=False)
 
     @property
@@ -101,6 +104,7 @@ class Worker:
         self._sock.connect(config.router)
         self._stop = False
         self._next_heartbeat_s = 0.0
+        self._held_since_s: dict[str, float] = {}
 
     def _allocate_receiver(
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -184,6 +188,7 @@ class Worker:
                 if now >= self._next_heartbeat_s:
                     self.send(p.Heartbeat(self.worker_id, self.load()))
                     self._next_heartbeat_s = now + self.config.heartbeat_interval_s
+                    self._expire_leases(now)
         finally:
             self.close()
 
@@ -214,9 +219,7 @@ class Worker:
                 if self.pusher is not None:
                     self.pusher.set_destination(rid, block_ids)
             case p.Release(request_id=rid):
-                self.engine.release(rid)
-                if self.pusher is not None:
-                    self.pusher.forget(rid)
+                self._release(rid)
             case p.Abort(request_id=rid):
                 self._abort(rid)
             case p.GetStats():
@@ -258,7 +261,23 @@ class Worker:
         if block_ids is not None:
             self.send(p.Reserved(m.request_id, block_ids))
 
+    def _release(self, rid: str) -> None:
+        self._held_since_s.pop(rid, None)
+        self.engine.release(rid)
+        if self.pusher is not None:
+            self.pusher.forget(rid)
+
+    def _expire_leases(self, now_s: float) -> None:
+        """Free KV held for hand-offs the decode side never acknowledged."""
+        for rid, since_s in list(self._held_since_s.items()):
+            if now_s - since_s > self.config.kv_lease_s:
+                logger.warning("worker %s: KV lease of %s expired unacknowledged; freeing it", self.worker_id, rid)
+                if self.pusher is not None:
+                    self.pusher.abort(rid)
+                self._release(rid)
+
     def _abort(self, rid: str) -> None:
+        self._held_since_s.pop(rid, None)
         if self.intake is not None:
             self.intake.abort(rid)
             return
@@ -281,6 +300,7 @@ class Worker:
             if out.finish_reason == "prefilled" and self.pusher is not None:
                 lp = out.logprobs[-1] if out.logprobs else None
                 self.pusher.prefill_finished(out.request_id, out.new_token_ids[0], lp)
+                self._held_since_s[out.request_id] = time.monotonic()
                 self._report(out, finished=False)
             else:
                 self._report(out)

@@ -1,0 +1,86 @@
+"""``pdserve serve`` as a user runs it: ready within a bounded time, answers, leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdserve.launch.local import free_port
+
+pytestmark = pytest.mark.slow
+
+READY_TIMEOUT_S = 120
+
+
+def children_of(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_serve_answers_and_stops_cleanly(stop_signal: signal.Signals) -> None:
+    port = free_port()
+    exe = shutil.which("pdserve", path=os.path.dirname(sys.executable))
+    cmd = [exe] if exe else [sys.executable, "-m", "pdserve"]
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [*cmd, "serve", "--model", "tiny", "--port", str(port), "--threads-per-worker", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = ""
+        while "pdserve is ready" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "pdserve serve exited during start-up"
+            assert time.monotonic() - start < READY_TIMEOUT_S, "not ready in time"
+        assert f"http://127.0.0.1:{port}/v1" in line
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0},
+            timeout=60,
+        )
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
+        children = children_of(proc.pid)
+        assert len(children) >= 3  # router, prefill worker, decode worker
+        cmdlines = [Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ") for c in children]
+        for role in (b"router", b"--role prefill", b"--role decode"):
+            assert any(role in c for c in cmdlines), f"no process shows {role!r} in ps"
+        proc.send_signal(stop_signal)
+        assert proc.wait(timeout=30) in (0, -stop_signal, 128 + stop_signal)
+        deadline = time.monotonic() + 10
+        while any(alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [c for c in children if alive(c)], "orphan processes left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
