@@ -98,12 +98,21 @@ def _serve(args: argparse.Namespace) -> int:
         worker_args += ["--max-model-len", str(args.max_model_len)]
     if args.kv_transport:
         worker_args += ["--kv-transport", args.kv_transport]
-    launcher = LocalLauncher(LaunchConfig(
-        mode=args.mode, num_prefill=args.prefill, num_decode=args.decode, num_mixed=args.mixed,
-        host=args.host, port=args.port, router_args=router_args, worker_args=worker_args,
-        threads_per_worker=args.threads_per_worker, ready_timeout_s=args.ready_timeout,
-        log_level=args.log_level,
-    ))
+    launcher = LocalLauncher(
+        LaunchConfig(
+            mode=args.mode,
+            num_prefill=args.prefill,
+            num_decode=args.decode,
+            num_mixed=args.mixed,
+            host=args.host,
+            port=args.port,
+            router_args=router_args,
+            worker_args=worker_args,
+            threads_per_worker=args.threads_per_worker,
+            ready_timeout_s=args.ready_timeout,
+            log_level=args.log_level,
+        )
+    )
     try:
         launcher.start()
         print(f"pdserve is ready: {launcher.url}/v1  ({args.model}, {args.mode}; Ctrl-C stops)", flush=True)
@@ -115,11 +124,20 @@ def _serve(args: argparse.Namespace) -> int:
 def _router(args: argparse.Namespace) -> int:
     from pdserve.router.server import RouterConfig, run_router
 
-    run_router(RouterConfig(
-        model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
-        control_host=args.control_host, control_port=args.control_port, policy=args.policy,
-        max_model_len=args.max_model_len, lease_s=args.lease, secret=_secret(args),
-    ))
+    run_router(
+        RouterConfig(
+            model=args.model,
+            served_model_name=args.served_model_name,
+            host=args.host,
+            port=args.port,
+            control_host=args.control_host,
+            control_port=args.control_port,
+            policy=args.policy,
+            max_model_len=args.max_model_len,
+            lease_s=args.lease,
+            secret=_secret(args),
+        )
+    )
     return 0
 
 
@@ -132,10 +150,17 @@ def _worker(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = make_engine_config(args.model, role=args.role, **engine_options(args))
-    worker = Worker(WorkerConfig(
-        engine=engine, router=args.router, worker_id=args.worker_id or "", kv_host=args.kv_host,
-        kv_transport=args.kv_transport, heartbeat_interval_s=args.heartbeat_interval, secret=_secret(args),
-    ))
+    worker = Worker(
+        WorkerConfig(
+            engine=engine,
+            router=args.router,
+            worker_id=args.worker_id or "",
+            kv_host=args.kv_host,
+            kv_transport=args.kv_transport,
+            heartbeat_interval_s=args.heartbeat_interval,
+            secret=_secret(args),
+        )
+    )
     worker.run()
     return 0
 
@@ -181,8 +206,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--threads-per-worker", type=int, default=0, help="0: share the cores evenly")
     serve.add_argument("--ready-timeout", type=float, default=120.0)
-    serve.add_argument("--worker-args", nargs=argparse.REMAINDER, default=[],
-                       help="the rest of the line goes to every worker (engine options)")
+    serve.add_argument(
+        "--worker-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="the rest of the line goes to every worker (engine options)",
+    )
     commands["serve"] = _serve
 
     router = sub.add_parser("router", help="run the router (OpenAI API + dispatcher) alone")

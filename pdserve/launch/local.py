@@ -110,23 +110,45 @@ class LocalLauncher:
     def start(self) -> None:
         """Start router and workers; return once the router is ready."""
         c = self.config
-        self._spawn("router", [
-            "router", "--host", c.host, "--port", str(self.port), "--control-port", str(self.control_port),
-            *c.router_args,
-        ])
+        self._spawn(
+            "router",
+            [
+                "router",
+                "--host",
+                c.host,
+                "--port",
+                str(self.port),
+                "--control-port",
+                str(self.control_port),
+                *c.router_args,
+            ],
+        )
         roles = (
             [("prefill", c.num_prefill), ("decode", c.num_decode)]
-            if c.mode == "disaggregated" else [("mixed", c.num_mixed)]
+            if c.mode == "disaggregated"
+            else [("mixed", c.num_mixed)]
         )
         num_workers = sum(n for _, n in roles)
         threads = c.threads_per_worker or max((os.cpu_count() or 1) // num_workers, 1)
         router = f"tcp://127.0.0.1:{self.control_port}"
         for role, count in roles:
             for i in range(count):
-                self._spawn(f"{role}-{i}", [
-                    "worker", "--role", role, "--router", router, "--worker-id", f"{role}-{i}",
-                    "--threads", str(threads), *c.worker_args,
-                ], threads)
+                self._spawn(
+                    f"{role}-{i}",
+                    [
+                        "worker",
+                        "--role",
+                        role,
+                        "--router",
+                        router,
+                        "--worker-id",
+                        f"{role}-{i}",
+                        "--threads",
+                        str(threads),
+                        *c.worker_args,
+                    ],
+                    threads,
+                )
         self._wait_ready()
 
     def _wait_ready(self) -> None:

@@ -235,8 +235,9 @@ class Dispatcher:
             return
         skip = state.num_tokens - m.start  # tokens of this message already delivered
         if skip < 0:
-            logger.warning("router: gap in tokens of %s (have %d, got start %d)", m.request_id,
-                           state.num_tokens, m.start)
+            logger.warning(
+                "router: gap in tokens of %s (have %d, got start %d)", m.request_id, state.num_tokens, m.start
+            )
             skip = 0
         new_ids = m.token_ids[skip:]
         if not new_ids and not m.finished:
@@ -247,11 +248,17 @@ class Dispatcher:
             logprobs = [TokenLogprobs(t, lp, dict(top)) for t, lp, top in m.logprobs[skip:]]
         if m.finished:
             state.finished = True
-        state.queue.put_nowait(GenerationEvent(
-            token_ids=new_ids, logprobs=logprobs, finished=m.finished, finish_reason=m.finish_reason,
-            stop_reason=m.stop_reason if isinstance(m.stop_reason, int) else None,
-            num_prompt_tokens=m.num_prompt_tokens, num_cached_tokens=m.num_cached_tokens,
-        ))
+        state.queue.put_nowait(
+            GenerationEvent(
+                token_ids=new_ids,
+                logprobs=logprobs,
+                finished=m.finished,
+                finish_reason=m.finish_reason,
+                stop_reason=m.stop_reason if isinstance(m.stop_reason, int) else None,
+                num_prompt_tokens=m.num_prompt_tokens,
+                num_cached_tokens=m.num_cached_tokens,
+            )
+        )
 
     async def _lease_loop(self) -> None:
         while True:

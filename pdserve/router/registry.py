@@ -39,8 +39,15 @@ class WorkerInfo:
     def from_register(cls, m: Register) -> WorkerInfo:
         """Build an entry from a registration message."""
         return cls(
-            worker_id=m.worker_id, role=Role(m.role), model=m.model, pid=m.pid, host_id=m.host_id,
-            max_model_len=m.max_model_len, block_size=m.block_size, num_blocks=m.num_blocks, kv=m.kv,
+            worker_id=m.worker_id,
+            role=Role(m.role),
+            model=m.model,
+            pid=m.pid,
+            host_id=m.host_id,
+            max_model_len=m.max_model_len,
+            block_size=m.block_size,
+            num_blocks=m.num_blocks,
+            kv=m.kv,
         )
 
 

@@ -55,9 +55,12 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
     dispatcher = Dispatcher(
         DispatcherConfig(
             bind=f"tcp://{config.control_host}:{config.control_port}",
-            policy=config.policy, lease_s=config.lease_s, secret=config.secret,
+            policy=config.policy,
+            lease_s=config.lease_s,
+            secret=config.secret,
         ),
-        model_name=config.model, max_model_len=max_model_len,
+        model_name=config.model,
+        max_model_len=max_model_len,
     )
     app = create_app(dispatcher, tokenizer, served_model_name=config.served_model_name or config.model)
 
@@ -80,7 +83,9 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
             "kv_bytes_relayed": dispatcher.num_kv_bytes,
             "workers": [
                 {
-                    "worker_id": w.worker_id, "role": w.role.value, "pid": w.pid,
+                    "worker_id": w.worker_id,
+                    "role": w.role.value,
+                    "pid": w.pid,
                     "num_inflight": w.num_inflight,
                     "stats": _plain(counters.get(w.worker_id)),
                 }

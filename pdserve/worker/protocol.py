@@ -44,17 +44,31 @@ class WireSamplingParams(msgspec.Struct, frozen=True):
     def from_params(cls, p: SamplingParams) -> WireSamplingParams:
         """Drop what only the router uses (stop strings)."""
         return cls(
-            max_tokens=p.max_tokens, min_tokens=p.min_tokens, temperature=p.temperature, top_k=p.top_k,
-            top_p=p.top_p, min_p=p.min_p, seed=p.seed, stop_token_ids=list(p.stop_token_ids),
-            ignore_eos=p.ignore_eos, logprobs=p.logprobs,
+            max_tokens=p.max_tokens,
+            min_tokens=p.min_tokens,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            seed=p.seed,
+            stop_token_ids=list(p.stop_token_ids),
+            ignore_eos=p.ignore_eos,
+            logprobs=p.logprobs,
         )
 
     def to_params(self) -> SamplingParams:
         """Back to engine sampling parameters (without stop strings)."""
         return SamplingParams(
-            max_tokens=self.max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
-            top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, seed=self.seed,
-            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, logprobs=self.logprobs,
+            max_tokens=self.max_tokens,
+            min_tokens=self.min_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            seed=self.seed,
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
         )
 
 
@@ -208,8 +222,22 @@ class Shutdown(msgspec.Struct, tag=True):
 
 
 Message = (
-    Register | Heartbeat | Tokens | Reserved | KVReceived | RequestFailed | WorkerStats
-    | PrefillRequest | DecodeRequest | Blocks | Release | Abort | GetStats | Registered | Reregister | Shutdown
+    Register
+    | Heartbeat
+    | Tokens
+    | Reserved
+    | KVReceived
+    | RequestFailed
+    | WorkerStats
+    | PrefillRequest
+    | DecodeRequest
+    | Blocks
+    | Release
+    | Abort
+    | GetStats
+    | Registered
+    | Reregister
+    | Shutdown
 )
 
 _encoder = msgspec.msgpack.Encoder()

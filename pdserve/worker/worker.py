@@ -30,8 +30,8 @@ import zmq
 from pdserve.config import EngineConfig, Role
 from pdserve.engine.engine import LLMEngine, RequestOutput
 from pdserve.errors import PDServeError
-from pdserve.request import TokenLogprobs
 from pdserve.model.attention import KVCache
+from pdserve.request import TokenLogprobs
 from pdserve.transfer.base import KVReceiver, KVSender, host_id, make_receiver, make_sender
 from pdserve.transfer.descriptor import KVLayout
 from pdserve.worker import protocol as p
@@ -107,8 +107,14 @@ class Worker:
         self._held_since_s: dict[str, float] = {}
 
     def _allocate_receiver(
-        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> list[KVCache]:
         """KV cache allocator of a decode worker: the receiver owns the tensors."""
         dtype_name = str(dtype).removeprefix("torch.")
@@ -127,12 +133,20 @@ class Worker:
     def register(self) -> None:
         """Announce this worker to the router."""
         runner = self.engine.runner
-        self.send(p.Register(
-            worker_id=self.worker_id, role=self.role.value, model=self.config.engine.model.model,
-            pid=os.getpid(), host_id=host_id(), max_model_len=self.engine.max_model_len,
-            block_size=runner.block_size, num_blocks=runner.num_blocks,
-            kv=self.receiver.descriptor() if self.receiver is not None else None, secret=self.config.secret,
-        ))
+        self.send(
+            p.Register(
+                worker_id=self.worker_id,
+                role=self.role.value,
+                model=self.config.engine.model.model,
+                pid=os.getpid(),
+                host_id=host_id(),
+                max_model_len=self.engine.max_model_len,
+                block_size=runner.block_size,
+                num_blocks=runner.num_blocks,
+                kv=self.receiver.descriptor() if self.receiver is not None else None,
+                secret=self.config.secret,
+            )
+        )
 
     def load(self) -> p.WorkerLoad:
         """Current load, as heartbeats report it."""
@@ -140,8 +154,10 @@ class Worker:
         return p.WorkerLoad(
             num_running=len(sched.running),
             num_waiting=len(sched.waiting) + (self.intake.num_pending if self.intake else 0),
-            num_waiting_for_kv=len(sched.waiting_for_kv), num_held=len(sched.held),
-            num_free_blocks=stats.num_free_blocks, num_total_blocks=stats.num_blocks,
+            num_waiting_for_kv=len(sched.waiting_for_kv),
+            num_held=len(sched.held),
+            num_free_blocks=stats.num_free_blocks,
+            num_total_blocks=stats.num_blocks,
             num_cached_blocks=stats.num_cached_blocks,
         )
 
@@ -149,14 +165,18 @@ class Worker:
         """Counters for tests, metrics and ``pdserve status``."""
         sent = self.sender.stats() if self.sender is not None else None
         return p.WorkerStats(
-            worker_id=self.worker_id, role=self.role.value, load=self.load(),
-            num_prompt_tokens_computed=self.engine.num_prompt_tokens_computed, num_steps=self.engine.num_steps,
+            worker_id=self.worker_id,
+            role=self.role.value,
+            load=self.load(),
+            num_prompt_tokens_computed=self.engine.num_prompt_tokens_computed,
+            num_steps=self.engine.num_steps,
             kv_bytes_sent=sent.num_bytes if sent is not None else 0,
             kv_bytes_received=self.intake.num_bytes_received if self.intake else 0,
             kv_transfers=(sent.num_transfers if sent is not None else 0)
             + (self.intake.num_transfers if self.intake else 0),
-            transports=sorted(sent.transports) if sent is not None else (
-                [self.receiver.descriptor().transport] if self.receiver is not None else []),
+            transports=sorted(sent.transports)
+            if sent is not None
+            else ([self.receiver.descriptor().transport] if self.receiver is not None else []),
         )
 
     # -- loop ----------------------------------------------------------------------------
@@ -271,7 +291,9 @@ class Worker:
         """Free KV held for hand-offs the decode side never acknowledged."""
         for rid, since_s in list(self._held_since_s.items()):
             if now_s - since_s > self.config.kv_lease_s:
-                logger.warning("worker %s: KV lease of %s expired unacknowledged; freeing it", self.worker_id, rid)
+                logger.warning(
+                    "worker %s: KV lease of %s expired unacknowledged; freeing it", self.worker_id, rid
+                )
                 if self.pusher is not None:
                     self.pusher.abort(rid)
                 self._release(rid)
@@ -312,12 +334,19 @@ class Worker:
         start = len(out.token_ids) - len(new)
         logprobs = wire_logprobs(out.logprobs[start:]) if out.logprobs else None
         done = out.finished if finished is None else finished
-        self.send(p.Tokens(
-            request_id=out.request_id, start=start, token_ids=list(new), logprobs=logprobs,
-            finished=done, finish_reason=out.finish_reason if done else None,
-            stop_reason=out.stop_reason if done else None,
-            num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
-        ))
+        self.send(
+            p.Tokens(
+                request_id=out.request_id,
+                start=start,
+                token_ids=list(new),
+                logprobs=logprobs,
+                finished=done,
+                finish_reason=out.finish_reason if done else None,
+                stop_reason=out.stop_reason if done else None,
+                num_prompt_tokens=len(out.prompt_token_ids),
+                num_cached_tokens=out.num_cached_tokens,
+            )
+        )
 
     def close(self) -> None:
         """Close sockets and free the KV transport's resources."""

@@ -18,8 +18,13 @@ def launch(mode: str, transport: str | None = None, **counts: int) -> LocalLaunc
     if transport:
         worker_args += ["--kv-transport", transport]
     config = LaunchConfig(
-        mode=mode, port=0, router_args=["--model", "tiny"], worker_args=worker_args,
-        threads_per_worker=1, ready_timeout_s=180, log_level=os.environ.get("PDSERVE_TEST_LOG", "WARNING"),
+        mode=mode,
+        port=0,
+        router_args=["--model", "tiny"],
+        worker_args=worker_args,
+        threads_per_worker=1,
+        ready_timeout_s=180,
+        log_level=os.environ.get("PDSERVE_TEST_LOG", "WARNING"),
         **counts,
     )
     launcher = LocalLauncher(config)

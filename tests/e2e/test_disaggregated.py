@@ -43,8 +43,13 @@ def offline() -> LLM:
 
 
 async def run_completions(
-    url: str, prompts: list[str], max_tokens: int, stream: bool, temperature: float = 0.0,
-    seed: int | None = None, **extra_body: object,
+    url: str,
+    prompts: list[str],
+    max_tokens: int,
+    stream: bool,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    **extra_body: object,
 ) -> list[tuple[str, str | None]]:
     """Send every prompt at once through the openai SDK; (text, finish_reason) per prompt."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -56,14 +61,19 @@ async def run_completions(
         if stream:
             text, reason = "", None
             events = await client.completions.create(
-                prompt=prompt, stream=True, extra_body=extra_body, **kwargs  # type: ignore[call-overload]
+                prompt=prompt,
+                stream=True,
+                extra_body=extra_body,
+                **kwargs,  # type: ignore[call-overload]
             )
             async for chunk in events:
                 text += chunk.choices[0].text
                 reason = chunk.choices[0].finish_reason or reason
             return text, reason
         result = await client.completions.create(
-            prompt=prompt, extra_body=extra_body, **kwargs  # type: ignore[call-overload]
+            prompt=prompt,
+            extra_body=extra_body,
+            **kwargs,  # type: ignore[call-overload]
         )
         return result.choices[0].text, result.choices[0].finish_reason
 
@@ -87,7 +97,9 @@ def wait_idle(url: str, timeout_s: float = 20.0) -> list[dict]:  # type: ignore[
     while True:
         ws = workers(url)
         loads = [w["stats"]["load"] for w in ws]
-        if all(load["num_free_blocks"] == load["num_total_blocks"] and load["num_held"] == 0 for load in loads):
+        if all(
+            load["num_free_blocks"] == load["num_total_blocks"] and load["num_held"] == 0 for load in loads
+        ):
             return ws
         if time.monotonic() > deadline:
             raise AssertionError(f"workers still hold KV: {loads}")
@@ -139,7 +151,9 @@ def test_seeded_sampling_matches_offline_and_aggregated(
     want = offline_texts(offline, prompts, params)
     for launcher in (disagg_shm, aggregated):
         got = asyncio.run(
-            run_completions(launcher.url, prompts, 16, stream=True, temperature=0.9, seed=1234, ignore_eos=True)
+            run_completions(
+                launcher.url, prompts, 16, stream=True, temperature=0.9, seed=1234, ignore_eos=True
+            )
         )
         assert got == want, launcher.config.mode
 
@@ -159,8 +173,13 @@ def test_chat_disaggregated_matches_offline(stream: bool, disagg_tcp: LocalLaunc
     client = openai.OpenAI(base_url=f"{disagg_tcp.url}/v1", api_key="unused", max_retries=0)
     if stream:
         chunks = client.chat.completions.create(
-            model="tiny", messages=messages, max_tokens=20, temperature=0.0, stream=True,  # type: ignore[arg-type]
-            extra_body={"ignore_eos": True}, stream_options={"include_usage": True},
+            model="tiny",
+            messages=messages,
+            max_tokens=20,
+            temperature=0.0,
+            stream=True,  # type: ignore[arg-type]
+            extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
         )
         text, usage = "", None
         for chunk in chunks:
@@ -171,7 +190,10 @@ def test_chat_disaggregated_matches_offline(stream: bool, disagg_tcp: LocalLaunc
         assert usage is not None and usage.completion_tokens == 20
     else:
         result = client.chat.completions.create(
-            model="tiny", messages=messages, max_tokens=20, temperature=0.0,  # type: ignore[arg-type]
+            model="tiny",
+            messages=messages,
+            max_tokens=20,
+            temperature=0.0,  # type: ignore[arg-type]
             extra_body={"ignore_eos": True},
         )
         text = result.choices[0].message.content or ""

@@ -53,7 +53,9 @@ def test_serve_answers_and_stops_cleanly(stop_signal: signal.Signals) -> None:
     start = time.monotonic()
     proc = subprocess.Popen(
         [*cmd, "serve", "--model", "tiny", "--port", str(port), "--threads-per-worker", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         assert proc.stdout is not None

@@ -32,15 +32,25 @@ class Pair:
         self.prefill = LLMEngine(make_engine_config("tiny", role="prefill", **OPTIONS), detokenize=False)
         self.receiver: KVReceiver | None = None
         self.decode = LLMEngine(
-            make_engine_config("tiny", role="decode", **OPTIONS), kv_allocator=self._allocate, detokenize=False
+            make_engine_config("tiny", role="decode", **OPTIONS),
+            kv_allocator=self._allocate,
+            detokenize=False,
         )
         assert self.receiver is not None
         sender = make_sender(self.prefill.runner.kv_caches, **(sender_options or {}))
         self.pusher = KVPusher(self.prefill, sender)
         self.intake = KVIntake(self.decode, self.receiver, quarantine_s=0.2)
 
-    def _allocate(self, num_layers: int, num_blocks: int, block_size: int, heads: int, head_dim: int,
-                  dtype: torch.dtype, device: torch.device) -> list:  # type: ignore[type-arg]
+    def _allocate(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> list:  # type: ignore[type-arg]
         layout = KVLayout(num_layers, num_blocks, block_size, heads, head_dim, "float32")
         self.receiver = make_receiver("fake", layout, device)
         return self.receiver.kv_caches
