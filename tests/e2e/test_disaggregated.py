@@ -144,12 +144,12 @@ def test_greedy_matches_offline_and_kv_moves(
 
 
 def test_seeded_sampling_matches_offline_and_aggregated(
-    disagg_shm: LocalLauncher, aggregated: LocalLauncher, offline: LLM
+    disagg_shm: LocalLauncher, disagg_tcp: LocalLauncher, aggregated: LocalLauncher, offline: LLM
 ) -> None:
     prompts = make_prompts(16, seed=2)
     params = SamplingParams(max_tokens=16, temperature=0.9, seed=1234, ignore_eos=True)
     want = offline_texts(offline, prompts, params)
-    for launcher in (disagg_shm, aggregated):
+    for launcher in (disagg_shm, disagg_tcp, aggregated):
         got = asyncio.run(
             run_completions(
                 launcher.url, prompts, 16, stream=True, temperature=0.9, seed=1234, ignore_eos=True
