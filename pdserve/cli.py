@@ -122,8 +122,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _router(args: argparse.Namespace) -> int:
+    from pdserve.router.dispatcher import DispatcherConfig
     from pdserve.router.server import RouterConfig, run_router
 
+    dispatch = DispatcherConfig(
+        policy=args.policy,
+        lease_s=args.lease,
+        kv_timeout_s=args.kv_timeout,
+        prefill_timeout_s=args.prefill_timeout,
+        kv_failure_policy=args.kv_failure_policy,
+        prefill_fallback=not args.no_prefill_fallback,
+        max_attempts=args.max_attempts,
+        secret=_secret(args),
+    )
     run_router(
         RouterConfig(
             model=args.model,
@@ -132,10 +143,11 @@ def _router(args: argparse.Namespace) -> int:
             port=args.port,
             control_host=args.control_host,
             control_port=args.control_port,
-            policy=args.policy,
             max_model_len=args.max_model_len,
-            lease_s=args.lease,
-            secret=_secret(args),
+            dispatch=dispatch,
+            api_keys=_api_keys(args),
+            max_inflight=args.max_inflight or None,
+            drain_timeout_s=args.drain_timeout,
         )
     )
     return 0
@@ -158,11 +170,22 @@ def _worker(args: argparse.Namespace) -> int:
             kv_host=args.kv_host,
             kv_transport=args.kv_transport,
             heartbeat_interval_s=args.heartbeat_interval,
+            drain_timeout_s=args.drain_timeout,
+            inject_fault=args.inject_fault,
             secret=_secret(args),
         )
     )
     worker.run()
     return 0
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """API keys from ``--api-key`` (repeatable) and ``PDSERVE_API_KEY`` (comma-separated)."""
+    import os
+
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("PDSERVE_API_KEY", "").split(",") if k.strip()]
+    return tuple(keys)
 
 
 def _secret(args: argparse.Namespace) -> str:
@@ -224,6 +247,27 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     router.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
     router.add_argument("--max-model-len", type=int, default=None)
     router.add_argument("--lease", type=float, default=3.0, help="heartbeat lease of workers, seconds")
+    router.add_argument("--kv-timeout", type=float, default=10.0, help="first token → KV at decode, s")
+    router.add_argument("--prefill-timeout", type=float, default=120.0, help="dispatch → first token, s")
+    router.add_argument(
+        "--kv-failure-policy",
+        default="retry",
+        choices=["retry", "recompute", "fail"],
+        help="a missed KV deadline: new attempt, prefill on the decode worker, or an error",
+    )
+    router.add_argument(
+        "--no-prefill-fallback",
+        action="store_true",
+        help="with no prefill worker left, fail instead of prefilling on decode workers",
+    )
+    router.add_argument("--max-attempts", type=int, default=4, help="attempts per request (retries + 1)")
+    router.add_argument(
+        "--api-key",
+        action="append",
+        help="accepted Bearer key (repeatable; PDSERVE_API_KEY keeps it out of ps)",
+    )
+    router.add_argument("--max-inflight", type=int, default=1024, help="admitted requests; 0: unlimited")
+    router.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, finish for this long")
     commands["router"] = _router
 
     worker = sub.add_parser("worker", help="run one worker and register it with a router")
@@ -234,6 +278,15 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     worker.add_argument("--kv-host", default="127.0.0.1", help="interface the KV receiver binds to")
     worker.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     worker.add_argument("--heartbeat-interval", type=float, default=0.5)
+    worker.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="on SIGTERM, finish work for this long"
+    )
+    worker.add_argument(
+        "--inject-fault",
+        default=None,
+        choices=["drop-kv-done"],
+        help="testing only: make this worker misbehave (drop-kv-done: KV hand-offs never complete)",
+    )
     add_engine_args(worker)
     commands["worker"] = _worker
     return parser, commands

@@ -14,8 +14,10 @@ One step:
 Roles change step 3: a ``prefill`` scheduler ends a request after its first
 token and *holds* its blocks (``FINISHED_PREFILLED``) until ``release``; a
 ``decode`` scheduler admits requests whose KV is written from outside
-(``add_remote_request`` → ``WAITING_FOR_KV`` → ``finish_remote_kv``) and never
-prefills them (a preempted one is recomputed locally, the only way to go on).
+(``add_remote_request`` → ``WAITING_FOR_KV`` → ``finish_remote_kv``) and
+prefills only as a fallback: a preempted request is recomputed locally (the
+only way to go on) and ``add_request`` serves a request whose prefill could
+not be done elsewhere.
 """
 
 from __future__ import annotations
@@ -94,9 +96,11 @@ class Scheduler:
     # -- admission ---------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        """Queue a request to be prefilled here (prefill and mixed roles)."""
-        if self.config.role is Role.DECODE:
-            raise RuntimeError("a decode scheduler only takes requests via add_remote_request")
+        """Queue a request to be prefilled here.
+
+        A decode scheduler takes one only as a fallback (no prefill worker is
+        left, or its KV transfer failed and the policy is to recompute).
+        """
         self._register(request)
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
@@ -109,8 +113,9 @@ class Scheduler:
         """
         if self.config.role is not Role.DECODE:
             raise RuntimeError("add_remote_request is for the decode role")
-        # Room for the prompt's KV and the first token the prefill worker sends.
-        block_ids = self.block_manager.reserve(request.request_id, request.num_prompt_tokens + 1)
+        # Room for the KV of every token so far (prompt, and outputs of a migrated
+        # request) and for the next token the prefill worker samples.
+        block_ids = self.block_manager.reserve(request.request_id, request.num_tokens + 1)
         if block_ids is None:
             return None
         self._register(request)
@@ -123,7 +128,7 @@ class Scheduler:
     ) -> Request:
         """Decode role: the prompt's KV is in place; join the running batch."""
         request = self.waiting_for_kv.pop(request_id)
-        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_computed_tokens = request.num_tokens
         self.block_manager.cache_full_blocks(request)
         request.status = RequestStatus.RUNNING
         self.running.append(request)

@@ -1,12 +1,22 @@
 """The OpenAI-compatible HTTP front end of the router.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models``, ``GET /health`` (process up), ``GET /ready`` (backend ready).
+``GET /v1/models``, and the probes ``GET /live`` and ``GET /health`` (process
+up) and ``GET /ready`` (backend ready and not draining).
+
+With ``api_keys``, every route but the probes needs ``Authorization: Bearer
+<key>`` (401 before anything else runs; :mod:`~pdserve.router.security`).
 
 Lifecycle of one generation request:
 
+0. Admission, before the body is read: 503 while draining
+   (``app.state.draining``), 429 at ``max_inflight``; both with ``Retry-After``.
+   (:mod:`~pdserve.router.admission`)
 1. Read the body (at most ``max_body_bytes``, else 413) and parse it strictly
-   into a request model; the model name must be the served one (404).
+   into a request model; the model name must be the served one (404). Take
+   one admission slot per choice (prompts × n), or 429/503 — still before
+   tokenising. The slots are held until the request's generations have ended
+   (a stream: until its last event is sent or its client left).
    (:mod:`~pdserve.router.errors`, :mod:`~pdserve.router.prompts`)
 2. Tokenise (chat: render the template, then encode without adding special
    tokens again) and check token ids, the context length and the sampling
@@ -26,7 +36,8 @@ Lifecycle of one generation request:
    so that it happens while the request is being torn down.
    (:mod:`~pdserve.router.generation`)
 
-Prompt text and request headers are never logged.
+Prompt text, request headers (``Authorization`` included) and API keys are
+never logged.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 import anyio
 import anyio.to_thread
@@ -42,6 +54,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from pdserve.model.tokenizer import Tokenizer
+from pdserve.router.admission import Admission, Ticket
 from pdserve.router.backend import Backend
 from pdserve.router.errors import add_exception_handlers, as_api_error, read_body
 from pdserve.router.generation import EventStreamResponse, generate, merge, unless_disconnected
@@ -61,6 +74,7 @@ from pdserve.router.responses import (
     collect,
     sse_events,
 )
+from pdserve.router.security import APIKeyMiddleware, APIKeys
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +83,15 @@ class _Server:
     """Holds what the routes share; one per app."""
 
     def __init__(
-        self, backend: Backend, tokenizer: Tokenizer, served_model_name: str, max_body_bytes: int
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        served_model_name: str,
+        max_body_bytes: int,
+        admission: Admission,
     ) -> None:
         self.backend = backend
+        self.admission = admission
         self.tokenizer = tokenizer
         self.model = served_model_name
         self.max_body_bytes = max_body_bytes
@@ -83,10 +103,13 @@ class _Server:
         """Answer one generation request (steps 1-5 of the module docstring)."""
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         fmt: Format = (ChatFormat if chat else CompletionFormat)(self.model, self.logprobs)
+        ticket: Ticket | None = None  # released in `finally` unless a stream took it over
         try:
+            self.admission.check()  # draining / full: refuse before reading anything
             body = await read_body(request, self.max_body_bytes)
             model: type[GenerationRequest] = ChatCompletionRequest if chat else CompletionRequest
             req = parse(model, body)
+            ticket = self.admission.admit(self.planner.num_choices(req), "n" if req.n > 1 else "prompt")
             plan = await anyio.to_thread.run_sync(self.planner.plan, req, response_id)
             logger.debug(
                 "%s: %d choice(s), %d prompt tokens, stream=%s",
@@ -98,7 +121,10 @@ class _Server:
                 if first is None:
                     return Response(status_code=499)
                 headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-                return EventStreamResponse(sse_events(plan, fmt, first, outputs), headers=headers)
+                events = sse_events(plan, fmt, first, outputs)
+                response = EventStreamResponse(events, headers=headers, on_close=ticket.release)
+                ticket = None
+                return response
             collected = await unless_disconnected(request, collect(plan, outputs))
             if collected is None:
                 return Response(status_code=499)
@@ -108,14 +134,45 @@ class _Server:
             return Response(status_code=499)
         except Exception as exc:
             return as_api_error(exc, response_id).response()
+        finally:
+            if ticket is not None:
+                ticket.release()
 
 
 def create_app(
-    backend: Backend, tokenizer: Tokenizer, *, served_model_name: str, max_body_bytes: int = 4 << 20
+    backend: Backend,
+    tokenizer: Tokenizer,
+    *,
+    served_model_name: str,
+    max_body_bytes: int = 4 << 20,
+    api_keys: Sequence[str] = (),
+    max_inflight: int | None = None,
 ) -> FastAPI:
-    """The router's HTTP app, serving ``served_model_name`` through ``backend``."""
-    server = _Server(backend, tokenizer, served_model_name, max_body_bytes)
+    """The router's HTTP app, serving ``served_model_name`` through ``backend``.
+
+    Args:
+        backend: runs the generations.
+        tokenizer: the served model's tokenizer.
+        served_model_name: the ``model`` clients name.
+        max_body_bytes: largest request body (413 past it).
+        api_keys: when not empty, every route but ``/live``, ``/health`` and
+            ``/ready`` needs ``Authorization: Bearer <one of them>`` (else 401).
+        max_inflight: most generations (choices: prompts × n) admitted and not
+            yet ended; past it a request is answered 429 with ``Retry-After``.
+            None: no limit.
+
+    On ``app.state``: ``draining`` (False; the server sets it True on SIGTERM,
+    after which new generation requests get 503 and ``/ready`` 503 while
+    admitted ones run to the end) and ``admission`` (an
+    :class:`~pdserve.router.admission.Admission`: ``inflight`` and
+    ``await wait_idle(timeout_s)``).
+    """
+    keys = APIKeys(api_keys)
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.draining = False
+    admission = Admission(max_inflight, is_draining=lambda: bool(app.state.draining))
+    app.state.admission = admission
+    server = _Server(backend, tokenizer, served_model_name, max_body_bytes, admission)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -130,15 +187,23 @@ def create_app(
         card = ModelCard(id=served_model_name, created=server.created, max_model_len=backend.max_model_len)
         return Response(ModelList(data=[card]).model_dump_json(), media_type="application/json")
 
+    @app.get("/live")
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready() -> Response:
+        if app.state.draining:
+            return Response('{"status":"draining"}', 503, media_type="application/json")
         if backend.is_ready():
             return Response('{"status":"ready"}', media_type="application/json")
         return Response('{"status":"not_ready"}', 503, media_type="application/json")
 
     add_exception_handlers(app)
+    if keys:
+        app.add_middleware(APIKeyMiddleware, api_keys=keys)
     return app

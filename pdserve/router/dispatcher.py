@@ -1,27 +1,33 @@
-"""Sends requests to workers and turns their messages back into token streams.
+"""Sends requests to workers, relays the hand-off, and recovers from failures.
 
-Lifecycle of one request in the router:
+Lifecycle of one request in the router (see ``inflight`` for its stages):
 
-1. ``generate`` picks the workers: a prefill worker P and a decode worker D
-   (disaggregated), or one mixed worker (aggregated). P and D are told at
-   the same moment: ``DecodeRequest`` to D, ``PrefillRequest`` to P.
-2. The receive loop relays the hand-off: D's ``Reserved`` becomes ``Blocks``
-   for P, D's ``KVReceived`` becomes ``Release`` for P.
-3. ``Tokens`` from P (the first token) and D (the rest) are de-duplicated by
-   their index in the output and queued to the request's stream.
-4. The stream ends when a message says ``finished``; an early exit (client
-   gone, stop string matched) sends ``Abort`` to every worker involved.
+1. ``generate`` places an attempt: a prefill worker P and a decode worker D
+   told at the same moment (``DecodeRequest`` to D, ``PrefillRequest`` to P);
+   or one mixed worker; or, with no prefill worker left, the decode worker
+   prefills by itself (``prefill_fallback``).
+2. The receive loop relays the hand-off (D's ``Reserved`` → P's ``Blocks``,
+   D's ``KVReceived`` → P's ``Release``) and queues new tokens, de-duplicated
+   by their index in the output; messages of abandoned attempts are dropped.
+3. The watch loop probes every worker (``Ping``: a dead process is noticed
+   at once), expires silent ones, and enforces stage deadlines. A request
+   that lost a worker, or whose KV transfer missed its deadline, gets a new
+   attempt resuming from the tokens already delivered (``retry``), is
+   prefilled on its decode worker (``recompute``), or fails with an error
+   the client sees (``fail``, or after ``max_attempts``).
+4. The stream ends with a ``finished`` message; an early exit (client gone,
+   stop string) sends ``Abort`` to every worker of the current attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import zmq
 import zmq.asyncio
@@ -29,6 +35,7 @@ import zmq.asyncio
 from pdserve.config import Role
 from pdserve.request import TokenLogprobs
 from pdserve.router.backend import BackendError, GenerationEvent
+from pdserve.router.inflight import Inflight, Stage
 from pdserve.router.policy import RoutingPolicy, make_policy
 from pdserve.router.registry import Registry, WorkerInfo
 from pdserve.sampling_params import SamplingParams
@@ -36,38 +43,60 @@ from pdserve.worker import protocol as p
 
 logger = logging.getLogger(__name__)
 
+KV_FAILURE_POLICIES = ("retry", "recompute", "fail")
+
 
 @dataclass(frozen=True)
 class DispatcherConfig:
-    """Router-side dispatch settings.
+    """Router-side dispatch and recovery settings.
 
     Attributes:
         bind: control endpoint workers connect to, ``tcp://HOST:PORT``.
         policy: routing policy name (``round_robin``, ``least_loaded``).
         lease_s: a worker silent for this long is removed.
+        probe_interval_s: how often workers are probed and deadlines checked.
+        kv_timeout_s: deadline from the first token to the decode worker holding the KV.
+        prefill_timeout_s: deadline from dispatch to the first token.
+        kv_failure_policy: what a missed KV deadline does: ``retry`` (new attempt),
+            ``recompute`` (the decode worker prefills itself) or ``fail``.
+        prefill_fallback: with no prefill worker left, decode workers prefill.
+        max_attempts: attempts per request before it fails.
         secret: workers must present it to register ("" accepts any).
     """
 
     bind: str = "tcp://127.0.0.1:0"
     policy: str = "least_loaded"
     lease_s: float = 3.0
+    probe_interval_s: float = 0.25
+    kv_timeout_s: float = 10.0
+    prefill_timeout_s: float = 120.0
+    kv_failure_policy: str = "retry"
+    prefill_fallback: bool = True
+    max_attempts: int = 4
     secret: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kv_failure_policy not in KV_FAILURE_POLICIES:
+            raise ValueError(
+                f"kv_failure_policy={self.kv_failure_policy!r}: use one of {', '.join(KV_FAILURE_POLICIES)}"
+            )
 
 
 @dataclass
-class _Inflight:
-    request_id: str
-    queue: asyncio.Queue[GenerationEvent | BackendError]
-    workers: list[WorkerInfo]
-    prefill_id: str | None
-    num_tokens: int = 0
-    finished: bool = False
+class DispatchCounters:
+    """What recovery did, for metrics and tests."""
+
+    num_retries: int = 0
+    num_migrations: int = 0
+    num_fallback_prefills: int = 0
+    num_kv_timeouts: int = 0
+    num_failed: int = 0
+    num_workers_lost: int = 0
     kv_bytes: int = 0
-    kv_transfer_s: float = 0.0
 
 
 class Dispatcher:
-    """The router's backend: registry, routing and the worker message loop."""
+    """The router's backend: registry, routing, hand-off relay and recovery."""
 
     def __init__(self, config: DispatcherConfig, model_name: str, max_model_len: int) -> None:
         self.config = config
@@ -76,24 +105,24 @@ class Dispatcher:
         self.registry = Registry(config.lease_s)
         self.prefill_policy: RoutingPolicy = make_policy(config.policy)
         self.decode_policy: RoutingPolicy = make_policy(config.policy)
+        self.counters = DispatchCounters()
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._inflight: dict[str, _Inflight] = {}
+        self._inflight: dict[str, Inflight] = {}
+        self._by_worker_rid: dict[str, Inflight] = {}
         self._stats_waiters: dict[str, list[asyncio.Future[p.WorkerStats]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._ids = itertools.count()
         self.endpoint = ""
-        self.num_kv_bytes = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind the control socket and start the receive and lease loops."""
+        """Bind the control socket and start the receive and watch loops."""
         self._sock.bind(self.config.bind)
         self.endpoint = str(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
-        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._lease_loop())]
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._watch_loop())]
         logger.info("router control endpoint %s", self.endpoint)
 
     async def stop(self) -> None:
@@ -110,13 +139,23 @@ class Dispatcher:
         """True when a prefill+decode pair or a mixed worker is registered."""
         return self.registry.ready
 
+    @property
+    def num_inflight(self) -> int:
+        """Requests dispatched and not finished."""
+        return len(self._inflight)
+
     # -- Backend ---------------------------------------------------------------------
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationEvent]:
         """Dispatch a request and yield its new tokens as they arrive."""
-        state = self._dispatch(request_id, prompt_token_ids, params)
+        if request_id in self._inflight:
+            raise BackendError(f"request id {request_id} is already in flight", status=400)
+        state = Inflight(request_id, list(prompt_token_ids), p.WireSamplingParams.from_params(params))
+        if not self._place(state):
+            raise BackendError("no workers are available to serve the request", status=503, retry_after_s=1.0)
+        self._inflight[request_id] = state
         try:
             while True:
                 event = await state.queue.get()
@@ -134,45 +173,138 @@ class Dispatcher:
         if state is not None:
             self._finish(state, abort=True)
 
-    def _dispatch(self, rid: str, prompt: list[int], params: SamplingParams) -> _Inflight:
-        if rid in self._inflight:
-            raise BackendError(f"request id {rid} is already in flight", status=400)
-        wire = p.WireSamplingParams.from_params(params)
-        n = len(prompt)
-        reg = self.registry
-        if reg.disaggregated_ready:
-            prefill = self.prefill_policy.pick(reg.by_role(Role.PREFILL), n)
-            decode = self.decode_policy.pick(reg.by_role(Role.DECODE), n)
-            state = _Inflight(rid, asyncio.Queue(), [prefill, decode], prefill.worker_id)
-            self._inflight[rid] = state
-            self._send(decode.worker_id, p.DecodeRequest(rid, prompt, wire, prefill.worker_id))
-            self._send(prefill.worker_id, p.PrefillRequest(rid, prompt, wire, decode.worker_id, decode.kv))
-        elif mixed := reg.by_role(Role.MIXED):
-            worker = self.decode_policy.pick(mixed, n)
-            state = _Inflight(rid, asyncio.Queue(), [worker], None)
-            self._inflight[rid] = state
-            self._send(worker.worker_id, p.PrefillRequest(rid, prompt, wire))
-        else:
-            raise BackendError("no workers are available to serve the request", status=503, retry_after_s=1.0)
-        for w in state.workers:
-            w.num_inflight += 1
-        return state
+    # -- placement and recovery ----------------------------------------------------------
 
-    def _finish(self, state: _Inflight, abort: bool) -> None:
+    def _place(self, state: Inflight) -> bool:
+        """Put the current attempt on workers; False when none can take it."""
+        reg, n = self.registry, len(state.prompt) + len(state.tokens)
+
+        def pool(role: Role) -> list[WorkerInfo]:
+            workers = reg.by_role(role)
+            fresh = [w for w in workers if w.worker_id not in state.excluded]
+            return fresh or workers  # a worker that failed once is better than none
+
+        prefill, decode, mixed = pool(Role.PREFILL), pool(Role.DECODE), pool(Role.MIXED)
+        rid, params, outputs = state.worker_rid, state.params, list(state.tokens)
+        if prefill and decode:
+            pw = self.prefill_policy.pick(prefill, n)
+            dw = self.decode_policy.pick(decode, n)
+            state.prefill_id, state.decode_id = pw.worker_id, dw.worker_id
+            self._send(dw.worker_id, p.DecodeRequest(rid, state.prompt, params, pw.worker_id, outputs))
+            self._send(
+                pw.worker_id, p.PrefillRequest(rid, state.prompt, params, dw.worker_id, dw.kv, outputs)
+            )
+        elif mixed or (decode and self.config.prefill_fallback):
+            worker = self.decode_policy.pick(mixed or decode, n)
+            if not mixed:
+                self.counters.num_fallback_prefills += 1
+                logger.warning("router: no prefill worker; %s prefills %s itself", worker.worker_id, rid)
+            state.prefill_id, state.decode_id = None, worker.worker_id
+            self._send(
+                worker.worker_id, p.PrefillRequest(rid, state.prompt, params, output_token_ids=outputs)
+            )
+        else:
+            return False
+        state.enter(Stage.PREFILL, self.config.prefill_timeout_s)
+        self._by_worker_rid[rid] = state
+        for wid in state.worker_ids:
+            if (info := reg.get(wid)) is not None:
+                info.num_inflight += 1
+        return True
+
+    def _abandon_attempt(self, state: Inflight) -> None:
+        """Stop the current attempt on its workers (those still registered)."""
+        self._by_worker_rid.pop(state.worker_rid, None)
+        for wid in state.worker_ids:
+            info = self.registry.get(wid)
+            if info is not None:
+                info.num_inflight -= 1
+                self._send(wid, p.Abort(state.worker_rid))
+
+    def _retry(self, state: Inflight, reason: str, suspects: set[str], local: bool = False) -> None:
+        """A new attempt resuming from the delivered tokens, or an error if none is possible."""
+        logger.warning("router: %s: %s", state.worker_rid, reason)
+        old_decode = state.decode_id
+        self._abandon_attempt(state)
+        state.excluded |= suspects
+        if state.attempt + 1 >= self.config.max_attempts:
+            self._fail(state, f"request failed after {state.attempt + 1} attempts: {reason}")
+            return
+        state.attempt += 1
+        self.counters.num_retries += 1
+        if state.tokens:
+            self.counters.num_migrations += 1
+        decode = self.registry.get(old_decode) if old_decode else None
+        if local and decode is not None:
+            state.prefill_id, state.decode_id = None, decode.worker_id
+            self.counters.num_fallback_prefills += 1
+            rid = state.worker_rid
+            self._send(
+                decode.worker_id,
+                p.PrefillRequest(rid, state.prompt, state.params, output_token_ids=list(state.tokens)),
+            )
+            state.enter(Stage.PREFILL, self.config.prefill_timeout_s)
+            self._by_worker_rid[rid] = state
+            decode.num_inflight += 1
+        elif not self._place(state):
+            self._fail(state, f"no worker left to continue the request ({reason})")
+
+    def _fail(self, state: Inflight, message: str) -> None:
+        self.counters.num_failed += 1
+        state.queue.put_nowait(BackendError(message, status=503, retry_after_s=1.0))
+
+    def _finish(self, state: Inflight, abort: bool) -> None:
         if self._inflight.pop(state.request_id, None) is None:
             return
-        for w in state.workers:
-            w.num_inflight -= 1
-            if abort:
-                self._send(w.worker_id, p.Abort(state.request_id))
+        self._by_worker_rid.pop(state.worker_rid, None)
+        for wid in state.worker_ids:
+            info = self.registry.get(wid)
+            if info is not None:
+                info.num_inflight -= 1
+                if abort:
+                    self._send(wid, p.Abort(state.worker_rid))
+
+    def _worker_lost(self, worker_id: str, why: str) -> None:
+        if self.registry.remove(worker_id) is None:
+            return
+        self.counters.num_workers_lost += 1
+        logger.warning("router: worker %s removed: %s", worker_id, why)
+        for state in list(self._by_worker_rid.values()):
+            if worker_id in state.worker_ids:
+                self._retry(state, f"worker {worker_id} lost ({why})", {worker_id})
+        # Decode workers may hold blocks reserved for its KV: no more writes will come.
+        for w in self.registry.by_role(Role.DECODE):
+            self._send(w.worker_id, p.PeerLost(worker_id))
 
     # -- worker messages ---------------------------------------------------------------
 
-    def _send(self, worker_id: str, message: p.Message) -> None:
-        try:
-            self._sock.send_multipart([worker_id.encode(), p.encode(message)], copy=False)
-        except zmq.ZMQError as exc:  # unknown or disconnected peer (ROUTER_MANDATORY)
-            logger.warning("router: cannot reach worker %s: %s", worker_id, exc)
+    def _send(self, worker_id: str, message: p.Message) -> bool:
+        """Send without waiting; False (and the worker is dropped) when its connection is gone.
+
+        With ROUTER_MANDATORY an unknown or disconnected peer makes the send fail
+        with EHOSTUNREACH; zmq.asyncio reports that through the returned future,
+        which is already done when the failure is immediate.
+        """
+        sent = cast(
+            asyncio.Future[object], self._sock.send_multipart([worker_id.encode(), p.encode(message)])
+        )
+        if sent.done():
+            if sent.exception() is not None:
+                self._unreachable(worker_id, sent.exception())
+                return False
+            return True
+
+        def on_done(fut: asyncio.Future[object]) -> None:
+            if fut.exception() is not None:
+                self._unreachable(worker_id, fut.exception())
+
+        sent.add_done_callback(on_done)
+        return True
+
+    def _unreachable(self, worker_id: str, exc: BaseException | None) -> None:
+        logger.debug("router: cannot reach worker %s: %s", worker_id, exc)
+        if self.registry.get(worker_id) is not None:
+            self._worker_lost(worker_id, "connection gone")
 
     async def _recv_loop(self) -> None:
         while True:
@@ -180,7 +312,7 @@ class Dispatcher:
             try:
                 message = p.decode(data)
             except Exception:
-                logger.warning("router: undecodable message from %r dropped", ident)
+                logger.warning("router: undecodable message dropped")
                 continue
             try:
                 self._handle(ident.decode(), message)
@@ -190,25 +322,35 @@ class Dispatcher:
     def _handle(self, sender: str, message: p.Message) -> None:
         match message:
             case p.Tokens():
-                self._on_tokens(message)
+                self._on_tokens(sender, message)
             case p.Heartbeat(worker_id=wid, load=load):
                 if not self.registry.heartbeat(wid, load):
-                    logger.info("router: heartbeat from unknown worker %s; asking it to register", wid)
                     self._send(sender, p.Reregister())
             case p.Reserved(request_id=rid, block_ids=block_ids):
-                state = self._inflight.get(rid)
+                state = self._by_worker_rid.get(rid)
                 if state is not None and state.prefill_id is not None:
                     self._send(state.prefill_id, p.Blocks(rid, block_ids))
-            case p.KVReceived(request_id=rid, num_bytes=num_bytes, transfer_s=transfer_s):
-                self.num_kv_bytes += num_bytes
-                state = self._inflight.get(rid)
+            case p.KVReceived(request_id=rid, num_bytes=num_bytes):
+                self.counters.kv_bytes += num_bytes
+                state = self._by_worker_rid.get(rid)
                 if state is not None and state.prefill_id is not None:
-                    state.kv_bytes, state.kv_transfer_s = num_bytes, transfer_s
                     self._send(state.prefill_id, p.Release(rid))
+                    if state.stage is not Stage.DECODE:
+                        state.enter(Stage.DECODE, None)
             case p.RequestFailed(request_id=rid, message=text, code=code):
-                state = self._inflight.get(rid)
-                if state is not None:
+                state = self._by_worker_rid.get(rid)
+                if state is None:
+                    return
+                if code == 503:  # the worker is draining: try elsewhere
+                    self._retry(state, text, {sender})
+                else:
+                    self._abandon_attempt(state)
                     state.queue.put_nowait(BackendError(text, status=code))
+            case p.Draining(worker_id=wid):
+                info = self.registry.get(wid)
+                if info is not None and not info.draining:
+                    info.draining = True
+                    logger.info("router: worker %s is draining", wid)
             case p.Register():
                 self._on_register(sender, message)
             case p.WorkerStats(worker_id=wid):
@@ -229,25 +371,26 @@ class Dispatcher:
         self._send(sender, p.Registered(m.worker_id, self.config.lease_s / 6))
         logger.info("router: %s worker %s registered (pid %d)", m.role, m.worker_id, m.pid)
 
-    def _on_tokens(self, m: p.Tokens) -> None:
-        state = self._inflight.get(m.request_id)
+    def _on_tokens(self, sender: str, m: p.Tokens) -> None:
+        state = self._by_worker_rid.get(m.request_id)
         if state is None:
-            return
-        skip = state.num_tokens - m.start  # tokens of this message already delivered
+            return  # an abandoned attempt
+        skip = len(state.tokens) - m.start  # tokens of this message already delivered
         if skip < 0:
-            logger.warning(
-                "router: gap in tokens of %s (have %d, got start %d)", m.request_id, state.num_tokens, m.start
-            )
+            logger.warning("router: gap in %s (have %d, got %d)", m.request_id, len(state.tokens), m.start)
             skip = 0
         new_ids = m.token_ids[skip:]
+        if sender == state.prefill_id and state.stage is Stage.PREFILL:
+            state.enter(Stage.TRANSFER, self.config.kv_timeout_s)
+        elif sender == state.decode_id and state.stage is not Stage.DECODE:
+            state.enter(Stage.DECODE, None)
         if not new_ids and not m.finished:
             return
-        state.num_tokens += len(new_ids)
+        state.tokens.extend(new_ids)
         logprobs = None
         if m.logprobs is not None:
             logprobs = [TokenLogprobs(t, lp, dict(top)) for t, lp, top in m.logprobs[skip:]]
-        if m.finished:
-            state.finished = True
+        state.finished = m.finished
         state.queue.put_nowait(
             GenerationEvent(
                 token_ids=new_ids,
@@ -255,21 +398,48 @@ class Dispatcher:
                 finished=m.finished,
                 finish_reason=m.finish_reason,
                 stop_reason=m.stop_reason if isinstance(m.stop_reason, int) else None,
-                num_prompt_tokens=m.num_prompt_tokens,
+                num_prompt_tokens=len(state.prompt),
                 num_cached_tokens=m.num_cached_tokens,
             )
         )
 
-    async def _lease_loop(self) -> None:
+    # -- watching --------------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.lease_s / 4)
-            for dead in self.registry.expire():
-                logger.warning("router: worker %s missed its heartbeat lease; removed", dead.worker_id)
-                for state in list(self._inflight.values()):
-                    if any(w.worker_id == dead.worker_id for w in state.workers):
-                        state.queue.put_nowait(
-                            BackendError(f"worker {dead.worker_id} stopped responding", status=503)
-                        )
+            await asyncio.sleep(self.config.probe_interval_s)
+            self.check_workers()
+            self.check_deadlines()
+
+    def check_workers(self) -> None:
+        """Probe every worker; remove the unreachable and the silent."""
+        for w in self.registry.all():
+            if not self._send(w.worker_id, p.Ping()):
+                self._worker_lost(w.worker_id, "connection gone")
+        now = time.monotonic()
+        for w in self.registry.all():
+            if now - w.last_seen_s > self.config.lease_s:
+                self._worker_lost(w.worker_id, f"no heartbeat for {self.config.lease_s:.1f} s")
+
+    def check_deadlines(self) -> None:
+        """Act on requests whose current stage ran past its deadline."""
+        now = time.monotonic()
+        for state in list(self._by_worker_rid.values()):
+            if state.deadline_s is None or now < state.deadline_s:
+                continue
+            if state.stage is Stage.TRANSFER:
+                self.counters.num_kv_timeouts += 1
+                reason = f"KV transfer missed its {self.config.kv_timeout_s:.1f} s deadline"
+                policy = self.config.kv_failure_policy
+                if policy == "fail":
+                    self._abandon_attempt(state)
+                    self._fail(state, reason)
+                else:
+                    suspects = {state.prefill_id} if state.prefill_id else set()
+                    self._retry(state, reason, suspects, local=policy == "recompute")
+            else:
+                suspects = set(state.worker_ids)
+                self._retry(state, f"no first token within {self.config.prefill_timeout_s:.1f} s", suspects)
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -286,7 +456,3 @@ class Dispatcher:
             return []
         done, _ = await asyncio.wait(futures, timeout=timeout_s)
         return [f.result() for f in futures if f in done]
-
-    def new_request_id(self) -> str:
-        """A router-unique request id."""
-        return f"r{int(time.time() * 1000) % 10**9}-{next(self._ids)}"

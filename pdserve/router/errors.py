@@ -47,9 +47,7 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        """OpenAI's error type for the status."""
-        if self.status == 401:
-            return "authentication_error"
+        """OpenAI's error type for the status (OpenAI answers a bad API key as an invalid request)."""
         if self.status == 429:
             return "rate_limit_error"
         if self.status >= 500:

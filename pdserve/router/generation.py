@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -172,14 +172,20 @@ class EventStreamResponse(StreamingResponse):
 
     The stream is cancelled as soon as the client disconnects (not at the next
     write), and the event generator is always closed, which aborts its
-    generations.
+    generations; ``on_close`` runs after that, once.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncGenerator[str, None], headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        events: AsyncGenerator[str, None],
+        headers: dict[str, str],
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(events, headers=headers)
         self._events = events
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -194,5 +200,10 @@ class EventStreamResponse(StreamingResponse):
                 await self.listen_for_disconnect(receive)
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._events.aclose()
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._events.aclose()
+            finally:
+                if self._on_close is not None:
+                    on_close, self._on_close = self._on_close, None
+                    on_close()

@@ -2,8 +2,10 @@
 
 1. :func:`parse` validates the body strictly into a request model; the first
    error names the field it is about.
-2. :meth:`Planner.plan` (run in a worker thread: tokenising is CPU work)
-   checks the model name (404), ``n`` and unsupported fields, builds the
+2. :meth:`Planner.num_choices` checks the model name (404) and ``n`` and
+   counts the generations (prompts × ``n``) without tokenising, for admission.
+3. :meth:`Planner.plan` (run in a worker thread: tokenising is CPU work)
+   checks the model name, ``n`` and unsupported fields, builds the
    :class:`~pdserve.sampling_params.SamplingParams`, tokenises the prompts
    (chat: render the template, then encode without adding special tokens
    again), checks token ids and the context length, and returns a
@@ -91,8 +93,11 @@ class Planner:
         self.tokenizer = tokenizer
         self.model = served_model_name
 
-    def plan(self, req: GenerationRequest, response_id: str) -> Plan:
-        """The request's choices; raises :class:`APIError` for an invalid request."""
+    def num_choices(self, req: GenerationRequest) -> int:
+        """How many generations (prompts × ``n``) the request asks for; cheap, no tokenising.
+
+        Checks the model name (404) and ``n`` (400) first.
+        """
         if req.model is not None and req.model != self.model:
             raise APIError(
                 404, f"The model `{req.model}` does not exist; this server serves `{self.model}`",
@@ -100,6 +105,15 @@ class Planner:
             )
         if not 1 <= req.n <= MAX_N:
             raise APIError(400, f"n={req.n} is invalid: must be in [1, {MAX_N}]", param="n")
+        if isinstance(req, ChatCompletionRequest):
+            return req.n
+        prompt = cast(CompletionRequest, req).prompt
+        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], int))
+        return req.n * (1 if single else max(1, len(prompt)))
+
+    def plan(self, req: GenerationRequest, response_id: str) -> Plan:
+        """The request's choices; raises :class:`APIError` for an invalid request."""
+        self.num_choices(req)
         _reject_unsupported(req)
         max_tokens_param = "max_tokens"
         max_tokens: int | None  # None: chat's default, the room the prompt leaves

@@ -4,8 +4,9 @@ Lifecycle of a worker entry:
 
 1. ``Register`` adds it (a re-registration replaces the old entry).
 2. Every ``Heartbeat`` renews its lease and updates its load.
-3. A worker whose lease ran out (``expire``), or that said goodbye, is
-   removed and gets no new requests.
+3. A draining worker (shutting down) stays registered but gets no new
+   requests; a worker whose lease ran out (``expire``), or whose connection
+   is gone, is removed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class WorkerInfo:
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_seen_s: float = field(default_factory=time.monotonic)
     num_inflight: int = 0  # requests the router assigned and has not seen finish
+    draining: bool = False  # shutting down: finishes what it has, gets nothing new
 
     @classmethod
     def from_register(cls, m: Register) -> WorkerInfo:
@@ -88,8 +90,8 @@ class Registry:
         return dead
 
     def by_role(self, role: Role) -> list[WorkerInfo]:
-        """Registered workers of one role, in registration order."""
-        return [w for w in self._workers.values() if w.role is role]
+        """Registered workers of one role that take new requests, in registration order."""
+        return [w for w in self._workers.values() if w.role is role and not w.draining]
 
     def all(self) -> list[WorkerInfo]:
         """Every registered worker."""

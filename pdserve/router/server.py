@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -29,10 +31,12 @@ class RouterConfig:
         host, port: where the HTTP API listens.
         control_port: where workers connect (0 picks a free port).
         control_host: interface of the control socket (loopback by default).
-        policy: routing policy name.
         max_model_len: context limit; defaults to the model's.
-        lease_s: heartbeat lease of workers.
-        secret: cluster secret workers must present.
+        dispatch: routing, leases, deadlines and recovery (its ``bind`` is
+            replaced by ``control_host``/``control_port``).
+        api_keys: accepted Bearer keys for the inference routes (empty: open).
+        max_inflight: requests admitted at once; past it new ones get 429.
+        drain_timeout_s: on SIGTERM, how long in-flight requests may finish.
     """
 
     model: str = "tiny"
@@ -41,10 +45,11 @@ class RouterConfig:
     port: int = 8000
     control_host: str = "127.0.0.1"
     control_port: int = 0
-    policy: str = "least_loaded"
     max_model_len: int | None = None
-    lease_s: float = 3.0
-    secret: str = field(default="", repr=False)
+    dispatch: DispatcherConfig = field(default_factory=DispatcherConfig)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    max_inflight: int | None = 1024
+    drain_timeout_s: float = 30.0
 
 
 def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
@@ -52,17 +57,17 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
     tokenizer = load_tokenizer(config.model)
     arch = load_arch_config(config.model)
     max_model_len = min(config.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+    bind = f"tcp://{config.control_host}:{config.control_port}"
     dispatcher = Dispatcher(
-        DispatcherConfig(
-            bind=f"tcp://{config.control_host}:{config.control_port}",
-            policy=config.policy,
-            lease_s=config.lease_s,
-            secret=config.secret,
-        ),
-        model_name=config.model,
-        max_model_len=max_model_len,
+        dataclasses.replace(config.dispatch, bind=bind), model_name=config.model, max_model_len=max_model_len
     )
-    app = create_app(dispatcher, tokenizer, served_model_name=config.served_model_name or config.model)
+    app = create_app(
+        dispatcher,
+        tokenizer,
+        served_model_name=config.served_model_name or config.model,
+        api_keys=config.api_keys,
+        max_inflight=config.max_inflight,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -80,13 +85,15 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
         counters = {s.worker_id: s for s in await dispatcher.worker_stats()} if stats else {}
         return {
             "control_endpoint": dispatcher.endpoint,
-            "kv_bytes_relayed": dispatcher.num_kv_bytes,
+            "num_inflight": dispatcher.num_inflight,
+            "recovery": dataclasses.asdict(dispatcher.counters),
             "workers": [
                 {
                     "worker_id": w.worker_id,
                     "role": w.role.value,
                     "pid": w.pid,
                     "num_inflight": w.num_inflight,
+                    "draining": w.draining,
                     "stats": _plain(counters.get(w.worker_id)),
                 }
                 for w in dispatcher.registry.all()
@@ -102,10 +109,37 @@ def _plain(value: object) -> object:
     return msgspec.to_builtins(value) if value is not None else None
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains first on SIGTERM/SIGINT.
+
+    The first signal stops admission (new requests get 503, ``/ready`` fails)
+    and lets in-flight requests finish for up to ``drain_timeout_s``; then the
+    server exits. A second signal exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_timeout_s = drain_timeout_s
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None:
+            super().handle_exit(sig, frame)
+            return
+        logger.info("router: signal %d, draining (up to %.0f s)", sig, self._drain_timeout_s)
+        self._app.state.draining = True
+        self._drain_task = asyncio.get_event_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        idle = await self._app.state.admission.wait_idle(self._drain_timeout_s)
+        if not idle:
+            logger.warning("router: drain timed out with requests in flight")
+        self.should_exit = True
+
+
 def run_router(config: RouterConfig) -> None:
-    """Serve until SIGINT/SIGTERM."""
+    """Serve until SIGINT/SIGTERM (draining first)."""
     app, _ = build_router_app(config)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False)
-    )
-    asyncio.run(server.serve())
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+    asyncio.run(DrainingServer(uv_config, app, config.drain_timeout_s).serve())

@@ -51,11 +51,16 @@ class KVIntake:
         self.quarantine_s = quarantine_s
         self._pending: deque[Request] = deque()
         self._quarantined: dict[str, float] = {}
+        self._writer_of: dict[str, str] = {}  # request id → prefill worker writing its KV
         self.num_bytes_received = 0
         self.num_transfers = 0
 
-    def admit(self, request: Request) -> list[int] | None:
-        """Reserve blocks now (returns their ids) or queue the request (returns None)."""
+    def admit(self, request: Request, writer_id: str = "") -> list[int] | None:
+        """Reserve blocks now (returns their ids) or queue the request (returns None).
+
+        ``writer_id`` is the prefill worker that will write the KV.
+        """
+        self._writer_of[request.request_id] = writer_id
         if not self._pending:
             block_ids = self.engine.add_remote_request(request)
             if block_ids is not None:
@@ -75,14 +80,26 @@ class KVIntake:
 
     def abort(self, request_id: str) -> None:
         """Abort; blocks that may still be written to are quarantined, not freed."""
+        if request_id in self.engine.scheduler.waiting_for_kv:
+            self._quarantined[request_id] = time.monotonic() + self.quarantine_s
+            return
+        self._writer_of.pop(request_id, None)
         for request in self._pending:
             if request.request_id == request_id:
                 self._pending.remove(request)
                 return
-        if request_id in self.engine.scheduler.waiting_for_kv:
-            self._quarantined[request_id] = time.monotonic() + self.quarantine_s
-            return
         self.engine.abort_request(request_id)
+
+    def peer_lost(self, writer_id: str) -> None:
+        """A prefill worker is gone: quarantined blocks it was writing are safe to free."""
+        for rid in [r for r in self._quarantined if self._writer_of.get(r) == writer_id]:
+            self._free_quarantined(rid)
+
+    def _free_quarantined(self, rid: str) -> None:
+        del self._quarantined[rid]
+        self._writer_of.pop(rid, None)
+        self.receiver.discard(rid)
+        self.engine.abort_request(rid)
 
     def poll(self) -> list[Arrival]:
         """Completed transfers become running requests; expired quarantines are freed."""
@@ -95,14 +112,14 @@ class KVIntake:
             now = time.monotonic()
             for rid in [r for r, deadline in self._quarantined.items() if deadline <= now]:
                 logger.warning("no KV 'done' for aborted request %s: freeing its blocks", rid)
-                del self._quarantined[rid]
-                self.engine.abort_request(rid)
+                self._free_quarantined(rid)
         return arrivals
 
     def _arrive(self, done: KVDone) -> Arrival | None:
         rid = done.request_id
         self.num_bytes_received += done.num_bytes
         self.num_transfers += 1
+        self._writer_of.pop(rid, None)
         if rid in self._quarantined:
             del self._quarantined[rid]
             self.engine.abort_request(rid)
@@ -118,6 +135,11 @@ class KVIntake:
         logprobs = TokenLogprobs(*first.logprobs) if first.logprobs else None
         output = self.engine.finish_remote_kv(rid, first.token_id, logprobs)
         return Arrival(output, done.num_bytes, done.transfer_s)
+
+    @property
+    def num_quarantined(self) -> int:
+        """Aborted requests whose reserved blocks wait for their transfer to end."""
+        return len(self._quarantined)
 
     @property
     def num_pending(self) -> int:

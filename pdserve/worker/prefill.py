@@ -55,8 +55,9 @@ class _Handoff:
 class KVPusher:
     """Streams prompt KV from this worker's cache into decode workers' blocks."""
 
-    def __init__(self, engine: LLMEngine, sender: KVSender) -> None:
+    def __init__(self, engine: LLMEngine, sender: KVSender, drop_done: bool = False) -> None:
         self.engine = engine
+        self.drop_done = drop_done  # fault injection for tests: hand-offs never complete
         self.sender = sender
         self.block_size = engine.config.cache.block_size
         self.num_layers = engine.arch.num_layers
@@ -127,7 +128,8 @@ class KVPusher:
     def abort(self, request_id: str) -> None:
         """Stop pushing; tell the decode side its blocks are no longer written to."""
         h = self._handoffs.pop(request_id, None)
-        if h is not None and h.dst_block_ids is not None and not h.done_sent:
+        # (with the drop-done fault the "done" never left: the abort notice must)
+        if h is not None and h.dst_block_ids is not None and (not h.done_sent or self.drop_done):
             self.sender.send_abort(h.peer_id, request_id, "aborted by the prefill worker")
 
     # -- internals -----------------------------------------------------------------------
@@ -150,10 +152,14 @@ class KVPusher:
     def _maybe_done(self, request_id: str, h: _Handoff) -> None:
         if h.done_sent or h.first_token is None or h.dst_block_ids is None:
             return
-        if h.num_pushed_tokens < self._request(request_id).num_prompt_tokens:
+        # A held request has computed every token but the one just sampled.
+        if h.num_pushed_tokens < self._request(request_id).num_computed_tokens:
+            return
+        h.done_sent = True
+        if self.drop_done:
+            logger.warning("fault injection: dropping the KV 'done' notice of %s", request_id)
             return
         self.sender.send_done(h.peer_id, request_id, msgspec.msgpack.encode(h.first_token))
-        h.done_sent = True
         self.num_done_sent += 1
         logger.debug(
             "kv done %s -> %s after %.1f ms", request_id, h.peer_id, (time.perf_counter() - h.started_s) * 1e3

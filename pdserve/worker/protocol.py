@@ -146,6 +146,12 @@ class RequestFailed(msgspec.Struct, tag=True):
     code: int = 500
 
 
+class Draining(msgspec.Struct, tag=True):
+    """The worker is shutting down: no new requests; it finishes those it has."""
+
+    worker_id: str
+
+
 class WorkerStats(msgspec.Struct, tag=True):
     """Answer to ``GetStats``: counters for tests, metrics and ``pdserve status``."""
 
@@ -164,7 +170,14 @@ class WorkerStats(msgspec.Struct, tag=True):
 
 
 class PrefillRequest(msgspec.Struct, tag=True):
-    """Prefill a prompt; hand the KV to ``decode_worker_id`` (None: generate here, mixed role)."""
+    """Prefill a prompt; hand the KV to ``decode_worker_id``.
+
+    With no decode worker the receiver generates the whole request itself: a
+    mixed worker always, a decode worker as the fallback when no prefill
+    worker can do it. ``output_token_ids`` resume a migrated request: its KV
+    is recomputed over prompt + outputs and sampling continues at the next
+    output index (the same seed gives the same continuation).
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -175,12 +188,16 @@ class PrefillRequest(msgspec.Struct, tag=True):
 
 
 class DecodeRequest(msgspec.Struct, tag=True):
-    """Reserve blocks for a request whose KV the prefill worker will push, then decode it."""
+    """Reserve blocks for a request whose KV the prefill worker will push, then decode it.
+
+    ``output_token_ids`` are the tokens a migrated request already produced.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     params: WireSamplingParams
     prefill_worker_id: str
+    output_token_ids: list[int] = []
 
 
 class Blocks(msgspec.Struct, tag=True):
@@ -213,6 +230,16 @@ class Registered(msgspec.Struct, tag=True):
     heartbeat_interval_s: float
 
 
+class PeerLost(msgspec.Struct, tag=True):
+    """A worker is gone: blocks reserved for KV it was writing can be freed."""
+
+    worker_id: str
+
+
+class Ping(msgspec.Struct, tag=True):
+    """Liveness probe: the router learns at once when a worker's connection is gone."""
+
+
 class Reregister(msgspec.Struct, tag=True):
     """The router does not know this worker (it restarted): register again."""
 
@@ -222,7 +249,10 @@ class Shutdown(msgspec.Struct, tag=True):
 
 
 Message = (
-    Register
+    Draining
+    | Ping
+    | PeerLost
+    | Register
     | Heartbeat
     | Tokens
     | Reserved

@@ -7,7 +7,10 @@ Lifecycle:
    the router and ``Register`` (with the KV descriptor, for decode workers).
 2. Loop: read every pending control message, collect KV arrivals (decode),
    run one engine step when there is work, report tokens, heartbeat.
-3. Stop on ``Shutdown``, SIGTERM or SIGINT: close sockets, free shared memory.
+3. SIGTERM or SIGINT: tell the router it is draining (it stops sending new
+   requests), finish the requests it has (up to ``drain_timeout_s``), then
+   close sockets and free shared memory. A second signal or ``Shutdown``
+   stops at once.
 
 The role decides what the messages mean (see ``protocol``): a prefill worker
 pushes KV through a :class:`KVPusher`, a decode worker takes it in through a
@@ -54,6 +57,9 @@ class WorkerConfig:
         heartbeat_interval_s: seconds between heartbeats.
         kv_lease_s: a prefill worker frees KV held for a hand-off after this long
             without the decode side's acknowledgement (it is gone or stuck).
+        drain_timeout_s: on SIGTERM, how long to keep serving accepted requests.
+        inject_fault: testing only; ``drop-kv-done`` makes a prefill worker never
+            complete a KV hand-off (the router's KV deadline must catch it).
         secret: cluster secret presented at registration.
     """
 
@@ -64,6 +70,8 @@ class WorkerConfig:
     kv_transport: str | None = None
     heartbeat_interval_s: float = 0.5
     kv_lease_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    inject_fault: str | None = None
     secret: str = field(default="", repr=False)
 
     @property
@@ -96,13 +104,15 @@ class Worker:
         self.pusher: KVPusher | None = None
         if self.role is Role.PREFILL:
             self.sender = make_sender(self.engine.runner.kv_caches, override=config.kv_transport)
-            self.pusher = KVPusher(self.engine, self.sender)
+            self.pusher = KVPusher(self.engine, self.sender, drop_done=config.inject_fault == "drop-kv-done")
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(config.router)
         self._stop = False
+        self._draining = False
+        self._drain_deadline_s = 0.0
         self._next_heartbeat_s = 0.0
         self._held_since_s: dict[str, float] = {}
 
@@ -205,7 +215,11 @@ class Worker:
                 if self.engine.has_unfinished_requests():
                     self._step()
                 now = time.monotonic()
+                if self._draining and self._drained():
+                    break
                 if now >= self._next_heartbeat_s:
+                    if self._draining:
+                        self.send(p.Draining(self.worker_id))
                     self.send(p.Heartbeat(self.worker_id, self.load()))
                     self._next_heartbeat_s = now + self.config.heartbeat_interval_s
                     self._expire_leases(now)
@@ -213,8 +227,23 @@ class Worker:
             self.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        logger.info("worker %s: signal %d, stopping", self.worker_id, signum)
-        self._stop = True
+        if self._draining:  # a second signal: stop now
+            self._stop = True
+            return
+        logger.info("worker %s: signal %d, draining", self.worker_id, signum)
+        self._draining = True
+        self._drain_deadline_s = time.monotonic() + self.config.drain_timeout_s
+
+    def _drained(self) -> bool:
+        """Draining and nothing left to finish (or out of time)."""
+        sched = self.engine.scheduler
+        quarantined = self.intake.num_quarantined if self.intake else 0  # nothing left to serve there
+        busy = bool(sched.running or sched.waiting or sched.held) or len(sched.waiting_for_kv) > quarantined
+        if busy and time.monotonic() < self._drain_deadline_s:
+            return False
+        if busy:
+            logger.warning("worker %s: drain timed out with requests left", self.worker_id)
+        return True
 
     def _drain_messages(self) -> None:
         while True:
@@ -242,6 +271,13 @@ class Worker:
                 self._release(rid)
             case p.Abort(request_id=rid):
                 self._abort(rid)
+            case p.Ping():
+                pass
+            case p.PeerLost(worker_id=peer):
+                if self.intake is not None:
+                    self.intake.peer_lost(peer)
+                if self.sender is not None:
+                    self.sender.disconnect(peer)
             case p.GetStats():
                 self.send(self.stats())
             case p.Registered():
@@ -255,6 +291,8 @@ class Worker:
 
     def _on_prefill(self, m: p.PrefillRequest) -> None:
         try:
+            if self._draining:
+                raise PDServeError(f"worker {self.worker_id} is shutting down")
             request = self.engine.make_request(
                 m.prompt_token_ids, m.params.to_params(), m.request_id, m.output_token_ids
             )
@@ -262,21 +300,24 @@ class Worker:
                 if m.decode_worker_id is None or m.decode_kv is None or self.pusher is None:
                     raise PDServeError("a prefill worker needs a decode worker to hand the KV to")
                 self.pusher.track(m.request_id, m.decode_worker_id, m.decode_kv)
-            elif self.role is Role.DECODE:
-                raise PDServeError("a decode worker does not take PrefillRequest")
+            # A decode worker takes a whole request only as the fallback prefill.
             self.engine.enqueue(request)
         except (PDServeError, ValueError) as exc:
             if self.pusher is not None:
                 self.pusher.forget(m.request_id)
-            self.send(p.RequestFailed(m.request_id, str(exc), 400))
+            self.send(p.RequestFailed(m.request_id, str(exc), 503 if self._draining else 400))
 
     def _on_decode(self, m: p.DecodeRequest) -> None:
         assert self.intake is not None
         try:
-            request = self.engine.make_request(m.prompt_token_ids, m.params.to_params(), m.request_id)
-            block_ids = self.intake.admit(request)
+            if self._draining:
+                raise PDServeError(f"worker {self.worker_id} is shutting down")
+            request = self.engine.make_request(
+                m.prompt_token_ids, m.params.to_params(), m.request_id, m.output_token_ids
+            )
+            block_ids = self.intake.admit(request, m.prefill_worker_id)
         except (PDServeError, ValueError) as exc:
-            self.send(p.RequestFailed(m.request_id, str(exc), 400))
+            self.send(p.RequestFailed(m.request_id, str(exc), 503 if self._draining else 400))
             return
         if block_ids is not None:
             self.send(p.Reserved(m.request_id, block_ids))

@@ -13,15 +13,22 @@ from pdserve.launch.local import LaunchConfig, LocalLauncher
 WORKER_ARGS = ["--model", "tiny", "--chunk-size", "32", "--block-size", "16", "--kv-cache-mib", "64"]
 
 
-def launch(mode: str, transport: str | None = None, **counts: int) -> LocalLauncher:
-    worker_args = list(WORKER_ARGS)
+def launch(
+    mode: str,
+    transport: str | None = None,
+    router_args: tuple[str, ...] = (),
+    worker_args: tuple[str, ...] = (),
+    **counts: int,
+) -> LocalLauncher:
+    """Start a deployment of the tiny model and wait until every worker is registered."""
+    all_worker_args = [*WORKER_ARGS, *worker_args]
     if transport:
-        worker_args += ["--kv-transport", transport]
+        all_worker_args += ["--kv-transport", transport]
     config = LaunchConfig(
         mode=mode,
         port=0,
-        router_args=["--model", "tiny"],
-        worker_args=worker_args,
+        router_args=["--model", "tiny", *router_args],
+        worker_args=all_worker_args,
         threads_per_worker=1,
         ready_timeout_s=180,
         log_level=os.environ.get("PDSERVE_TEST_LOG", "WARNING"),

@@ -216,11 +216,9 @@ def test_prefill_role_holds_kv_until_release() -> None:
     assert_no_leaks(sched)
 
 
-def test_decode_role_admits_remote_kv_and_never_prefills() -> None:
+def test_decode_role_admits_remote_kv_and_never_prefills_it() -> None:
     sched = make_scheduler(role=Role.DECODE)
     a = make("a", 9, max_tokens=3)
-    with pytest.raises(RuntimeError):
-        sched.add_request(a)
     blocks = sched.add_remote_request(a)
     assert blocks is not None and len(blocks) == 3  # 9 prompt tokens + the first token
     assert sched.schedule().is_empty  # nothing to do until the KV is in
@@ -271,3 +269,25 @@ def test_duplicate_request_id_rejected() -> None:
     sched.add_request(make("a", 3))
     with pytest.raises(ValueError, match="already in use"):
         sched.add_request(make("a", 3))
+
+
+def test_decode_role_continues_a_migrated_request() -> None:
+    """A request resumed with outputs so far: KV covers prompt + outputs, counting goes on."""
+    sched = make_scheduler(role=Role.DECODE)
+    a = Request("m", [10, 11, 12, 13, 14], SamplingParams(max_tokens=5), output_token_ids=[20, 21])
+    blocks = sched.add_remote_request(a)
+    assert blocks is not None and len(blocks) == 2  # 7 tokens so far + the next one, 4 per block
+    sched.finish_remote_kv("m", first_token_id=22)
+    assert a.num_computed_tokens == 7 and a.output_token_ids == [20, 21, 22]
+    run_to_completion(sched)
+    assert a.num_output_tokens == 5 and a.finish_reason == "length"
+    assert_no_leaks(sched)
+
+
+def test_decode_role_prefills_locally_as_a_fallback() -> None:
+    sched = make_scheduler(role=Role.DECODE)
+    a = make("a", 6, max_tokens=2)
+    sched.add_request(a)
+    run_to_completion(sched)
+    assert a.num_output_tokens == 2
+    assert_no_leaks(sched)
