@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -92,6 +93,8 @@ class LocalLauncher:
         self.port = config.port or free_port(config.host)
         self.control_port = free_port()
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        # Only processes started with this secret can register as workers.
+        self.secret = os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_hex(16)
 
     @property
     def url(self) -> str:
@@ -99,7 +102,7 @@ class LocalLauncher:
         return f"http://{self.config.host}:{self.port}"
 
     def _spawn(self, name: str, args: list[str], threads: int | None = None) -> None:
-        env = dict(os.environ)
+        env = dict(os.environ, PDSERVE_CLUSTER_SECRET=self.secret)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         cmd = [sys.executable, "-m", "pdserve", "--log-level", self.config.log_level, *args]
@@ -167,7 +170,10 @@ class LocalLauncher:
 
     def _all_registered(self) -> bool:
         """Every worker we started is in the router's registry (ready needs only one pair)."""
-        workers = httpx.get(f"{self.url}/pdserve/workers?stats=false", timeout=5.0).json()["workers"]
+        key = os.environ.get("PDSERVE_API_KEY", "").split(",")[0].strip()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        reply = httpx.get(f"{self.url}/pdserve/workers?stats=false", headers=headers, timeout=5.0)
+        workers = reply.json()["workers"]
         return len(workers) >= len(self.procs) - 1
 
     def wait(self) -> int:

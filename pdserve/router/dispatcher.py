@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -361,7 +362,7 @@ class Dispatcher:
                 logger.warning("router: unexpected %s from %s", type(message).__name__, sender)
 
     def _on_register(self, sender: str, m: p.Register) -> None:
-        if self.config.secret and m.secret != self.config.secret:
+        if self.config.secret and not hmac.compare_digest(m.secret.encode(), self.config.secret.encode()):
             logger.warning("router: registration of %s refused: wrong cluster secret", m.worker_id)
             return
         if m.model != self.model_name:

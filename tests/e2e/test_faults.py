@@ -213,7 +213,8 @@ def test_router_restart_workers_register_again() -> None:
             "--model",
             "tiny",
         ]
-        new_router = subprocess.Popen([sys.executable, "-m", "pdserve", *args])
+        env = dict(os.environ, PDSERVE_CLUSTER_SECRET=launcher.secret)
+        new_router = subprocess.Popen([sys.executable, "-m", "pdserve", *args], env=env)
         launcher.procs[0] = ("router", new_router)
         deadline = time.monotonic() + 60
         while True:
