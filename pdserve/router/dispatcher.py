@@ -58,6 +58,7 @@ class DispatcherConfig:
         probe_interval_s: how often workers are probed and deadlines checked.
         kv_timeout_s: deadline from the first token to the decode worker holding the KV.
         prefill_timeout_s: deadline from dispatch to the first token.
+        token_timeout_s: deadline between two tokens while decoding (a stuck worker).
         kv_failure_policy: what a missed KV deadline does: ``retry`` (new attempt),
             ``recompute`` (the decode worker prefills itself) or ``fail``.
         prefill_fallback: with no prefill worker left, decode workers prefill.
@@ -71,6 +72,7 @@ class DispatcherConfig:
     probe_interval_s: float = 0.25
     kv_timeout_s: float = 10.0
     prefill_timeout_s: float = 120.0
+    token_timeout_s: float = 60.0
     kv_failure_policy: str = "retry"
     prefill_fallback: bool = True
     max_attempts: int = 4
@@ -304,8 +306,9 @@ class Dispatcher:
 
     def _unreachable(self, worker_id: str, exc: BaseException | None) -> None:
         logger.debug("router: cannot reach worker %s: %s", worker_id, exc)
-        if self.registry.get(worker_id) is not None:
-            self._worker_lost(worker_id, "connection gone")
+        # Deferred: the caller may be in the middle of placing an attempt on this
+        # worker; once that attempt is recorded, losing the worker retries it too.
+        asyncio.get_running_loop().call_soon(self._worker_lost, worker_id, "connection gone")
 
     async def _recv_loop(self) -> None:
         while True:
@@ -337,7 +340,7 @@ class Dispatcher:
                 if state is not None and state.prefill_id is not None:
                     self._send(state.prefill_id, p.Release(rid))
                     if state.stage is not Stage.DECODE:
-                        state.enter(Stage.DECODE, None)
+                        state.enter(Stage.DECODE, self.config.token_timeout_s)
             case p.RequestFailed(request_id=rid, message=text, code=code):
                 state = self._by_worker_rid.get(rid)
                 if state is None:
@@ -383,8 +386,8 @@ class Dispatcher:
         new_ids = m.token_ids[skip:]
         if sender == state.prefill_id and state.stage is Stage.PREFILL:
             state.enter(Stage.TRANSFER, self.config.kv_timeout_s)
-        elif sender == state.decode_id and state.stage is not Stage.DECODE:
-            state.enter(Stage.DECODE, None)
+        elif sender == state.decode_id:
+            state.enter(Stage.DECODE, self.config.token_timeout_s)
         if not new_ids and not m.finished:
             return
         state.tokens.extend(new_ids)
@@ -438,6 +441,9 @@ class Dispatcher:
                 else:
                     suspects = {state.prefill_id} if state.prefill_id else set()
                     self._retry(state, reason, suspects, local=policy == "recompute")
+            elif state.stage is Stage.DECODE:
+                suspects = {state.decode_id} if state.decode_id else set()
+                self._retry(state, f"no token for {self.config.token_timeout_s:.1f} s", suspects)
             else:
                 suspects = set(state.worker_ids)
                 self._retry(state, f"no first token within {self.config.prefill_timeout_s:.1f} s", suspects)

@@ -52,8 +52,15 @@ Who owns and frees what:
 * Connections (sockets, shared-memory mappings of a peer's cache) are released
   by ``disconnect(peer_id)`` or ``close()``.
 
-All receivers bind to 127.0.0.1 by default; bind to another address only on a
-trusted network: the endpoints are unauthenticated and write into KV memory.
+Authentication: every shm and tcp receiver draws a random ``token`` at
+construction and puts it in its descriptor, which reaches only workers the
+router has admitted. Every message on a link carries the token; the receiver
+drops (and counts in ``stats().num_rejected``) any message without the right
+one, before it touches KV memory or any request's state. The token is sent in
+clear text, so it keeps out processes that do not know it, not eavesdroppers:
+receivers bind to 127.0.0.1 by default; bind to another address only on a
+network whose traffic the cluster's operator trusts. ``shm`` writes go straight
+into the segment, which only the receiver's OS user can open (see ``shm.py``).
 """
 
 from __future__ import annotations
@@ -124,12 +131,17 @@ class PeerStats(msgspec.Struct):
 
 
 class ReceiveStats(msgspec.Struct):
-    """Cumulative receiver-side figures: finished requests (failed ones included), bytes, seconds."""
+    """Cumulative receiver-side figures: finished requests (failed ones included), bytes, seconds.
+
+    ``num_rejected``: messages dropped unread because they lacked the receiver's
+    token (or could not be decoded far enough to find it); they touch no request.
+    """
 
     num_requests: int = 0
     num_failed: int = 0
     num_bytes: int = 0
     transfer_s: float = 0.0
+    num_rejected: int = 0
 
 
 class TransferStats(msgspec.Struct):

@@ -94,6 +94,11 @@ class KVDescriptor(msgspec.Struct, frozen=True):
     ``transport`` is the receiver's kind (``fake``, ``shm``, ``tcp``); ``endpoint``
     is a ZeroMQ address (or the fake registry name); ``shm_name`` is set only when
     the cache is in a shared-memory segment that same-host senders may attach.
+    ``token`` is the receiver's random secret (shm and tcp; empty for fake): every
+    message on its link must carry it, or the receiver drops the message. It is
+    a credential: the descriptor travels only over the cluster's control links
+    (worker → router → prefill worker), and ``repr`` leaves the token out so that
+    logging a descriptor (or a message holding one) does not leak it.
     """
 
     transport: str
@@ -101,3 +106,13 @@ class KVDescriptor(msgspec.Struct, frozen=True):
     host_id: str
     layout: KVLayout
     shm_name: str | None = None
+    token: str = ""
+
+    def __repr__(self) -> str:
+        return (f"KVDescriptor(transport={self.transport!r}, endpoint={self.endpoint!r}, "
+                f"host_id={self.host_id!r}, layout={self.layout!r}, shm_name={self.shm_name!r}, "
+                f"token={'<set>' if self.token else '<none>'})")
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        fields = [(name, getattr(self, name)) for name in self.__struct_fields__ if name != "token"]
+        return [*fields, ("token", "<set>" if self.token else "<none>")]

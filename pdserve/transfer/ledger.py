@@ -105,6 +105,12 @@ class ReceiveLedger:
         self._stats.transfer_s += done.transfer_s
         self._ready.notify_all()
 
+    def on_rejected(self) -> int:
+        """Count a message dropped for a missing or wrong token; returns the count so far."""
+        with self._lock:
+            self._stats.num_rejected += 1
+            return self._stats.num_rejected
+
     def stats(self) -> ReceiveStats:
         with self._lock:
             return ReceiveStats(**msgspec.structs.asdict(self._stats))

@@ -2,10 +2,11 @@
 
 Lifecycle:
 
-1. The receiver creates one POSIX shared-memory segment (``pdserve-kv-<pid>-<random>``)
-   holding every layer's K and V, maps it with all pages faulted in and zeroed
-   once (first touch of fresh pages is slow), and builds its ``kv_caches`` as
-   tensors over it. It also binds a ZeroMQ PULL socket for done notices.
+1. The receiver creates one POSIX shared-memory segment (``pdserve-kv-<pid>-<random>``,
+   mode 0600) holding every layer's K and V, maps it with all pages faulted in
+   and zeroed once (first touch of fresh pages is slow), and builds its
+   ``kv_caches`` as tensors over it. It also binds a ZeroMQ PULL socket for
+   done notices and draws the token that they must carry (as in ``tcp.py``).
 2. A sender attaches the segment by name once per peer, mapped with all pages
    faulted in (``MAP_POPULATE``), and keeps the mapping until ``disconnect``.
 3. ``send_blocks`` copies K and V of the given blocks from the sender's cache
@@ -13,12 +14,25 @@ Lifecycle:
    the caller's thread, so the data is in place when it returns.
 4. ``send_done`` then pushes a small notice over ZeroMQ; D's ``poll()`` reports it.
 
+Who may write D's cache:
+
+* The segment is created with mode 0600 (set explicitly, whatever the umask),
+  so only processes of the receiver's OS user (and root) can open and map it:
+  on one host, the trust boundary of ``shm`` is the OS user. Such a process
+  could write blocks without any token, so run each cluster's workers as a
+  user of their own. The random part of the name avoids collisions; it is no
+  secret (``/dev/shm`` can be listed).
+* Done and abort notices go over the ZeroMQ link and are token-checked like
+  tcp messages: a notice without the receiver's token is dropped and counted
+  (``stats().num_rejected``), so a process that does not know the token cannot
+  complete or abort a request, even though it can connect to the endpoint.
+
 Memory ownership and crash safety:
 
 * Only the receiver (creator) unlinks the segment, in ``close()``; the memory
   goes away once every process has unmapped it (senders do in ``disconnect``).
 * The creator registers the segment with multiprocessing's resource tracker
-  (``SharedMemory(create=True)``), whose process outlives a crashed receiver
+  (as ``SharedMemory(create=True)`` would), whose process outlives a crashed receiver
   and unlinks the segment when the processes sharing that tracker have exited
   (for workers started with ``spawn``: the launcher's tracker).
 * Senders do not use ``SharedMemory(name)`` to attach: before Python 3.13 that
@@ -37,7 +51,7 @@ import mmap
 import os
 import re
 import secrets
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker
 from typing import ClassVar
 
 import numpy as np
@@ -47,7 +61,7 @@ from pdserve.transfer.base import KVCaches, KVDescriptor, KVLayout, TransferErro
 from pdserve.transfer.blocks import block_runs, copy_blocks, copy_runs_np
 from pdserve.transfer.sender import SenderBase
 from pdserve.transfer.tcp import ZmqReceiver
-from pdserve.transfer.wire import Abort, Done, PushLinks, encoder
+from pdserve.transfer.wire import Abort, Done, PushLinks, encoder, require_token
 
 try:
     import _posixshmem
@@ -58,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 SEGMENT_PREFIX = "pdserve-kv-"
 ALIGN_BYTES = 4096  # every layer's K and V start on a page
+SEGMENT_MODE = 0o600  # read-write for the receiver's OS user only
 
 
 def segment_offsets(layout: KVLayout) -> tuple[list[tuple[int, int]], int]:
@@ -65,6 +80,33 @@ def segment_offsets(layout: KVLayout) -> tuple[list[tuple[int, int]], int]:
     step = -(-layout.tensor_bytes // ALIGN_BYTES) * ALIGN_BYTES
     offsets = [(2 * i * step, (2 * i + 1) * step) for i in range(layout.num_layers)]
     return offsets, 2 * layout.num_layers * step
+
+
+def create_segment(name: str, size: int) -> mmap.mmap:
+    """A new segment of ``size`` bytes, mode 0600, registered for crash cleanup, mapped as in map_segment."""
+    if _posixshmem is None:
+        raise TransferError("shared memory transport needs a POSIX system; use 'tcp'")
+    # O_EXCL: never adopt a segment someone else created under this name
+    fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=SEGMENT_MODE)
+    try:
+        os.fchmod(fd, SEGMENT_MODE)  # shm_open's mode passes through the umask; make it exact
+        os.ftruncate(fd, size)
+        resource_tracker.register("/" + name, "shared_memory")  # unlinks it if this process dies
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    except BaseException:
+        unlink_segment(name)
+        raise
+    finally:
+        os.close(fd)
+
+
+def unlink_segment(name: str) -> None:
+    """Remove a segment this process created (mappings stay valid until unmapped)."""
+    if _posixshmem is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        _posixshmem.shm_unlink("/" + name)
+    resource_tracker.unregister("/" + name, "shared_memory")
 
 
 def map_segment(name: str, size: int) -> mmap.mmap:
@@ -129,11 +171,7 @@ class ShmReceiver(ZmqReceiver):
             raise TransferError(f"shm receivers keep the KV cache in CPU shared memory, not on {self.device}")
         offsets, size = segment_offsets(self.layout)
         self._name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        # SharedMemory creates the segment and registers it with the resource tracker
-        # (crash cleanup); tensors use a mapping of our own that MAP_POPULATE pre-faults.
-        self._segment = shared_memory.SharedMemory(self._name, create=True, size=size)
-        self._segment.close()
-        self._buf: mmap.mmap | None = map_segment(self._name, size)
+        self._buf: mmap.mmap | None = create_segment(self._name, size)
         shape = (self.layout.num_blocks, *self.layout.block_shape)
         dtype = self.layout.torch_dtype
         numel = self.layout.tensor_bytes // self.layout.torch_dtype.itemsize
@@ -149,8 +187,7 @@ class ShmReceiver(ZmqReceiver):
         return self._name
 
     def _release(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._segment.unlink()  # also unregisters it from the resource tracker
+        unlink_segment(self._name)
         super()._release()
         buf, self._buf = self._buf, None
         if buf is not None:
@@ -206,6 +243,7 @@ class ShmSender(SenderBase):
         self._on_cpu = all(v is not None for v in self._views)
 
     def _open(self, peer_id: str, descriptor: KVDescriptor) -> None:
+        require_token(peer_id, descriptor)
         if descriptor.shm_name is None:
             raise TransferError(f"peer {peer_id}: a {descriptor.transport!r} receiver has no shared memory")
         attached = _Attached(descriptor.shm_name, descriptor.layout, not self._on_cpu)
@@ -238,10 +276,11 @@ class ShmSender(SenderBase):
 
     def _put_done(self, peer_id: str, request_id: str, payload: bytes,
                   num_bytes: int, first_s: float | None) -> None:
-        self._links.send(peer_id, [encoder.encode(Done(request_id, payload, num_bytes, first_s, True))])
+        done = Done(self._peers[peer_id].token, request_id, payload, num_bytes, first_s, True)
+        self._links.send(peer_id, [encoder.encode(done)])
 
     def _put_abort(self, peer_id: str, request_id: str, reason: str) -> None:
-        self._links.send(peer_id, [encoder.encode(Abort(request_id, reason))])
+        self._links.send(peer_id, [encoder.encode(Abort(self._peers[peer_id].token, request_id, reason))])
 
     def _shutdown(self) -> None:
         self._links.shutdown()

@@ -2,15 +2,20 @@
 
 Lifecycle:
 
-1. The receiver allocates its cache, binds a PULL socket on ``bind_host`` with
-   an ephemeral port and starts one background thread that owns the socket.
+1. The receiver allocates its cache, draws a random token, binds a PULL socket
+   on ``bind_host`` with an ephemeral port and starts one background thread
+   that owns the socket. Its descriptor carries the endpoint and the token.
 2. A sender connects one PUSH socket per peer and reuses it. ``send_blocks``
    sends ``[header, K bytes, V bytes]``: a single run of source blocks is sent
    zero-copy straight from the cache, several runs are gathered with one copy,
-   a CUDA cache is gathered on the device and staged to CPU.
-3. The receiver's thread copies K and V into its cache (numpy copies release
-   the GIL, so D's main loop keeps running), in arrival order, then records a
-   done notice; ``poll()`` hands those to D.
+   a CUDA cache is gathered on the device and staged to CPU. Every header
+   carries the peer's token.
+3. The receiver's thread first checks the token (``hmac.compare_digest``): a
+   message without the right one is dropped whole, counted in
+   ``stats().num_rejected`` and logged (at most once a minute per peer address,
+   without its contents). Otherwise it copies K and V into its cache (numpy
+   copies release the GIL, so D's main loop keeps running), in arrival order,
+   or records a done notice; ``poll()`` hands those to D.
 
 Messages of one connection arrive in order, so a done notice is handled only
 after every earlier write of its request is in the cache.
@@ -18,7 +23,9 @@ after every earlier write of its request is in the cache.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -41,11 +48,22 @@ from pdserve.transfer.base import (
 from pdserve.transfer.blocks import byte_view, gather_blocks, scatter_blocks
 from pdserve.transfer.ledger import ReceiveLedger
 from pdserve.transfer.sender import SenderBase
-from pdserve.transfer.wire import SOCKET_BUFFER_BYTES, Abort, Blocks, Done, PushLinks, decoder, encoder
+from pdserve.transfer.wire import (
+    SOCKET_BUFFER_BYTES,
+    Abort,
+    Blocks,
+    Done,
+    PushLinks,
+    decoder,
+    encoder,
+    require_token,
+)
 
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 100  # how often the receiver thread checks for close()
+REJECT_LOG_INTERVAL_S = 60.0  # rejected messages are logged at most this often per peer address
+MAX_REJECT_PEERS = 1024  # peer addresses remembered for rate-limiting those logs
 
 
 class ZmqReceiver(KVReceiver):
@@ -70,6 +88,9 @@ class ZmqReceiver(KVReceiver):
             (byte_view(k), byte_view(v)) if k.device.type == "cpu" else None for k, v in self.kv_caches
         ]
         self._ledger = ReceiveLedger()
+        self._token = secrets.token_hex(16)
+        self._token_bytes = self._token.encode()
+        self._reject_logged_s: dict[str, float] = {}  # peer address → when a rejection was last logged
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -103,7 +124,8 @@ class ZmqReceiver(KVReceiver):
         return None
 
     def descriptor(self) -> KVDescriptor:
-        return KVDescriptor(self.transport, self._endpoint, self._host_id, self.layout, self._shm_name())
+        return KVDescriptor(self.transport, self._endpoint, self._host_id, self.layout, self._shm_name(),
+                            token=self._token)
 
     def poll(self, timeout_s: float = 0.0) -> list[KVDone]:
         return self._ledger.poll(timeout_s)
@@ -136,8 +158,11 @@ class ZmqReceiver(KVReceiver):
     def _handle(self, frames: list[Any]) -> None:
         try:
             msg = decoder.decode(frames[0].buffer)
-        except Exception as e:
-            logger.error("KV receiver %s: undecodable message dropped (%s)", self._endpoint, e)
+        except Exception:  # no token can be found in it: reject (our senders never send such)
+            self._reject(frames[0])
+            return
+        if not hmac.compare_digest(msg.token.encode(), self._token_bytes):
+            self._reject(frames[0])
             return
         if isinstance(msg, Blocks):
             try:
@@ -152,6 +177,26 @@ class ZmqReceiver(KVReceiver):
         else:
             assert isinstance(msg, Abort)
             self._ledger.on_abort(msg.request_id, msg.reason)
+
+    def _reject(self, frame: Any) -> None:
+        """Count a message without the right token and log it, rate-limited per peer, without its contents."""
+        num_rejected = self._ledger.on_rejected()
+        try:
+            peer = str(frame.get("Peer-Address"))
+        except (zmq.ZMQError, AttributeError):  # not a tcp connection, or libzmq too old
+            peer = "an unknown peer"
+        now = time.monotonic()
+        last_s = self._reject_logged_s.get(peer)
+        if last_s is not None and now - last_s < REJECT_LOG_INTERVAL_S:
+            return
+        if len(self._reject_logged_s) >= MAX_REJECT_PEERS:
+            self._reject_logged_s.clear()
+        self._reject_logged_s[peer] = now
+        logger.warning(
+            "KV %s receiver at %s: dropped a message from %s without this receiver's token "
+            "(%d dropped so far; logged at most every %.0f s per peer)",
+            self.transport, self._endpoint, peer, num_rejected, REJECT_LOG_INTERVAL_S,
+        )
 
     def _write(self, msg: Blocks, frames: list[Any]) -> None:
         now = time.monotonic()
@@ -212,6 +257,7 @@ class TcpSender(SenderBase):
         self._links = PushLinks(send_timeout_s, linger_s, socket_buffer_bytes)
 
     def _open(self, peer_id: str, descriptor: KVDescriptor) -> None:
+        require_token(peer_id, descriptor)
         self._links.open(peer_id, descriptor.endpoint)
 
     def _close_peer(self, peer_id: str) -> None:
@@ -224,15 +270,16 @@ class TcpSender(SenderBase):
         k_np, v_np = views if views is not None else (None, None)
         k_bytes = gather_blocks(k, k_np, src_block_ids)  # [n, block_bytes]
         v_bytes = gather_blocks(v, v_np, src_block_ids)
-        header = encoder.encode(Blocks(request_id, layer, dst_block_ids))
+        header = encoder.encode(Blocks(self._peers[peer_id].token, request_id, layer, dst_block_ids))
         self._links.send(peer_id, [header, k_bytes, v_bytes])
 
     def _put_done(self, peer_id: str, request_id: str, payload: bytes,
                   num_bytes: int, first_s: float | None) -> None:
-        self._links.send(peer_id, [encoder.encode(Done(request_id, payload, num_bytes, first_s, False))])
+        done = Done(self._peers[peer_id].token, request_id, payload, num_bytes, first_s, False)
+        self._links.send(peer_id, [encoder.encode(done)])
 
     def _put_abort(self, peer_id: str, request_id: str, reason: str) -> None:
-        self._links.send(peer_id, [encoder.encode(Abort(request_id, reason))])
+        self._links.send(peer_id, [encoder.encode(Abort(self._peers[peer_id].token, request_id, reason))])
 
     def _shutdown(self) -> None:
         self._links.shutdown()

@@ -6,6 +6,13 @@ One ZeroMQ multipart message per call, in call order on one connection:
   block ``i`` goes to ``dst_block_ids[i]`` of ``layer``;
 * ``Done`` header alone: every earlier write of the request was sent;
 * ``Abort`` header alone.
+
+Every header starts with the receiver's ``token`` (from its descriptor): the
+receiver checks it before anything else and drops the whole message if it is
+missing or wrong. A field of the header, not a frame of its own: the header is
+encoded for every message anyway, so the token costs ~34 bytes and no extra frame.
+The token travels in clear text: it keeps out processes that do not know it,
+not eavesdroppers on the network between the workers.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from pdserve.transfer.base import TransferError
+from pdserve.transfer.base import KVDescriptor, TransferError
 
 # Kernel socket buffers (SO_SNDBUF / SO_RCVBUF) of KV links: 4 MiB measured ~10% faster than the
 # kernel's autotuning for 0.5–2 MiB layer messages on loopback; None leaves them to the kernel.
@@ -23,12 +30,14 @@ SOCKET_BUFFER_BYTES: int | None = 4 << 20
 
 
 class Blocks(msgspec.Struct, tag="b", array_like=True):
+    token: str
     request_id: str
     layer: int
     dst_block_ids: list[int]
 
 
 class Done(msgspec.Struct, tag="d", array_like=True):
+    token: str
     request_id: str
     payload: bytes
     num_bytes: int  # bytes the sender sent for this request
@@ -37,6 +46,7 @@ class Done(msgspec.Struct, tag="d", array_like=True):
 
 
 class Abort(msgspec.Struct, tag="a", array_like=True):
+    token: str
     request_id: str
     reason: str
 
@@ -45,6 +55,15 @@ Message = Blocks | Done | Abort
 
 encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(Message)
+
+
+def require_token(peer_id: str, descriptor: KVDescriptor) -> None:
+    """Refuse a descriptor without a token: its receiver would drop every message we send."""
+    if not descriptor.token:
+        raise TransferError(
+            f"peer {peer_id}: its {descriptor.transport} descriptor carries no token, so the receiver "
+            "would drop every message; use the descriptor the receiver made (receiver.descriptor())"
+        )
 
 
 class PushLinks:

@@ -9,16 +9,21 @@ sender's cache from a seed, so the test knows exactly what must arrive.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
+import secrets
+import stat
 import subprocess
+import time
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 import zmq
 
-from pdserve.transfer import KVDescriptor, KVLayout, TransferError, make_receiver, make_sender
+from pdserve.transfer import KVLayout, KVReceiver, TransferError, make_receiver, make_sender
 from pdserve.transfer.multi import MultiSender
 from pdserve.transfer.testing import (
     assert_request_arrived,
@@ -31,6 +36,7 @@ from pdserve.transfer.testing import (
     send_plan,
     sender_server,
 )
+from pdserve.transfer.wire import Abort, Blocks, Done, encoder
 
 NUM_SRC_BLOCKS = 20
 
@@ -151,7 +157,7 @@ def test_shm_falls_back_to_tcp_and_override_errors() -> None:
     receiver = make_receiver("shm", layout)
     try:
         desc = receiver.descriptor()
-        broken = KVDescriptor(desc.transport, desc.endpoint, desc.host_id, desc.layout, "pdserve-kv-missing")
+        broken = msgspec.structs.replace(desc, shm_name="pdserve-kv-missing")
         cache = random_cache(layout, NUM_SRC_BLOCKS, 0)
         sender = make_sender(cache)
         sender.connect("d", broken)  # same host, but the segment cannot be attached: tcp instead
@@ -189,19 +195,19 @@ def test_tcp_discard_refuses_late_writes() -> None:
 
 
 def test_tcp_receiver_survives_garbage_and_reports_bad_writes() -> None:
-    from pdserve.transfer.wire import Blocks, encoder
-
     layout = layout_of("float32")
     receiver = make_receiver("tcp", layout)
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.connect(receiver.descriptor().endpoint)
     try:
-        push.send(b"\xc1 not msgpack")  # dropped with a log line
+        push.send(b"\xc1 not msgpack")  # no token can be found in it: rejected
         block = bytes(layout.block_bytes)
-        push.send_multipart([encoder.encode(Blocks("bad", 0, [99])), block, block])  # id out of range
+        header = encoder.encode(Blocks(receiver.descriptor().token, "bad", 0, [99]))  # id out of range
+        push.send_multipart([header, block, block])
         (done,) = receiver.poll(timeout_s=5)
         assert done.request_id == "bad" and done.error is not None and "outside" in done.error
+        assert receiver.stats().num_rejected == 1  # the garbage, handled before "bad" (one connection)
         sender = make_sender(random_cache(layout, NUM_SRC_BLOCKS, 0), override="tcp")  # still serving
         sender.connect("d", receiver.descriptor())
         plan = plan_requests(NUM_SRC_BLOCKS, list(range(32)), 1, seed=2)
@@ -212,6 +218,133 @@ def test_tcp_receiver_survives_garbage_and_reports_bad_writes() -> None:
         push.close(linger=0)
         ctx.term()
         receiver.close()
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+def wait_rejected(receiver: KVReceiver, num_rejected: int, timeout_s: float = 5.0) -> None:
+    """Wait until the receiver has rejected exactly ``num_rejected`` messages (then it handled them all)."""
+    deadline = time.monotonic() + timeout_s
+    while receiver.stats().num_rejected < num_rejected:
+        assert time.monotonic() < deadline, f"only {receiver.stats().num_rejected} of {num_rejected} rejected"
+        time.sleep(0.01)
+    assert receiver.stats().num_rejected == num_rejected
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_raw_socket_without_token_cannot_write_finish_or_abort(
+    transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = layout_of("float32")
+    receiver = make_receiver(transport, layout)
+    desc = receiver.descriptor()
+    cache = random_cache(layout, NUM_SRC_BLOCKS, 7)
+    sender = make_sender(cache, override=transport)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    try:
+        sender.connect("d", desc)
+        (r,) = plan_requests(NUM_SRC_BLOCKS, list(range(32)), 1, seed=3)
+        for layer in range(layout.num_layers):  # the legitimate request is under way, its done not yet sent
+            sender.send_blocks("d", r["id"], layer, r["src"], r["dst"])
+        free = [b for b in range(32) if b not in r["dst"]][:2]
+        ones = b"\x01" * (len(free) * layout.block_bytes)
+        wrong = secrets.token_hex(16)
+        caplog.set_level(logging.WARNING, logger="pdserve.transfer.tcp")
+        push.connect(desc.endpoint)
+        rogue = [
+            [b"\xc1 not msgpack"],
+            [msgspec.msgpack.encode(["b", r["id"], 0, free]), ones, ones],  # the header without a token
+            [encoder.encode(Blocks(wrong, r["id"], 0, free)), ones, ones],
+            [encoder.encode(Blocks("", r["id"], 1, free)), ones, ones],
+            [encoder.encode(Done(wrong, r["id"], b"forged", 0, None, True))],
+            [encoder.encode(Done(wrong[:-1], r["id"], b"forged", 0, None, False))],
+            [encoder.encode(Abort(wrong, r["id"], "rogue abort"))],
+            [encoder.encode(Abort("", r["id"], "rogue abort"))],
+        ]
+        for frames in rogue:
+            push.send_multipart(frames)
+        wait_rejected(receiver, len(rogue))
+        assert receiver.poll() == []  # neither finished nor aborted
+        assert_untouched_zero(receiver, set(r["dst"]))  # no rogue block written
+        sender.send_done("d", r["id"], first_token_payload(r["id"]))  # the legitimate sender is unaffected
+        done = collect(receiver, [r], cache)[r["id"]]
+        assert done.error is None and done.payload == first_token_payload(r["id"])
+        assert done.num_bytes == 2 * layout.num_layers * len(r["src"]) * layout.block_bytes
+        stats = receiver.stats()
+        assert (stats.num_requests, stats.num_failed, stats.num_rejected) == (1, 0, len(rogue))
+        warnings = [rec for rec in caplog.records if "without this receiver's token" in rec.getMessage()]
+        assert len(warnings) == 1 and "127.0.0.1" in warnings[0].getMessage()  # once for this peer
+        assert desc.token not in caplog.text and wrong not in caplog.text and "rogue" not in caplog.text
+    finally:
+        push.close(linger=0)
+        ctx.term()
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_sender_with_altered_token_is_ignored(transport: str) -> None:
+    layout = layout_of("float32")
+    receiver = make_receiver(transport, layout)
+    desc = receiver.descriptor()
+    forged = msgspec.structs.replace(desc, token=secrets.token_hex(16))
+    cache = random_cache(layout, NUM_SRC_BLOCKS, 11)
+    plan = plan_requests(NUM_SRC_BLOCKS, list(range(32)), 2, seed=6)
+    rogue = make_sender(random_cache(layout, NUM_SRC_BLOCKS, 12), override=transport)
+    try:
+        rogue.connect("d", forged)
+        run_plan(rogue, "d", plan[:1], layout.num_layers)
+        rogue.send_abort("d", plan[1]["id"], "forged abort")
+        # shm writes blocks straight into the segment (a same-user process can map it; see shm.py):
+        # only the done and abort notices travel on the link. tcp sends blocks there too.
+        num_block_msgs = 0 if transport == "shm" else rogue.stats().peers["d"].num_block_sends
+        wait_rejected(receiver, num_block_msgs + 2)
+        assert receiver.poll() == []
+        if transport == "tcp":
+            assert_untouched_zero(receiver, set())
+        rogue.close()
+        legit = make_sender(cache, override=transport)
+        legit.connect("d", desc)
+        run_plan(legit, "d", plan, layout.num_layers)  # the same request ids: no rogue state left over
+        legit.close()
+        done = collect(receiver, plan, cache)
+        for r in plan:
+            assert done[r["id"]].error is None
+            assert done[r["id"]].num_bytes == 2 * layout.num_layers * len(r["src"]) * layout.block_bytes
+        assert (receiver.stats().num_requests, receiver.stats().num_rejected) == (2, num_block_msgs + 2)
+    finally:
+        rogue.close()
+        receiver.close()
+
+
+def test_receivers_draw_distinct_tokens() -> None:
+    receivers = [make_receiver(t, layout_of("float32")) for t in ("shm", "shm", "tcp")]
+    try:
+        tokens = [r.descriptor().token for r in receivers]
+        assert len(set(tokens)) == 3 and all(len(t) == 32 and int(t, 16) >= 0 for t in tokens)
+        assert make_receiver("fake", layout_of("float32")).descriptor().token == ""  # in-process only
+    finally:
+        for r in receivers:
+            r.close()
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o277])
+def test_shm_segment_is_private_to_its_user_whatever_the_umask(umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        receiver = make_receiver("shm", layout_of("float32"))
+    finally:
+        os.umask(old)
+    try:
+        name = receiver.descriptor().shm_name
+        assert name is not None and name.startswith(f"pdserve-kv-{os.getpid()}-")
+        assert stat.S_IMODE(os.stat(f"/dev/shm/{name}").st_mode) == 0o600
+        assert os.stat(f"/dev/shm/{name}").st_uid == os.getuid()
+    finally:
+        receiver.close()
+    assert not os.path.exists(f"/dev/shm/{name}")
 
 
 def test_unlink_stale_segments_removes_only_dead_creators() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import msgspec
 import pytest
 import torch
 
@@ -263,8 +264,30 @@ def test_make_receiver_rejects_unknown_transport() -> None:
 def test_descriptor_module_does_not_import_torch() -> None:
     """The router imports KVDescriptor; torch would cost it seconds of start-up."""
     code = ("import sys, msgspec; from pdserve.transfer.descriptor import KVDescriptor, KVLayout; "
-            "d = KVDescriptor('shm', 'tcp://h:1', 'host', KVLayout(1, 2, 16, 4, 64, 'bfloat16'), 'seg'); "
+            "d = KVDescriptor('shm', 'tcp://h:1', 'h', KVLayout(1, 2, 16, 4, 64, 'bfloat16'), 'seg', 'tk'); "
             "assert msgspec.msgpack.decode(msgspec.msgpack.encode(d), type=KVDescriptor) == d; "
             "assert d.layout.block_bytes == 16 * 4 * 64 * 2; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_descriptor_token_travels_but_is_never_shown() -> None:
+    token = "5ec2e7" * 5
+    d = KVDescriptor("tcp", "tcp://127.0.0.1:1", "host", LAYOUT, token=token)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(d), type=KVDescriptor).token == token
+    assert msgspec.structs.replace(d, token="other") != d  # a new token means a new receiver: reconnect
+    shown = [repr(d), str(d), repr([d]), repr(d.__rich_repr__())]
+    assert all(token not in text and "<set>" in text for text in shown), shown
+    assert "layout=KVLayout(" in repr(d) and "token=<none>" in repr(KVDescriptor("fake", "f", "h", LAYOUT))
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_sender_refuses_a_descriptor_without_token(transport: str) -> None:
+    tokenless = KVDescriptor(transport, "tcp://127.0.0.1:1", host_id(), LAYOUT,
+                             "seg" if transport == "shm" else None)
+    sender = make_sender(random_cache(LAYOUT, 4, 0), override=transport)
+    try:
+        with pytest.raises(TransferError, match="no token"):
+            sender.connect("d", tokenless)
+    finally:
+        sender.close()
