@@ -129,7 +129,8 @@ class KVPusher:
         """Stop pushing; tell the decode side its blocks are no longer written to."""
         h = self._handoffs.pop(request_id, None)
         # (with the drop-done fault the "done" never left: the abort notice must)
-        if h is not None and h.dst_block_ids is not None and (not h.done_sent or self.drop_done):
+        # Even with no block sent yet: the decode side must learn that none will come.
+        if h is not None and (not h.done_sent or self.drop_done):
             self.sender.send_abort(h.peer_id, request_id, "aborted by the prefill worker")
 
     # -- internals -----------------------------------------------------------------------

@@ -157,3 +157,14 @@ def test_decode_queues_reservations_when_full() -> None:
     time.sleep(0.25)
     pair.intake.poll()
     pair.assert_idle()
+
+
+def test_abort_before_destination_known_frees_decode_blocks_at_once() -> None:
+    pair = Pair()
+    pair.start("r1", [1, *range(10, 60)], destination_late=True)
+    pair.prefill_step()  # computing, but D's block ids have not arrived
+    pair.intake.abort("r1")
+    pair.pusher.abort("r1")
+    pair.prefill.abort_request("r1")
+    assert pair.intake.poll() == []  # the abort notice says no write will come
+    pair.assert_idle()
