@@ -121,9 +121,18 @@ def test_decode_death_mid_stream_migrates_without_gaps(deployment: LocalLauncher
     wait_idle(url)
 
 
+def offline_reference(prompt: str, max_tokens: int) -> str:
+    """The failure-free greedy output, from the offline engine with the workers' settings."""
+    from pdserve import LLM, SamplingParams
+
+    offline = LLM("tiny", chunk_size=32, block_size=16, kv_cache_bytes=64 << 20)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return offline.generate([prompt], params)[0].text
+
+
 def test_prefill_death_mid_prompt_is_redispatched(deployment: LocalLauncher) -> None:
     url = deployment.url
-    want = stream_completion(url, LONG_PROMPT, 8)
+    want = (offline_reference(LONG_PROMPT, 8), "length", None)  # a cold prefix cache: a long prefill
     killed: list[float] = []
 
     def killer() -> None:
@@ -184,11 +193,55 @@ def test_kv_handoff_that_never_completes_hits_the_deadline() -> None:
         recovery = httpx.get(f"{url}/pdserve/workers", timeout=10).json()["recovery"]
         assert recovery["num_kv_timeouts"] == 1 and recovery["num_fallback_prefills"] == 1
         # Same tokens as an undisturbed run would give (prefilled on the decode worker instead).
-        from pdserve import LLM, SamplingParams
+        assert text == offline_reference("stalled hand-off", 16)
+        wait_idle(url)
+    finally:
+        launcher.stop()
 
-        offline = LLM("tiny", chunk_size=32, block_size=16, kv_cache_bytes=64 << 20)
-        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-        assert text == offline.generate(["stalled hand-off"], params)[0].text
+
+def test_kv_deadline_with_fail_policy_is_an_explicit_error() -> None:
+    launcher = launch(
+        "disaggregated",
+        "shm",
+        router_args=("--kv-timeout", "1.0", "--kv-failure-policy", "fail"),
+        worker_args=("--inject-fault", "drop-kv-done"),
+        num_prefill=1,
+        num_decode=1,
+    )
+    try:
+        start = time.monotonic()
+        reply = httpx.post(
+            f"{launcher.url}/v1/completions",
+            json={"model": "tiny", "prompt": "doomed", "max_tokens": 8, "ignore_eos": True},
+            timeout=30,
+        )
+        assert time.monotonic() - start < 8
+        # The first token was already out when the deadline fired: a non-streaming request
+        # still ends with an error, never with a silently short answer.
+        assert reply.status_code == 503 and "deadline" in reply.json()["error"]["message"]
+        wait_idle(launcher.url)
+    finally:
+        launcher.stop()
+
+
+def test_last_prefill_worker_dies_and_decode_worker_prefills() -> None:
+    launcher = launch("disaggregated", "shm", num_prefill=1, num_decode=1)
+    try:
+        url = launcher.url
+        want = offline_reference(LONG_PROMPT, 8)
+
+        def killer() -> None:
+            kill(busy_worker(url, "prefill")["pid"])
+
+        import threading
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        got = stream_completion(url, LONG_PROMPT, 8)
+        thread.join()
+        assert got == (want, "length", None)
+        recovery = httpx.get(f"{url}/pdserve/workers", timeout=10).json()["recovery"]
+        assert recovery["num_fallback_prefills"] >= 1
         wait_idle(url)
     finally:
         launcher.stop()
