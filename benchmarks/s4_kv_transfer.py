@@ -15,10 +15,12 @@ caches. Block ids are a run on both sides (``contiguous``, what a fresh
 block manager hands out) and, with
 ``--scattered``, random permutations as well (worst case).
 
-Not measured here: the fraction of transfer time hidden behind prefill compute
-by layer-wise streaming (needs the engine).
+Phase ``overlap`` (``s4_overlap.py``): the fraction of the transfer hidden
+behind prefill compute by layer-wise streaming, for a 2048-token prompt
+prefilled by a real prefill engine, chunk size 512 and 2048.
 
     python benchmarks/s4_kv_transfer.py [--tokens 256 2048 8192] [--reps 9] [--scattered]
+        [--phases transfer overlap] [--overlap-reps 3] [--overlap-chunks 512 2048]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import zmq
+from s4_overlap import print_overlap, run_overlap
 
 from pdserve.transfer import KVLayout, make_receiver, make_sender
 from pdserve.transfer.wire import SOCKET_BUFFER_BYTES
@@ -292,6 +295,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--transports", nargs="+", default=["shm", "tcp"], choices=["shm", "tcp"])
     ap.add_argument("--scattered", action="store_true", help="also run with randomly permuted block ids")
+    ap.add_argument("--phases", nargs="+", default=["transfer", "overlap"], choices=["transfer", "overlap"])
+    ap.add_argument("--overlap-tokens", type=int, default=2048)
+    ap.add_argument("--overlap-chunks", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--overlap-reps", type=int, default=3)
+    ap.add_argument("--overlap-warmup", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(1)  # P and D share this machine's cores: one thread each (MACHINE.md)
@@ -304,7 +312,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
-    for tokens in args.tokens:
+    for tokens in args.tokens if "transfer" in args.phases else []:
         num_bytes = 2 * NUM_LAYERS * -(-tokens // BLOCK_SIZE) * layout.block_bytes
         times = run_size(tokens, src, layout, args.transports, args.scattered, args.reps, args.warmup)
         med = {name: statistics.median(xs) for name, xs in times.items()}
@@ -336,6 +344,29 @@ def main() -> None:
             rows.append(row)
         print(f"  done {tokens} tokens", file=sys.stderr)
 
+    overlap: list[dict[str, Any]] = []
+    if "overlap" in args.phases:
+        overlap = run_overlap(args.transports, args.overlap_chunks, args.overlap_tokens,
+                              args.overlap_reps, args.overlap_warmup)
+        print("  done overlap", file=sys.stderr)
+
+    print_transfer(rows, args)
+    print_overlap(overlap)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"load average (1 min) before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}")
+    result = {"scenario": "S4", "machine": {**machine_info(), "load_avg_before": load_before},
+              "config": {"layers": NUM_LAYERS, "kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
+                         "dtype": DTYPE, "block_size": BLOCK_SIZE, "reps": args.reps, "warmup": args.warmup,
+                         "target_ratio": TARGET_RATIO, "command": " ".join(sys.argv)},
+              "results": rows, "overlap": overlap}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+def print_transfer(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    if not rows:
+        return
     print(f"\nS4 KV transfer — bench-50m shape ({NUM_LAYERS} layers × K,V; {NUM_KV_HEADS} kv heads × "
           f"{HEAD_DIM}, {DTYPE}, block {BLOCK_SIZE}); median of {args.reps} interleaved rounds "
           f"after {args.warmup} warm-up\n")
@@ -355,16 +386,6 @@ def main() -> None:
           f"  for tcp; target ≥ {TARGET_RATIO:.0%}.\n"
           "copy only (shm): the same ratio for the copy alone (the send_blocks calls; data is in place when\n"
           "  they return). notice-only: a request with no blocks (the done notice alone).")
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"load average (1 min) before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}")
-    result = {"scenario": "S4", "machine": {**machine_info(), "load_avg_before": load_before},
-              "config": {"layers": NUM_LAYERS, "kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
-                         "dtype": DTYPE, "block_size": BLOCK_SIZE, "reps": args.reps, "warmup": args.warmup,
-                         "target_ratio": TARGET_RATIO, "command": " ".join(sys.argv)},
-              "results": rows}
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
