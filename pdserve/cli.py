@@ -289,6 +289,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     add_engine_args(worker)
     commands["worker"] = _worker
+
+    from pdserve.bench.cli import add_bench_parser, run_bench
+
+    add_bench_parser(sub)
+    commands["bench"] = run_bench
     return parser, commands
 
 
