@@ -122,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _router(args: argparse.Namespace) -> int:
-    from pdserve.router.dispatcher import DispatcherConfig
+    from pdserve.router.dispatch_config import DispatcherConfig
     from pdserve.router.server import RouterConfig, run_router
 
     dispatch = DispatcherConfig(

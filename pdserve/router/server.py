@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from pdserve.model.arch import load_arch_config
 from pdserve.model.tokenizer import load_tokenizer
 from pdserve.router.app import create_app
-from pdserve.router.dispatcher import Dispatcher, DispatcherConfig
+from pdserve.router.dispatch_config import DispatcherConfig
+from pdserve.router.dispatcher import Dispatcher
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,58 @@
+"""Settings and counters of the router's dispatcher (routing, leases, deadlines, recovery)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KV_FAILURE_POLICIES = ("retry", "recompute", "fail")
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    """Router-side dispatch and recovery settings.
+
+    Attributes:
+        bind: control endpoint workers connect to, ``tcp://HOST:PORT``.
+        policy: routing policy name (``round_robin``, ``least_loaded``).
+        lease_s: a worker silent for this long is removed.
+        probe_interval_s: how often workers are probed and deadlines checked.
+        kv_timeout_s: deadline from the first token to the decode worker holding the KV.
+        prefill_timeout_s: deadline from dispatch to the first token.
+        token_timeout_s: deadline between two tokens while decoding (a stuck worker).
+        kv_failure_policy: what a missed KV deadline does: ``retry`` (new attempt),
+            ``recompute`` (the decode worker prefills itself) or ``fail``.
+        prefill_fallback: with no prefill worker left, decode workers prefill.
+        max_attempts: attempts per request before it fails.
+        secret: workers must present it to register ("" accepts any).
+    """
+
+    bind: str = "tcp://127.0.0.1:0"
+    policy: str = "least_loaded"
+    lease_s: float = 3.0
+    probe_interval_s: float = 0.25
+    kv_timeout_s: float = 10.0
+    prefill_timeout_s: float = 120.0
+    token_timeout_s: float = 60.0
+    kv_failure_policy: str = "retry"
+    prefill_fallback: bool = True
+    max_attempts: int = 4
+    secret: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kv_failure_policy not in KV_FAILURE_POLICIES:
+            raise ValueError(
+                f"kv_failure_policy={self.kv_failure_policy!r}: use one of {', '.join(KV_FAILURE_POLICIES)}"
+            )
+
+
+@dataclass
+class DispatchCounters:
+    """What recovery did, for metrics and tests."""
+
+    num_retries: int = 0
+    num_migrations: int = 0
+    num_fallback_prefills: int = 0
+    num_kv_timeouts: int = 0
+    num_failed: int = 0
+    num_workers_lost: int = 0
+    kv_bytes: int = 0
