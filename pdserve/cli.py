@@ -246,7 +246,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     router.add_argument("--control-port", type=int, default=5557)
     router.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
     router.add_argument("--max-model-len", type=int, default=None)
-    router.add_argument("--lease", type=float, default=3.0, help="heartbeat lease of workers, seconds")
+    router.add_argument("--lease", type=float, default=30.0, help="heartbeat lease of workers, seconds")
     router.add_argument("--kv-timeout", type=float, default=10.0, help="first token → KV at decode, s")
     router.add_argument("--prefill-timeout", type=float, default=120.0, help="dispatch → first token, s")
     router.add_argument(

@@ -168,10 +168,15 @@ class Scheduler:
                 i += 1
         if out.preempted_ids:
             return out
+        if not self.config.enable_chunked_prefill:
+            # Whole prompts: decodes do not eat the prompt budget, and a prompt longer
+            # than the budget runs as the step's only prompt (never starved by decodes).
+            budget = self.config.max_num_batched_tokens
+        num_prompts = 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             computed_blocks, num_cached = bm.get_computed_blocks(request)
-            num_new = self._num_new_tokens(request, num_cached, budget, alone=not out.scheduled)
+            num_new = self._num_new_tokens(request, num_cached, budget, alone=num_prompts == 0)
             if num_new == 0 or not bm.allocate_slots(request, num_new, computed_blocks):
                 break
             self.waiting.popleft()
@@ -181,6 +186,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new, bm.block_ids(request.request_id)))
             budget -= num_new
+            num_prompts += 1
         return out
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int, alone: bool = False) -> int:

@@ -32,6 +32,7 @@ still poison the softmax.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -219,12 +220,21 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device,
 ) -> list[KVCache]:
-    """A zero-filled paged KV cache: per layer, K and V of [num_blocks, block_size, kv_heads, D]."""
+    """A zero-filled paged KV cache: per layer, K and V of [num_blocks, block_size, kv_heads, D].
+
+    On a CPU the tensors live in fresh anonymous memory maps, which the kernel
+    zero-fills page by page on first touch: the pool costs resident memory only
+    as its blocks are used, and no time to clear up front.
+    """
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(num_layers)
-    ]
+
+    def zeros() -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.zeros(shape, dtype=dtype, device=device)
+        nbytes = num_blocks * block_size * num_kv_heads * head_dim * dtype.itemsize
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # keeps the map alive
+
+    return [(zeros(), zeros()) for _ in range(num_layers)]
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> None:

@@ -10,6 +10,8 @@
    (:func:`checkpoint_weights`), read lazily tensor by tensor.
 4. :meth:`LlamaForCausalLM.load_weights` checks names and shapes; any
    missing tensor is an error, so no parameter stays uninitialised.
+5. On a CPU, :func:`use_cpu_weight_layout` stores the weights of linear layers
+   wider out than in transposed in memory (same values, same shapes).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from pdserve.errors import ConfigError, ModelLoadError
 from pdserve.model.arch import ArchConfig, load_arch_config
@@ -94,8 +97,28 @@ def load_model(
         net.load_weights(dummy_weights(net, seed))
     else:
         net.load_weights(checkpoint_weights(model))
+    if device.type == "cpu":
+        use_cpu_weight_layout(net)
     logger.info("loaded %s (%d params) as %s on %s", model, arch.num_params(), dtype, device)
     return net.eval()
+
+
+def use_cpu_weight_layout(net: nn.Module) -> None:
+    """Store each linear weight ``[out, in]`` with ``out > in`` column-major (a transposed view).
+
+    ``F.linear`` then multiplies by a row-major ``[in, out]`` matrix. With MKL on
+    this project's CPUs that is ~2× faster for a single row (decode at batch 1:
+    the QKV and gate/up projections and the LM head) and no slower for larger
+    batches; a weight with ``out ≤ in`` (o, down projections) is as fast or
+    faster as it is, so it stays. Values and shapes do not change. An LM head
+    tied to the embedding stays row-major: the embedding lookup reads rows.
+    """
+    tied = {id(m.weight) for m in net.modules() if isinstance(m, nn.Embedding)}
+    for module in net.modules():
+        if isinstance(module, nn.Linear) and module.out_features > module.in_features:
+            weight = module.weight
+            if id(weight) not in tied and weight.is_contiguous():
+                module.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
 
 
 def dummy_weights(net: LlamaForCausalLM, seed: int) -> Iterator[tuple[str, torch.Tensor]]:

@@ -14,7 +14,11 @@ class DispatcherConfig:
     Attributes:
         bind: control endpoint workers connect to, ``tcp://HOST:PORT``.
         policy: routing policy name (``round_robin``, ``least_loaded``).
-        lease_s: a worker silent for this long is removed.
+        lease_s: a worker whose heartbeats stop for this long is removed. Its
+            heartbeats come between engine steps, which can take seconds on a
+            loaded CPU, so this is long; a dead process or host is noticed much
+            sooner through its connection (probes, and ZeroMQ's own transport
+            heartbeats every second, answered by its I/O thread even mid-step).
         probe_interval_s: how often workers are probed and deadlines checked.
         kv_timeout_s: deadline from the first token to the decode worker holding the KV.
         prefill_timeout_s: deadline from dispatch to the first token.
@@ -28,7 +32,7 @@ class DispatcherConfig:
 
     bind: str = "tcp://127.0.0.1:0"
     policy: str = "least_loaded"
-    lease_s: float = 3.0
+    lease_s: float = 30.0
     probe_interval_s: float = 0.25
     kv_timeout_s: float = 10.0
     prefill_timeout_s: float = 120.0

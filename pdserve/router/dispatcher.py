@@ -60,6 +60,10 @@ class Dispatcher:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Transport-level liveness: a peer whose ZeroMQ stops answering for 3 s is
+        # disconnected, so the next probe to it fails even if its host vanished silently.
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         self._inflight: dict[str, Inflight] = {}
         self._by_worker_rid: dict[str, Inflight] = {}
         self._stats_waiters: dict[str, list[asyncio.Future[p.WorkerStats]]] = {}

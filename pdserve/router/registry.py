@@ -56,7 +56,7 @@ class WorkerInfo:
 class Registry:
     """Registered workers by id, with heartbeat leases."""
 
-    def __init__(self, lease_s: float = 3.0) -> None:
+    def __init__(self, lease_s: float = 30.0) -> None:
         self.lease_s = lease_s
         self._workers: dict[str, WorkerInfo] = {}
 

@@ -291,3 +291,20 @@ def test_decode_role_prefills_locally_as_a_fallback() -> None:
     run_to_completion(sched)
     assert a.num_output_tokens == 2
     assert_no_leaks(sched)
+
+
+def test_without_chunking_a_long_prompt_is_not_starved_by_running_decodes() -> None:
+    sched = make_scheduler(max_num_batched_tokens=8, enable_chunked_prefill=False)
+    for i in range(3):
+        sched.add_request(make(f"d{i}", 2, max_tokens=50))
+    out = sched.schedule()
+    sched.update(out, fake_execute(out))  # three requests now decoding
+    sched.add_request(make("long", 20, max_tokens=1))
+    sched.add_request(make("short", 3, max_tokens=1))
+    out = sched.schedule()
+    names = [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
+    # The decodes go on and the long prompt runs whole beside them, as the step's only prompt.
+    assert names == [("d0", 1), ("d1", 1), ("d2", 1), ("long", 20)]
+    sched.update(out, fake_execute(out))
+    out = sched.schedule()
+    assert ("short", 3) in [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
