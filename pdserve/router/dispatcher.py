@@ -37,6 +37,7 @@ from pdserve.request import TokenLogprobs
 from pdserve.router.backend import BackendError, GenerationEvent
 from pdserve.router.dispatch_config import DispatchCounters, DispatcherConfig
 from pdserve.router.inflight import Inflight, Stage
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import RoutingPolicy, make_policy
 from pdserve.router.registry import Registry, WorkerInfo
 from pdserve.sampling_params import SamplingParams
@@ -56,6 +57,8 @@ class Dispatcher:
         self.prefill_policy: RoutingPolicy = make_policy(config.policy)
         self.decode_policy: RoutingPolicy = make_policy(config.policy)
         self.counters = DispatchCounters()
+        self.metrics = RouterMetrics()
+        self.metrics.attach(self)
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -108,18 +111,34 @@ class Dispatcher:
             raise BackendError(f"request id {request_id} is already in flight", status=400)
         state = Inflight(request_id, list(prompt_token_ids), p.WireSamplingParams.from_params(params))
         if not self._place(state):
+            self.metrics.requests.labels("rejected").inc()
             raise BackendError("no workers are available to serve the request", status=503, retry_after_s=1.0)
         self._inflight[request_id] = state
+        outcome, last_s = "aborted", state.created_s
         try:
             while True:
                 event = await state.queue.get()
                 if isinstance(event, BackendError):
+                    outcome = "error"
                     raise event
+                now = time.monotonic()
+                if event.token_ids:
+                    hist = self.metrics.itl if state.tokens_seen else self.metrics.ttft
+                    hist.observe(now - last_s)
+                    state.tokens_seen, last_s = True, now
+                if event.finished:
+                    outcome = "finished"  # set first: the consumer may stop at this event
                 yield event
                 if event.finished:
                     return
         finally:
             self._finish(state, abort=not state.finished)
+            m = self.metrics
+            m.requests.labels(outcome).inc()
+            m.prompt_tokens.inc(len(state.prompt))
+            m.generation_tokens.inc(len(state.tokens))
+            if outcome == "finished":
+                m.e2e.observe(time.monotonic() - state.created_s)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request on every worker it touches."""
@@ -164,6 +183,7 @@ class Dispatcher:
         for wid in state.worker_ids:
             if (info := reg.get(wid)) is not None:
                 info.num_inflight += 1
+                self.metrics.routed.labels(info.role.value, wid).inc()
         return True
 
     def _abandon_attempt(self, state: Inflight) -> None:

@@ -51,6 +51,7 @@ class Inflight:
     deadline_s: float | None = None
     excluded: set[str] = field(default_factory=set)
     finished: bool = False
+    tokens_seen: bool = False  # a token message arrived (TTFT measured)
     created_s: float = field(default_factory=time.monotonic)
 
     @property

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.model.arch import load_arch_config
 from pdserve.model.tokenizer import load_tokenizer
@@ -79,6 +80,11 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
             await dispatcher.stop()
 
     app.router.lifespan_context = lifespan
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text exposition of the router's metrics."""
+        return Response(dispatcher.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/pdserve/workers")
     async def workers(stats: bool = True) -> dict[str, object]:

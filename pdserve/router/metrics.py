@@ -1,0 +1,124 @@
+"""Prometheus metrics of the router: requests, latencies, routing, recovery, KV and workers.
+
+Names follow Prometheus conventions (``_total`` counters, ``_seconds``
+histograms, base units). Latencies are measured where the router sees the
+tokens, i.e. including the hop from the workers but not the HTTP response.
+Counters of recovery and per-worker load are read from the dispatcher when
+scraped, so they are always current.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from pdserve.router.dispatcher import Dispatcher
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class RouterMetrics:
+    """The router's metrics, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pdserve_requests", "Requests that ended, by outcome", ["outcome"], registry=r
+        )
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of ended requests", registry=r)
+        self.generation_tokens = Counter(
+            "pdserve_generation_tokens", "Tokens delivered to clients", registry=r
+        )
+        self.ttft = Histogram(
+            "pdserve_time_to_first_token_seconds",
+            "Dispatch to first token",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "pdserve_inter_token_latency_seconds",
+            "Gap between token messages of a request",
+            buckets=TOKEN_GAP_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdserve_e2e_request_latency_seconds",
+            "Dispatch to last token",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.routed = Counter(
+            "pdserve_routing_decisions", "Attempts placed on a worker", ["role", "worker"], registry=r
+        )
+
+    def attach(self, dispatcher: Dispatcher) -> None:
+        """Export the dispatcher's live counters and worker loads on every scrape."""
+        self.registry.register(_DispatcherCollector(dispatcher))
+
+    def render(self) -> bytes:
+        """The text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _DispatcherCollector(Collector):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    def collect(self) -> Iterator[Metric]:
+        d = self._dispatcher
+        c = d.counters
+        recovery = CounterMetricFamily(
+            "pdserve_recovery", "Recovery actions of the router, by kind", labels=["kind"]
+        )
+        for kind, value in (
+            ("retry", c.num_retries),
+            ("migration", c.num_migrations),
+            ("fallback_prefill", c.num_fallback_prefills),
+            ("kv_timeout", c.num_kv_timeouts),
+            ("failed", c.num_failed),
+            ("worker_lost", c.num_workers_lost),
+        ):
+            recovery.add_metric([kind], value)
+        yield recovery
+        yield CounterMetricFamily(
+            "pdserve_kv_transfer_bytes", "KV bytes decode workers reported received", value=c.kv_bytes
+        )
+        yield GaugeMetricFamily(
+            "pdserve_requests_inflight", "Requests dispatched, not ended", value=d.num_inflight
+        )
+        workers = GaugeMetricFamily("pdserve_workers", "Registered workers by role", labels=["role"])
+        roles: dict[str, int] = {}
+        for w in d.registry.all():
+            roles[w.role.value] = roles.get(w.role.value, 0) + 1
+        for role, count in sorted(roles.items()):
+            workers.add_metric([role], count)
+        yield workers
+        load = {
+            name: GaugeMetricFamily(
+                f"pdserve_worker_{name}", f"Worker {text} (last heartbeat)", labels=["worker", "role"]
+            )
+            for name, text in (
+                ("running_requests", "running requests"),
+                ("waiting_requests", "queued requests"),
+                ("kv_blocks_free", "free KV blocks"),
+                ("kv_blocks_total", "KV blocks"),
+                ("kv_blocks_cached", "prefix-cached KV blocks"),
+                ("held_requests", "KV held for hand-off"),
+            )
+        }
+        for w in d.registry.all():
+            labels = [w.worker_id, w.role.value]
+            load["running_requests"].add_metric(labels, w.load.num_running)
+            load["waiting_requests"].add_metric(labels, w.load.num_waiting + w.load.num_waiting_for_kv)
+            load["kv_blocks_free"].add_metric(labels, w.load.num_free_blocks)
+            load["kv_blocks_total"].add_metric(labels, w.load.num_total_blocks)
+            load["kv_blocks_cached"].add_metric(labels, w.load.num_cached_blocks)
+            load["held_requests"].add_metric(labels, w.load.num_held)
+        yield from load.values()

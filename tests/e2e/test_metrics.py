@@ -1,0 +1,59 @@
+"""The router's /metrics, parsed with the Prometheus text parser, agrees with the requests sent."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdserve.launch.local import LocalLauncher
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_the_requests_sent(disagg_shm: LocalLauncher) -> None:
+    url = disagg_shm.url
+    before = scrape(url)
+    prompts = ["metrics one", "metrics two, a little longer", "m3"]
+    for prompt in prompts:
+        reply = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "tiny", "prompt": prompt, "max_tokens": 7, "ignore_eos": True, "temperature": 0},
+            timeout=60,
+        )
+        assert reply.status_code == 200
+    after = scrape(url)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("pdserve_requests_total", outcome="finished") == 3
+    assert delta("pdserve_generation_tokens_total") == 21
+    assert delta("pdserve_prompt_tokens_total") == sum(len(p.encode()) + 1 for p in prompts)  # bytes + BOS
+    assert delta("pdserve_time_to_first_token_seconds_count") == 3
+    assert delta("pdserve_e2e_request_latency_seconds_count") == 3
+    assert delta("pdserve_inter_token_latency_seconds_count") >= 3 * 5
+    # Prompts of ≤ 16 + 1 tokens: one 16-token block each... except the 29-token one (two blocks).
+    per_block = 2 * 4 * 16 * 2 * 32 * 4
+    assert delta("pdserve_kv_transfer_bytes_total") == (1 + 2 + 1) * per_block
+    routed = sum(v for (name, _), v in after.items() if name == "pdserve_routing_decisions_total") - sum(
+        v for (name, _), v in before.items() if name == "pdserve_routing_decisions_total"
+    )
+    assert routed == 6  # one prefill and one decode placement per request
+    assert (
+        value(after, "pdserve_workers", role="prefill") == 2
+        and value(after, "pdserve_workers", role="decode") == 2
+    )
