@@ -134,8 +134,10 @@ class LocalLauncher:
         num_workers = sum(n for _, n in roles)
         threads = c.threads_per_worker or max((os.cpu_count() or 1) // num_workers, 1)
         router = f"tcp://127.0.0.1:{self.control_port}"
+        self.metrics_ports: dict[str, int] = {}
         for role, count in roles:
             for i in range(count):
+                self.metrics_ports[f"{role}-{i}"] = free_port()
                 self._spawn(
                     f"{role}-{i}",
                     [
@@ -148,6 +150,8 @@ class LocalLauncher:
                         f"{role}-{i}",
                         "--threads",
                         str(threads),
+                        "--metrics-port",
+                        str(self.metrics_ports[f"{role}-{i}"]),
                         *c.worker_args,
                     ],
                     threads,

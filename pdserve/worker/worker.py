@@ -58,6 +58,7 @@ class WorkerConfig:
         kv_lease_s: a prefill worker frees KV held for a hand-off after this long
             without the decode side's acknowledgement (it is gone or stuck).
         drain_timeout_s: on SIGTERM, how long to keep serving accepted requests.
+        metrics_port: serve Prometheus metrics on this port of 127.0.0.1 (0: off).
         inject_fault: testing only; ``drop-kv-done`` makes a prefill worker never
             complete a KV hand-off (the router's KV deadline must catch it).
         secret: cluster secret presented at registration.
@@ -72,6 +73,7 @@ class WorkerConfig:
     kv_lease_s: float = 30.0
     drain_timeout_s: float = 30.0
     inject_fault: str | None = None
+    metrics_port: int = 0
     secret: str = field(default="", repr=False)
 
     @property
@@ -197,6 +199,10 @@ class Worker:
         """Serve until stopped."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        if self.config.metrics_port:
+            from pdserve.worker.metrics import serve_metrics
+
+            serve_metrics(self, self.config.metrics_port)
         self.register()
         logger.info("worker %s (%s) registered with %s", self.worker_id, self.role.value, self.config.router)
         poller = zmq.Poller()

@@ -57,3 +57,29 @@ def test_metrics_count_the_requests_sent(disagg_shm: LocalLauncher) -> None:
         value(after, "pdserve_workers", role="prefill") == 2
         and value(after, "pdserve_workers", role="decode") == 2
     )
+
+
+def test_every_worker_serves_metrics_that_agree_with_the_router(disagg_shm: LocalLauncher) -> None:
+    url = disagg_shm.url
+    httpx.post(
+        f"{url}/v1/completions", json={"model": "tiny", "prompt": "agree", "max_tokens": 3}, timeout=60
+    )
+    router = scrape(url)
+    workers = {name: scrape(f"http://127.0.0.1:{port}") for name, port in disagg_shm.metrics_ports.items()}
+    assert set(workers) == {"prefill-0", "prefill-1", "decode-0", "decode-1"}
+
+    def total(name: str, prefix: str) -> float:
+        return sum(
+            v
+            for w, samples in workers.items()
+            if w.startswith(prefix)
+            for (n, _), v in samples.items()
+            if n == name
+        )
+
+    kv_bytes = value(router, "pdserve_kv_transfer_bytes_total")
+    assert kv_bytes > 0
+    assert total("pdserve_worker_kv_received_bytes_total", "decode") == kv_bytes
+    assert total("pdserve_worker_kv_sent_bytes_total", "prefill") == kv_bytes
+    assert total("pdserve_worker_prompt_tokens_computed_total", "decode") == 0
+    assert total("pdserve_worker_prompt_tokens_computed_total", "prefill") > 0
