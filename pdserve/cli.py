@@ -296,6 +296,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
     add_bench_parser(sub)
     commands["bench"] = run_bench
+
+    from pdserve.status import add_status_parser, run_status
+
+    add_status_parser(sub)
+    commands["status"] = run_status
     return parser, commands
 
 

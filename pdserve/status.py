@@ -1,0 +1,124 @@
+"""``pdserve status``: a live terminal view of a running deployment.
+
+Reads the router's ``/pdserve/workers`` (workers, roles, load, KV usage,
+transfer counters, recovery) and ``/metrics`` (request counts and latency
+sums), and redraws a table every ``--interval`` seconds. Rates (requests/s,
+KV MB/s) are differences between two refreshes. ``--once`` prints one
+snapshot and exits (scripts, tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@dataclass
+class Snapshot:
+    """What one refresh read from the router."""
+
+    taken_s: float
+    workers: list[dict]
+    recovery: dict[str, int]
+    metrics: dict[str, float]
+
+
+def fetch(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Snapshot:
+    """Read the router's worker view and metrics."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    workers = httpx.get(f"{url}/pdserve/workers", headers=headers, timeout=timeout_s).json()
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=timeout_s).text
+    metrics: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("pdserve_requests_total",):
+                key = f"{sample.name}{{{sample.labels.get('outcome', '')}}}"
+                metrics[key] = sample.value
+            elif sample.name.endswith(("_sum", "_count")) or sample.name.endswith("_total"):
+                metrics[sample.name] = metrics.get(sample.name, 0.0) + sample.value
+    return Snapshot(time.monotonic(), workers["workers"], workers.get("recovery", {}), metrics)
+
+
+def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
+    """The screen for one refresh (rates need the previous snapshot)."""
+    dt = now.taken_s - before.taken_s if before is not None else 0.0
+
+    def rate(name: str) -> str:
+        if before is None or dt <= 0:
+            return "-"
+        return f"{(now.metrics.get(name, 0.0) - before.metrics.get(name, 0.0)) / dt:.1f}"
+
+    def mean_ms(name: str) -> str:
+        count = now.metrics.get(f"{name}_count", 0.0)
+        return f"{1e3 * now.metrics.get(f'{name}_sum', 0.0) / count:.1f}" if count else "-"
+
+    finished = now.metrics.get("pdserve_requests_total{finished}", 0.0)
+    errors = now.metrics.get("pdserve_requests_total{error}", 0.0)
+    lines = [
+        f"pdserve status — {url}   {time.strftime('%H:%M:%S')}",
+        f"requests: {finished:.0f} finished, {errors:.0f} errors, in flight "
+        f"{now.metrics.get('pdserve_requests_inflight', 0.0):.0f}   "
+        f"req/s {rate('pdserve_e2e_request_latency_seconds_count')}   "
+        f"tok/s {rate('pdserve_generation_tokens_total')}   "
+        f"mean TTFT {mean_ms('pdserve_time_to_first_token_seconds')} ms   "
+        f"mean ITL {mean_ms('pdserve_inter_token_latency_seconds')} ms   "
+        f"KV MB/s {_mb(rate('pdserve_kv_transfer_bytes_total'))}",
+        "recovery: " + ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in now.recovery.items()),
+        "",
+        f"{'worker':<16}{'role':<9}{'state':<10}{'run':>5}{'wait':>6}{'kv%':>6}{'cached':>8}"
+        f"{'held':>6}{'prompt tok':>12}{'kv sent MB':>12}{'kv recv MB':>12}",
+    ]
+    for w in now.workers:
+        stats = w.get("stats") or {}
+        load = stats.get("load") or {}
+        total = load.get("num_total_blocks") or 0
+        used = total - load.get("num_free_blocks", total)
+        state = "draining" if w.get("draining") else ("ok" if stats else "no stats")
+        lines.append(
+            f"{w['worker_id']:<16}{w['role']:<9}{state:<10}{load.get('num_running', 0):>5}"
+            f"{load.get('num_waiting', 0) + load.get('num_waiting_for_kv', 0):>6}"
+            f"{100 * used / total if total else 0:>6.1f}{load.get('num_cached_blocks', 0):>8}"
+            f"{load.get('num_held', 0):>6}{stats.get('num_prompt_tokens_computed', 0):>12}"
+            f"{stats.get('kv_bytes_sent', 0) / 1e6:>12.1f}{stats.get('kv_bytes_received', 0) / 1e6:>12.1f}"
+        )
+    if not now.workers:
+        lines.append("(no workers registered)")
+    return "\n".join(lines)
+
+
+def _mb(rate_text: str) -> str:
+    return rate_text if rate_text == "-" else f"{float(rate_text) / 1e6:.1f}"
+
+
+def add_status_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``status`` to ``pdserve``'s sub-commands."""
+    parser = subparsers.add_parser("status", help="live view of a running deployment")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the router's base URL")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Draw the view until Ctrl-C (or once)."""
+    api_key = os.environ.get("PDSERVE_API_KEY", "").split(",")[0].strip() or None
+    before: Snapshot | None = None
+    while True:
+        try:
+            now = fetch(args.url, api_key)
+        except (httpx.HTTPError, ValueError) as exc:
+            print(f"cannot read {args.url}: {exc}", file=sys.stderr)
+            return 1
+        screen = render(now, before, args.url)
+        if args.once:
+            print(screen)
+            return 0
+        sys.stdout.write("\x1b[H\x1b[2J" + screen + "\n")
+        sys.stdout.flush()
+        before = now
+        time.sleep(args.interval)
