@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
@@ -145,7 +146,7 @@ def _piece_bytes(piece: str) -> list[int]:
 # -- response shapes -------------------------------------------------------------------------
 
 
-class Format:
+class Format(ABC):
     """How one endpoint turns outputs into chunks and bodies."""
 
     def __init__(self, model: str, logprobs: LogprobsFormatter) -> None:
@@ -156,17 +157,17 @@ class Format:
         """Chunks sent before the first output."""
         return []
 
+    @abstractmethod
     def chunk(self, plan: Plan, out: Output) -> BaseModel | None:
         """The chunk of one output; None when it has nothing to send."""
-        raise NotImplementedError
 
+    @abstractmethod
     def usage_chunk(self, plan: Plan, usage: UsageInfo) -> BaseModel:
         """The last chunk, with the usage and no choices."""
-        raise NotImplementedError
 
+    @abstractmethod
     def body(self, plan: Plan, results: list[ChoiceResult], usage: Usage) -> BaseModel:
         """The non-streaming answer."""
-        raise NotImplementedError
 
 
 class CompletionFormat(Format):
