@@ -279,7 +279,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     worker.add_argument("--kv-host", default="127.0.0.1", help="interface the KV receiver binds to")
     worker.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     worker.add_argument("--heartbeat-interval", type=float, default=0.5)
-    worker.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    worker.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: any)")
     worker.add_argument(
         "--drain-timeout", type=float, default=30.0, help="on SIGTERM, finish work for this long"
     )

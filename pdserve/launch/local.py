@@ -134,10 +134,8 @@ class LocalLauncher:
         num_workers = sum(n for _, n in roles)
         threads = c.threads_per_worker or max((os.cpu_count() or 1) // num_workers, 1)
         router = f"tcp://127.0.0.1:{self.control_port}"
-        self.metrics_ports: dict[str, int] = {}
         for role, count in roles:
             for i in range(count):
-                self.metrics_ports[f"{role}-{i}"] = free_port()
                 self._spawn(
                     f"{role}-{i}",
                     [
@@ -151,7 +149,7 @@ class LocalLauncher:
                         "--threads",
                         str(threads),
                         "--metrics-port",
-                        str(self.metrics_ports[f"{role}-{i}"]),
+                        "0",
                         *c.worker_args,
                     ],
                     threads,
@@ -172,11 +170,18 @@ class LocalLauncher:
             time.sleep(0.2)
         raise TimeoutError(f"the deployment was not ready within {self.config.ready_timeout_s:.0f} s")
 
+    def metrics_ports(self) -> dict[str, int]:
+        """Where each registered worker serves its /metrics (as it told the router)."""
+        workers = httpx.get(f"{self.url}/pdserve/workers?stats=false", headers=self._headers(), timeout=5.0)
+        return {w["worker_id"]: w["metrics_port"] for w in workers.json()["workers"]}
+
+    def _headers(self) -> dict[str, str]:
+        key = os.environ.get("PDSERVE_API_KEY", "").split(",")[0].strip()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     def _all_registered(self) -> bool:
         """Every worker we started is in the router's registry (ready needs only one pair)."""
-        key = os.environ.get("PDSERVE_API_KEY", "").split(",")[0].strip()
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        reply = httpx.get(f"{self.url}/pdserve/workers?stats=false", headers=headers, timeout=5.0)
+        reply = httpx.get(f"{self.url}/pdserve/workers?stats=false", headers=self._headers(), timeout=5.0)
         workers = reply.json()["workers"]
         return len(workers) >= len(self.procs) - 1
 

@@ -32,6 +32,7 @@ class WorkerInfo:
     block_size: int
     num_blocks: int
     kv: KVDescriptor | None
+    metrics_port: int = 0
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_seen_s: float = field(default_factory=time.monotonic)
     num_inflight: int = 0  # requests the router assigned and has not seen finish
@@ -50,6 +51,7 @@ class WorkerInfo:
             block_size=m.block_size,
             num_blocks=m.num_blocks,
             kv=m.kv,
+            metrics_port=m.metrics_port,
         )
 
 

@@ -101,6 +101,7 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
                     "pid": w.pid,
                     "num_inflight": w.num_inflight,
                     "draining": w.draining,
+                    "metrics_port": w.metrics_port,
                     "stats": _plain(counters.get(w.worker_id)),
                 }
                 for w in dispatcher.registry.all()

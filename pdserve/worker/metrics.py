@@ -86,8 +86,13 @@ class WorkerCollector(Collector):
         yield counter("pdserve_worker_kv_transfers", "KV hand-offs completed", stats.kv_transfers)
 
 
-def serve_metrics(worker: Worker, port: int, host: str = "127.0.0.1") -> None:
-    """Serve the worker's metrics at ``http://host:port/metrics`` from a daemon thread."""
+def serve_metrics(worker: Worker, port: int = 0, host: str = "127.0.0.1") -> int:
+    """Serve the worker's metrics at ``http://host:PORT/metrics`` from a daemon thread.
+
+    Port 0 takes a free one; the port actually bound is returned (and
+    announced to the router at registration).
+    """
     registry = CollectorRegistry()
     registry.register(WorkerCollector(worker))
-    start_http_server(port, addr=host, registry=registry)
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return int(server.server_address[1])

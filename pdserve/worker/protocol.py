@@ -100,6 +100,7 @@ class Register(msgspec.Struct, tag=True):
     num_blocks: int
     kv: KVDescriptor | None = None
     secret: str = ""
+    metrics_port: int = 0  # where the worker serves /metrics on its host (0: not served)
 
 
 class Heartbeat(msgspec.Struct, tag=True):

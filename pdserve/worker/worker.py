@@ -58,7 +58,8 @@ class WorkerConfig:
         kv_lease_s: a prefill worker frees KV held for a hand-off after this long
             without the decode side's acknowledgement (it is gone or stuck).
         drain_timeout_s: on SIGTERM, how long to keep serving accepted requests.
-        metrics_port: serve Prometheus metrics on this port of 127.0.0.1 (0: off).
+        metrics_port: serve Prometheus metrics on this port of 127.0.0.1 (0: any free
+            port, announced at registration; None: off).
         inject_fault: testing only; ``drop-kv-done`` makes a prefill worker never
             complete a KV hand-off (the router's KV deadline must catch it).
         secret: cluster secret presented at registration.
@@ -73,7 +74,7 @@ class WorkerConfig:
     kv_lease_s: float = 30.0
     drain_timeout_s: float = 30.0
     inject_fault: str | None = None
-    metrics_port: int = 0
+    metrics_port: int | None = None
     secret: str = field(default="", repr=False)
 
     @property
@@ -119,6 +120,7 @@ class Worker:
         self._drain_deadline_s = 0.0
         self._next_heartbeat_s = 0.0
         self._held_since_s: dict[str, float] = {}
+        self.metrics_port = 0
 
     def _allocate_receiver(
         self,
@@ -158,6 +160,7 @@ class Worker:
                 block_size=runner.block_size,
                 num_blocks=runner.num_blocks,
                 kv=self.receiver.descriptor() if self.receiver is not None else None,
+                metrics_port=self.metrics_port,
                 secret=self.config.secret,
             )
         )
@@ -199,10 +202,10 @@ class Worker:
         """Serve until stopped."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        if self.config.metrics_port:
+        if self.config.metrics_port is not None:
             from pdserve.worker.metrics import serve_metrics
 
-            serve_metrics(self, self.config.metrics_port)
+            self.metrics_port = serve_metrics(self, self.config.metrics_port)
         self.register()
         logger.info("worker %s (%s) registered with %s", self.worker_id, self.role.value, self.config.router)
         poller = zmq.Poller()

@@ -65,7 +65,7 @@ def test_every_worker_serves_metrics_that_agree_with_the_router(disagg_shm: Loca
         f"{url}/v1/completions", json={"model": "tiny", "prompt": "agree", "max_tokens": 3}, timeout=60
     )
     router = scrape(url)
-    workers = {name: scrape(f"http://127.0.0.1:{port}") for name, port in disagg_shm.metrics_ports.items()}
+    workers = {name: scrape(f"http://127.0.0.1:{port}") for name, port in disagg_shm.metrics_ports().items()}
     assert set(workers) == {"prefill-0", "prefill-1", "decode-0", "decode-1"}
 
     def total(name: str, prefix: str) -> float:
