@@ -92,6 +92,10 @@ def _serve(args: argparse.Namespace) -> int:
     router_args = ["--model", args.model, "--policy", args.policy]
     if args.max_model_len:
         router_args += ["--max-model-len", str(args.max_model_len)]
+    if args.trace_responses:
+        router_args.append("--trace-responses")
+    if args.trace_log:
+        router_args += ["--trace-log", args.trace_log]
     worker_args = list(args.worker_args)
     worker_args += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
     if args.max_model_len:
@@ -121,6 +125,15 @@ def _serve(args: argparse.Namespace) -> int:
         launcher.stop()
 
 
+def _add_trace_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trace-responses",
+        action="store_true",
+        help="answer with each request's trace and TTFT breakdown (the pdserve_trace field)",
+    )
+    parser.add_argument("--trace-log", default=None, help="append every request's trace to this JSONL file")
+
+
 def _router(args: argparse.Namespace) -> int:
     from pdserve.router.dispatch_config import DispatcherConfig
     from pdserve.router.server import RouterConfig, run_router
@@ -148,6 +161,8 @@ def _router(args: argparse.Namespace) -> int:
             api_keys=_api_keys(args),
             max_inflight=args.max_inflight or None,
             drain_timeout_s=args.drain_timeout,
+            trace_responses=args.trace_responses,
+            trace_log=args.trace_log,
         )
     )
     return 0
@@ -230,6 +245,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--threads-per-worker", type=int, default=0, help="0: share the cores evenly")
     serve.add_argument("--ready-timeout", type=float, default=120.0)
+    _add_trace_args(serve)
     serve.add_argument(
         "--worker-args",
         nargs=argparse.REMAINDER,
@@ -269,6 +285,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     router.add_argument("--max-inflight", type=int, default=1024, help="admitted requests; 0: unlimited")
     router.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, finish for this long")
+    _add_trace_args(router)
     commands["router"] = _router
 
     worker = sub.add_parser("worker", help="run one worker and register it with a router")

@@ -2,7 +2,7 @@
 
 Reads the router's ``/pdserve/workers`` (workers, roles, load, KV usage,
 transfer counters, recovery) and ``/metrics`` (request counts and latency
-sums), and redraws a table every ``--interval`` seconds. Rates (requests/s,
+sums, the TTFT breakdown by part), and redraws a table every ``--interval`` seconds. Rates (requests/s,
 KV MB/s) are differences between two refreshes. ``--once`` prints one
 snapshot and exits (scripts, tests).
 """
@@ -40,6 +40,8 @@ def fetch(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Snaps
             if sample.name in ("pdserve_requests_total",):
                 key = f"{sample.name}{{{sample.labels.get('outcome', '')}}}"
                 metrics[key] = sample.value
+            elif "part" in sample.labels:  # the TTFT breakdown, one histogram per part
+                metrics[f"{sample.name}{{{sample.labels['part']}}}"] = sample.value
             elif sample.name.endswith(("_sum", "_count")) or sample.name.endswith("_total"):
                 metrics[sample.name] = metrics.get(sample.name, 0.0) + sample.value
     return Snapshot(time.monotonic(), workers["workers"], workers.get("recovery", {}), metrics)
@@ -54,9 +56,10 @@ def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
             return "-"
         return f"{(now.metrics.get(name, 0.0) - before.metrics.get(name, 0.0)) / dt:.1f}"
 
-    def mean_ms(name: str) -> str:
-        count = now.metrics.get(f"{name}_count", 0.0)
-        return f"{1e3 * now.metrics.get(f'{name}_sum', 0.0) / count:.1f}" if count else "-"
+    def mean_ms(name: str, label: str | None = None) -> str:
+        key = "" if label is None else f"{{{label}}}"
+        count = now.metrics.get(f"{name}_count{key}", 0.0)
+        return f"{1e3 * now.metrics.get(f'{name}_sum{key}', 0.0) / count:.1f}" if count else "-"
 
     finished = now.metrics.get("pdserve_requests_total{finished}", 0.0)
     errors = now.metrics.get("pdserve_requests_total{error}", 0.0)
@@ -69,6 +72,11 @@ def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
         f"mean TTFT {mean_ms('pdserve_time_to_first_token_seconds')} ms   "
         f"mean ITL {mean_ms('pdserve_inter_token_latency_seconds')} ms   "
         f"KV MB/s {_mb(rate('pdserve_kv_transfer_bytes_total'))}",
+        "TTFT breakdown (mean ms): "
+        + "   ".join(
+            f"{part} {mean_ms('pdserve_ttft_breakdown_seconds', part)}"
+            for part in ("queue", "prefill", "transfer", "delivery")
+        ),
         "recovery: " + ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in now.recovery.items()),
         "",
         f"{'worker':<16}{'role':<9}{'state':<10}{'run':>5}{'wait':>6}{'kv%':>6}{'cached':>8}"

@@ -72,9 +72,11 @@ from pdserve.router.responses import (
     Format,
     LogprobsFormatter,
     collect,
+    dump_json,
     sse_events,
 )
 from pdserve.router.security import APIKeyMiddleware, APIKeys
+from pdserve.router.tracing import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,10 @@ class _Server:
         served_model_name: str,
         max_body_bytes: int,
         admission: Admission,
+        tracer: Tracer,
     ) -> None:
         self.backend = backend
+        self.tracer = tracer
         self.admission = admission
         self.tokenizer = tokenizer
         self.model = served_model_name
@@ -101,6 +105,7 @@ class _Server:
 
     async def serve(self, request: Request, chat: bool) -> Response:
         """Answer one generation request (steps 1-5 of the module docstring)."""
+        arrived_s = time.perf_counter()
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         fmt: Format = (ChatFormat if chat else CompletionFormat)(self.model, self.logprobs)
         ticket: Ticket | None = None  # released in `finally` unless a stream took it over
@@ -111,6 +116,9 @@ class _Server:
             req = parse(model, body)
             ticket = self.admission.admit(self.planner.num_choices(req), "n" if req.n > 1 else "prompt")
             plan = await anyio.to_thread.run_sync(self.planner.plan, req, response_id)
+            plan.return_trace = self.tracer.in_responses
+            for choice in plan.choices:
+                choice.trace = self.tracer.start(choice.request_id, arrived_s)
             logger.debug(
                 "%s: %d choice(s), %d prompt tokens, stream=%s",
                 response_id, len(plan.choices), plan.num_prompt_tokens, plan.stream,
@@ -129,7 +137,7 @@ class _Server:
             if collected is None:
                 return Response(status_code=499)
             results, usage = collected
-            return Response(fmt.body(plan, results, usage).model_dump_json(), media_type="application/json")
+            return Response(dump_json(fmt.body(plan, results, usage)), media_type="application/json")
         except ClientDisconnect:  # gone while sending the body
             return Response(status_code=499)
         except Exception as exc:
@@ -147,6 +155,7 @@ def create_app(
     max_body_bytes: int = 4 << 20,
     api_keys: Sequence[str] = (),
     max_inflight: int | None = None,
+    tracer: Tracer | None = None,
 ) -> FastAPI:
     """The router's HTTP app, serving ``served_model_name`` through ``backend``.
 
@@ -160,10 +169,13 @@ def create_app(
         max_inflight: most generations (choices: prompts × n) admitted and not
             yet ended; past it a request is answered 429 with ``Retry-After``.
             None: no limit.
+        tracer: receives every generation's trace (:mod:`~pdserve.router.tracing`);
+            whether answers carry them is its ``in_responses``. Default: one
+            without metrics that keeps traces out of answers.
 
     On ``app.state``: ``draining`` (False; the server sets it True on SIGTERM,
     after which new generation requests get 503 and ``/ready`` 503 while
-    admitted ones run to the end) and ``admission`` (an
+    admitted ones run to the end), ``tracer`` and ``admission`` (an
     :class:`~pdserve.router.admission.Admission`: ``inflight`` and
     ``await wait_idle(timeout_s)``).
     """
@@ -172,7 +184,8 @@ def create_app(
     app.state.draining = False
     admission = Admission(max_inflight, is_draining=lambda: bool(app.state.draining))
     app.state.admission = admission
-    server = _Server(backend, tokenizer, served_model_name, max_body_bytes, admission)
+    app.state.tracer = tracer = tracer if tracer is not None else Tracer()
+    server = _Server(backend, tokenizer, served_model_name, max_body_bytes, admission, tracer)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -3,8 +3,9 @@
 The app tokenises, validates and detokenises; a :class:`Backend` turns token
 ids into token ids. One generation's life, as the app drives it:
 
-1. ``generate(request_id, prompt_token_ids, params)`` returns an async
-   iterator of :class:`GenerationEvent`. It may raise :class:`BackendError`
+1. ``generate(request_id, prompt_token_ids, params, trace)`` returns an async
+   iterator of :class:`GenerationEvent`; the backend records in ``trace``
+   (when given) where it sent the request and when the first token came. It may raise :class:`BackendError`
    before the first event (overloaded: 429/503 with ``retry_after_s``) or
    during the stream (a worker failed and the request could not be migrated).
 2. Each event carries the *new* output token ids since the previous event;
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pdserve.request import TokenLogprobs
+from pdserve.router.tracing import RequestTrace
 from pdserve.sampling_params import SamplingParams
 
 
@@ -88,7 +90,11 @@ class Backend(Protocol):
         ...
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        trace: RequestTrace | None = None,
     ) -> AsyncIterator[GenerationEvent]:
         """Start one generation; iterate for its events (see the module docstring)."""
         ...

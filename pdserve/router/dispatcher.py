@@ -40,6 +40,7 @@ from pdserve.router.inflight import Inflight, Stage
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import RoutingPolicy, make_policy
 from pdserve.router.registry import Registry, WorkerInfo
+from pdserve.router.tracing import RequestTrace
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker import protocol as p
 
@@ -104,12 +105,21 @@ class Dispatcher:
     # -- Backend ---------------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        trace: RequestTrace | None = None,
     ) -> AsyncIterator[GenerationEvent]:
         """Dispatch a request and yield its new tokens as they arrive."""
         if request_id in self._inflight:
             raise BackendError(f"request id {request_id} is already in flight", status=400)
-        state = Inflight(request_id, list(prompt_token_ids), p.WireSamplingParams.from_params(params))
+        state = Inflight(
+            request_id,
+            list(prompt_token_ids),
+            p.WireSamplingParams.from_params(params),
+            trace=trace if trace is not None else RequestTrace(request_id),
+        )
         if not self._place(state):
             self.metrics.requests.labels("rejected").inc()
             raise BackendError("no workers are available to serve the request", status=503, retry_after_s=1.0)
@@ -123,8 +133,8 @@ class Dispatcher:
                     raise event
                 now = time.monotonic()
                 if event.token_ids:
-                    hist = self.metrics.itl if state.tokens_seen else self.metrics.ttft
-                    hist.observe(now - last_s)
+                    if state.tokens_seen:
+                        self.metrics.itl.observe(now - last_s)
                     state.tokens_seen, last_s = True, now
                 if event.finished:
                     outcome = "finished"  # set first: the consumer may stop at this event
@@ -137,8 +147,6 @@ class Dispatcher:
             m.requests.labels(outcome).inc()
             m.prompt_tokens.inc(len(state.prompt))
             m.generation_tokens.inc(len(state.tokens))
-            if outcome == "finished":
-                m.e2e.observe(time.monotonic() - state.created_s)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request on every worker it touches."""
@@ -163,6 +171,7 @@ class Dispatcher:
             pw = self.prefill_policy.pick(prefill, n)
             dw = self.decode_policy.pick(decode, n)
             state.prefill_id, state.decode_id = pw.worker_id, dw.worker_id
+            state.trace.routed(state.attempt, pw.worker_id, dw.worker_id)  # before the workers' clocks start
             self._send(dw.worker_id, p.DecodeRequest(rid, state.prompt, params, pw.worker_id, outputs))
             self._send(
                 pw.worker_id, p.PrefillRequest(rid, state.prompt, params, dw.worker_id, dw.kv, outputs)
@@ -173,6 +182,7 @@ class Dispatcher:
                 self.counters.num_fallback_prefills += 1
                 logger.warning("router: no prefill worker; %s prefills %s itself", worker.worker_id, rid)
             state.prefill_id, state.decode_id = None, worker.worker_id
+            state.trace.routed(state.attempt, None, worker.worker_id)
             self._send(
                 worker.worker_id, p.PrefillRequest(rid, state.prompt, params, output_token_ids=outputs)
             )
@@ -213,6 +223,7 @@ class Dispatcher:
             state.prefill_id, state.decode_id = None, decode.worker_id
             self.counters.num_fallback_prefills += 1
             rid = state.worker_rid
+            state.trace.routed(state.attempt, None, decode.worker_id)
             self._send(
                 decode.worker_id,
                 p.PrefillRequest(rid, state.prompt, state.params, output_token_ids=list(state.tokens)),
@@ -305,9 +316,12 @@ class Dispatcher:
                 state = self._by_worker_rid.get(rid)
                 if state is not None and state.prefill_id is not None:
                     self._send(state.prefill_id, p.Blocks(rid, block_ids))
-            case p.KVReceived(request_id=rid, num_bytes=num_bytes):
+            case p.KVReceived(request_id=rid, num_bytes=num_bytes, transfer_s=transfer_s):
                 self.counters.kv_bytes += num_bytes
+                self.metrics.kv_transfer.observe(transfer_s)
                 state = self._by_worker_rid.get(rid)
+                if state is not None:
+                    state.trace.kv_received(num_bytes, transfer_s)
                 if state is not None and state.prefill_id is not None:
                     self._send(state.prefill_id, p.Release(rid))
                     if state.stage is not Stage.DECODE:
@@ -361,6 +375,8 @@ class Dispatcher:
             state.enter(Stage.DECODE, self.config.token_timeout_s)
         if not new_ids and not m.finished:
             return
+        if new_ids and not state.tokens:
+            state.trace.first_token(sender, m.timing)
         state.tokens.extend(new_ids)
         logprobs = None
         if m.logprobs is not None:

@@ -63,10 +63,14 @@ async def generate(backend: Backend, tokenizer: Tokenizer, choice: Choice) -> As
     num_cached_tokens = 0
     done = False  # the backend needs no abort: it finished, or was already aborted
     events: AsyncIterator[GenerationEvent] | None = None
+    trace = choice.trace
+    outcome = "aborted"
     try:
-        events = backend.generate(choice.request_id, choice.prompt_token_ids, choice.params)
+        events = backend.generate(choice.request_id, choice.prompt_token_ids, choice.params, trace=trace)
         async for event in events:
             num_cached_tokens = max(num_cached_tokens, event.num_cached_tokens)
+            if trace is not None:
+                trace.tokens(len(event.token_ids))
             out = Output(choice)
             for token_id in event.token_ids:
                 if want_logprobs:
@@ -88,11 +92,18 @@ async def generate(backend: Backend, tokenizer: Tokenizer, choice: Choice) -> As
             if out.finish_reason is not None:
                 done = True
                 out.num_cached_tokens = num_cached_tokens
+                if trace is not None:  # ended before the last output, so that it can carry the trace
+                    trace.end("finished", out.finish_reason)
                 yield out
                 return
             yield out
         raise BackendError("the backend ended a generation without finishing it", status=502)
+    except Exception:
+        outcome = "error"
+        raise
     finally:
+        if trace is not None:
+            trace.end(outcome)  # no-op when it finished
         if not done:
             await abort(backend, choice.request_id)
         aclose = getattr(events, "aclose", None)

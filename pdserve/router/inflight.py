@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.router.backend import BackendError, GenerationEvent
+from pdserve.router.tracing import RequestTrace
 from pdserve.worker.protocol import WireSamplingParams
 
 
@@ -42,6 +43,7 @@ class Inflight:
     request_id: str
     prompt: list[int]
     params: WireSamplingParams
+    trace: RequestTrace
     queue: asyncio.Queue[GenerationEvent | BackendError] = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)
     attempt: int = 0

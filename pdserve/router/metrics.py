@@ -1,9 +1,10 @@
 """Prometheus metrics of the router: requests, latencies, routing, recovery, KV and workers.
 
 Names follow Prometheus conventions (``_total`` counters, ``_seconds``
-histograms, base units). Latencies are measured where the router sees the
-tokens, i.e. including the hop from the workers but not the HTTP response.
-Counters of recovery and per-worker load are read from the dispatcher when
+histograms, base units). Inter-token gaps are measured where the router sees
+the tokens; time to first token, its breakdown and end-to-end latency come
+from the request traces (:mod:`pdserve.router.tracing`), from arrival at the
+router. Counters of recovery and per-worker load are read from the dispatcher when
 scraped, so they are always current.
 """
 
@@ -36,21 +37,17 @@ class RouterMetrics:
         self.generation_tokens = Counter(
             "pdserve_generation_tokens", "Tokens delivered to clients", registry=r
         )
-        self.ttft = Histogram(
-            "pdserve_time_to_first_token_seconds",
-            "Dispatch to first token",
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
+        # Time to first token (and its breakdown) and end-to-end latency are observed by the
+        # tracer (:mod:`pdserve.router.tracing`), into this same registry.
         self.itl = Histogram(
             "pdserve_inter_token_latency_seconds",
             "Gap between token messages of a request",
             buckets=TOKEN_GAP_BUCKETS_S,
             registry=r,
         )
-        self.e2e = Histogram(
-            "pdserve_e2e_request_latency_seconds",
-            "Dispatch to last token",
+        self.kv_transfer = Histogram(
+            "pdserve_kv_transfer_duration_seconds",
+            "KV transfer duration as the decode worker measured it (first byte to the done notice)",
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )

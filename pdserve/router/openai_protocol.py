@@ -145,6 +145,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    pdserve_trace: list[dict[str, Any]] | None = None  # extension, left out when None
 
 
 class TopLogprob(BaseModel):
@@ -181,6 +182,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    pdserve_trace: list[dict[str, Any]] | None = None  # extension, left out when None
 
 
 class ChatDelta(BaseModel):
@@ -209,3 +211,4 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    pdserve_trace: list[dict[str, Any]] | None = None  # extension, left out when None

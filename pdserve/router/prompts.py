@@ -34,6 +34,7 @@ from pdserve.router.openai_protocol import (
     CompletionRequest,
     GenerationRequest,
 )
+from pdserve.router.tracing import RequestTrace
 from pdserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128
@@ -49,6 +50,7 @@ class Choice:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    trace: RequestTrace | None = None  # set by the app once the request is planned
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Plan:
     stream: bool
     include_usage: bool
     num_top_logprobs: int | None  # None: no logprobs asked for
+    return_trace: bool = False  # answer with each choice's trace (``pdserve_trace``)
 
 
 def parse(model: type[GenerationRequest], body: bytes) -> GenerationRequest:

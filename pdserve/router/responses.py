@@ -8,6 +8,10 @@
    ``error`` event, and the stream always ends with ``data: [DONE]``.
 
 Logprobs are reported per token piece (:class:`LogprobsFormatter`).
+
+With ``plan.return_trace`` each choice's trace (:mod:`~pdserve.router.tracing`)
+goes into the ``pdserve_trace`` extension field: of the body, or of the chunk
+that finishes the choice.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from pydantic import BaseModel
@@ -207,7 +212,7 @@ class CompletionFormat(Format):
         ]
         return CompletionResponse(
             id=plan.response_id, created=plan.created, model=self.model, choices=choices,
-            usage=usage.info(),
+            usage=usage.info(), pdserve_trace=traces(plan),
         )
 
 
@@ -254,11 +259,26 @@ class ChatFormat(Format):
         ]
         return ChatCompletionResponse(
             id=plan.response_id, created=plan.created, model=self.model, choices=choices,
-            usage=usage.info(),
+            usage=usage.info(), pdserve_trace=traces(plan),
         )
 
 
 # -- answers ---------------------------------------------------------------------------------
+
+
+def dump_json(model: BaseModel, exclude: set[str] | None = None) -> str:
+    """A response model as JSON, without the ``pdserve_trace`` extension when it is unset."""
+    if getattr(model, "pdserve_trace", None) is None:
+        exclude = (exclude or set()) | {"pdserve_trace"}
+    return model.model_dump_json(exclude=exclude)
+
+
+def traces(plan: Plan, outputs: list[Output] | None = None) -> list[dict[str, Any]] | None:
+    """The traces of the given outputs' choices (every choice when None), if the plan returns them."""
+    if not plan.return_trace:
+        return None
+    choices = plan.choices if outputs is None else [o.choice for o in outputs]
+    return [{"index": c.index, **c.trace.to_dict()} for c in choices if c.trace is not None]
 
 
 async def collect(plan: Plan, outputs: AsyncGenerator[Output, None]) -> tuple[list[ChoiceResult], Usage]:
@@ -285,6 +305,8 @@ async def sse_events(
             usage.add(out)
             chunk = fmt.chunk(plan, out)
             if chunk is not None:
+                if out.finish_reason is not None and plan.return_trace:
+                    chunk = chunk.model_copy(update={"pdserve_trace": traces(plan, [out])})
                 yield _sse_data(chunk, plan)
             out = await anext(outputs, None)
         if plan.include_usage:
@@ -300,4 +322,4 @@ async def sse_events(
 def _sse_data(chunk: BaseModel, plan: Plan) -> str:
     # OpenAI: with include_usage every chunk has "usage" (null but in the last one)
     exclude = None if plan.include_usage else {"usage"}
-    return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+    return f"data: {dump_json(chunk, exclude)}\n\n"

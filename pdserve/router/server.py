@@ -19,6 +19,7 @@ from pdserve.model.tokenizer import load_tokenizer
 from pdserve.router.app import create_app
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.dispatcher import Dispatcher
+from pdserve.router.tracing import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class RouterConfig:
         api_keys: accepted Bearer keys for the inference routes (empty: open).
         max_inflight: requests admitted at once; past it new ones get 429.
         drain_timeout_s: on SIGTERM, how long in-flight requests may finish.
+        trace_responses: answers carry each generation's trace (``pdserve_trace``).
+        trace_log: append every generation's trace to this JSON-lines file.
     """
 
     model: str = "tiny"
@@ -52,6 +55,8 @@ class RouterConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_inflight: int | None = 1024
     drain_timeout_s: float = 30.0
+    trace_responses: bool = False
+    trace_log: str | None = None
 
 
 def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
@@ -63,12 +68,16 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
     dispatcher = Dispatcher(
         dataclasses.replace(config.dispatch, bind=bind), model_name=config.model, max_model_len=max_model_len
     )
+    tracer = Tracer(
+        dispatcher.metrics.registry, in_responses=config.trace_responses, log_path=config.trace_log
+    )
     app = create_app(
         dispatcher,
         tokenizer,
         served_model_name=config.served_model_name or config.model,
         api_keys=config.api_keys,
         max_inflight=config.max_inflight,
+        tracer=tracer,
     )
 
     @contextlib.asynccontextmanager
@@ -78,6 +87,7 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
             yield
         finally:
             await dispatcher.stop()
+            tracer.close()
 
     app.router.lifespan_context = lifespan
 
@@ -85,6 +95,11 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
     async def metrics() -> Response:
         """Prometheus text exposition of the router's metrics."""
         return Response(dispatcher.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/pdserve/traces")
+    async def traces(limit: int = 50) -> dict[str, object]:
+        """The most recent ended generations' traces (at most ``limit``, newest last)."""
+        return {"traces": tracer.recent(max(0, min(limit, 1000)))}
 
     @app.get("/pdserve/workers")
     async def workers(stats: bool = True) -> dict[str, object]:

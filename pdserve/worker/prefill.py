@@ -50,6 +50,7 @@ class _Handoff:
     first_token: FirstToken | None = None
     done_sent: bool = False
     started_s: float = field(default_factory=time.perf_counter)
+    first_push_s: float | None = None  # perf_counter time of the first push
 
 
 class KVPusher:
@@ -72,6 +73,11 @@ class KVPusher:
     def forget(self, request_id: str) -> None:
         """Stop tracking (released, aborted or failed)."""
         self._handoffs.pop(request_id, None)
+
+    def first_push_s(self, request_id: str) -> float | None:
+        """When (``time.perf_counter``) the request's first KV push started; None before it."""
+        h = self._handoffs.get(request_id)
+        return h.first_push_s if h is not None else None
 
     def is_tracked(self, request_id: str) -> bool:
         """True while the request's hand-off is in progress."""
@@ -145,6 +151,8 @@ class KVPusher:
         if hi <= lo:
             return
         assert h.dst_block_ids is not None
+        if h.first_push_s is None:
+            h.first_push_s = time.perf_counter()
         first, last = lo // self.block_size, -(-hi // self.block_size)
         src = self.engine.block_manager.block_ids(request_id)[first:last]
         dst = h.dst_block_ids[first:last]

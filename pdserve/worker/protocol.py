@@ -110,8 +110,32 @@ class Heartbeat(msgspec.Struct, tag=True):
     load: WorkerLoad
 
 
+class PrefillTiming(msgspec.Struct):
+    """Where a request's time went on the worker that prefilled it, up to its first token.
+
+    Durations on the worker's own clock (no clock needs to agree with the router's):
+
+    Attributes:
+        queue_s: request received → start of the first step that computed it.
+        prefill_s: that step's start → first token sampled, less ``kv_push_s``.
+        kv_push_s: time those steps spent pushing KV to the decode worker
+            (compute waited for it: the transfer's share of TTFT).
+        span_s: request received → this message sent.
+        kv_push_start_s: request received → first KV push; None when nothing was pushed.
+    """
+
+    queue_s: float
+    prefill_s: float
+    kv_push_s: float
+    span_s: float
+    kv_push_start_s: float | None = None
+
+
 class Tokens(msgspec.Struct, tag=True):
-    """New output tokens of a request; ``start`` is the index of the first one in the output."""
+    """New output tokens of a request; ``start`` is the index of the first one in the output.
+
+    ``timing`` rides on the first message after a prefill (see :class:`PrefillTiming`).
+    """
 
     request_id: str
     start: int
@@ -122,6 +146,7 @@ class Tokens(msgspec.Struct, tag=True):
     stop_reason: str | int | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    timing: PrefillTiming | None = None
 
 
 class Reserved(msgspec.Struct, tag=True):

@@ -40,6 +40,7 @@ from pdserve.transfer.descriptor import KVLayout
 from pdserve.worker import protocol as p
 from pdserve.worker.decode import KVIntake
 from pdserve.worker.prefill import KVPusher
+from pdserve.worker.timing import PrefillTimer
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class Worker:
         if self.role is Role.PREFILL:
             self.sender = make_sender(self.engine.runner.kv_caches, override=config.kv_transport)
             self.pusher = KVPusher(self.engine, self.sender, drop_done=config.inject_fault == "drop-kv-done")
+        self.timer = PrefillTimer(self.pusher)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
@@ -313,6 +315,7 @@ class Worker:
                 self.pusher.track(m.request_id, m.decode_worker_id, m.decode_kv)
             # A decode worker takes a whole request only as the fallback prefill.
             self.engine.enqueue(request)
+            self.timer.received(m.request_id)
         except (PDServeError, ValueError) as exc:
             if self.pusher is not None:
                 self.pusher.forget(m.request_id)
@@ -352,6 +355,7 @@ class Worker:
 
     def _abort(self, rid: str) -> None:
         self._held_since_s.pop(rid, None)
+        self.timer.forget(rid)
         if self.intake is not None:
             self.intake.abort(rid)
             return
@@ -369,19 +373,22 @@ class Worker:
             self._report(out)
 
     def _step(self) -> None:
-        outputs = self.engine.step(hooks=self.pusher)
+        outputs = self.engine.step(hooks=self.timer)
         for out in outputs:
             if out.finish_reason == "prefilled" and self.pusher is not None:
                 lp = out.logprobs[-1] if out.logprobs else None
                 self.pusher.prefill_finished(out.request_id, out.new_token_ids[0], lp)
                 self._held_since_s[out.request_id] = time.monotonic()
-                self._report(out, finished=False)
+                timing = self.timer.finish(out.request_id, self.pusher.first_push_s(out.request_id))
+                self._report(out, finished=False, timing=timing)
             else:
-                self._report(out)
+                self._report(out, timing=self.timer.finish(out.request_id))
         if self.pusher is not None:
             self.pusher.after_step()
 
-    def _report(self, out: RequestOutput, finished: bool | None = None) -> None:
+    def _report(
+        self, out: RequestOutput, finished: bool | None = None, timing: p.PrefillTiming | None = None
+    ) -> None:
         new = out.new_token_ids
         start = len(out.token_ids) - len(new)
         logprobs = wire_logprobs(out.logprobs[start:]) if out.logprobs else None
@@ -397,6 +404,7 @@ class Worker:
                 stop_reason=out.stop_reason if done else None,
                 num_prompt_tokens=len(out.prompt_token_ids),
                 num_cached_tokens=out.num_cached_tokens,
+                timing=timing,
             )
         )
 

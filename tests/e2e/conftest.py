@@ -45,7 +45,7 @@ def launch(
 
 @pytest.fixture(scope="session")
 def disagg_shm() -> Iterator[LocalLauncher]:
-    launcher = launch("disaggregated", "shm", num_prefill=2, num_decode=2)
+    launcher = launch("disaggregated", "shm", ("--trace-responses",), num_prefill=2, num_decode=2)
     yield launcher
     launcher.stop()
 
@@ -59,6 +59,6 @@ def disagg_tcp() -> Iterator[LocalLauncher]:
 
 @pytest.fixture(scope="session")
 def aggregated() -> Iterator[LocalLauncher]:
-    launcher = launch("aggregated", num_mixed=1)
+    launcher = launch("aggregated", router_args=("--trace-responses",), num_mixed=1)
     yield launcher
     launcher.stop()

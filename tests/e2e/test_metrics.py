@@ -44,6 +44,14 @@ def test_metrics_count_the_requests_sent(disagg_shm: LocalLauncher) -> None:
     assert delta("pdserve_generation_tokens_total") == 21
     assert delta("pdserve_prompt_tokens_total") == sum(len(p.encode()) + 1 for p in prompts)  # bytes + BOS
     assert delta("pdserve_time_to_first_token_seconds_count") == 3
+    for part in ("queue", "prefill", "transfer", "delivery"):
+        assert delta("pdserve_ttft_breakdown_seconds_count", part=part) == 3
+    parts_sum = sum(
+        delta("pdserve_ttft_breakdown_seconds_sum", part=part)
+        for part in ("queue", "prefill", "transfer", "delivery")
+    )
+    assert parts_sum == pytest.approx(delta("pdserve_time_to_first_token_seconds_sum"), abs=1e-6)
+    assert delta("pdserve_kv_transfer_duration_seconds_count") == 3
     assert delta("pdserve_e2e_request_latency_seconds_count") == 3
     assert delta("pdserve_inter_token_latency_seconds_count") >= 3 * 5
     # Prompts of ≤ 16 + 1 tokens: one 16-token block each... except the 29-token one (two blocks).

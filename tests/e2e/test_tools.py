@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from pdserve.launch.local import LocalLauncher
@@ -38,12 +39,15 @@ def test_bench_runs_against_pdserve(deployment: str, request: pytest.FixtureRequ
 
 
 def test_status_once_shows_every_worker(disagg_shm: LocalLauncher) -> None:
+    httpx.post(f"{disagg_shm.url}/v1/completions", json={"model": "tiny", "prompt": "s", "max_tokens": 2}, timeout=60)
     done = run_pdserve("status", "--url", disagg_shm.url, "--once")
     assert done.returncode == 0, done.stderr
     screen = done.stdout
     for worker in ("prefill-0", "prefill-1", "decode-0", "decode-1"):
         assert worker in screen
     assert "requests:" in screen and "recovery:" in screen
+    breakdown = next(line for line in screen.splitlines() if line.startswith("TTFT breakdown"))
+    assert "prefill -" not in breakdown and "transfer" in breakdown  # served requests have a breakdown
 
 
 def test_status_reports_an_unreachable_router() -> None:

@@ -69,7 +69,7 @@ class FakeBackend:
         return self.ready
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, trace: Any = None
     ) -> AsyncIterator[GenerationEvent]:
         self.calls.append((request_id, prompt_token_ids, params))
         script = self.respond(request_id, prompt_token_ids, params)

@@ -72,7 +72,7 @@ class GatedBackend:
         return self.ready
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, trace: Any = None
     ) -> AsyncIterator[GenerationEvent]:
         self.calls.append(request_id)
         if self.error is not None:
