@@ -1,0 +1,185 @@
+"""Headline figures of each benchmark result file: what the summary table shows, one row per figure.
+
+Each result file under ``benchmarks/results/`` keeps its scenario's own
+layout; one reader per file (:data:`READERS`, keyed by file name) picks out
+the figures the scenario is judged by, with the target from BENCHMARKS.md
+or the README (the scripts store most targets and verdicts themselves) and
+the date and commit of the run from the file's ``machine`` block
+(:func:`common.machine_info`). A figure without a target is ``reported``.
+Nothing here measures anything: a missing key shows as ``-``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+PASS, MISS, REPORTED = "PASS", "MISS", "reported"
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One row of the summary table."""
+
+    scenario: str
+    metric: str
+    measured: str
+    target: str
+    verdict: str  # PASS, MISS, reported (no target), or a short note
+    date: str
+    commit: str
+
+
+def verdict(ok: bool | None) -> str:
+    """PASS / MISS, or ``reported`` when there is no target to judge by."""
+    return REPORTED if ok is None else PASS if ok else MISS
+
+
+def number(x: Any, spec: str) -> str:
+    """``x`` formatted with ``spec``; ``-`` when missing or NaN."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def provenance(d: dict[str, Any]) -> tuple[str, str]:
+    """(date, commit) of a result file; a ``+`` after the commit: the tree had uncommitted changes."""
+    machine = d.get("machine") or {}
+    date = str(machine.get("date") or "-")[:10]
+    git = machine.get("git") or {}
+    commit = str(git.get("commit") or "-")[:7]
+    if git.get("dirty"):
+        commit += "+"
+    return date, commit
+
+
+def _rows(scenario: str, d: dict[str, Any], figures: list[tuple[str, str, str, str]]) -> list[Headline]:
+    date, commit = provenance(d)
+    return [Headline(scenario, m, value, target, v, date, commit) for m, value, target, v in figures]
+
+
+# ----------------------------------------------------------------------------- one reader per file
+
+
+def s1(d: dict[str, Any]) -> list[Headline]:
+    """Tokens/s of pdserve, then every target the script judged (ratios to HF, prefill vs GEMM, memory)."""
+    summary = d.get("summary", {})
+    figures = [(f"pdserve output tok/s, {w}", number(summary.get(w, {}).get("pdserve_tokens_per_s"), ".1f"),
+                "-", REPORTED) for w in ("fixed", "varied")]
+    for t in d.get("targets", []):
+        percent = "%" in t["target"]
+        value = number(t["value"], ".0%") if percent else number(t["value"], ".2f") + "×"
+        goal = f"≥ {t['goal']:.0%}" if percent else f"≥ {t['goal']:g}×"
+        figures.append((t["target"], value, goal, verdict(t["met"])))
+    return _rows("S1", d, figures)
+
+
+#: S2's targets: label, request class, metric, baseline configuration.
+S2_TARGETS = {
+    "bg_itl_p99_vs_a": ("background ITL p99, disagg (c) / aggregated (a)", "bg", "itl_p99_ms", "a"),
+    "bg_itl_p99_vs_b": ("background ITL p99, disagg (c) / aggregated chunked (b)", "bg", "itl_p99_ms", "b"),
+    "fg_ttft_p50_vs_b": ("long-prompt TTFT p50, disagg (c) / aggregated chunked (b)", "fg", "ttft_p50_ms",
+                         "b"),
+}
+
+
+def s2(d: dict[str, Any]) -> list[Headline]:
+    """The three interference ratios at the lowest foreground rate, with the two latencies behind each."""
+    def at_lowest_rate(config: str, kind: str, metric: str) -> float | None:
+        windows = d.get("configs", {}).get(config, {}).get("windows", [])
+        return min(windows, key=lambda w: w["rate_per_s"])[kind][metric] if windows else None
+
+    figures = []
+    for name, t in d.get("targets", {}).items():
+        label, kind, metric, base = S2_TARGETS.get(name, (name, "", "", ""))
+        value = number(t.get("ratio"), ".3f")
+        if kind:
+            c, b = at_lowest_rate("c", kind, metric), at_lowest_rate(base, kind, metric)
+            value += f" ({number(c, '.0f')} vs {number(b, '.0f')} ms)"
+        ok = None if t.get("verdict") not in ("PASS", "MISS") else t["verdict"] == "PASS"
+        note = verdict(ok) if d.get("valid", True) else "invalid run"
+        figures.append((label, value, f"≤ {t['limit']:g}", note))
+    return _rows("S2", d, figures)
+
+
+def s3(d: dict[str, Any]) -> list[Headline]:
+    """Goodput (req/s) of each configuration under the run's SLO, their ratio, and the missing planner."""
+    slo = d.get("slo", {})
+    rates = d.get("settings", {}).get("rates") or []
+    under = f"TTFT ≤ {number(slo.get('ttft_ms'), 'g')} ms, TPOT ≤ {number(slo.get('tpot_ms'), 'g')} ms"
+    figures = []
+    for key, res in d.get("configs", {}).items():
+        rate = res.get("goodput_rate_per_s")
+        value = f"{rate:g} req/s" if rate is not None else f"< {min(rates):g} req/s" if rates else "-"
+        note = REPORTED if res.get("valid", True) else "invalid run"
+        figures.append((f"goodput, {key} ({under}, ≥ 90% of requests)", value, "-", note))
+    for name, value in d.get("goodput_ratios", {}).items():
+        figures.append((f"goodput ratio {name.replace('_over_', ' / ')}", number(value, ".2f") + "×", "-",
+                        REPORTED))
+    if not d.get("planner", {}).get("measured", True):
+        figures.append(("goodput of the planner's configuration", "not measured", "-",
+                        "missing: no planner yet"))
+    return _rows("S3", d, figures)
+
+
+def s4(d: dict[str, Any]) -> list[Headline]:
+    """Each transport against its limit per KV size, then the share of transfer hidden behind prefill."""
+    target = d.get("config", {}).get("target_ratio", 0.5)
+    figures = []
+    for r in d.get("results", []):
+        if r.get("ids") == "contiguous" and "ratio_to_limit" in r:
+            size = f"{r['tokens']} tokens ({r['num_bytes'] / 2**20:g} MiB)"
+            figures.append((f"{r['system']} vs {r['limit']}, {size}", number(r["ratio_to_limit"], ".0%"),
+                            f"≥ {target:.0%}", verdict(r["ratio_to_limit"] >= target)))
+    for o in d.get("overlap", []):
+        ok = None if o.get("verdict") not in ("PASS", "MISS") else o["verdict"] == "PASS"
+        figures.append((f"transfer hidden by layer-wise streaming, {o['transport']}, {o['tokens']}-token "
+                        f"prompt, chunk {o['chunk_size']}", number(o.get("hidden_fraction"), ".0%"),
+                        f"≥ {o.get('target_hidden', 0.7):.0%}", verdict(ok)))
+    return _rows("S4", d, figures)
+
+
+def s5(d: dict[str, Any]) -> list[Headline]:
+    """The router-overhead checks as the script judged them."""
+    figures = []
+    for v in d.get("verdicts", []):
+        check, value, target = v["check"], v["value"], str(v["target"]) if v["pass"] is not None else "-"
+        if "(ms)" in check and v["pass"] is not None:
+            check, shown, target = check.replace(" (ms)", ""), number(value, "+.1f") + " ms", target + " ms"
+        elif "(ms)" in check:
+            check, shown = check.replace(" (ms)", ""), number(value, "+.1f") + " ms"
+        elif "req/s" in check:
+            shown = number(value, ".0f") + " req/s"
+        else:
+            shown = number(value, "g")
+        figures.append((check, shown, target, verdict(v["pass"])))
+    return _rows("S5", d, figures)
+
+
+def soak(d: dict[str, Any]) -> list[Headline]:
+    """Errors, leaked KV blocks and flagged growth of the soak run."""
+    summary, config = d.get("summary", {}), d.get("config", {})
+    counters = summary.get("counters", {})
+    run = f"soak {config.get('duration', 0):g} s, {config.get('mode', '')} {config.get('model', '')}"
+    leaked = sum(v.get("used_blocks", 0) for v in summary.get("leaked", {}).values())
+    suspects = summary.get("suspects", [])
+    errors = f"{counters.get('num_errors', '-')} of {counters.get('num_completed', '-')} completed"
+    figures = [
+        (f"{run}: errors", errors, "0", verdict(counters.get("num_errors") == 0)),
+        (f"{run}: KV blocks still in use after quiesce", str(leaked), "0", verdict(leaked == 0)),
+        (f"{run}: RSS / fd / thread growth flagged", str(len(suspects)), "0", verdict(not suspects)),
+    ]
+    return _rows("soak", d, figures)
+
+
+#: result file name → its reader, in the order of the summary table.
+READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
+    "s1_engine_throughput.json": s1,
+    "s2_interference.json": s2,
+    "s3_goodput.json": s3,
+    "s4_kv_transfer.json": s4,
+    "s5_router_overhead.json": s5,
+    "soak.json": soak,
+}
