@@ -163,6 +163,8 @@ def _router(args: argparse.Namespace) -> int:
             drain_timeout_s=args.drain_timeout,
             trace_responses=args.trace_responses,
             trace_log=args.trace_log,
+            event_loop=args.event_loop,
+            http=args.http,
         )
     )
     return 0
@@ -285,6 +287,15 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     router.add_argument("--max-inflight", type=int, default=1024, help="admitted requests; 0: unlimited")
     router.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, finish for this long")
+    router.add_argument(
+        "--event-loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="auto: uvloop where installed",
+    )
+    router.add_argument(
+        "--http", default="auto", choices=["auto", "httptools", "h11"], help="auto: httptools if installed"
+    )
     _add_trace_args(router)
     commands["router"] = _router
 

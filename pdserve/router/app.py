@@ -18,7 +18,8 @@ Lifecycle of one generation request:
    tokenising. The slots are held until the request's generations have ended
    (a stream: until its last event is sent or its client left).
    (:mod:`~pdserve.router.errors`, :mod:`~pdserve.router.prompts`)
-2. Tokenise (chat: render the template, then encode without adding special
+2. Tokenise (on the event loop, or in a thread for bodies over
+   ``INLINE_PLAN_MAX_BYTES``; chat: render the template, then encode without adding special
    tokens again) and check token ids, the context length and the sampling
    values. Every failure is a 400 before the backend sees anything.
    (:mod:`~pdserve.router.prompts`)
@@ -80,6 +81,10 @@ from pdserve.router.tracing import Tracer
 
 logger = logging.getLogger(__name__)
 
+#: Requests with bodies up to this size are tokenised on the event loop (tens of µs);
+#: bigger ones in a worker thread, so that a long prompt does not stall other requests.
+INLINE_PLAN_MAX_BYTES = 2048
+
 
 class _Server:
     """Holds what the routes share; one per app."""
@@ -115,7 +120,10 @@ class _Server:
             model: type[GenerationRequest] = ChatCompletionRequest if chat else CompletionRequest
             req = parse(model, body)
             ticket = self.admission.admit(self.planner.num_choices(req), "n" if req.n > 1 else "prompt")
-            plan = await anyio.to_thread.run_sync(self.planner.plan, req, response_id)
+            if len(body) <= INLINE_PLAN_MAX_BYTES:  # tokenising it costs less than a thread hop
+                plan = self.planner.plan(req, response_id)
+            else:
+                plan = await anyio.to_thread.run_sync(self.planner.plan, req, response_id)
             plan.return_trace = self.tracer.in_responses
             for choice in plan.choices:
                 choice.trace = self.tracer.start(choice.request_id, arrived_s)

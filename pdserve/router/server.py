@@ -42,6 +42,10 @@ class RouterConfig:
         drain_timeout_s: on SIGTERM, how long in-flight requests may finish.
         trace_responses: answers carry each generation's trace (``pdserve_trace``).
         trace_log: append every generation's trace to this JSON-lines file.
+        event_loop: ``uvloop`` (libuv), ``asyncio`` (the standard loop) or
+            ``auto`` (uvloop where installed).
+        http: uvicorn's HTTP parser: ``httptools``, ``h11`` or ``auto``
+            (httptools where installed).
     """
 
     model: str = "tiny"
@@ -57,6 +61,8 @@ class RouterConfig:
     drain_timeout_s: float = 30.0
     trace_responses: bool = False
     trace_log: str | None = None
+    event_loop: str = "auto"
+    http: str = "auto"
 
 
 def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
@@ -164,5 +170,26 @@ class DrainingServer(uvicorn.Server):
 def run_router(config: RouterConfig) -> None:
     """Serve until SIGINT/SIGTERM (draining first)."""
     app, _ = build_router_app(config)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False)
-    asyncio.run(DrainingServer(uv_config, app, config.drain_timeout_s).serve())
+    uv_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level="warning", access_log=False, http=config.http
+    )
+    server = DrainingServer(uv_config, app, config.drain_timeout_s)
+    if _use_uvloop(config.event_loop):
+        import uvloop
+
+        uvloop.run(server.serve())
+    else:
+        asyncio.run(server.serve())
+
+
+def _use_uvloop(choice: str) -> bool:
+    """Whether to run on uvloop: ``uvloop`` (must be installed), ``asyncio`` or ``auto``."""
+    if choice == "asyncio":
+        return False
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return False
+    return True
