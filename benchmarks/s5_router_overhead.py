@@ -194,7 +194,7 @@ def free_port() -> int:
 class Stack:
     """The fake server, the router and the fake worker, started once for the whole run."""
 
-    def __init__(self) -> None:
+    def __init__(self, router_args: list[str]) -> None:
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.logs = tempfile.TemporaryDirectory(prefix="s5-")
         here = Path(__file__).resolve()
@@ -203,7 +203,7 @@ class Stack:
         assert fake.stdout is not None
         self.direct_url = fake.stdout.readline().strip().rsplit(" ", 1)[-1]
         port, control = free_port(), free_port()
-        router = [sys.executable, "-m", "pdserve", "router", "--model", MODEL]
+        router = [sys.executable, "-m", "pdserve", "router", "--model", MODEL, *router_args]
         self._start("router", [*router, "--port", str(port), "--control-port", str(control)])
         self.router_url = f"http://127.0.0.1:{port}"
         self.trace_path = Path(self.logs.name) / "worker.trace"
@@ -441,11 +441,17 @@ def measure(stack: Stack, phases: list[Phase], repeats: int, profile: bool) -> d
 def verdicts(ph: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name, label in (("low", "1 stream"), ("c256", "256 streams")):
+        if name not in ph:
+            continue
         diff = ph[name]["router_minus_direct"]
         out.append(_verdict(f"router adds to TTFT p50, {label} (ms)", diff["ttft_p50_ms"], TARGET_TTFT_MS))
         # both ways: an ITL below the schedule's means tokens held back and sent in bursts
         out.append(_verdict(f"router changes ITL p50, {label} (ms)", diff["itl_p50_ms"], TARGET_ITL_MS, True))
-    out.append(_verdict("errors at 256 streams through the router", ph["c256"]["router"]["num_failed"], 0))
+    if "c256" in ph:
+        failed = ph["c256"]["router"]["num_failed"]
+        out.append(_verdict("errors at 256 streams through the router", failed, 0))
+    if "max" not in ph:
+        return out
     out.append(
         {
             "check": "bench tool req/s vs an instant server",
@@ -487,16 +493,16 @@ def print_report(results: dict[str, Any]) -> None:
                 f"{r['num_failed']:7d}  {c['router']:.2f} {c['worker']:.2f} {c['fake_server']:.2f} "
                 f"{c['client']:.2f}"
             )
-    split = ph["low"].get("router_ttft_split")
+    split = ph["low"].get("router_ttft_split") if "low" in ph else None
     if split:
         print(
             f"\nrouter TTFT at 1 stream (first run), p50 {split['ttft_p50_ms']:.2f} ms: client → worker "
             f"{split['client_to_worker_p50_ms']:.2f} ms, in the worker {split['in_worker_p50_ms']:.2f} ms, "
             f"worker → client {split['worker_to_client_p50_ms']:.2f} ms"
         )
-    print(
-        f"router CPU per request, max phase: {ph['max']['router']['cpu_ms_per_request']['router']:.2f} ms\n"
-    )
+    if "max" in ph:
+        cpu_ms = ph["max"]["router"]["cpu_ms_per_request"]["router"]
+        print(f"router CPU per request, max phase: {cpu_ms:.2f} ms\n")
     for v in results["verdicts"]:
         mark = "" if v["pass"] is None else ("PASS" if v["pass"] else "MISS")
         print(f"{mark:5s} {v['check']:45s} {v['value']:10.2f}  target {v['target']}")
@@ -525,6 +531,10 @@ def main() -> int:
         "--profile", action="store_true", help="sample the router with py-spy in the max phase"
     )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "s5_router_overhead.json")
+    parser.add_argument(
+        "--router-args", default="", help='extra router options, e.g. "--event-loop asyncio --http h11"'
+    )
+    parser.add_argument("--phases", default="low,c256,max", help="which phases to run")
     args = parser.parse_args()
     if args.mode == "fake-worker":
         with contextlib.suppress(KeyboardInterrupt):
@@ -537,8 +547,9 @@ def main() -> int:
         Phase("c256", 0, args.c256_itl_ms, "uniform:8:24", concurrency=256, num_requests=768, warmup=256),
         Phase("max", 0, 0, output_tokens="8", concurrency=32, num_requests=args.max_requests, warmup=64),
     ]
+    phases = [p for p in phases if p.name in args.phases.split(",")]
     load_before = os.getloadavg()
-    stack = Stack()
+    stack = Stack(args.router_args.split())
     try:
         phase_results = measure(stack, phases, args.repeats, args.profile)
     finally:
@@ -546,7 +557,10 @@ def main() -> int:
     results: dict[str, Any] = {
         "phases": {p.name: phase_results[p.name] for p in phases},
         "profile_router_max_phase": phase_results.get("profile_router_max_phase"),
-        "settings": {"repeats": args.repeats, "model": MODEL, "phases": [p.__dict__ for p in phases]},
+        "settings": {
+            "repeats": args.repeats, "model": MODEL, "phases": [p.__dict__ for p in phases],
+            "router_args": args.router_args,
+        },
         "machine": {**machine_info(), "load_avg_at_start": list(load_before)},
     }
     results["verdicts"] = verdicts(results["phases"])
