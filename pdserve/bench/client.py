@@ -209,6 +209,8 @@ class BenchClient:
                         if "error" in chunk and not chunk.get("choices"):
                             raise StreamError(str(chunk["error"])[:500])
                         text = self._content(chunk)
+                        if chunk.get("pdserve_trace"):
+                            record.server_ttft_parts_s = _ttft_parts(chunk["pdserve_trace"])
                         if chunk.get("usage"):
                             usage = chunk["usage"]
                         if text:
@@ -275,6 +277,15 @@ class BenchClient:
                 record.chunk_tokens = counts
                 return
         record.chunk_tokens = spread_tokens(record.num_output_tokens, [len(t) for t in texts])
+
+
+def _ttft_parts(traces: Any) -> dict[str, float] | None:
+    """The four TTFT parts of a pdserve trace (``pdserve_trace[0].ttft_breakdown``), if well formed."""
+    try:
+        breakdown = traces[0]["ttft_breakdown"]
+        return {part: float(breakdown[f"{part}_s"]) for part in ("queue", "prefill", "transfer", "delivery")}
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 def _fail(record: RequestRecord, error_type: str, message: str, t0: float) -> RequestRecord:

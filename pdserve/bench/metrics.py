@@ -51,6 +51,8 @@ class RequestRecord:
         num_prompt_tokens, num_output_tokens: the server's usage, or the tool's counts.
         token_source: ``usage``, ``tokenizer`` or ``chunks`` (where ``num_output_tokens`` came from).
         max_tokens: output tokens asked for.
+        server_ttft_parts_s: the server's own TTFT breakdown (queue, prefill, transfer,
+            delivery; seconds) when it sent one (pdserve with ``--trace-responses``).
         error_type: None on success, else a short class (``http_503``, ``timeout``, ``connect`` …).
         error: the error's text.
     """
@@ -67,6 +69,7 @@ class RequestRecord:
     num_output_tokens: int = 0
     token_source: str = "chunks"
     max_tokens: int = 0
+    server_ttft_parts_s: dict[str, float] | None = None
     error_type: str | None = None
     error: str | None = None
 
@@ -228,6 +231,7 @@ class Summary:
     itl_ms: dict[str, float]
     e2e_ms: dict[str, float]
     send_lag_ms: dict[str, float]
+    server_ttft_parts_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict (NaN where a metric had no samples)."""
@@ -271,4 +275,12 @@ def summarize(records: Sequence[RequestRecord], slo: SLO | None = None) -> Summa
         itl_ms=distribution_ms([t for r in ok for t in r.itls_s]),
         e2e_ms=distribution_ms([r.e2e_s for r in ok if r.e2e_s is not None]),
         send_lag_ms=distribution_ms([r.sent_s - r.scheduled_s for r in measured]),
+        server_ttft_parts_ms=_parts_ms(ok),
     )
+
+
+def _parts_ms(records: Sequence[RequestRecord]) -> dict[str, dict[str, float]]:
+    """Distribution of each part of the servers' TTFT breakdowns (empty when none was sent)."""
+    traced = [r.server_ttft_parts_s for r in records if r.server_ttft_parts_s]
+    parts = {part for b in traced for part in b}
+    return {part: distribution_ms([b[part] for b in traced if part in b]) for part in sorted(parts)}

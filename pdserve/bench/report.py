@@ -58,6 +58,10 @@ def format_summary(run: RunResult, title: str = "") -> str:
     lines.append(f"{'(ms)':<12}" + "".join(f"{c:>12}" for c in columns))
     for name, dist in (("TTFT", s.ttft_ms), ("TPOT", s.tpot_ms), ("ITL", s.itl_ms), ("E2E", s.e2e_ms)):
         lines.append(f"{name:<12}" + "".join(f"{_fmt(dist[c]):>12}" for c in columns))
+    if s.server_ttft_parts_ms:
+        lines.append("server's TTFT breakdown (pdserve_trace):")
+        for part, dist in s.server_ttft_parts_ms.items():
+            lines.append(f"  {part:<10}" + "".join(f"{_fmt(dist[c]):>12}" for c in columns))
     lines.append("=" * _WIDTH)
     return "\n".join(lines)
 

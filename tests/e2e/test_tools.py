@@ -36,10 +36,17 @@ def test_bench_runs_against_pdserve(deployment: str, request: pytest.FixtureRequ
     summary = run["summary"]
     assert summary["num_ok"] == 12
     assert "ttft" in json.dumps(summary).lower() and "goodput" in json.dumps(summary).lower()
+    # Both deployments answer with their traces (--trace-responses): the bench reports the breakdown.
+    parts = summary["server_ttft_parts_ms"]
+    assert sorted(parts) == ["delivery", "prefill", "queue", "transfer"]
+    assert all(parts[p]["count"] == 12 for p in parts) and parts["prefill"]["mean"] > 0
+    assert sum(parts[p]["mean"] for p in parts) <= summary["ttft_ms"]["mean"]  # the server's view is inside
+    assert "server's TTFT breakdown" in done.stdout
 
 
 def test_status_once_shows_every_worker(disagg_shm: LocalLauncher) -> None:
-    httpx.post(f"{disagg_shm.url}/v1/completions", json={"model": "tiny", "prompt": "s", "max_tokens": 2}, timeout=60)
+    body = {"model": "tiny", "prompt": "s", "max_tokens": 2}
+    httpx.post(f"{disagg_shm.url}/v1/completions", json=body, timeout=60)
     done = run_pdserve("status", "--url", disagg_shm.url, "--once")
     assert done.returncode == 0, done.stderr
     screen = done.stdout

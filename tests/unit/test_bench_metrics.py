@@ -97,3 +97,15 @@ def test_summary_hand_computed() -> None:
     assert s.ttft_ms["max"] == pytest.approx(200.0)
     assert s.tpot_ms["mean"] == pytest.approx(10.0)
     assert s.itl_ms["count"] == 70
+
+
+def test_server_ttft_breakdowns_are_summarised_when_sent() -> None:
+    records = [record(i, ttft_ms=50, itl_ms=10, num_tokens=3, sent_s=0.1 * i) for i in range(3)]
+    assert summarize(records).server_ttft_parts_ms == {}  # a server that sends none
+    for i, r in enumerate(records[:2]):
+        r.server_ttft_parts_s = {"queue": 0.001 * (i + 1), "prefill": 0.03, "transfer": 0.0}
+        r.server_ttft_parts_s["delivery"] = 0.002
+    parts = summarize(records).server_ttft_parts_ms
+    assert sorted(parts) == ["delivery", "prefill", "queue", "transfer"]
+    assert parts["queue"]["count"] == 2 and parts["queue"]["mean"] == pytest.approx(1.5)
+    assert parts["prefill"]["p50"] == pytest.approx(30.0)
