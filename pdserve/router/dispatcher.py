@@ -27,14 +27,11 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import cast
-
-import zmq
-import zmq.asyncio
 
 from pdserve.config import Role
 from pdserve.request import TokenLogprobs
 from pdserve.router.backend import BackendError, GenerationEvent
+from pdserve.router.channel import WorkerChannel
 from pdserve.router.dispatch_config import DispatchCounters, DispatcherConfig
 from pdserve.router.inflight import Inflight, Stage
 from pdserve.router.metrics import RouterMetrics
@@ -60,14 +57,7 @@ class Dispatcher:
         self.counters = DispatchCounters()
         self.metrics = RouterMetrics()
         self.metrics.attach(self)
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # Transport-level liveness: a peer whose ZeroMQ stops answering for 3 s is
-        # disconnected, so the next probe to it fails even if its host vanished silently.
-        self._sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        self.channel = WorkerChannel(self._handle, lambda wid: self._worker_lost(wid, "connection gone"))
         self._inflight: dict[str, Inflight] = {}
         self._by_worker_rid: dict[str, Inflight] = {}
         self._stats_waiters: dict[str, list[asyncio.Future[p.WorkerStats]]] = {}
@@ -78,9 +68,8 @@ class Dispatcher:
 
     async def start(self) -> None:
         """Bind the control socket and start the receive and watch loops."""
-        self._sock.bind(self.config.bind)
-        self.endpoint = str(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
-        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._watch_loop())]
+        self.endpoint = self.channel.bind(self.config.bind)
+        self._tasks = [asyncio.create_task(self.channel.run()), asyncio.create_task(self._watch_loop())]
         logger.info("router control endpoint %s", self.endpoint)
 
     async def stop(self) -> None:
@@ -90,8 +79,7 @@ class Dispatcher:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._sock.close(0)
-        self._ctx.term()
+        self.channel.close()
 
     def is_ready(self) -> bool:
         """True when a prefill+decode pair or a mixed worker is registered."""
@@ -264,46 +252,8 @@ class Dispatcher:
     # -- worker messages ---------------------------------------------------------------
 
     def _send(self, worker_id: str, message: p.Message) -> bool:
-        """Send without waiting; False (and the worker is dropped) when its connection is gone.
-
-        With ROUTER_MANDATORY an unknown or disconnected peer makes the send fail
-        with EHOSTUNREACH; zmq.asyncio reports that through the returned future,
-        which is already done when the failure is immediate.
-        """
-        sent = cast(
-            asyncio.Future[object], self._sock.send_multipart([worker_id.encode(), p.encode(message)])
-        )
-        if sent.done():
-            if sent.exception() is not None:
-                self._unreachable(worker_id, sent.exception())
-                return False
-            return True
-
-        def on_done(fut: asyncio.Future[object]) -> None:
-            if fut.exception() is not None:
-                self._unreachable(worker_id, fut.exception())
-
-        sent.add_done_callback(on_done)
-        return True
-
-    def _unreachable(self, worker_id: str, exc: BaseException | None) -> None:
-        logger.debug("router: cannot reach worker %s: %s", worker_id, exc)
-        # Deferred: the caller may be in the middle of placing an attempt on this
-        # worker; once that attempt is recorded, losing the worker retries it too.
-        asyncio.get_running_loop().call_soon(self._worker_lost, worker_id, "connection gone")
-
-    async def _recv_loop(self) -> None:
-        while True:
-            ident, data = await self._sock.recv_multipart()
-            try:
-                message = p.decode(data)
-            except Exception:
-                logger.warning("router: undecodable message dropped")
-                continue
-            try:
-                self._handle(ident.decode(), message)
-            except Exception:
-                logger.exception("router: error handling %s", type(message).__name__)
+        """Send without waiting; False when the worker's connection is gone (it is then dropped)."""
+        return self.channel.send(worker_id, message)
 
     def _handle(self, sender: str, message: p.Message) -> None:
         match message:
