@@ -92,6 +92,7 @@ from typing import Any
 
 import httpx
 from common import RESULTS_DIR, machine_info, percentile, ratio, write_json
+from cpu_meter import CpuMeter
 
 from pdserve.launch.local import LaunchConfig, LocalLauncher
 
@@ -254,52 +255,6 @@ def poisson_offsets(rate: float, duration_s: float, seed: str) -> list[float]:
         offsets.append(t)
         t += rng.expovariate(rate)
     return offsets
-
-
-# ----------------------------------------------------------------------------- CPU accounting
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process (all its threads) has used so far; NaN once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return math.nan
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores of the machine spent busy (not idle or iowait) since boot."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class CpuMeter:
-    """CPU time of each deployment process, this client and the whole machine over a window."""
-
-    def __init__(self, launcher: LocalLauncher) -> None:
-        self.pids = {name: proc.pid for name, proc in launcher.procs}
-        self.pids["client"] = os.getpid()
-        self._start: dict[str, float] = {}
-        self._t0 = 0.0
-
-    def _sample(self) -> dict[str, float]:
-        sample = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        sample["machine"] = machine_busy_seconds()
-        return sample
-
-    def start(self) -> None:
-        self._start, self._t0 = self._sample(), time.perf_counter()
-
-    def stop(self) -> dict[str, float]:
-        """Cores' worth used per process over the window (1.0 = one core busy all the time)."""
-        end, wall_s = self._sample(), time.perf_counter() - self._t0
-        used = {name: (end[name] - self._start[name]) / wall_s for name in end}
-        used["other_processes"] = used["machine"] - sum(v for k, v in used.items() if k != "machine")
-        return {k: round(v, 3) for k, v in used.items()}
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -50,9 +50,14 @@ Lifecycle:
    for all of them; the warm-up requests (the start from an idle server) are
    not measured. Workload and arrivals are seeded: every configuration and
    every rate gets the same requests in the same order (arrival gaps scale
-   with 1/rate). After a rate whose attainment falls below ``--stop-below``
-   the higher rates are skipped: they are past saturation, and an overloaded
-   run is the slowest to drain.
+   with 1/rate). During each rate the CPU time of every process of the
+   deployment, of this client and of the whole machine is metered: the
+   difference is what *other* jobs on the shared machine took, reported
+   beside each rate (a disturbed rate shows there, not just as a bad
+   attainment). After two rates in a row with attainment below
+   ``--stop-below`` the higher rates are skipped: they are past saturation,
+   and an overloaded run is the slowest to drain (two, not one: a single
+   rate can fail because another job took a core).
 3. Stop the configuration; check that no process died and, for ``disagg``,
    that the decode worker computed no prompt tokens (else disaggregation was
    not in force and the run is marked invalid).
@@ -91,6 +96,7 @@ from typing import Any
 
 import httpx
 from common import RESULTS_DIR, machine_info, ratio, write_json
+from cpu_meter import CpuMeter
 from s3_report import (
     PLANNER_NOTE,
     goodput_rate,
@@ -216,6 +222,7 @@ class Outcome:
     unloaded: Summary
     slo: SLO
     runs: list[RunResult]
+    cpu: list[dict[str, float]]  # per run: cores used by each process, the machine, other processes
     skipped_rates: list[float]
     workers: dict[str, Any]
     start_s: float = 0.0
@@ -230,19 +237,24 @@ async def drive(launcher: LocalLauncher, setup: Setup, bench: Bench, slo_source:
     print_unloaded(unloaded_report(unloaded), bench.typical_prompt_tokens, bench.typical_output_tokens)
     slo = slo_source if isinstance(slo_source, SLO) else slo_source(unloaded)
     runs: list[RunResult] = []
+    cpu: list[dict[str, float]] = []
     skipped: list[float] = []
     for i, rate in enumerate(args.rates if sweep else []):
+        meter = CpuMeter(launcher)
+        meter.start()
         run = await bench.at_rate(launcher.url, rate, slo)
+        cpu.append(meter.stop())
         runs.append(run)
-        print_rate(setup.key, run)
-        if run.summary.attainment < args.stop_below:
+        print_rate(setup.key, run, cpu[-1])
+        if len(runs) >= 2 and all(r.summary.attainment < args.stop_below for r in runs[-2:]):
             skipped = args.rates[i + 1:]
             if skipped:
-                print(f"    attainment below {args.stop_below:.0%}: rates {skipped} skipped", flush=True)
+                print(f"    two rates in a row below {args.stop_below:.0%} attainment: rates {skipped} "
+                      "skipped", flush=True)
             break
     async with httpx.AsyncClient(base_url=launcher.url, timeout=30.0) as http:
         workers = (await http.get("/pdserve/workers")).json()
-    return Outcome(unloaded, slo, runs, skipped, workers)
+    return Outcome(unloaded, slo, runs, cpu, skipped, workers)
 
 
 def run_setup(setup: Setup, bench: Bench, slo_source: SloSource, sweep: bool = True) -> Outcome:
@@ -323,7 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo", default=None, metavar="ttft_ms=..,tpot_ms=..", help="fixed SLO instead")
     p.add_argument("--attainment-target", type=float, default=0.9)
     p.add_argument("--stop-below", type=float, default=0.5,
-                   help="skip the higher rates after a rate with attainment below this")
+                   help="skip the higher rates after two rates in a row with attainment below this")
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk of every worker")
     p.add_argument("--lease", type=float, default=60.0, help="router's worker heartbeat lease, s")
     p.add_argument("--request-timeout", type=float, default=600.0)
@@ -380,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             "start_s": o.start_s, "unloaded": unloaded_report(o.unloaded),
             "goodput_rate_per_s": goodput_rate(attainment, args.attainment_target),
             "attainment": {str(k): v for k, v in attainment.items()},
-            "rates": [rate_report(run) for run in o.runs], "skipped_rates": o.skipped_rates,
+            "rates": [rate_report(run, cpu) for run, cpu in zip(o.runs, o.cpu, strict=True)],
+            "skipped_rates": o.skipped_rates,
             "slo_sensitivity": sensitivity(o.runs, slo, args.attainment_target),
             "valid": not o.problems, "problems": o.problems, "workers": o.workers,
         }

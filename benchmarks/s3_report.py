@@ -17,6 +17,7 @@ from pdserve.bench.workload import LengthDist
 
 PLANNER_NOTE = "not measured: pdserve has no planner yet, so there is no planner-chosen configuration"
 SLO_SENSITIVITY = (0.5, 2.0)  # the SLO scaled by these factors, re-judged on the same requests
+DISTURBED_CORES = 0.25  # other processes kept this much of a core busy during a rate: flagged
 
 
 def ms(summary: Summary, metric: str, stat: str) -> float:
@@ -71,11 +72,14 @@ def unloaded_report(summary: Summary) -> dict[str, Any]:
             "ttft_ms": summary.ttft_ms, "tpot_ms": summary.tpot_ms}
 
 
-def rate_report(run: RunResult) -> dict[str, Any]:
-    """Summary of one rate, and each measured request in brief (to re-judge it under another SLO)."""
+def rate_report(run: RunResult, cpu: dict[str, float]) -> dict[str, Any]:
+    """Summary of one rate, the CPU each process used, and each measured request in brief (to re-judge
+    it under another SLO)."""
     s = run.summary
     return {
         "rate_per_s": run.rate, "num_requests": s.num_requests, "num_good": s.num_good,
+        "cpu_cores_used": cpu, "other_processes_cores": cpu.get("other_processes", math.nan),
+        "disturbed": cpu.get("other_processes", 0.0) >= DISTURBED_CORES,
         "attainment": s.attainment, "num_failed": s.num_failed, "failures": s.failures,
         "ttft_p50_ms": ms(s, "ttft_ms", "p50"), "ttft_p90_ms": ms(s, "ttft_ms", "p90"),
         "tpot_p50_ms": ms(s, "tpot_ms", "p50"), "tpot_p90_ms": ms(s, "tpot_ms", "p90"),
@@ -97,29 +101,34 @@ def print_unloaded(u: dict[str, Any], prompt_tokens: int, output_tokens: int) ->
           f"{fmt(u['tpot_best_ms'], 1)}/{fmt(u['tpot_p50_ms'], 1)} ms, failed {u['num_failed']}", flush=True)
 
 
-def print_rate(key: str, run: RunResult) -> None:
-    r = rate_report(run)
+def print_rate(key: str, run: RunResult, cpu: dict[str, float]) -> None:
+    r = rate_report(run, cpu)
     print(f"    {key} rate {run.rate:g}/s: attainment {fmt(100 * r['attainment'])}% "
           f"({r['num_good']}/{r['num_requests']}), TTFT p50/p90 {fmt(r['ttft_p50_ms'])}/"
           f"{fmt(r['ttft_p90_ms'])} ms, TPOT p50/p90 {fmt(r['tpot_p50_ms'], 1)}/{fmt(r['tpot_p90_ms'], 1)} "
-          f"ms, failed {r['num_failed']}, {run.wall_s:.0f} s", flush=True)
+          f"ms, failed {r['num_failed']}, {run.wall_s:.0f} s; cores used: machine {fmt(cpu['machine'], 2)}, "
+          f"other processes {fmt(r['other_processes_cores'], 2)}", flush=True)
 
 
 def print_table(results: dict[str, dict[str, Any]], slo: SLO, target: float) -> None:
     """Per configuration and rate: attainment, TTFT and TPOT p50/p90; then each goodput."""
     header = (f"{'config':<8}{'rate/s':>7}{'n':>4}{'attain':>8}{'TTFT p50':>10}{'TTFT p90':>10}"
-              f"{'TPOT p50':>10}{'TPOT p90':>10}{'good/s':>8}{'failed':>8}")
+              f"{'TPOT p50':>10}{'TPOT p90':>10}{'good/s':>8}{'failed':>8}{'other':>7}")
     print(f"\nSLO: TTFT ≤ {slo.ttft_ms:g} ms and TPOT ≤ {slo.tpot_ms:g} ms; goodput = highest rate with "
           f"≥ {target:.0%} attainment\n{header}\n{'-' * len(header)}")
     for key, res in results.items():
         for r in res["rates"]:
             print(f"{key:<8}{r['rate_per_s']:>7g}{r['num_requests']:>4}{fmt(100 * r['attainment']) + '%':>8}"
                   f"{fmt(r['ttft_p50_ms']):>10}{fmt(r['ttft_p90_ms']):>10}{fmt(r['tpot_p50_ms'], 1):>10}"
-                  f"{fmt(r['tpot_p90_ms'], 1):>10}{fmt(r['good_requests_per_s'], 2):>8}{r['num_failed']:>8}")
+                  f"{fmt(r['tpot_p90_ms'], 1):>10}{fmt(r['good_requests_per_s'], 2):>8}{r['num_failed']:>8}"
+                  f"{fmt(r['other_processes_cores'], 2):>7}{' *' if r['disturbed'] else ''}")
         if res["skipped_rates"]:
             print(f"{key:<8} rates {', '.join(f'{x:g}' for x in res['skipped_rates'])}: skipped (attainment "
-                  "fell below the stop threshold at a lower rate)")
-    print("times in ms; good/s: requests that met the SLO per second of the measured window\n")
+                  "fell below the stop threshold at two lower rates)")
+    print("times in ms; good/s: requests that met the SLO per second of the measured window; other: cores "
+          "that processes outside the benchmark kept busy during the rate (of 2);\n"
+          f"*: disturbed (other ≥ {DISTURBED_CORES} cores): another job on the machine took CPU from this "
+          "rate\n")
     for key, res in results.items():
         u = res["unloaded"]
         scaled = ", ".join(f"{s['scale']:g}× SLO {fmt(s['goodput_rate_per_s'], 2)}"
