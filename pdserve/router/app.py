@@ -52,6 +52,7 @@ import anyio
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from prometheus_client import CollectorRegistry
 from starlette.requests import ClientDisconnect
 
 from pdserve.model.tokenizer import Tokenizer
@@ -59,6 +60,7 @@ from pdserve.router.admission import Admission, Ticket
 from pdserve.router.backend import Backend
 from pdserve.router.errors import add_exception_handlers, as_api_error, read_body
 from pdserve.router.generation import EventStreamResponse, generate, merge, unless_disconnected
+from pdserve.router.http_metrics import ResponseCounter
 from pdserve.router.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -164,6 +166,7 @@ def create_app(
     api_keys: Sequence[str] = (),
     max_inflight: int | None = None,
     tracer: Tracer | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """The router's HTTP app, serving ``served_model_name`` through ``backend``.
 
@@ -180,6 +183,8 @@ def create_app(
         tracer: receives every generation's trace (:mod:`~pdserve.router.tracing`);
             whether answers carry them is its ``in_responses``. Default: one
             without metrics that keeps traces out of answers.
+        registry: where to count responses by endpoint and status
+            (:mod:`~pdserve.router.http_metrics`); None: not counted.
 
     On ``app.state``: ``draining`` (False; the server sets it True on SIGTERM,
     after which new generation requests get 503 and ``/ready`` 503 while
@@ -227,4 +232,6 @@ def create_app(
     add_exception_handlers(app)
     if keys:
         app.add_middleware(APIKeyMiddleware, api_keys=keys)
+    if registry is not None:  # outermost: counts the 401s too
+        app.add_middleware(ResponseCounter, registry=registry)
     return app

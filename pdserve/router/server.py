@@ -84,6 +84,7 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
         api_keys=config.api_keys,
         max_inflight=config.max_inflight,
         tracer=tracer,
+        registry=dispatcher.metrics.registry,
     )
 
     @contextlib.asynccontextmanager

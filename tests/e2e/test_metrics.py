@@ -91,3 +91,28 @@ def test_every_worker_serves_metrics_that_agree_with_the_router(disagg_shm: Loca
     assert total("pdserve_worker_kv_sent_bytes_total", "prefill") == kv_bytes
     assert total("pdserve_worker_prompt_tokens_computed_total", "decode") == 0
     assert total("pdserve_worker_prompt_tokens_computed_total", "prefill") > 0
+
+
+def test_http_answers_are_counted_by_endpoint_and_status(disagg_shm: LocalLauncher) -> None:
+    url = disagg_shm.url
+    before = scrape(url)
+
+    def status(**body: object) -> int:
+        return httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code
+
+    assert httpx.post(f"{url}/v1/completions", content=b"{not json", timeout=30).status_code == 400
+    assert status(model="tiny", prompt="x", max_tokens=-1) == 400
+    assert status(model="gpt-9", prompt="x") == 404
+    assert status(model="tiny", prompt="x", max_tokens=2) == 200
+    assert httpx.get(f"{url}/no/such/path", timeout=30).status_code == 404
+    after = scrape(url)
+
+    def delta(endpoint: str, code: str) -> float:
+        labels = {"endpoint": endpoint, "status": code}
+        name = "pdserve_http_responses_total"
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("/v1/completions", "400") == 2
+    assert delta("/v1/completions", "404") == 1
+    assert delta("/v1/completions", "200") == 1
+    assert delta("other", "404") == 1

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.model.tokenizer import ByteTokenizer, load_tokenizer
@@ -238,6 +239,17 @@ async def test_unknown_routes_need_a_key_too(backend: GatedBackend, tokenizer: C
         assert_error(await c.get("/v1/nothing"), 401, "invalid_api_key", "invalid_request_error")
         assert_error(await c.get("/pdserve/anything"), 401, "invalid_api_key", "invalid_request_error")
         assert (await c.get("/v1/nothing", headers=AUTH)).status_code == 404
+
+
+async def test_refused_keys_are_counted(backend: GatedBackend, tokenizer: CountingTokenizer) -> None:
+    registry = CollectorRegistry()
+    async with asgi_client(make_app(backend, tokenizer, api_keys=[KEY], registry=registry)) as c:
+        for _ in range(2):
+            assert (await c.post("/v1/completions", json={"prompt": "x"})).status_code == 401
+        assert (await c.get("/live")).status_code == 200
+    count = registry.get_sample_value
+    assert count("pdserve_http_responses_total", {"endpoint": "/v1/completions", "status": "401"}) == 2
+    assert count("pdserve_http_responses_total", {"endpoint": "/live", "status": "200"}) == 1
 
 
 async def test_probes_answer_without_a_key(backend: GatedBackend, tokenizer: CountingTokenizer) -> None:
