@@ -113,7 +113,10 @@ def s3(d: dict[str, Any]) -> list[Headline]:
     for key, res in d.get("configs", {}).items():
         rate = res.get("goodput_rate_per_s")
         value = f"{rate:g} req/s" if rate is not None else f"< {min(rates):g} req/s" if rates else "-"
+        disturbed = [f"{r['rate_per_s']:g}" for r in res.get("rates", []) if r.get("disturbed")]
         note = REPORTED if res.get("valid", True) else "invalid run"
+        if disturbed:  # another job on the machine took CPU during these rates (metered by the script)
+            note += f" (other jobs took CPU at {', '.join(disturbed)} req/s)"
         figures.append((f"goodput, {key} ({under}, ≥ 90% of requests)", value, "-", note))
     for name, value in d.get("goodput_ratios", {}).items():
         figures.append((f"goodput ratio {name.replace('_over_', ' / ')}", number(value, ".2f") + "×", "-",
