@@ -75,7 +75,7 @@ a configuration may have met a skipped higher rate, marked ``capped``).
                                     [--slo ttft_ms=..,tpot_ms=..]
 
 The default run takes about 12–15 minutes on the 2-core machine, ``--quick``
-(agg and disagg, rates 0.5 1 1.5, 16 requests per rate) about 5.
+(agg and disagg, rates 0.5 1 1.5, 24 requests per rate) about 4.
 
 Writes ``benchmarks/results/s3_goodput.json`` and prints, per configuration
 and rate, attainment, TTFT p50/p90 and TPOT p50/p90, and each goodput.
@@ -92,7 +92,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import httpx
 from common import RESULTS_DIR, machine_info, ratio, write_json
@@ -122,7 +122,7 @@ RESULTS = RESULTS_DIR / "s3_goodput.json"
 REFERENCE = "agg"  # the configuration whose unloaded latency sets the SLO
 DEFAULTS = {"configs": ["agg", "agg2", "disagg"], "rates": [0.5, 0.75, 1.0, 1.5, 2.0], "num_requests": 32,
             "warmup_requests": 3, "calibration_requests": 5}
-QUICK = {"configs": ["agg", "disagg"], "rates": [0.5, 1.0, 1.5], "num_requests": 16, "warmup_requests": 2,
+QUICK = {"configs": ["agg", "disagg"], "rates": [0.5, 1.0, 1.5], "num_requests": 24, "warmup_requests": 2,
          "calibration_requests": 3}
 
 
@@ -212,7 +212,7 @@ class Bench:
 
 
 #: The SLO, or how to derive it from the reference configuration's unloaded latency.
-SloSource = SLO | Callable[[Summary], SLO]
+SloSource: TypeAlias = SLO | Callable[[Summary], SLO]
 
 
 @dataclass
@@ -315,7 +315,7 @@ def slo_report(slo: SLO, reference: Summary | None, args: argparse.Namespace) ->
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true",
-                   help=f"about 5 minutes: {QUICK} (options given explicitly win)")
+                   help=f"about 4 minutes: {QUICK} (options given explicitly win)")
     p.add_argument("--configs", nargs="+", default=None, choices=["agg", "agg2", "disagg"],
                    help=f"default {DEFAULTS['configs']}")
     p.add_argument("--rates", type=float, nargs="+", default=None,
