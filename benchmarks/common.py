@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -49,8 +50,9 @@ def git_commit() -> dict[str, Any]:
         # an export (``git archive``) of a commit, measured away from a checkout being edited
         return {"commit": os.environ.get("BENCH_GIT_COMMIT"), "dirty": None, "diff_sha1": None,
                 "export": str(REPO_ROOT)}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    diff = git("diff", "HEAD")  # uncommitted changes to tracked files: their hash names the tree measured
+    # Result files rewritten by the suite itself do not make the measured code dirty.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    diff = git("diff", "HEAD", "--", ".", ":!benchmarks/results")  # its hash names the tree measured
     return {
         "commit": git("rev-parse", "HEAD"),
         "dirty": bool(status) if status is not None else None,
@@ -77,6 +79,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git": git_commit(),
+        "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
         "load_avg_1_5_15min": list(os.getloadavg()),  # other jobs on this host skew absolute times
     }
 

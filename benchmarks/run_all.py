@@ -130,7 +130,7 @@ def sources(results: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
     for name, d in results.items():
         settings = d.get("config") or d.get("settings") or {}
-        cmd = settings.get("command")
+        cmd = settings.get("command") or (d.get("machine") or {}).get("command")
         lines.append(f"- `{name}`: " + (f"`python {cmd}`" if cmd else "command not recorded in the file"))
     return lines
 

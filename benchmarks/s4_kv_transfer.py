@@ -26,11 +26,9 @@ prefilled by a real prefill engine, chunk size 512 and 2048.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -38,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import torch
 import zmq
@@ -272,19 +271,11 @@ def run_size(tokens: int, src: Layers, layout: KVLayout, transports: list[str], 
 
 
 def machine_info() -> dict[str, Any]:
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
+    """The shared description (:func:`common.machine_info`) and what this scenario depends on."""
     return {
-        "cpu_model": model, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        **common.machine_info(),
         "torch_threads": torch.get_num_threads(), "numpy": np.__version__, "pyzmq": zmq.__version__,
-        "libzmq": zmq.zmq_version(), "python": platform.python_version(), "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "load_avg_1_5_15min": os.getloadavg(),  # the machine is shared: other jobs skew absolute times
+        "libzmq": zmq.zmq_version(),
     }
 
 
