@@ -60,6 +60,15 @@ def git_commit() -> dict[str, Any]:
     }
 
 
+def _command() -> str | None:
+    """How this script was started, with its path relative to the repository."""
+    if not sys.argv or not sys.argv[0]:
+        return None
+    script = Path(sys.argv[0]).resolve()
+    shown = str(script.relative_to(REPO_ROOT)) if script.is_relative_to(REPO_ROOT) else sys.argv[0]
+    return " ".join([shown, *sys.argv[1:]])
+
+
 def package_version(name: str) -> str | None:
     """Installed version of a distribution, without importing it (importing torch takes seconds)."""
     try:
@@ -79,7 +88,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git": git_commit(),
-        "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
+        "command": _command(),
         "load_avg_1_5_15min": list(os.getloadavg()),  # other jobs on this host skew absolute times
     }
 

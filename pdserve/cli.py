@@ -174,7 +174,8 @@ def _worker(args: argparse.Namespace) -> int:
     import torch
 
     from pdserve.engine.llm import make_engine_config
-    from pdserve.worker.worker import Worker, WorkerConfig
+    from pdserve.worker.config import WorkerConfig
+    from pdserve.worker.worker import Worker
 
     if args.threads:
         torch.set_num_threads(args.threads)
