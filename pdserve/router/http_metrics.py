@@ -13,8 +13,10 @@ A pure ASGI middleware: streaming and disconnect detection are untouched.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+disable_created_metrics()  # as for every router metric (see pdserve.router.metrics)
 
 #: Endpoints labelled by their path; every other path is ``other`` (bounded label values).
 ENDPOINTS = frozenset(

@@ -41,12 +41,12 @@ from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from pdserve.router.metrics import LATENCY_BUCKETS_S  # (importing it also turns off *_created series)
 from pdserve.worker.protocol import PrefillTiming
 
 logger = logging.getLogger(__name__)
 
 TTFT_PARTS = ("queue", "prefill", "transfer", "delivery")
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PART_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
