@@ -16,12 +16,25 @@ import platform
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pdserve.launch.local import LaunchConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One deployment configuration a scenario compares (S2, S3)."""
+
+    key: str
+    description: str
+    launch: LaunchConfig
 
 
 def cpu_model() -> str:

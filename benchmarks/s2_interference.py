@@ -91,7 +91,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import RESULTS_DIR, machine_info, percentile, ratio, write_json
+from common import RESULTS_DIR, Setup, machine_info, percentile, ratio, write_json
 from cpu_meter import CpuMeter
 
 from pdserve.launch.local import LaunchConfig, LocalLauncher
@@ -111,15 +111,6 @@ RATIO_METRICS = (("bg", "itl_p99_ms"), ("bg", "itl_p50_ms"), ("fg", "ttft_p50_ms
 
 
 # ----------------------------------------------------------------------------- configurations
-
-
-@dataclass(frozen=True)
-class Setup:
-    """One configuration under test."""
-
-    key: str
-    description: str
-    launch: LaunchConfig
 
 
 def setups(args: argparse.Namespace) -> dict[str, Setup]:

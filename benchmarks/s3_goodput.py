@@ -95,7 +95,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import httpx
-from common import RESULTS_DIR, machine_info, ratio, write_json
+from common import RESULTS_DIR, Setup, machine_info, ratio, write_json
 from cpu_meter import CpuMeter
 from s3_report import (
     PLANNER_NOTE,
@@ -127,15 +127,6 @@ QUICK = {"configs": ["agg", "disagg"], "rates": [0.5, 1.0, 1.5], "num_requests":
 
 
 # ----------------------------------------------------------------------------- configurations
-
-
-@dataclass(frozen=True)
-class Setup:
-    """One configuration under test."""
-
-    key: str
-    description: str
-    launch: LaunchConfig
 
 
 def setups(args: argparse.Namespace) -> dict[str, Setup]:
