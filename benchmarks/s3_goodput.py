@@ -134,9 +134,11 @@ def setups(args: argparse.Namespace) -> dict[str, Setup]:
     worker = ["--model", MODEL, "--chunk-size", str(args.chunk_size), "--no-prefix-caching"]
     router = ["--model", MODEL, "--lease", str(args.lease)]
 
-    def launch(mode: str, threads: int, **workers: int) -> LaunchConfig:
-        return LaunchConfig(mode=mode, port=0, router_args=router, worker_args=worker,
-                            threads_per_worker=threads, ready_timeout_s=300, **workers)
+    def launch(mode: str, threads: int, num_prefill: int = 0, num_decode: int = 0, num_mixed: int = 0
+               ) -> LaunchConfig:
+        return LaunchConfig(mode=mode, num_prefill=num_prefill, num_decode=num_decode, num_mixed=num_mixed,
+                            port=0, router_args=router, worker_args=worker, threads_per_worker=threads,
+                            ready_timeout_s=300)
 
     chunk = f"chunked prefill (chunk {args.chunk_size})"
     return {
