@@ -45,9 +45,9 @@ class PrefillTimer:
         self._records: dict[str, _Record] = {}
         self._in_step: list[_Record] = []  # records of requests the running step prefills
 
-    def received(self, request_id: str) -> None:
-        """A request to prefill arrived."""
-        self._records[request_id] = _Record(self.clock())
+    def received(self, request_id: str, at_s: float | None = None) -> None:
+        """A request to prefill arrived (at ``at_s`` on this timer's clock; None: now)."""
+        self._records[request_id] = _Record(self.clock() if at_s is None else at_s)
 
     def forget(self, request_id: str) -> None:
         """Drop a record without reporting it."""

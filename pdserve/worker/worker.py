@@ -264,6 +264,7 @@ class Worker:
                 logger.warning("worker %s: unexpected %s", self.worker_id, type(message).__name__)
 
     def _on_prefill(self, m: p.PrefillRequest) -> None:
+        received_s = self.timer.clock()  # setting up (e.g. the first connection to a peer) is queueing
         try:
             if self._draining:
                 raise PDServeError(f"worker {self.worker_id} is shutting down")
@@ -276,7 +277,7 @@ class Worker:
                 self.pusher.track(m.request_id, m.decode_worker_id, m.decode_kv)
             # A decode worker takes a whole request only as the fallback prefill.
             self.engine.enqueue(request)
-            self.timer.received(m.request_id)
+            self.timer.received(m.request_id, received_s)
         except (PDServeError, ValueError) as exc:
             if self.pusher is not None:
                 self.pusher.forget(m.request_id)

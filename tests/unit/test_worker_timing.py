@@ -84,3 +84,14 @@ def test_forgotten_and_unknown_requests_report_nothing() -> None:
     timer.received("gone")
     timer.forget("gone")
     assert timer.finish("gone") is None and timer.finish("never") is None and timer.num_pending == 0
+
+
+def test_setup_before_queueing_counts_as_queue() -> None:
+    clock = Clock()
+    timer = PrefillTimer(clock=clock)
+    clock.t = 0.020  # e.g. the first connection to the decode peer took 20 ms
+    timer.received("s", at_s=0.0)
+    step(timer, clock, batch("s"), compute_s=0.010)
+    timing = timer.finish("s")
+    assert timing is not None
+    assert timing.queue_s == pytest.approx(0.020) and timing.span_s == pytest.approx(0.030)
