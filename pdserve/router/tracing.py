@@ -57,8 +57,8 @@ class TTFTBreakdown:
     The four parts add up to ``ttft_s``:
 
     * ``queue_s`` = ``router_queue_s`` (reading, parsing, tokenising, and
-      earlier attempts that failed) + ``worker_queue_s`` (waiting on the
-      worker for a step).
+      earlier attempts that failed) + ``worker_queue_s`` (on the worker:
+      setting the request up, then waiting for a step).
     * ``prefill_s``: the worker computing the prompt.
     * ``transfer_s``: the prefill waiting for its KV to be pushed to the
       decode worker (0 when aggregated; the rest of the transfer overlaps).

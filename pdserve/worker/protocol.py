@@ -116,7 +116,8 @@ class PrefillTiming(msgspec.Struct):
     Durations on the worker's own clock (no clock needs to agree with the router's):
 
     Attributes:
-        queue_s: request received → start of the first step that computed it.
+        queue_s: request message received → start of the first step that computed it
+            (setting the request up, e.g. a first connection to its decode peer, included).
         prefill_s: that step's start → first token sampled, less ``kv_push_s``.
         kv_push_s: time those steps spent pushing KV to the decode worker
             (compute waited for it: the transfer's share of TTFT).
