@@ -165,6 +165,7 @@ def _router(args: argparse.Namespace) -> int:
             trace_log=args.trace_log,
             event_loop=args.event_loop,
             http=args.http,
+            ready_file=args.ready_file,
         )
     )
     return 0
@@ -296,6 +297,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     router.add_argument(
         "--http", default="auto", choices=["auto", "httptools", "h11"], help="auto: httptools if installed"
+    )
+    router.add_argument(
+        "--ready-file", default=None, help="once listening, write the ports it got here (JSON; for launchers)"
     )
     _add_trace_args(router)
     commands["router"] = _router

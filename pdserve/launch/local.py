@@ -2,9 +2,12 @@
 
 Lifecycle:
 
-1. Pick free ports; start the router (``pdserve router ...``), then each
-   worker (``pdserve worker --role ... --router tcp://...``): the same commands
-   a user would run by hand on other hosts, so ``ps`` shows every role.
+1. Start the router (``pdserve router ...``) on the HTTP port asked for (0:
+   any) and any free control port; it binds them itself and reports what it
+   got in a ready file (no port is picked before it is bound, so none can be
+   taken in between). Then start each worker (``pdserve worker --role ...
+   --router tcp://...``): the same commands a user would run by hand on other
+   hosts, so ``ps`` shows every role.
 2. Wait until the router's ``/ready`` answers 200 (or a child dies, or time
    runs out).
 3. Run until SIGINT/SIGTERM or until a child exits; then stop every child
@@ -16,6 +19,7 @@ Lifecycle:
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import secrets
@@ -23,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -90,9 +95,11 @@ class LocalLauncher:
 
     def __init__(self, config: LaunchConfig) -> None:
         self.config = config
-        self.port = config.port or free_port(config.host)
-        self.control_port = free_port()
+        # Both known once the router has bound them (port 0: it picks; see ``start``).
+        self.port = config.port
+        self.control_port = 0
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._rundir = tempfile.TemporaryDirectory(prefix="pdserve-launch-")
         # Only processes started with this secret can register as workers.
         self.secret = os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_hex(16)
 
@@ -113,6 +120,7 @@ class LocalLauncher:
     def start(self) -> None:
         """Start router and workers; return once the router is ready."""
         c = self.config
+        ready_file = os.path.join(self._rundir.name, "router.json")
         self._spawn(
             "router",
             [
@@ -122,10 +130,13 @@ class LocalLauncher:
                 "--port",
                 str(self.port),
                 "--control-port",
-                str(self.control_port),
+                "0",
+                "--ready-file",
+                ready_file,
                 *c.router_args,
             ],
         )
+        control_endpoint = self._wait_router(ready_file)
         roles = (
             [("prefill", c.num_prefill), ("decode", c.num_decode)]
             if c.mode == "disaggregated"
@@ -133,7 +144,6 @@ class LocalLauncher:
         )
         num_workers = sum(n for _, n in roles)
         threads = c.threads_per_worker or max((os.cpu_count() or 1) // num_workers, 1)
-        router = f"tcp://127.0.0.1:{self.control_port}"
         for role, count in roles:
             for i in range(count):
                 self._spawn(
@@ -143,7 +153,7 @@ class LocalLauncher:
                         "--role",
                         role,
                         "--router",
-                        router,
+                        control_endpoint,
                         "--worker-id",
                         f"{role}-{i}",
                         "--threads",
@@ -155,6 +165,23 @@ class LocalLauncher:
                     threads,
                 )
         self._wait_ready()
+
+    def _wait_router(self, ready_file: str) -> str:
+        """Wait for the router to report the ports it bound; returns its control endpoint."""
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        _, router = self.procs[0]
+        while not os.path.exists(ready_file):
+            if router.poll() is not None:
+                raise RuntimeError(f"router exited with code {router.returncode} during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router did not listen within {self.config.ready_timeout_s:.0f} s")
+            time.sleep(0.05)
+        with open(ready_file) as f:
+            ready = json.load(f)
+        self.port = int(ready["http_port"])
+        endpoint = str(ready["control_endpoint"])
+        self.control_port = int(endpoint.rsplit(":", 1)[1])
+        return endpoint
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -218,3 +245,4 @@ class LocalLauncher:
                 logger.warning("%s did not stop in %.0f s; killing it", name, grace_s)
                 proc.kill()
                 proc.wait()
+        self._rundir.cleanup()

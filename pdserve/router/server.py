@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
-from collections.abc import AsyncIterator
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -46,6 +49,9 @@ class RouterConfig:
             ``auto`` (uvloop where installed).
         http: uvicorn's HTTP parser: ``httptools``, ``h11`` or ``auto``
             (httptools where installed).
+        ready_file: once listening, write ``{"http_port", "control_endpoint"}``
+            (JSON) here, so that whoever started the router with port 0 learns
+            the ports it got (no port is picked before it is bound).
     """
 
     model: str = "tiny"
@@ -63,6 +69,7 @@ class RouterConfig:
     trace_log: str | None = None
     event_loop: str = "auto"
     http: str = "auto"
+    ready_file: str | None = None
 
 
 def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
@@ -147,11 +154,24 @@ class DrainingServer(uvicorn.Server):
     server exits. A second signal exits at once.
     """
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: FastAPI,
+        drain_timeout_s: float,
+        on_listening: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self._app = app
         self._drain_timeout_s = drain_timeout_s
         self._drain_task: asyncio.Task[None] | None = None
+        self._on_listening = on_listening
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start as uvicorn does, then report the HTTP port actually bound."""
+        await super().startup(sockets)
+        if self._on_listening is not None and self.servers and not self.should_exit:
+            self._on_listening(int(self.servers[0].sockets[0].getsockname()[1]))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_task is not None:
@@ -170,17 +190,32 @@ class DrainingServer(uvicorn.Server):
 
 def run_router(config: RouterConfig) -> None:
     """Serve until SIGINT/SIGTERM (draining first)."""
-    app, _ = build_router_app(config)
+    app, dispatcher = build_router_app(config)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level="warning", access_log=False, http=config.http
     )
-    server = DrainingServer(uv_config, app, config.drain_timeout_s)
+
+    def on_listening(http_port: int) -> None:
+        logger.info("router listening on %s:%d, workers connect to %s", config.host, http_port,
+                    dispatcher.endpoint)
+        if config.ready_file:
+            write_ready_file(config.ready_file, http_port, dispatcher.endpoint)
+
+    server = DrainingServer(uv_config, app, config.drain_timeout_s, on_listening)
     if _use_uvloop(config.event_loop):
         import uvloop
 
         uvloop.run(server.serve())
     else:
         asyncio.run(server.serve())
+
+
+def write_ready_file(path: str, http_port: int, control_endpoint: str) -> None:
+    """Write the router's ports as JSON, atomically (a reader never sees half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"http_port": http_port, "control_endpoint": control_endpoint}, f)
+    os.replace(tmp, path)
 
 
 def _use_uvloop(choice: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -86,3 +87,24 @@ def test_serve_answers_and_stops_cleanly(stop_signal: signal.Signals) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_router_on_port_zero_reports_the_ports_it_bound(tmp_path: Path) -> None:
+    ready = tmp_path / "router.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve", "router", "--model", "tiny", "--port", "0", "--control-port", "0",
+         "--ready-file", str(ready)],
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        ports = json.loads(ready.read_text())
+        assert ports["http_port"] > 0 and ports["control_endpoint"].startswith("tcp://127.0.0.1:")
+        assert int(ports["control_endpoint"].rsplit(":", 1)[1]) > 0
+        assert httpx.get(f"http://127.0.0.1:{ports['http_port']}/live", timeout=10).status_code == 200
+        assert not (tmp_path / "router.json.tmp").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
