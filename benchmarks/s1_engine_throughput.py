@@ -217,7 +217,8 @@ def main() -> None:
             )
             for order in ("arrival", "sorted")
         ]
-        order = best(order_check)["order"] if best(order_check) else "sorted"
+        best_order = best(order_check)
+        order = best_order["order"] if best_order else "sorted"
         varied_full = [
             hf_batched(run, ckpt, "varied", varied, size, order) for size in args.varied_batch_sizes
         ]

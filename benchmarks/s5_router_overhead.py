@@ -289,7 +289,7 @@ def _p(values: list[float], q: float) -> float:
 
 def lateness_ms(run: RunResult, phase: Phase) -> list[float]:
     """How long after its scheduled time (from the send) each token arrived, over measured requests."""
-    out = []
+    out: list[float] = []
     for r in run.records:
         if r.ok and not r.warmup:
             out.extend(1e3 * t - (phase.ttft_ms + j * phase.itl_ms) for j, t in enumerate(r.chunk_s))
@@ -324,8 +324,8 @@ def split_ttft(run: RunResult, first_tag: int, trace_path: Path) -> dict[str, fl
     """Router side of one run: client send → worker got the request → worker sent token → client got it."""
     seen: dict[str, tuple[float, float]] = {}
     for line in trace_path.read_text().splitlines():
-        tag, received_s, sent_s = line.split()
-        seen[tag] = (float(received_s), float(sent_s))
+        tag, received, sent = line.split()
+        seen[tag] = (float(received), float(sent))
     inbound, in_worker, outbound, ttfts = [], [], [], []
     for r in run.records:
         if not r.ok or r.warmup or r.ttft_s is None:
@@ -383,8 +383,8 @@ def measure(stack: Stack, phases: list[Phase], repeats: int, profile: bool) -> d
     results: dict[str, Any] = {}
     for phase in phases:
         runs: dict[str, list[RunResult]] = {"direct": [], "router": []}
-        cpu_s = {side: collections.Counter[str]() for side in runs}
-        wall_s = collections.Counter[str]()
+        cpu_s: dict[str, dict[str, float]] = {side: collections.defaultdict(float) for side in runs}
+        wall_s: dict[str, float] = collections.defaultdict(float)
         split = None
         for rep in range(repeats):
             for side, url in (("direct", stack.direct_url), ("router", stack.router_url)):
