@@ -323,10 +323,10 @@ class Dispatcher:
             state.enter(Stage.TRANSFER, self.config.kv_timeout_s)
         elif sender == state.decode_id:
             state.enter(Stage.DECODE, self.config.token_timeout_s)
+        if (new_ids and not state.tokens) or m.timing is not None:
+            state.trace.first_token(sender, m.timing)
         if not new_ids and not m.finished:
             return
-        if new_ids and not state.tokens:
-            state.trace.first_token(sender, m.timing)
         state.tokens.extend(new_ids)
         logprobs = None
         if m.logprobs is not None:

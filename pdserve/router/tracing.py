@@ -107,7 +107,7 @@ class RequestTrace:
         self.dispatched_s: float | None = None
         self.first_token_s: float | None = None
         self.timing: PrefillTiming | None = None
-        self.breakdown: TTFTBreakdown | None = None
+        self.delivered_s: float | None = None
         self.num_tokens = 0
         self.num_token_messages = 0
         self.last_token_s: float | None = None
@@ -132,22 +132,28 @@ class RequestTrace:
         self._add("routed", self.dispatched_s, workers)
 
     def first_token(self, worker_id: str, timing: PrefillTiming | None) -> None:
-        """The first token arrived from ``worker_id`` with that worker's timing (if it sent one)."""
-        if self.first_token_s is not None:
+        """A message with the first token, or with the prefill's timing, arrived from ``worker_id``.
+
+        The first such message is the first token. The prefilling worker's timing
+        may come on a later one: the decode worker can relay the first token to
+        the router before the prefill worker's own message arrives.
+        """
+        now = self.now()
+        if self.first_token_s is None:
+            self.first_token_s = now
+            self._add("first_token", now, {"worker": worker_id})
+        if timing is None or self.timing is not None or self.dispatched_s is None:
             return
-        self.first_token_s = now = self.now()
         self.timing = timing
-        if timing is not None and self.dispatched_s is not None:
-            hop = max(now - self.dispatched_s - timing.span_s, 0.0) / 2
-            received = self.dispatched_s + hop
-            start = received + timing.queue_s
-            worker = {"worker": worker_id}
-            # (min: never after the receipt, whatever the clocks' resolution)
-            self._add("prefill_start", min(start, now), worker)
-            if timing.kv_push_start_s is not None:
-                self._add("kv_transfer_start", min(received + timing.kv_push_start_s, now), worker)
-            self._add("prefill_end", min(start + timing.prefill_s + timing.kv_push_s, now), worker)
-        self._add("first_token", now, {"worker": worker_id})
+        hop = max(now - self.dispatched_s - timing.span_s, 0.0) / 2
+        received = self.dispatched_s + hop
+        start = received + timing.queue_s
+        worker = {"worker": worker_id}
+        # (min: never after the receipt, whatever the clocks' resolution)
+        self._add("prefill_start", min(start, now), worker)
+        if timing.kv_push_start_s is not None:
+            self._add("kv_transfer_start", min(received + timing.kv_push_start_s, now), worker)
+        self._add("prefill_end", min(start + timing.prefill_s + timing.kv_push_s, now), worker)
 
     def kv_received(self, num_bytes: int, transfer_s: float) -> None:
         """The decode worker has the whole KV (``transfer_s``: first byte → done, on its clock).
@@ -165,16 +171,21 @@ class RequestTrace:
     # -- what the HTTP side sees ------------------------------------------------------
 
     def tokens(self, num_tokens: int) -> None:
-        """A token message reached the response; the first one completes the breakdown."""
+        """A token message reached the response; the first one ends the time to first token."""
         if num_tokens <= 0:
             return
         now = self.now()
         self.num_tokens += num_tokens
         self.num_token_messages += 1
         self.last_token_s = now
-        if self.breakdown is None:
+        if self.delivered_s is None:
+            self.delivered_s = now
             self._add("first_token_delivered", now)
-            self.breakdown = self._breakdown(now)
+
+    @property
+    def breakdown(self) -> TTFTBreakdown | None:
+        """The TTFT breakdown once the first token was delivered (None before)."""
+        return None if self.delivered_s is None else self._breakdown(self.delivered_s)
 
     def _breakdown(self, delivered_s: float) -> TTFTBreakdown:
         dispatched = self.dispatched_s if self.dispatched_s is not None else 0.0
@@ -216,15 +227,16 @@ class RequestTrace:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view: ids, outcome, TTFT breakdown, counts and the ordered events."""
         events = sorted(self.events, key=lambda e: e[1])
+        breakdown = self.breakdown
         return {
             "request_id": self.request_id,
             "arrived_unix_s": round(self.arrived_unix_s, 6),
             "outcome": self.outcome,
             "attempts": self.num_attempts,
-            "ttft_s": None if self.breakdown is None else _r(self.breakdown.ttft_s),
+            "ttft_s": None if breakdown is None else _r(breakdown.ttft_s),
             "ttft_breakdown": None
-            if self.breakdown is None
-            else {k: (v if isinstance(v, bool) else _r(v)) for k, v in asdict(self.breakdown).items()},
+            if breakdown is None
+            else {k: (v if isinstance(v, bool) else _r(v)) for k, v in asdict(breakdown).items()},
             "num_tokens": self.num_tokens,
             "num_token_messages": self.num_token_messages,
             "last_token_s": None if self.last_token_s is None else _r(self.last_token_s),

@@ -98,6 +98,28 @@ def test_events_are_recorded_once() -> None:
     assert trace.outcome == "finished"
 
 
+def test_timing_that_arrives_after_the_first_token_still_counts() -> None:
+    # The decode worker relayed the first token at 50 ms; the prefill worker's own message
+    # (its timing) arrived at 51 ms, after the token had been handed over at 50.5 ms.
+    clock = Clock()
+    trace = RequestTrace("r-2", clock=clock)
+    clock.at(2)
+    trace.routed(0, "prefill-0", "decode-0")
+    clock.at(50)
+    trace.first_token("decode-0", None)
+    clock.at(50.5)
+    trace.tokens(1)
+    clock.at(51)
+    trace.first_token("prefill-0", TIMING)
+    b = trace.breakdown
+    assert b is not None and b.exact
+    assert b.ttft_s == pytest.approx(0.0505) and b.prefill_s == pytest.approx(0.030)
+    assert b.network_s == pytest.approx(0.048 - 0.038) and b.router_delivery_s == pytest.approx(0.0005)
+    assert sum(b.parts().values()) == pytest.approx(b.ttft_s)
+    firsts = [e for e in trace.to_dict()["events"] if e["event"] == "first_token"]
+    assert len(firsts) == 1 and firsts[0]["worker"] == "decode-0"
+
+
 def test_without_worker_timing_the_prefill_takes_everything_between_dispatch_and_receipt() -> None:
     b = run_trace(Clock(), None).breakdown
     assert b is not None and not b.exact
