@@ -266,6 +266,7 @@ class Dispatcher:
                 state = self._by_worker_rid.get(rid)
                 if state is not None and state.prefill_id is not None:
                     self._send(state.prefill_id, p.Blocks(rid, block_ids))
+                    state.trace.kv_reserved(len(block_ids))
             case p.KVReceived(request_id=rid, num_bytes=num_bytes, transfer_s=transfer_s):
                 self.counters.kv_bytes += num_bytes
                 self.metrics.kv_transfer.observe(transfer_s)

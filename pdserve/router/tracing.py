@@ -9,7 +9,9 @@ samples), on the router's clock, counted from the request's arrival:
    worker that prefilled; the worker reports durations on its own clock
    (:class:`~pdserve.worker.protocol.PrefillTiming`), which are placed on the
    router's timeline assuming the two message hops took equally long.
-4. ``first_token`` — the router received the first token.
+4. ``kv_reserved`` — the decode worker reserved blocks for the KV and the
+   router relayed their ids to the prefill worker (disaggregated).
+   ``first_token`` — the router received the first token.
 5. ``first_token_delivered`` — the router handed it to the HTTP response.
 6. ``kv_transfer_end`` — the decode worker reported the whole KV in (and
    ``kv_transfer_start``, estimated from its transfer time, if the push
@@ -154,6 +156,10 @@ class RequestTrace:
         if timing.kv_push_start_s is not None:
             self._add("kv_transfer_start", min(received + timing.kv_push_start_s, now), worker)
         self._add("prefill_end", min(start + timing.prefill_s + timing.kv_push_s, now), worker)
+
+    def kv_reserved(self, num_blocks: int) -> None:
+        """The decode worker reserved the KV's blocks; the router relayed where to the prefill worker."""
+        self._add("kv_reserved", self.now(), {"blocks": num_blocks})
 
     def kv_received(self, num_bytes: int, transfer_s: float) -> None:
         """The decode worker has the whole KV (``transfer_s``: first byte → done, on its clock).

@@ -78,6 +78,9 @@ def test_disaggregated_trace_adds_up_and_orders_its_events(disagg_shm: LocalLaun
     assert [t[name] for name in order] == sorted(t[name] for name in order)
     # The push starts during the prefill when the decode worker's blocks are known by then, else after.
     assert t["prefill_start"] <= t["kv_transfer_start"] <= t["kv_transfer_end"]
+    assert t["routed"] <= t["kv_reserved"] <= t["kv_transfer_end"]
+    reserved = next(e for e in trace["events"] if e["event"] == "kv_reserved")
+    assert reserved["blocks"] == 26  # the 400 prompt tokens and the first output token
     assert t["first_token_delivered"] == pytest.approx(trace["ttft_s"], abs=1e-5)
     assert t["kv_transfer_end"] > t["first_token"] - 1e-3
     kv_end = next(e for e in trace["events"] if e["event"] == "kv_transfer_end")
