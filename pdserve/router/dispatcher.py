@@ -160,8 +160,8 @@ class Dispatcher:
             dw = self.decode_policy.pick(decode, n)
             state.prefill_id, state.decode_id = pw.worker_id, dw.worker_id
             state.trace.routed(state.attempt, pw.worker_id, dw.worker_id)  # before the workers' clocks start
-            self._send(dw.worker_id, p.DecodeRequest(rid, state.prompt, params, pw.worker_id, outputs))
-            self._send(
+            self.channel.send(dw.worker_id, p.DecodeRequest(rid, state.prompt, params, pw.worker_id, outputs))
+            self.channel.send(
                 pw.worker_id, p.PrefillRequest(rid, state.prompt, params, dw.worker_id, dw.kv, outputs)
             )
         elif mixed or (decode and self.config.prefill_fallback):
@@ -171,7 +171,7 @@ class Dispatcher:
                 logger.warning("router: no prefill worker; %s prefills %s itself", worker.worker_id, rid)
             state.prefill_id, state.decode_id = None, worker.worker_id
             state.trace.routed(state.attempt, None, worker.worker_id)
-            self._send(
+            self.channel.send(
                 worker.worker_id, p.PrefillRequest(rid, state.prompt, params, output_token_ids=outputs)
             )
         else:
@@ -191,7 +191,7 @@ class Dispatcher:
             info = self.registry.get(wid)
             if info is not None:
                 info.num_inflight -= 1
-                self._send(wid, p.Abort(state.worker_rid))
+                self.channel.send(wid, p.Abort(state.worker_rid))
 
     def _retry(self, state: Inflight, reason: str, suspects: set[str], local: bool = False) -> None:
         """A new attempt resuming from the delivered tokens, or an error if none is possible."""
@@ -212,7 +212,7 @@ class Dispatcher:
             self.counters.num_fallback_prefills += 1
             rid = state.worker_rid
             state.trace.routed(state.attempt, None, decode.worker_id)
-            self._send(
+            self.channel.send(
                 decode.worker_id,
                 p.PrefillRequest(rid, state.prompt, state.params, output_token_ids=list(state.tokens)),
             )
@@ -235,7 +235,7 @@ class Dispatcher:
             if info is not None:
                 info.num_inflight -= 1
                 if abort:
-                    self._send(wid, p.Abort(state.worker_rid))
+                    self.channel.send(wid, p.Abort(state.worker_rid))
 
     def _worker_lost(self, worker_id: str, why: str) -> None:
         if self.registry.remove(worker_id) is None:
@@ -247,13 +247,9 @@ class Dispatcher:
                 self._retry(state, f"worker {worker_id} lost ({why})", {worker_id})
         # Decode workers may hold blocks reserved for its KV: no more writes will come.
         for w in self.registry.by_role(Role.DECODE):
-            self._send(w.worker_id, p.PeerLost(worker_id))
+            self.channel.send(w.worker_id, p.PeerLost(worker_id))
 
     # -- worker messages ---------------------------------------------------------------
-
-    def _send(self, worker_id: str, message: p.Message) -> bool:
-        """Send without waiting; False when the worker's connection is gone (it is then dropped)."""
-        return self.channel.send(worker_id, message)
 
     def _handle(self, sender: str, message: p.Message) -> None:
         match message:
@@ -261,11 +257,11 @@ class Dispatcher:
                 self._on_tokens(sender, message)
             case p.Heartbeat(worker_id=wid, load=load):
                 if not self.registry.heartbeat(wid, load):
-                    self._send(sender, p.Reregister())
+                    self.channel.send(sender, p.Reregister())
             case p.Reserved(request_id=rid, block_ids=block_ids):
                 state = self._by_worker_rid.get(rid)
                 if state is not None and state.prefill_id is not None:
-                    self._send(state.prefill_id, p.Blocks(rid, block_ids))
+                    self.channel.send(state.prefill_id, p.Blocks(rid, block_ids))
                     state.trace.kv_reserved(len(block_ids))
             case p.KVReceived(request_id=rid, num_bytes=num_bytes, transfer_s=transfer_s):
                 self.counters.kv_bytes += num_bytes
@@ -274,7 +270,7 @@ class Dispatcher:
                 if state is not None:
                     state.trace.kv_received(num_bytes, transfer_s)
                 if state is not None and state.prefill_id is not None:
-                    self._send(state.prefill_id, p.Release(rid))
+                    self.channel.send(state.prefill_id, p.Release(rid))
                     if state.stage is not Stage.DECODE:
                         state.enter(Stage.DECODE, self.config.token_timeout_s)
             case p.RequestFailed(request_id=rid, message=text, code=code):
@@ -308,7 +304,7 @@ class Dispatcher:
             logger.warning("router: %s serves %s, not %s; refused", m.worker_id, m.model, self.model_name)
             return
         self.registry.add(WorkerInfo.from_register(m))
-        self._send(sender, p.Registered(m.worker_id, self.config.lease_s / 6))
+        self.channel.send(sender, p.Registered(m.worker_id, self.config.lease_s / 6))
         logger.info("router: %s worker %s registered (pid %d)", m.role, m.worker_id, m.pid)
 
     def _on_tokens(self, sender: str, m: p.Tokens) -> None:
@@ -356,7 +352,7 @@ class Dispatcher:
     def check_workers(self) -> None:
         """Probe every worker; remove the unreachable and the silent."""
         for w in self.registry.all():
-            if not self._send(w.worker_id, p.Ping()):
+            if not self.channel.send(w.worker_id, p.Ping()):
                 self._worker_lost(w.worker_id, "connection gone")
         now = time.monotonic()
         for w in self.registry.all():
@@ -396,7 +392,7 @@ class Dispatcher:
             fut: asyncio.Future[p.WorkerStats] = loop.create_future()
             self._stats_waiters.setdefault(w.worker_id, []).append(fut)
             futures.append(fut)
-            self._send(w.worker_id, p.GetStats())
+            self.channel.send(w.worker_id, p.GetStats())
         if not futures:
             return []
         done, _ = await asyncio.wait(futures, timeout=timeout_s)
