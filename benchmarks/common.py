@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine description, percentiles, JSON results.
+"""Helpers shared by the benchmark scripts: machine description, ratios, JSON results.
 
 Every result file carries :func:`machine_info` so that a figure can be traced
 to the machine, the code (git commit) and how busy the shared host was when
@@ -15,7 +15,6 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -104,19 +103,6 @@ def machine_info() -> dict[str, Any]:
         "command": _command(),
         "load_avg_1_5_15min": list(os.getloadavg()),  # other jobs on this host skew absolute times
     }
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0–100) with linear interpolation, as ``numpy.percentile``; NaN when empty."""
-    if not 0 <= q <= 100:
-        raise ValueError(f"q={q} must be in [0, 100]")
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def ratio(num: float, den: float) -> float:

@@ -91,9 +91,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import RESULTS_DIR, Setup, machine_info, percentile, ratio, write_json
+from common import RESULTS_DIR, Setup, machine_info, ratio, write_json
 from cpu_meter import CpuMeter
 
+from pdserve.bench.metrics import percentile
 from pdserve.launch.local import LaunchConfig, LocalLauncher
 
 MODEL = "bench-50m"

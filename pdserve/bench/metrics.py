@@ -188,6 +188,8 @@ class SLO:
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100), linear interpolation as ``numpy.percentile``; NaN when empty."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"q={q} must be in [0, 100]")
     if not values:
         return math.nan
     xs = sorted(values)
