@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pdserve.config import Role, SchedulerConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
-from pdserve.request import Request
+from pdserve.request import Request, TokenLogprobs
 from pdserve.router.registry import WorkerInfo
 from pdserve.sim.step_model import StepModel, step_shape
 from pdserve.worker.protocol import WorkerLoad
@@ -42,7 +42,7 @@ class SimToken:
     """What the scheduler's ``update`` needs from a sampled token."""
 
     token_id: int = SIM_TOKEN_ID
-    logprobs: None = None
+    logprobs: TokenLogprobs | None = None
 
 
 _TOKEN = SimToken()
