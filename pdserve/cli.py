@@ -330,6 +330,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     add_bench_parser(sub)
     commands["bench"] = run_bench
 
+    from pdserve.sim.cli import add_profile_parser, add_simulate_parser, run_profile, run_simulate
+
+    add_profile_parser(sub)
+    commands["profile"] = run_profile
+    add_simulate_parser(sub)
+    commands["simulate"] = run_simulate
+
     from pdserve.status import add_status_parser, run_status
 
     add_status_parser(sub)
