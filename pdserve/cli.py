@@ -336,6 +336,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     commands["profile"] = run_profile
     add_simulate_parser(sub)
     commands["simulate"] = run_simulate
+    from pdserve.sim.plan_cli import add_plan_parser, run_plan
+
+    add_plan_parser(sub)
+    commands["plan"] = run_plan
 
     from pdserve.status import add_status_parser, run_status
 
