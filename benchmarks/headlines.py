@@ -177,6 +177,22 @@ def soak(d: dict[str, Any]) -> list[Headline]:
     return _rows("soak", d, figures)
 
 
+def s8(d: dict[str, Any]) -> list[Headline]:
+    """Simulated vs measured percentiles (cells within target), and the simulator's speed."""
+    targets = d.get("targets", {})
+    figures = []
+    for metric, share in d.get("passed", {}).items():
+        name, stat = metric.rsplit("_", 1)
+        limit = targets.get(stat)
+        ok = share.split("/")[0] == share.split("/")[1] if "/" in share else None
+        figures.append((f"simulated vs measured {name.replace('_ms', '')} {stat} (configs × rates within "
+                        f"±{number(limit, '.0%')})", share, "all", verdict(ok)))
+    for row in d.get("speed", []):
+        figures.append((f"simulate {row['num_requests']:,} chat requests, {row['deployment']}",
+                        number(row.get("wall_s"), ".1f") + " s", "< 60 s", verdict(row.get("pass"))))
+    return _rows("S8", d, figures)
+
+
 #: result file name → its reader, in the order of the summary table.
 READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s1_engine_throughput.json": s1,
@@ -184,5 +200,6 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s3_goodput.json": s3,
     "s4_kv_transfer.json": s4,
     "s5_router_overhead.json": s5,
+    "s8_sim_fidelity.json": s8,
     "soak.json": soak,
 }

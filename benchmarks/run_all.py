@@ -18,8 +18,9 @@
 
     python benchmarks/run_all.py [--only s1,s2,s3,s4,s5] [--full] [--skip-run]
 
-Scenario ``soak`` (``benchmarks/soak.py --duration 60``) runs only when
-``--only`` names it; its figures are in the table whenever its file exists.
+Scenarios ``soak`` (``benchmarks/soak.py --duration 60``) and ``s8``
+(``benchmarks/s8_sim_fidelity.py``, about 15 minutes) run only when
+``--only`` names them; their figures are in the table whenever their files exist.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ SCENARIOS = {
     "s3": Scenario("s3_goodput.py", ("--quick",), "s3_goodput.json"),
     "s4": Scenario("s4_kv_transfer.py", ("--reps", "9"), "s4_kv_transfer.json"),
     "s5": Scenario("s5_router_overhead.py", ("--repeats", "1"), "s5_router_overhead.json"),
+    "s8": Scenario("s8_sim_fidelity.py", ("--quick",), "s8_sim_fidelity.json", default=False),
     "soak": Scenario("soak.py", ("--duration", "60"), "soak.json", default=False),
 }
 
