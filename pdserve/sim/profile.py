@@ -28,7 +28,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,9 @@ def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], N
     from pdserve.engine.engine import LLMEngine
     from pdserve.sampling_params import SamplingParams
 
+    # Prefix caching on: a decode batch shares one cached prompt, so its context costs no prefill time
+    # here (the step model depends on computed tokens and context, not on which blocks hold them).
+    config = replace(config, cache=replace(config.cache, enable_prefix_caching=True))
     engine = LLMEngine(config, detokenize=False)
     vocab = engine.arch.vocab_size
     limit = engine.max_model_len
@@ -87,9 +90,16 @@ def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], N
     def prompt(n: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(min(n, limit - 64))]
 
-    def run(prompts: list[int], max_tokens: int, join_after: int = 0, join_len: int = 0) -> None:
-        for n in prompts:
-            engine.add_request(prompt(n), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    def run(prompts: list[int], max_tokens: int, join_after: int = 0, join_len: int = 0,
+            shared: bool = False) -> None:
+        ids = prompt(prompts[0]) if shared else None
+        if ids is not None:  # cache the shared prompt first (its steps are timed too)
+            run_ids([ids], 1)
+        run_ids([ids or prompt(n) for n in prompts], max_tokens, join_after, join_len)
+
+    def run_ids(prompts: list[list[int]], max_tokens: int, join_after: int = 0, join_len: int = 0) -> None:
+        for ids in prompts:
+            engine.add_request(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         step = 0
         while engine.has_unfinished_requests():
             if join_len and step == join_after:
@@ -104,7 +114,7 @@ def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], N
 
     run([16, 64], 4)  # warm-up, not kept
     samples.clear()
-    repeats = 2 if quick else 3
+    repeats = 3
     prefill_lens = [32, 128, 512, 1024] if quick else [16, 32, 64, 128, 256, 512, 1024, 2048]
     decode_batches = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 64]
     contexts = [64, 512] if quick else [32, 256, 1024]
@@ -115,7 +125,7 @@ def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], N
         progress(f"round {rep + 1}/{repeats}: decode batches")
         for b in decode_batches:
             for c in contexts:
-                run([c] * b, 6)
+                run([c] * b, 6, shared=True)
         progress(f"round {rep + 1}/{repeats}: mixed steps")
         for b in decode_batches[1:]:
             run([64] * b, 12, join_after=b + 2, join_len=256)
