@@ -47,7 +47,7 @@ from pdserve.bench.metrics import SLO
 from pdserve.bench.runner import RunResult
 from pdserve.bench.workload import WorkloadConfig, make_counter, make_workload
 from pdserve.config import Role, SchedulerConfig
-from pdserve.model.arch import load_arch_config
+from pdserve.modelspec.arch import load_arch_config
 from pdserve.sim.deploy import PromptEncoder, make_requests, profile_num_blocks
 from pdserve.sim.hardware import accelerator, paper_model
 from pdserve.sim.profile import Profile, load_profile

@@ -21,7 +21,7 @@ from typing import Any
 
 from pdserve.config import Role, SchedulerConfig
 from pdserve.errors import ConfigError, PDServeError
-from pdserve.model.arch import ArchConfig
+from pdserve.modelspec.arch import ArchConfig
 from pdserve.sim.simulator import SimConfig
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
     from pdserve.cli import engine_options
     from pdserve.engine.llm import make_engine_config
-    from pdserve.model.arch import load_arch_config
+    from pdserve.modelspec.arch import load_arch_config
     from pdserve.sim.profile import Profile, machine_identity, measure_link, measure_steps
     from pdserve.sim.step_model import fit_linear
 
@@ -138,7 +138,7 @@ def add_simulate_parser(sub: Any) -> None:
 
 def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
     """The :class:`SimConfig` of the options, and the model's shape."""
-    from pdserve.model.arch import load_arch_config
+    from pdserve.modelspec.arch import load_arch_config
     from pdserve.sim.deploy import paper_pool, profile_num_blocks, profile_pool
     from pdserve.sim.hardware import accelerator, paper_model
     from pdserve.sim.profile import load_profile

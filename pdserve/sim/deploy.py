@@ -20,7 +20,7 @@ from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.workload import RequestSpec
 from pdserve.config import Role
 from pdserve.errors import ConfigError
-from pdserve.model.arch import ArchConfig
+from pdserve.modelspec.arch import ArchConfig
 from pdserve.sim.link import LinkModel
 from pdserve.sim.profile import Profile
 from pdserve.sim.roofline import RooflineStepModel
@@ -66,7 +66,7 @@ class PromptEncoder:
     """Prompt token ids as the router computes them (or one id per word without a tokenizer)."""
 
     def __init__(self, model: str, endpoint: str, vocab_size: int) -> None:
-        from pdserve.model.tokenizer import Tokenizer, load_tokenizer
+        from pdserve.tokenizer import Tokenizer, load_tokenizer
 
         self.endpoint = endpoint
         self.vocab_size = vocab_size

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.errors import ConfigError
-from pdserve.model.arch import ArchConfig, load_arch_config
-from pdserve.model.presets import preset_names
+from pdserve.modelspec.arch import ArchConfig, load_arch_config
+from pdserve.modelspec.presets import preset_names
 
 _TABLE = Path(__file__).with_name("hardware.json")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pdserve.bench.metrics import SLO
 from pdserve.config import Role, SchedulerConfig
 from pdserve.errors import ConfigError
-from pdserve.model.arch import ArchConfig
+from pdserve.modelspec.arch import ArchConfig
 from pdserve.sim.deploy import PlannedRequest, paper_pool
 from pdserve.sim.hardware import Accelerator
 from pdserve.sim.results import simulate_run

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.errors import ConfigError
-from pdserve.model.arch import ArchConfig
+from pdserve.modelspec.arch import ArchConfig
 from pdserve.sim.hardware import Accelerator
 from pdserve.sim.link import LinkModel
 from pdserve.sim.step_model import StepShape
