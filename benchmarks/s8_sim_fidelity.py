@@ -32,6 +32,7 @@ Writes ``benchmarks/results/s8_sim_fidelity.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import s3_goodput as s3
-from common import RESULTS_DIR, machine_info, ratio, write_json
+from common import REPO_ROOT, RESULTS_DIR, machine_info, ratio, write_json
 
 from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.metrics import SLO
@@ -147,6 +148,51 @@ def speed(num_requests: int) -> list[dict[str, Any]]:
     return rows
 
 
+DOC = REPO_ROOT / "docs" / "cost.md"
+DOC_START, DOC_END = "<!-- s8:start -->", "<!-- s8:end -->"
+
+
+def render_doc(out: dict[str, Any]) -> str:
+    """The S8 section of docs/cost.md, from a result file's content."""
+    m = out["machine"]
+    lines = [f"`{m.get('command') or 'python benchmarks/s8_sim_fidelity.py'}` on {m['date'][:10]} "
+             f"(commit {str(m['git']['commit'])[:7]}), {m['cpu_model']} × {m['cpu_count']}, load average "
+             f"{m['load_avg_1_5_15min'][0]:.1f} at the start and {out['load_avg_at_end'][0]:.1f} at the end "
+             "(a machine shared with other developers' jobs: the measured runs and the profile ran under "
+             "that load).", ""]
+    for key, p in out["profiles"].items():
+        fit = p["fit"]
+        lines.append(f"- profile, {key.replace('_', ' ')}: fit error median "
+                     f"{fit['median_abs_rel_error']:.0%}, p90 {fit['p90_abs_rel_error']:.0%} over "
+                     f"{fit['num_samples']} step shapes")
+    lines += ["", "| config | rate (req/s) | TTFT p50 meas → sim | TTFT p90 | TPOT p50 | TPOT p90 "
+              "| attainment meas / sim |", "|---|---|---|---|---|---|---|"]
+    def cell(v: dict[str, Any]) -> str:
+        mark = "" if v["pass"] else " ✗"
+        return f"{v['measured']:.0f} → {v['simulated']:.0f} ms ({v['error']:+.0%}){mark}"
+
+    for c in out["cells"]:
+        a = c["attainment"]
+        parts = " | ".join(cell(c[k]) for k in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90"))
+        lines.append(f"| {c['config']} | {c['rate_per_s']:g} | {parts} | {a['measured']:.0%} / "
+                     f"{a['simulated']:.0%} |")
+    lines += ["", "Within target (p50 ±15%, p90 ±25%; ✗ marks a miss): "
+              + ", ".join(f"{k} {v}" for k, v in out["passed"].items()) + ".", ""]
+    for r in out["speed"]:
+        lines.append(f"- speed: {r['num_requests']:,} chat requests on {r['deployment']} "
+                     f"({r['num_steps']:,} engine steps, {r['simulated_s']:.0f} s simulated) in "
+                     f"{r['wall_s']:.1f} s of wall time (target < 60 s: {'met' if r['pass'] else 'missed'})")
+    return "\n".join(lines)
+
+
+def write_doc(out: dict[str, Any]) -> None:
+    """Replace the S8 section of docs/cost.md."""
+    text = DOC.read_text()
+    head, _, rest = text.partition(DOC_START)
+    _, _, tail = rest.partition(DOC_END)
+    DOC.write_text(f"{head}{DOC_START}\n{render_doc(out)}\n{DOC_END}{tail}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="S3's quick settings (the default here anyway)")
@@ -158,6 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-requests", type=int, default=10_000)
     p.add_argument("--skip-measure", action="store_true", help="profiles and speed only")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--render-only", action="store_true", help="only rewrite docs/cost.md's S8 section")
     args = p.parse_args(argv)
     s3_argv = ["--quick", "--configs", *args.configs, "--rates", *map(str, args.rates),
                "--num-requests", str(args.num_requests), "--warmup-requests", str(args.warmup_requests),
@@ -169,6 +216,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.render_only:
+        write_doc(json.loads(args.out.read_text()))
+        return
     machine = machine_info()
     t_start = time.perf_counter()
     print(f"S8 simulator fidelity on {machine['cpu_model']} ({machine['cpu_count']} cores), load average "
@@ -210,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print("\nwithin target (p50 ±15%, p90 ±25%): " + ", ".join(f"{m} {v}" for m, v in passed.items()))
     print(f"wrote {write_json(args.out, out)} (total {out['wall_s']:.0f} s)")
+    write_doc(json.loads(args.out.read_text()))
 
 
 if __name__ == "__main__":
