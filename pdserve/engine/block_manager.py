@@ -76,6 +76,9 @@ class BlockManager:
         self._hash_to_block: dict[int, int] = {}
         self._req_blocks: dict[str, list[int]] = {}
         self._req_hashes: dict[str, list[int]] = {}
+        # Per request, how many leading blocks are known hashed (they stay so while it holds them):
+        # a decode step then looks at its new blocks only, not its whole table.
+        self._req_num_hashed: dict[str, int] = {}
         self._held: set[str] = set()
         self._prefix_query_tokens = 0
         self._prefix_hit_tokens = 0
@@ -147,17 +150,23 @@ class BlockManager:
         if not table:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        num_hashed = self._req_num_hashed.get(request.request_id, 0)
+        if num_full <= num_hashed:
+            return
         hashes = self._hashes(request, num_full)
-        for i in range(num_full):
+        for i in range(num_hashed, num_full):
             block = self.blocks[table[i]]
             if block.block_hash is not None:
+                num_hashed += i == num_hashed
                 continue
             if hashes[i] in self._hash_to_block:
-                continue  # the same content is already cached in another block
+                continue  # the same content is already cached in another block (retried next time)
             start = i * self.block_size
             block.block_hash = hashes[i]
             block.token_ids = tuple(request.all_token_ids[start : start + self.block_size])
             self._hash_to_block[hashes[i]] = block.block_id
+            num_hashed += i == num_hashed
+        self._req_num_hashed[request.request_id] = num_hashed
 
     def _hashes(self, request: Request, num_full: int) -> list[int]:
         hashes = self._req_hashes.setdefault(request.request_id, [])
@@ -211,6 +220,7 @@ class BlockManager:
         """
         table = self._req_blocks.pop(request_id, [])
         self._req_hashes.pop(request_id, None)
+        self._req_num_hashed.pop(request_id, None)
         self._held.discard(request_id)
         for block_id in reversed(table):
             block = self.blocks[block_id]
