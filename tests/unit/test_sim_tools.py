@@ -196,3 +196,21 @@ def test_plan_cli_answers(capsys: pytest.CaptureFixture[str]) -> None:
     assert "cheapest:" in out and "/M out" in out
     assert main(["plan", "--model", "llama-3-8b", "--request-rate", "4", "--slo", "ttft_ms=500",
                  "--hardware", "h999"]) == 2
+
+
+@pytest.mark.slow
+def test_profile_measures_this_machine_and_simulate_uses_it(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.json"
+    assert main(["profile", "--model", "tiny", "--quick", "--threads", "1", "--transports", "shm",
+                 "--output", str(path)]) == 0
+    data = json.loads(path.read_text())
+    coefficients = data["step_model"]["coefficients_s"]
+    assert set(coefficients) == set(FEATURES) and all(v >= 0 for v in coefficients.values())
+    assert coefficients["const"] > 0  # a step costs something even with one token
+    assert data["step_model"]["num_samples"] >= len(FEATURES)
+    assert data["links"]["shm"]["bandwidth_bytes_per_s"] > 0
+    assert data["machine"]["threads"] == 1 and data["model"] == "tiny"
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--model", "tiny", "--profile", str(path), "--num-requests", "4",
+                 "--input-len", "30", "--output-len", "4", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][0]["summary"]["num_ok"] == 4
