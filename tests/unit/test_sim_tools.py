@@ -214,3 +214,16 @@ def test_profile_measures_this_machine_and_simulate_uses_it(tmp_path: Path) -> N
     assert main(["simulate", "--model", "tiny", "--profile", str(path), "--num-requests", "4",
                  "--input-len", "30", "--output-len", "4", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["runs"][0]["summary"]["num_ok"] == 4
+
+
+def test_plan_reads_a_recorded_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = run_json(tmp_path, "--seed", "1", name="trace.json")  # a bench-format result file
+    assert main(["plan", "--model", "llama-3-8b", "--trace", str(tmp_path / "trace.json"),
+                 "--request-rate", "4", "--slo", "ttft_ms=1000,tpot_ms=100", "--hardware", "h100",
+                 "--tp", "1",
+                 "--num-requests", "30", "--max-workers", "2", "--modes", "aggregated"]) == 0
+    assert "cheapest:  agg 1 × h100×1" in capsys.readouterr().out
+    assert trace["runs"][0]["requests"]
+    (tmp_path / "bad.json").write_text("[]")
+    assert main(["plan", "--model", "llama-3-8b", "--trace", str(tmp_path / "bad.json"),
+                 "--request-rate", "4", "--slo", "ttft_ms=1000"]) == 2
