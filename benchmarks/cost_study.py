@@ -68,13 +68,13 @@ TPS = [1, 2, 4, 8]
 def study_one(model: Model, mix: str, level: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
     arch = paper_model(model.name)
     agg_parts, p_parts, d_parts = SETTINGS[setting]
-    kinds = [candidate_kinds(arch, [accelerator(n) for n in parts], TPS, 16, "bf16")
+    kinds = [candidate_kinds(arch, [accelerator(n) for n in parts], TPS, 16, "bf16", per_part=1)
              for parts in (agg_parts, p_parts, d_parts)]
     encoder = PromptEncoder(model.name, "completions", arch.vocab_size)
     planned = make_requests(make_workload(MIXES[mix]), ArrivalConfig(rate=model.rate, seed=0), encoder,
                             arch.max_position_embeddings, args.num_requests, None)
     planner = Planner(arch, planned, model.rate, SLO.parse(model.slos[level]), SchedulerConfig(), 16, "bf16",
-                      0.9, args.max_workers)
+                      0.9, args.max_workers, generous_decode=4)
     t0 = time.perf_counter()
     agg: PlanResult = search(planner, kinds[0], [], [], modes=("aggregated",))
     dis: PlanResult = search(planner, [], kinds[1], kinds[2], modes=("disaggregated",))
@@ -151,7 +151,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--num-requests", type=int, default=300)
+    p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--max-workers", type=int, default=16)
     p.add_argument("--only", default=None, help="one model")
     args = p.parse_args()

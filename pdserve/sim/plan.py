@@ -127,6 +127,7 @@ class Planner:
     precision: str = "bf16"
     target: float = 0.9
     max_workers: int = 16
+    generous_decode: int | None = None  # decode workers while sizing P (None: max_workers // 2)
     verdicts: dict[Shape, Verdict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -208,7 +209,7 @@ class Planner:
 
     def best_disaggregated(self, p_kind: Kind, d_kind: Kind) -> Verdict | None:
         """The fewest prefill, then decode workers meeting the SLO (see the module docstring)."""
-        generous = max(2, self.max_workers // 2)
+        generous = self.generous_decode or max(2, self.max_workers // 2)
         p = self.fewest(lambda n: self.evaluate(Shape(prefill=(p_kind, n), decode=(d_kind, generous)))
                         .attainment_ttft >= self.target)
         if p is None:
@@ -230,8 +231,8 @@ class Planner:
 
 
 def candidate_kinds(arch: ArchConfig, accels: Sequence[Accelerator], tps: Sequence[int], block_size: int,
-                    precision: str) -> list[Kind]:
-    """(accelerator, TP) pairs that hold the model with room for KV; the two smallest TPs per part."""
+                    precision: str, per_part: int = 2) -> list[Kind]:
+    """(accelerator, TP) pairs holding the model with room for KV: the ``per_part`` smallest TPs of each."""
     kinds: list[Kind] = []
     for accel in accels:
         fitting = []
@@ -241,7 +242,7 @@ def candidate_kinds(arch: ArchConfig, accels: Sequence[Accelerator], tps: Sequen
             except ConfigError:
                 continue
             fitting.append(Kind(accel, tp))
-        kinds.extend(fitting[:2])
+        kinds.extend(fitting[:per_part])
     return kinds
 
 
