@@ -155,8 +155,13 @@ class Planner:
         for role, pool in roles:
             if pool is not None:
                 kind, count = pool
-                pools.append(paper_pool(role, count, self.step_model(kind), self.block_size,
-                                        link if role is Role.PREFILL else None))
+                spec = paper_pool(role, count, self.step_model(kind), self.block_size,
+                                  link if role is Role.PREFILL else None)
+                if role is Role.PREFILL:
+                    # no decodes to protect on a prefill worker: whole prompts up to the step budget
+                    spec = replace(spec, scheduler=replace(
+                        self.scheduler, chunk_size=self.scheduler.max_num_batched_tokens))
+                pools.append(spec)
         return SimConfig(pools=tuple(pools), scheduler=self.scheduler, block_size=self.block_size,
                          max_model_len=self.arch.max_position_embeddings, num_layers=self.arch.num_layers,
                          kv_bytes_per_token=self.arch.kv_bytes_per_token(KV_DTYPE_BYTES))

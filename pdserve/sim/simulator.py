@@ -60,6 +60,7 @@ class PoolSpec:
         num_gpus: accelerators per worker (TP degree), for costs.
         price_per_hour: cost of one worker per hour.
         label: what the pool runs on (hardware and TP, or this machine).
+        scheduler: this pool's scheduler settings (None: the deployment's).
     """
 
     role: Role
@@ -70,6 +71,7 @@ class PoolSpec:
     num_gpus: int = 1
     price_per_hour: float = 0.0
     label: str = ""
+    scheduler: SchedulerConfig | None = None
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.num_blocks < 1:
@@ -152,9 +154,9 @@ class Simulator:
         self.links: dict[str, Link] = {}
         for pool in config.pools:
             self.workers[pool.role] = [
-                SimWorker(f"{pool.role.value}-{i}", pool.role, config.scheduler, pool.num_blocks,
-                          config.block_size, config.enable_prefix_caching, config.max_model_len,
-                          pool.step_model)
+                SimWorker(f"{pool.role.value}-{i}", pool.role, pool.scheduler or config.scheduler,
+                          pool.num_blocks, config.block_size, config.enable_prefix_caching,
+                          config.max_model_len, pool.step_model)
                 for i in range(pool.count)
             ]
             self.policies[pool.role] = make_policy(config.policy)
