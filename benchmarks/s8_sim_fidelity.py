@@ -213,10 +213,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--render-only", action="store_true", help="only rewrite docs/cost.md's S8 section")
     p.add_argument("--speed-only", action="store_true", help="only redo the speed part of the result file")
+    p.add_argument("--reuse-profiles", action="store_true",
+                   help="use the profile files an earlier run left in benchmarks/results (recorded)")
     args = p.parse_args(argv)
     s3_argv = ["--quick", "--configs", *args.configs, "--rates", *map(str, args.rates),
                "--num-requests", str(args.num_requests), "--warmup-requests", str(args.warmup_requests),
-               "--stop-below", "0"]
+               "--stop-below", "0", "--calibration-requests", "1"]
     args.s3 = s3.parse_args(s3_argv)  # S3's settings: chunk size, lease, seed, SLO derivation
     args.chunk_size, args.seed = args.s3.chunk_size, args.s3.seed
     return args
@@ -236,14 +238,41 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     print(f"S8 simulator fidelity on {machine['cpu_model']} ({machine['cpu_count']} cores), load average "
           f"{machine['load_avg_1_5_15min'][0]:.2f} (shared machine: other developers' jobs run beside)")
-    profiles = {t: take_profile(t, args.chunk_size, RESULTS_DIR / f"s8_profile_{t}thread.json")
-                for t in (2, 1)}
-    speed_rows = speed(args.speed_requests)
+    paths = {t: RESULTS_DIR / f"s8_profile_{t}thread.json" for t in (2, 1)}
+    if args.reuse_profiles:
+        profiles = {t: load_profile(path, MODEL, t) for t, path in paths.items()}
+        print(f"profiles reused from {', '.join(str(p) for p in paths.values())}", flush=True)
+    else:
+        profiles = {t: take_profile(t, args.chunk_size, path) for t, path in paths.items()}
+    speed_rows = speed(args.speed_requests) if args.speed_requests > 0 else []
     bench = s3.Bench.from_args(args.s3)
     setups = s3.setups(args.s3)
     cells: list[dict[str, Any]] = []
     slo_source: s3.SloSource = lambda s: s3.derive_slo(s, args.s3)  # noqa: E731
     order = sorted(args.configs, key=lambda k: k != s3.REFERENCE)  # agg first: it sets the SLO
+    def save() -> dict[str, Any]:
+        checks = [(c, m) for c in cells for m in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")]
+        passed: dict[str, str] = {
+            m: f"{sum(c[m]['pass'] for c, mm in checks if mm == m)}/{len(cells)}"
+            for m in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")}
+        out = {
+            "scenario": "S8", "model": MODEL, "machine": machine,
+            "settings": {k: (str(v) if isinstance(v, Path) else v)
+                         for k, v in vars(args).items() if k != "s3"},
+            "s3_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args.s3).items()},
+            "profiles": {f"{t}_thread": {"fit": p.fit, "coefficients_s": p.step_model.to_json(),
+                                         "links": {k: vars(v) for k, v in p.links.items()},
+                                         "machine": p.machine, "reused": args.reuse_profiles}
+                         for t, p in profiles.items()},
+            "targets": TARGETS, "cells": cells, "passed": passed, "speed": speed_rows,
+            "configs_done": done, "configs_asked": order,
+            "load_avg_at_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start,
+        }
+        write_json(args.out, out)
+        write_doc(json.loads(args.out.read_text()))
+        return out
+
+    done: list[str] = []
     for key in [] if args.skip_measure else order:
         outcome = s3.run_setup(setups[key], bench, slo_source)
         slo_source = outcome.slo
@@ -255,25 +284,11 @@ def main(argv: list[str] | None = None) -> None:
             print("    " + "  ".join(
                 f"{m} {cell[m]['measured']:.0f}→{cell[m]['simulated']:.0f} ms ({cell[m]['error']:+.0%})"
                 for m in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")), flush=True)
-    checks = [(c, m) for c in cells for m in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")]
-    passed: dict[str, str] = {
-        m: f"{sum(c[m]['pass'] for c, mm in checks if mm == m)}/{len(cells)}"
-        for m in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")}
-    out = {
-        "scenario": "S8", "model": MODEL, "machine": machine,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "s3"},
-        "s3_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args.s3).items()},
-        "profiles": {f"{t}_thread": {"fit": p.fit, "coefficients_s": p.step_model.to_json(),
-                                     "links": {k: vars(v) for k, v in p.links.items()}, "machine": p.machine}
-                     for t, p in profiles.items()},
-        "targets": TARGETS, "cells": cells,
-        "passed": passed,
-        "speed": speed_rows,
-        "load_avg_at_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start,
-    }
-    print("\nwithin target (p50 ±15%, p90 ±25%): " + ", ".join(f"{m} {v}" for m, v in passed.items()))
-    print(f"wrote {write_json(args.out, out)} (total {out['wall_s']:.0f} s)")
-    write_doc(json.loads(args.out.read_text()))
+        done.append(key)
+        save()  # partial results survive an interrupted run
+    out = save()
+    print("\nwithin target (p50 ±15%, p90 ±25%): " + ", ".join(f"{m} {v}" for m, v in out["passed"].items()))
+    print(f"wrote {args.out} (total {out['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":
