@@ -184,9 +184,13 @@ def s8(d: dict[str, Any]) -> list[Headline]:
     for metric, share in d.get("passed", {}).items():
         name, stat = metric.rsplit("_", 1)
         limit = targets.get(stat)
-        ok = share.split("/")[0] == share.split("/")[1] if "/" in share else None
-        figures.append((f"simulated vs measured {name.replace('_ms', '')} {stat} (configs × rates within "
-                        f"±{number(limit, '.0%')})", share, "all", verdict(ok)))
+        got, _, total = share.partition("/")
+        label = (f"simulated vs measured {name.replace('_ms', '')} {stat} (configs × rates within "
+                 f"±{number(limit, '.0%')})")
+        if total in ("", "0"):
+            figures.append((label, "not measured", "all", "missing: measured runs did not run"))
+        else:
+            figures.append((label, share, "all", verdict(got == total)))
     for row in d.get("speed", []):
         # CPU seconds when recorded: on the shared machine wall time mostly measures the other jobs
         cpu = row.get("cpu_s")

@@ -169,6 +169,10 @@ def render_doc(out: dict[str, Any]) -> str:
         lines.append(f"- profile, {key.replace('_', ' ')}: fit error median "
                      f"{fit['median_abs_rel_error']:.0%}, p90 {fit['p90_abs_rel_error']:.0%} over "
                      f"{fit['num_samples']} step shapes")
+    if not out["cells"]:
+        lines += ["", "**The measured half did not run** in this result file "
+                  f"(configurations done: {', '.join(out.get('configs_done', [])) or 'none'}): "
+                  "no simulated vs measured comparison is available from it."]
     lines += ["", "| config | rate (req/s) | TTFT p50 meas → sim | TTFT p90 | TPOT p50 | TPOT p90 "
               "| attainment meas / sim |", "|---|---|---|---|---|---|---|"]
     def cell(v: dict[str, Any]) -> str:
