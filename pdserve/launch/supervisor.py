@@ -149,14 +149,16 @@ class Supervisor:
             for _ in range(self.targets[role]):
                 self._add_slot(role)
         deadline = time.monotonic() + c.ready_timeout_s
-        while True:
+        while not self._stop.is_set():
             self.step()
             if self._synced and all(s.state in ("ready", "failed") for s in self.slots):
                 break
             if time.monotonic() > deadline:
                 waiting = ", ".join(s.worker_id for s in self.slots if s.state != "ready")
                 raise TimeoutError(f"workers not registered within {c.ready_timeout_s:.0f} s: {waiting}")
-            time.sleep(c.sync_interval_s)
+            self._stop.wait(c.sync_interval_s)
+        if self._stop.is_set():
+            return
         failed = [s for s in self.slots if s.state == "failed"]
         if not self._has_path(lambda s: s.state == "ready"):
             reasons = "; ".join(f"{s.worker_id}: {s.message}" for s in failed)
@@ -164,28 +166,33 @@ class Supervisor:
         for s in failed:
             logger.error("%s could not start: %s (serving without it)", s.worker_id, s.message)
 
-    def run(self) -> int:
-        """Supervise until SIGINT/SIGTERM (0) or until the router cannot be restarted (1)."""
+    def stop_on_signals(self) -> None:
+        """From now on SIGINT/SIGTERM make :meth:`start` and :meth:`run` return (main thread only)."""
 
         def on_signal(signum: int, _frame: object) -> None:
+            logger.info("signal %d: stopping the deployment", signum)
             self._stop.set()
 
-        in_main = threading.current_thread() is threading.main_thread()
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-        try:
-            while not self._stop.wait(self.config.sync_interval_s):
-                try:
-                    self.step()
-                except RouterGone as exc:
-                    logger.error("%s; stopping the deployment", exc)
-                    return 1
-            return 0
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, on_signal)
+
+    def run(self) -> int:
+        """Supervise until stopped (0; see :meth:`stop_on_signals`) or the router cannot be restarted (1)."""
+        while not self._stop.wait(self.config.sync_interval_s):
+            try:
+                self.step()
+            except RouterGone as exc:
+                logger.error("%s; stopping the deployment", exc)
+                return 1
+        return 0
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was requested."""
+        return self._stop.is_set()
 
     def request_stop(self) -> None:
-        """Make :meth:`run` return (from another thread)."""
+        """Make :meth:`start` and :meth:`run` return (from a signal handler or another thread)."""
         self._stop.set()
 
     def close(self) -> None:
