@@ -187,6 +187,7 @@ def _worker(args: argparse.Namespace) -> int:
             router=args.router,
             worker_id=args.worker_id or "",
             kv_host=args.kv_host,
+            kv_advertise_host=args.kv_advertise_host,
             kv_transport=args.kv_transport,
             heartbeat_interval_s=args.heartbeat_interval,
             drain_timeout_s=args.drain_timeout,
@@ -310,6 +311,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     worker.add_argument("--kv-host", default="127.0.0.1", help="interface the KV receiver binds to")
+    worker.add_argument(
+        "--kv-advertise-host", default=None, help="address prefill workers dial (with --kv-host 0.0.0.0)"
+    )
     worker.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     worker.add_argument("--heartbeat-interval", type=float, default=0.5)
     worker.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: any)")

@@ -98,8 +98,9 @@ class Worker:
         """KV cache allocator of a decode worker: the receiver owns the tensors."""
         dtype_name = str(dtype).removeprefix("torch.")
         layout = KVLayout(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype_name)
+        options = {"advertise_host": self.config.kv_advertise_host} if self.config.kv_advertise_host else {}
         self.receiver = make_receiver(
-            self.config.kv_transport or "auto", layout, device, bind_host=self.config.kv_host
+            self.config.kv_transport or "auto", layout, device, bind_host=self.config.kv_host, **options
         )
         return self.receiver.kv_caches
 
