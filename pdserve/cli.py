@@ -185,6 +185,8 @@ def _secret(args: argparse.Namespace) -> str:
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    from pdserve.launch.ray_resources import add_ray_args
+
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,7 +220,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--threads-per-worker", type=int, default=0, help="0: share the cores evenly")
     serve.add_argument("--ready-timeout", type=float, default=120.0)
-    serve.add_argument("--launcher", default="local", choices=["local"], help="where processes run")
+    serve.add_argument("--launcher", default="local", choices=["local", "ray"], help="where processes run")
+    add_ray_args(serve)
     serve.add_argument(
         "--startup-wait", type=float, default=120.0,
         help="before the first worker pair registers, requests wait this long (then 503)",

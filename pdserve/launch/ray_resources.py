@@ -17,6 +17,7 @@ The result is a flat ``dict[str, float]`` (the ``WorkerSpec.resources`` shape);
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -30,6 +31,8 @@ _MISSPELLED = {"cpu": "num_cpus", "cpus": "num_cpus", "gpu": "num_gpus", "gpus":
                "num_cpu": "num_cpus", "num_gpu": "num_gpus", "mem": "memory",
                "accelerator": "accelerator_type", "accelerator_types": "accelerator_type"}
 _ALIASES = {"CPU": "num_cpus", "GPU": "num_gpus"}
+#: Components whose placement ``--ROLE-resources`` sets.
+ROLES = ("prefill", "decode", "mixed", "router")
 
 
 def parse_resources(text: str | None, flag: str) -> dict[str, float]:
@@ -109,3 +112,38 @@ def check_feasible(role: str, resources: dict[str, float], nodes: list[dict[str,
     raise ConfigError(f"--{role}-resources {json.dumps(resources)}: {why} (the cluster's resources: "
                       f"{', '.join(names)}); start nodes with e.g. ray start --resources "
                       f"""'{{"{role}_node": 1}}'""")
+
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """``pdserve serve``'s options of the Ray launcher."""
+    parser.add_argument(
+        "--ray-address", default=None,
+        help="--launcher ray: the cluster (auto, HOST:PORT; default: RAY_ADDRESS or a new local Ray)",
+    )
+    for role in ROLES:
+        parser.add_argument(
+            f"--{role}-resources", default=None, metavar="JSON",
+            help=f"--launcher ray: Ray resources of each {role} "
+                 + ("""actor, e.g. '{"prefill_node": 1}' or '{"num_gpus": 1}'""" if role == "prefill" else
+                    "(default: on the node of pdserve serve)" if role == "router" else "actor"),
+        )
+
+
+def role_resources(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Each role's parsed ``--ROLE-resources`` (only the roles given)."""
+    out = {}
+    for role in ROLES:
+        text = getattr(args, f"{role}_resources", None)
+        if text is not None:
+            out[role] = parse_resources(text, f"--{role}-resources")
+    return out
+
+
+def check_not_ray(args: argparse.Namespace) -> None:
+    """Raise ConfigError when a Ray-only option is given to another launcher."""
+    given = [f"--{r}-resources" for r in ROLES if getattr(args, f"{r}_resources", None) is not None]
+    if getattr(args, "ray_address", None) is not None:
+        given.append("--ray-address")
+    if given:
+        raise ConfigError(f"{', '.join(given)} only apply to --launcher ray (the launcher is "
+                          f"{args.launcher!r})")

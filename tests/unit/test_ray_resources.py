@@ -82,3 +82,28 @@ def test_host_id_override_makes_simulated_nodes_pair_over_tcp() -> None:
     receiver_on_a = KVDescriptor("shm", "tcp://127.0.0.1:1", node_a, layout, "pdserve-kv-1-ab")
     assert choose_transport(node_a, receiver_on_a) == "shm"
     assert choose_transport(node_b, receiver_on_a) == "tcp"
+
+
+def _serve(*args: str, block_ray: bool = False) -> subprocess.CompletedProcess[str]:
+    """``pdserve serve ARGS`` in a subprocess (with ``import ray`` failing when ``block_ray``)."""
+    code = ("import sys\n"
+            + ("sys.modules['ray'] = None\n" if block_ray else "")
+            + "from pdserve.cli import main\nsys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, "serve", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_launcher_ray_without_ray_says_how_to_install() -> None:
+    result = _serve("--launcher", "ray", block_ray=True)
+    assert result.returncode == 2
+    assert "pip install -e '.[ray]'" in result.stderr + result.stdout
+
+
+def test_bad_resources_fail_before_anything_starts() -> None:
+    result = _serve("--launcher", "ray", "--decode-resources", '{"decode_node": 1', block_ray=True)
+    assert result.returncode == 2
+    assert "--decode-resources: not valid JSON" in result.stdout + result.stderr
+    result = _serve("--prefill-resources", '{"prefill_node": 1}')
+    assert result.returncode == 2
+    assert "only apply to --launcher ray" in result.stdout + result.stderr
+
