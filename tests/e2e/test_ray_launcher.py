@@ -7,7 +7,8 @@ checks where each worker landed (through ``/pdserve/workers``), that the
 cross-node pairs moved KV over tcp, that greedy outputs equal the offline
 engine's (which the local launcher's tests hold it to), that losing a decode
 node mid-stream is survived and its worker replaced once a node with room
-joins, and that nothing is left running after SIGINT.
+joins, that ``/pdserve/scale`` drains a worker away, and that nothing is left
+running after SIGINT.
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ def test_ray_launcher_places_roles_pairs_over_tcp_and_survives_a_lost_node(clust
                             and s["node_id"] == new_node.node_id and s)
         pids.add(replaced["pid"])
         assert complete(url, PROMPTS[0], 24) == reference[0]
+
+        # 5. Scaling works the same on Ray: one decode worker is drained, its actor's process ends.
+        reply = httpx.post(f"{url}/pdserve/scale", json={"decode": 1}, timeout=10)
+        assert reply.status_code == 200, reply.text
+        left = wait_for("the scale-down", lambda: len(s := [x for x in slots(url).values()
+                                                          if x["role"] == "decode"]) == 1 and s)
+        gone = {placed["decode-0"]["pid"], replaced["pid"]} - {left[0]["pid"]}
+        wait_for("the drained worker's process to end", lambda: not any(alive(p) for p in gone), 60)
+        assert complete(url, PROMPTS[1], 24) == reference[1]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
