@@ -87,6 +87,8 @@ class ProcessHost:
         self.log_level = log_level
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = threading.Event()
+        self._lock = threading.Lock()
+        self._stopped = False  # a stop asked for before the process started: it never starts
         self.node_ip = ray.util.get_node_ip_address()
         self.node_id = ray.get_runtime_context().get_node_id()
         self.rundir = tempfile.mkdtemp(prefix="pdserve-ray-")
@@ -101,10 +103,13 @@ class ProcessHost:
         child_env = dict(os.environ, **env)
         child_env[HOST_ID_ENV] = f"ray-node-{self.node_id}"
         cmd = [sys.executable, "-m", "pdserve", "--log-level", self.log_level, command, *args]
-        try:
-            self.proc = subprocess.Popen(cmd, env=child_env, preexec_fn=_die_with_actor)
-        finally:
-            self.started.set()
+        with self._lock:
+            try:
+                if self._stopped:
+                    return 0
+                self.proc = subprocess.Popen(cmd, env=child_env, preexec_fn=_die_with_actor)
+            finally:
+                self.started.set()
         code = self.proc.wait()
         from pdserve.transfer.shm import unlink_stale_segments
 
@@ -135,9 +140,12 @@ class ProcessHost:
         return ready
 
     def signal(self, signum: int) -> None:
-        """Send ``signum`` to the process (if it runs)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signum)
+        """Send ``signum`` to the process; before it started, it will not start at all."""
+        with self._lock:
+            if self.proc is None:
+                self._stopped = True
+            elif self.proc.poll() is None:
+                self.proc.send_signal(signum)
 
 
 _RemoteHost = ray.remote(ProcessHost)
@@ -153,6 +161,7 @@ class RayProcess:
         self._placement_ref = actor.placement.remote()
         self._placement: Placement | None = None
         self._code: int | None = None
+        self._killed = False  # by us: its actor's death is no news
 
     def poll(self) -> int | None:
         """``None`` while it runs (or waits for a node), else its exit code (-9: the actor died)."""
@@ -164,7 +173,9 @@ class RayProcess:
         try:
             self._code = int(ray.get(self._run_ref))
         except RayActorError as exc:
-            logger.warning("%s: its Ray actor is gone (%s)", self.name, exc)
+            why = [line.strip() for line in str(exc).splitlines() if line.strip()][-1:]
+            logger.log(logging.INFO if self._killed else logging.WARNING, "%s: its Ray actor is gone (%s)",
+                       self.name, why[0] if why else type(exc).__name__)
             self._code = ACTOR_DIED
         except RayError as exc:
             logger.error("%s could not run on Ray: %s", self.name, exc)
@@ -173,15 +184,21 @@ class RayProcess:
         return self._code
 
     def terminate(self) -> None:
-        """SIGTERM to the process (a worker drains first)."""
+        """SIGTERM to the process (a worker drains first); an actor still waiting for a node is removed."""
         if self.poll() is None:
-            self.actor.signal.remote(signal.SIGTERM)
+            if self.placement().pid:
+                self.actor.signal.remote(signal.SIGTERM)
+            else:  # not placed yet (or not started): nothing to drain
+                self._killed = True
+                ray.kill(self.actor, no_restart=True)
 
     def kill(self) -> None:
         """SIGKILL the process and kill its actor now."""
         if self.poll() is None:
-            with contextlib.suppress(RayError, TimeoutError):  # gone or stuck: ray.kill takes it along
-                ray.get(self.actor.signal.remote(signal.SIGKILL), timeout=5.0)
+            if self.placement().pid:
+                with contextlib.suppress(RayError, TimeoutError):  # gone or stuck: ray.kill takes it along
+                    ray.get(self.actor.signal.remote(signal.SIGKILL), timeout=5.0)
+            self._killed = True
             ray.kill(self.actor, no_restart=True)
 
     def wait(self, timeout_s: float) -> int | None:

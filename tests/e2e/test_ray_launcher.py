@@ -176,3 +176,36 @@ def test_ray_launcher_places_roles_pairs_over_tcp_and_survives_a_lost_node(clust
     assert proc.returncode == 0, "".join(output[-40:])
     wait_for("every worker process to end", lambda: not any(alive(p) for p in pids), 30)
     assert not [n for n in os.listdir("/dev/shm") if any(n.startswith(f"pdserve-kv-{p}-") for p in pids)]
+
+
+def test_ray_backend_handles(cluster: Cluster) -> None:
+    """The backend alone: infeasible resources, a process that exits, a kill, an actor with no node."""
+    from pdserve.errors import ConfigError
+    from pdserve.launch.base import WorkerSpec
+    from pdserve.launch.ray import RayBackend
+
+    backend = RayBackend(cluster.address, {"decode": {"decode_node": 1}})
+    try:
+        with pytest.raises(ConfigError, match="no node has 'gpu_node'"):
+            RayBackend(cluster.address, {"prefill": {"gpu_node": 1}})
+
+        def worker(wid: str, *args: str, resources: dict[str, float] | None = None) -> Any:
+            return backend.start_worker(WorkerSpec(wid, "decode", ["--role", "decode", *args],
+                                                   resources=resources or {}))
+
+        broken = worker("broken", "--model", "/nonexistent/model")
+        stuck = worker("stuck", "--router", "tcp://127.0.0.1:9", *WORKER_ARGS)  # nothing there: it waits
+        nowhere = worker("nowhere", resources={"prefill_node": 5})  # no node has 5: never placed
+        assert wait_for("the broken worker's exit", lambda: broken.poll() is not None, 60)
+        assert broken.poll() not in (0, None)
+        place = wait_for("the stuck worker's start", lambda: stuck.placement().pid and stuck.placement())
+        assert place.node_id in {n.node_id for n in cluster.worker_nodes} and alive(place.pid)
+        assert stuck.poll() is None
+        stuck.kill()
+        assert wait_for("the kill", lambda: stuck.poll() is not None, 30) and stuck.poll() < 0
+        wait_for("the killed process to end", lambda: not alive(place.pid), 30)
+        assert nowhere.poll() is None and nowhere.placement().host == ""
+        nowhere.terminate()
+        assert wait_for("the unplaced actor's removal", lambda: nowhere.poll() is not None, 30)
+    finally:
+        backend.close()
