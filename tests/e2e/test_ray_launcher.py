@@ -7,7 +7,8 @@ checks where each worker landed (through ``/pdserve/workers``), that the
 cross-node pairs moved KV over tcp, that greedy outputs equal the offline
 engine's (which the local launcher's tests hold it to), that losing a decode
 node mid-stream is survived and its worker replaced once a node with room
-joins, that ``/pdserve/scale`` drains a worker away, and that nothing is left
+joins, that a SIGKILLed worker is replaced on the node it had to free, that
+``/pdserve/scale`` drains a worker away, and that nothing is left
 running after SIGINT.
 """
 
@@ -158,7 +159,16 @@ def test_ray_launcher_places_roles_pairs_over_tcp_and_survives_a_lost_node(clust
         pids.add(replaced["pid"])
         assert complete(url, PROMPTS[0], 24) == reference[0]
 
-        # 5. Scaling works the same on Ray: one decode worker is drained, its actor's process ends.
+        # 5. A worker process killed on its node: its actor ends, frees prefill_node (the head has
+        # one), and the replacement runs there.
+        os.kill(placed["prefill-0"]["pid"], signal.SIGKILL)
+        again = wait_for("prefill-0's replacement", lambda: (s := slots(url)["prefill-0"])["state"] == "ready"
+                         and s["pid"] != placed["prefill-0"]["pid"] and s)
+        assert again["node_id"] == cluster.head_node.node_id
+        pids.add(again["pid"])
+        assert complete(url, PROMPTS[2], 24) == reference[2]
+
+        # 6. Scaling works the same on Ray: one decode worker is drained, its actor's process ends.
         reply = httpx.post(f"{url}/pdserve/scale", json={"decode": 1}, timeout=10)
         assert reply.status_code == 200, reply.text
         left = wait_for("the scale-down", lambda: len(s := [x for x in slots(url).values()
