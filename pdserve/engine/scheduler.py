@@ -109,15 +109,20 @@ class Scheduler:
         """Decode role: reserve blocks for a request whose KV another worker writes.
 
         Returns the reserved block ids (the prefill worker writes the prompt's
-        KV into them), or None when there is no room now.
+        KV into them), or None when there is no room now. Leading blocks this
+        worker's prefix cache already holds (a previous turn it decoded) are
+        shared, not reserved anew: ``request.num_computed_tokens`` says how
+        many tokens they cover, and only the rest needs to be written.
         """
         if self.config.role is not Role.DECODE:
             raise RuntimeError("add_remote_request is for the decode role")
         # Room for the KV of every token so far (prompt, and outputs of a migrated
         # request) and for the next token the prefill worker samples.
-        block_ids = self.block_manager.reserve(request.request_id, request.num_tokens + 1)
-        if block_ids is None:
+        reserved = self.block_manager.reserve_with_prefix(request, request.num_tokens + 1)
+        if reserved is None:
             return None
+        block_ids, num_cached = reserved
+        request.num_computed_tokens = num_cached
         self._register(request)
         request.status = RequestStatus.WAITING_FOR_KV
         self.waiting_for_kv[request.request_id] = request

@@ -30,6 +30,7 @@ import torch
 import zmq
 
 from pdserve.config import Role
+from pdserve.engine.block_hash import HASH_SCHEME
 from pdserve.engine.engine import LLMEngine, RequestOutput
 from pdserve.errors import PDServeError
 from pdserve.model.attention import KVCache
@@ -39,6 +40,7 @@ from pdserve.transfer.descriptor import KVLayout
 from pdserve.worker import protocol as p
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.decode import KVIntake
+from pdserve.worker.kv_events import KVEventPublisher
 from pdserve.worker.prefill import KVPusher
 from pdserve.worker.timing import PrefillTimer
 
@@ -60,12 +62,16 @@ class Worker:
         self.receiver: KVReceiver | None = None
         self.sender: KVSender | None = None
         if self.role is Role.DECODE:
-            self.engine = LLMEngine(config.engine, kv_allocator=self._allocate_receiver, detokenize=False)
+            self.engine = LLMEngine(
+                config.engine, kv_allocator=self._allocate_receiver, detokenize=False, record_kv_events=True
+            )
             assert self.receiver is not None
             self.intake: KVIntake | None = KVIntake(self.engine, self.receiver)
         else:
-            self.engine = LLMEngine(config.engine, detokenize=False)
+            self.engine = LLMEngine(config.engine, detokenize=False, record_kv_events=True)
             self.intake = None
+        self.kv_events = KVEventPublisher(self.engine.block_manager, self.worker_id)
+        self.refused: str | None = None
         self.pusher: KVPusher | None = None
         if self.role is Role.PREFILL:
             self.sender = make_sender(self.engine.runner.kv_caches, override=config.kv_transport)
@@ -125,6 +131,9 @@ class Worker:
                 kv=self.receiver.descriptor() if self.receiver is not None else None,
                 metrics_port=self.metrics_port,
                 secret=self.config.secret,
+                hash_scheme=HASH_SCHEME,
+                prefix_caching=self.engine.config.cache.enable_prefix_caching,
+                kv_epoch=self.kv_events.epoch,
             )
         )
 
@@ -139,6 +148,13 @@ class Worker:
             num_free_blocks=stats.num_free_blocks,
             num_total_blocks=stats.num_blocks,
             num_cached_blocks=stats.num_cached_blocks,
+            num_prefill_tokens=self.engine.num_prompt_tokens_computed,
+            prefill_busy_s=self.engine.prefill_busy_s,
+            num_decode_steps=self.engine.num_decode_steps,
+            decode_busy_s=self.engine.decode_busy_s,
+            num_decode_seqs=self.engine.num_decode_seqs,
+            prefix_query_tokens=stats.prefix_query_tokens,
+            prefix_hit_tokens=stats.prefix_hit_tokens,
         )
 
     def stats(self) -> p.WorkerStats:
@@ -157,6 +173,11 @@ class Worker:
             transports=sorted(sent.transports)
             if sent is not None
             else ([self.receiver.descriptor().transport] if self.receiver is not None else []),
+            kv_events=self.kv_events.num_events,
+            kv_event_batches=self.kv_events.num_batches,
+            kv_event_bytes=self.kv_events.num_bytes,
+            kv_event_cpu_s=self.kv_events.cpu_s,
+            kv_snapshots=self.kv_events.num_snapshots,
         )
 
     # -- loop ----------------------------------------------------------------------------
@@ -188,17 +209,26 @@ class Worker:
                     self._take_kv()
                 if self.engine.has_unfinished_requests():
                     self._step()
+                self._publish_kv_events()
                 now = time.monotonic()
                 if self._draining and self._drained():
                     break
                 if now >= self._next_heartbeat_s:
                     if self._draining:
                         self.send(p.Draining(self.worker_id))
-                    self.send(p.Heartbeat(self.worker_id, self.load()))
+                    epoch, seq = self.kv_events.epoch, self.kv_events.seq
+                    self.send(p.Heartbeat(self.worker_id, self.load(), epoch, seq))
                     self._next_heartbeat_s = now + self.config.heartbeat_interval_s
                     self._expire_leases(now)
         finally:
             self.close()
+        if self.refused is not None:
+            raise PDServeError(f"the router refused this worker: {self.refused}")
+
+    def _publish_kv_events(self) -> None:
+        data = self.kv_events.collect()
+        if data is not None:
+            self._sock.send(data, copy=False)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._draining:  # a second signal: stop now
@@ -238,9 +268,9 @@ class Worker:
                 self._on_prefill(message)
             case p.DecodeRequest():
                 self._on_decode(message)
-            case p.Blocks(request_id=rid, block_ids=block_ids):
+            case p.Blocks(request_id=rid, block_ids=block_ids, num_cached_tokens=num_cached):
                 if self.pusher is not None:
-                    self.pusher.set_destination(rid, block_ids)
+                    self.pusher.set_destination(rid, block_ids, num_cached)
             case p.Release(request_id=rid):
                 self._release(rid)
             case p.Abort(request_id=rid):
@@ -258,6 +288,13 @@ class Worker:
                 logger.debug("worker %s: registration confirmed", self.worker_id)
             case p.Reregister():
                 self.register()
+            case p.KVSnapshotRequest():
+                self._publish_kv_events()  # the snapshot covers every batch sent before it
+                self._sock.send(self.kv_events.snapshot(), copy=False)
+            case p.RegisterRefused(reason=reason):
+                logger.error("worker %s: the router refused it: %s", self.worker_id, reason)
+                self.refused = reason
+                self._stop = True
             case p.Shutdown():
                 self._stop = True
             case _:
@@ -296,7 +333,7 @@ class Worker:
             self.send(p.RequestFailed(m.request_id, str(exc), 503 if self._draining else 400))
             return
         if block_ids is not None:
-            self.send(p.Reserved(m.request_id, block_ids))
+            self.send(p.Reserved(m.request_id, block_ids, request.num_computed_tokens))
 
     def _release(self, rid: str) -> None:
         self._held_since_s.pop(rid, None)
@@ -327,8 +364,8 @@ class Worker:
 
     def _take_kv(self) -> None:
         assert self.intake is not None
-        for rid, block_ids in self.intake.retry_pending():
-            self.send(p.Reserved(rid, block_ids))
+        for rid, block_ids, num_cached in self.intake.retry_pending():
+            self.send(p.Reserved(rid, block_ids, num_cached))
         for arrival in self.intake.poll():
             out = arrival.output
             self.send(p.KVReceived(out.request_id, arrival.num_bytes, arrival.transfer_s))
