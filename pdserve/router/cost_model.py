@@ -94,7 +94,7 @@ class CostParams:
     link_bytes_per_s: float = 1e9
     kv_bytes_per_token: int = 0
     handoff_s: float = 0.01
-    interference_weight: float = 0.5
+    interference_weight: float = 0.25
     num_outputs_cap: int = 64
     pressure_knee: float = 0.85
     tie_rel: float = 0.05
@@ -115,6 +115,7 @@ class Placement:
     decode_id: str
     reason: str
     cost_s: float
+    ttft_s: float  # the predicted time to first token part of the cost
     num_cached_tokens: int  # prompt tokens the computing worker holds (predicted from the index)
     num_moved_tokens: int  # tokens whose KV moves P → D (0 when local)
 
@@ -152,14 +153,21 @@ def interference_s(w: WorkerSnapshot, num_uncached_tokens: int, params: CostPara
 # -- the search -----------------------------------------------------------------------------------
 
 
-def pick_lowest(costs: Sequence[tuple[float, int]], params: CostParams, rng: random.Random) -> int:
-    """Index (the second field) of the lowest cost; near-ties go by two random choices."""
+def pick_lowest(
+    costs: Sequence[tuple[float, int]], params: CostParams, rng: random.Random, scale_s: float
+) -> int:
+    """Index (the second field) of the lowest cost; near-ties go by two random choices.
+
+    Costs within ``max(tie_abs_s, tie_rel · scale_s)`` of the lowest are ties:
+    ``scale_s`` is the part of the cost that tells candidates apart (the best
+    TTFT), so a large term shared by all (the decode term) does not blur it.
+    """
     best = min(c for c, _ in costs)
-    ties = [(c, i) for c, i in costs if c <= best + max(params.tie_abs_s, params.tie_rel * best)]
+    ties = [(c, i) for c, i in costs if c <= best + max(params.tie_abs_s, params.tie_rel * scale_s)]
     if len(ties) == 1:
         return ties[0][1]
     a, b = rng.sample(ties, 2)
-    return min(a, b)[1]
+    return (a if a[0] <= b[0] else b)[1]
 
 
 def plan(
@@ -197,32 +205,22 @@ def plan(
             ttft_p = prefill_s(p, num_tokens - cached(p), params)
             for d in decoders:
                 moved = num_tokens - cached(d)
-                cost = ttft_p + transfer_s(moved, d.link_bytes_per_s, params) + outputs * itl[d.worker_id]
-                options.append((cost, Placement(p.worker_id, d.worker_id, reason, cost, cached(p), moved)))
+                ttft = ttft_p + transfer_s(moved, d.link_bytes_per_s, params)
+                cost = ttft + outputs * itl[d.worker_id]
+                options.append(
+                    (cost, Placement(p.worker_id, d.worker_id, reason, cost, ttft, cached(p), moved))
+                )
     if not options or disagg_policy == "auto":
         for w in local:
             uncached = num_tokens - cached(w)
-            cost = (
-                prefill_s(w, uncached, params)
-                + interference_s(w, uncached, params)
-                + outputs * itl_s(w, params)
-            )
-            options.append(
-                (
-                    cost,
-                    Placement(
-                        None,
-                        w.worker_id,
-                        _local_reason(w, prefill, decoders, disagg_policy),
-                        cost,
-                        cached(w),
-                        0,
-                    ),
-                )
-            )
+            ttft = prefill_s(w, uncached, params) + interference_s(w, uncached, params)
+            cost = ttft + outputs * itl_s(w, params)
+            why = _local_reason(w, prefill, decoders, disagg_policy)
+            options.append((cost, Placement(None, w.worker_id, why, cost, ttft, cached(w), 0)))
     if not options:
         return None
-    chosen = options[pick_lowest([(c, i) for i, (c, _) in enumerate(options)], params, rng)][1]
+    scale_s = min(pl.ttft_s for _, pl in options)
+    chosen = options[pick_lowest([(c, i) for i, (c, _) in enumerate(options)], params, rng, scale_s)][1]
     if chosen.prefill_id is None and chosen.reason == LOCAL_SHORT:
         chosen = _explain_local(chosen, num_tokens, prefill, params)
     return chosen
@@ -252,4 +250,6 @@ def _explain_local(
         )
         compute_s = num_tokens / max(p.prefill_rate_tps or params.prefill_rate_tps for p in prefill)
         reason = LOCAL_BUSY if queue_s > compute_s + params.handoff_s else LOCAL_SHORT
-    return Placement(None, chosen.decode_id, reason, chosen.cost_s, chosen.num_cached_tokens, 0)
+    return Placement(
+        None, chosen.decode_id, reason, chosen.cost_s, chosen.ttft_s, chosen.num_cached_tokens, 0
+    )
