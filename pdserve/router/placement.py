@@ -27,6 +27,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from pdserve.config import Role
 from pdserve.router import cost_model as cm
@@ -40,6 +41,22 @@ from pdserve.worker import protocol as p
 logger = logging.getLogger(__name__)
 
 KV_AWARE = "kv_aware"
+
+
+@dataclass(frozen=True)
+class WorkerCacheView:
+    """One worker's prefix cache and measured speed, as the router sees them."""
+
+    prefix_hit_rate: float  # prompt tokens its cache served / looked up (its own counters)
+    index_blocks: int  # blocks the index holds for it
+    events: int  # cache events applied
+    events_per_s: float  # over the last 10 s
+    resyncs: int  # snapshots asked for
+    resync_pending: bool  # a snapshot is awaited
+    degraded: bool  # its snapshot is overdue: only speculative entries are used
+    prefill_rate_tps: float | None
+    decode_step_s: float | None
+    queued_prefill_tokens: int
 
 
 class Placer:
@@ -185,6 +202,37 @@ class Placer:
     def worker_removed(self, worker_id: str) -> None:
         """A worker is gone: its entries go with it."""
         self.index.remove_worker(worker_id)
+
+    def summary(self) -> dict[str, object]:
+        """Routing figures for ``/pdserve/workers`` and ``pdserve status``."""
+        return {
+            "policy": self.config.policy,
+            "disagg_policy": self.config.disagg_policy,
+            "block_size": self.index.block_size,
+            "index_blocks": self.index.size,
+            "speculative_blocks": self.index.num_speculative,
+            "resyncs": self.index.num_resyncs,
+            "decisions": dict(self.decisions),
+        }
+
+    def worker_view(self, w: WorkerInfo) -> WorkerCacheView:
+        """One worker's cache and cost-model figures, as the router sees them."""
+        state = self.index.workers.get(w.worker_id)
+        load = w.load
+        return WorkerCacheView(
+            prefix_hit_rate=load.prefix_hit_tokens / load.prefix_query_tokens
+            if load.prefix_query_tokens
+            else 0.0,
+            index_blocks=len(state.hashes) if state else 0,
+            events=state.num_events if state else 0,
+            events_per_s=self.index.events_per_s(w.worker_id),
+            resyncs=state.num_resyncs if state else 0,
+            resync_pending=bool(state and state.resync_since_s is not None),
+            degraded=bool(state and state.degraded),
+            prefill_rate_tps=w.perf.prefill_rate_tps,
+            decode_step_s=w.perf.decode_step_s,
+            queued_prefill_tokens=w.perf.queued_prefill_tokens,
+        )
 
     def tick(self) -> None:
         """Ask again for snapshots that did not come (their workers are routed approximately meanwhile)."""
