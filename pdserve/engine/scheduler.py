@@ -15,9 +15,11 @@ Roles change step 3: a ``prefill`` scheduler ends a request after its first
 token and *holds* its blocks (``FINISHED_PREFILLED``) until ``release``; a
 ``decode`` scheduler admits requests whose KV is written from outside
 (``add_remote_request`` → ``WAITING_FOR_KV`` → ``finish_remote_kv``) and
-prefills only as a fallback: a preempted request is recomputed locally (the
-only way to go on) and ``add_request`` serves a request whose prefill could
-not be done elsewhere.
+prefills only when told to: a preempted request is recomputed locally (the
+only way to go on), and ``add_request`` serves a request the router decided
+to prefill here (conditional disaggregation: a short or mostly cached
+prompt) or whose prefill could not be done elsewhere. Such a request then
+decodes here like any other.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queue a request to be prefilled here.
 
-        A decode scheduler takes one only as a fallback (no prefill worker is
+        A decode scheduler takes one when the router chose to prefill it here
+        (conditional disaggregation), or as a fallback (no prefill worker is
         left, or its KV transfer failed and the policy is to recompute).
         """
         self._register(request)

@@ -15,7 +15,12 @@ Path of a disaggregated request (P = prefill worker, D = decode worker):
 5. D → router ``Tokens`` for every later token, the last with ``finished``.
 
 Aggregated mode sends only ``PrefillRequest`` (no decode worker) to a mixed
-worker, which streams every token itself.
+worker, which streams every token itself; so does conditional disaggregation
+to a decode worker that prefills a prompt itself.
+
+Every worker also sends ``KVEvents`` (its prefix cache's changes, numbered
+per epoch) after each step, and a ``KVSnapshot`` when the router asks
+(``KVSnapshotRequest``) because its cache index lost track.
 """
 
 from __future__ import annotations

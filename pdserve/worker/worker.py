@@ -312,7 +312,8 @@ class Worker:
                 if m.decode_worker_id is None or m.decode_kv is None or self.pusher is None:
                     raise PDServeError("a prefill worker needs a decode worker to hand the KV to")
                 self.pusher.track(m.request_id, m.decode_worker_id, m.decode_kv)
-            # A decode worker takes a whole request only as the fallback prefill.
+            # A decode worker takes a whole request when the router prefills it here
+            # (conditional disaggregation) or as the fallback.
             self.engine.enqueue(request)
             self.timer.received(m.request_id, received_s)
         except (PDServeError, ValueError) as exc:
