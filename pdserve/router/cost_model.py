@@ -40,7 +40,7 @@ LOCAL_BUSY = "local_prefill_busy"  # auto: the prefill pool's queue made remote 
 FORCED_REMOTE = "forced_remote"  # --disagg-policy always
 FORCED_LOCAL = "forced_local"  # --disagg-policy never
 NO_PREFILL = "no_prefill_worker"  # no prefill worker: the decode worker prefills (fallback)
-AGGREGATED = "aggregated"  # only mixed workers
+AGGREGATED = "aggregated"  # a mixed worker computes and decodes
 REASONS = (REMOTE, LOCAL_SHORT, LOCAL_CACHED, LOCAL_BUSY, FORCED_REMOTE, FORCED_LOCAL, NO_PREFILL, AGGREGATED)
 
 
@@ -215,7 +215,7 @@ def plan(
             uncached = num_tokens - cached(w)
             ttft = prefill_s(w, uncached, params) + interference_s(w, uncached, params)
             cost = ttft + outputs * itl_s(w, params)
-            why = _local_reason(w, prefill, decoders, disagg_policy)
+            why = _local_reason(w, prefill, disagg_policy)
             options.append((cost, Placement(None, w.worker_id, why, cost, ttft, cached(w), 0)))
     if not options:
         return None
@@ -226,10 +226,8 @@ def plan(
     return chosen
 
 
-def _local_reason(
-    w: WorkerSnapshot, prefill: Sequence[WorkerSnapshot], decoders: Sequence[WorkerSnapshot], policy: str
-) -> str:
-    if w.role == "mixed" and not decoders:
+def _local_reason(w: WorkerSnapshot, prefill: Sequence[WorkerSnapshot], policy: str) -> str:
+    if w.role == "mixed":
         return AGGREGATED
     if not prefill:
         return NO_PREFILL
