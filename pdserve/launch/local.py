@@ -254,14 +254,17 @@ class LocalLauncher:
 # -- the local backend of the supervisor (pdserve.launch.supervisor) ------------------------------
 
 
+#: ``pdserve.transfer.shm.SEGMENT_PREFIX``, without importing it (that imports torch: seconds
+#: in the launcher, which would delay the restart of the worker that died).
+SEGMENT_PREFIX = "pdserve-kv-"
+
+
 def unlink_segments_of(pid: int) -> list[str]:
     """Unlink the shared-memory KV segments a (dead) process created; returns their names.
 
     A decode worker killed by SIGKILL cannot unlink its own segment; its name
     carries its pid (``pdserve-kv-<pid>-<hex>``, see :mod:`pdserve.transfer.shm`).
     """
-    from pdserve.transfer.shm import SEGMENT_PREFIX
-
     try:
         names = os.listdir("/dev/shm")
     except OSError:
