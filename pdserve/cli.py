@@ -155,6 +155,7 @@ def _worker(args: argparse.Namespace) -> int:
             router=args.router,
             worker_id=args.worker_id or "",
             kv_host=args.kv_host,
+            kv_advertise_host=args.kv_advertise_host,
             kv_transport=args.kv_transport,
             heartbeat_interval_s=args.heartbeat_interval,
             drain_timeout_s=args.drain_timeout,
@@ -184,6 +185,8 @@ def _secret(args: argparse.Namespace) -> str:
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    from pdserve.launch.ray_resources import add_ray_args
+
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,7 +220,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--threads-per-worker", type=int, default=0, help="0: share the cores evenly")
     serve.add_argument("--ready-timeout", type=float, default=120.0)
-    serve.add_argument("--launcher", default="local", choices=["local"], help="where processes run")
+    serve.add_argument("--launcher", default="local", choices=["local", "ray"], help="where processes run")
+    add_ray_args(serve)
     serve.add_argument(
         "--startup-wait", type=float, default=120.0,
         help="before the first worker pair registers, requests wait this long (then 503)",
@@ -287,6 +291,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     worker.add_argument("--kv-host", default="127.0.0.1", help="interface the KV receiver binds to")
+    worker.add_argument(
+        "--kv-advertise-host", default=None, help="address prefill workers dial (with --kv-host 0.0.0.0)"
+    )
     worker.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     worker.add_argument("--heartbeat-interval", type=float, default=0.5)
     worker.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: any)")

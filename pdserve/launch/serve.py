@@ -52,10 +52,18 @@ def targets(args: argparse.Namespace) -> dict[str, int]:
 
 def make_backend(args: argparse.Namespace) -> Backend:
     """The backend ``--launcher`` names."""
+    from pdserve.launch import ray_resources
+
     if args.launcher == "local":
         from pdserve.launch.local import LocalBackend
 
+        ray_resources.check_not_ray(args)
         return LocalBackend(log_level=args.log_level, start_timeout_s=args.ready_timeout)
+    if args.launcher == "ray":
+        resources = ray_resources.role_resources(args)  # bad JSON fails before Ray starts
+        from pdserve.launch.ray import RayBackend
+
+        return RayBackend(args.ray_address, resources, args.log_level, args.ready_timeout)
     raise ValueError(f"unknown launcher {args.launcher!r}")
 
 
@@ -89,8 +97,15 @@ def build_supervisor(args: argparse.Namespace, backend: Backend) -> Supervisor:
         api_key=os.environ.get("PDSERVE_API_KEY", "").split(",")[0].strip(),
         launcher=args.launcher,
         ready_timeout_s=args.ready_timeout,
+        allow_flips=_flips_keep_placement(args),
     )
     return Supervisor(config, backend, make_spec)
+
+
+def _flips_keep_placement(args: argparse.Namespace) -> bool:
+    """Role flips move no process: allow them only where every role may run on the same nodes."""
+    placements = {getattr(args, f"{role}_resources", None) or "" for role in ("prefill", "decode", "mixed")}
+    return len(placements) == 1
 
 
 def run_serve(args: argparse.Namespace) -> int:

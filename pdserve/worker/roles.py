@@ -68,7 +68,9 @@ def build_role(config: WorkerConfig, role: Role, model: LlamaForCausalLM | None 
             """The receiver owns the decode worker's KV tensors."""
             dtype_name = str(dtype).removeprefix("torch.")
             layout = KVLayout(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype_name)
-            receiver = make_receiver(config.kv_transport or "auto", layout, device, bind_host=config.kv_host)
+            options = {"advertise_host": config.kv_advertise_host} if config.kv_advertise_host else {}
+            receiver = make_receiver(config.kv_transport or "auto", layout, device, bind_host=config.kv_host,
+                                     **options)
             receivers.append(receiver)
             return receiver.kv_caches
 
