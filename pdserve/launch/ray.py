@@ -23,7 +23,8 @@ Lifecycle of one component:
    or ``-9`` when the actor died (killed, or its node lost). An ended
    component's actor is killed so its resources are free for a replacement.
 4. ``terminate`` sends SIGTERM to the process through its actor (the worker
-   drains); ``kill`` kills the actor, and with it the process.
+   drains); an actor Ray has not placed yet is just removed. ``kill`` sends
+   SIGKILL and kills the actor.
 5. ``close`` terminates everything, kills what is left after a grace period,
    and disconnects from Ray if it connected.
 
@@ -38,6 +39,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +116,7 @@ class ProcessHost:
         from pdserve.transfer.shm import unlink_stale_segments
 
         unlink_stale_segments()  # what a SIGKILLed decode worker left in /dev/shm
+        shutil.rmtree(self.rundir, ignore_errors=True)
         return code
 
     def placement(self) -> tuple[str, str, int]:
