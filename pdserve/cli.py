@@ -318,6 +318,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
     add_status_parser(sub)
     commands["status"] = run_status
+
+    from pdserve.scale import add_scale_parser, run_scale
+
+    add_scale_parser(sub)
+    commands["scale"] = run_scale
     return parser, commands
 
 

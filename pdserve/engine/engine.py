@@ -14,15 +14,15 @@ from typing import Protocol
 
 from pdserve.config import EngineConfig, Role
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.errors import InvalidRequestError
-from pdserve.model.arch import ArchConfig, load_arch_config
 from pdserve.model.llama import LlamaForCausalLM
-from pdserve.model.tokenizer import Tokenizer, load_tokenizer
+from pdserve.modelspec.arch import ArchConfig, load_arch_config
 from pdserve.request import Request, RequestStatus, TokenLogprobs
 from pdserve.sampling_params import SamplingParams
+from pdserve.tokenizer import Tokenizer, load_tokenizer
+from pdserve.tokenizer.detokenizer import Detokenizer
 
 logger = logging.getLogger(__name__)
 

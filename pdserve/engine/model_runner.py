@@ -15,10 +15,10 @@ import torch
 from pdserve.config import CacheConfig, ModelConfig
 from pdserve.engine.sampler import SampledToken, Sampler
 from pdserve.engine.scheduler import SchedulerOutput
-from pdserve.model.arch import ArchConfig
 from pdserve.model.attention import KVCache, SeqSpec, allocate_kv_cache, build_attention_metadata
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
+from pdserve.modelspec.arch import ArchConfig
 from pdserve.request import Request
 
 logger = logging.getLogger(__name__)

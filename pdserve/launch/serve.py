@@ -116,7 +116,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}")
         return 2
     try:
+        supervisor.stop_on_signals()
         supervisor.start()
+        if supervisor.stopping:
+            return 0
         print(f"pdserve is ready: {supervisor.url}/v1  ({args.model}, {args.mode}; Ctrl-C stops)", flush=True)
         return supervisor.run()
     except (RuntimeError, TimeoutError) as exc:

@@ -45,18 +45,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
-from pdserve.launch.base import Backend, ProcessHandle, RouterHandle, WorkerSpec
+from pdserve.launch.base import Backend, RouterHandle, WorkerSpec
+from pdserve.launch.router_link import HttpLink, RouterLink
+from pdserve.launch.slot import Slot
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "mixed")
 
-#: Builds the spec of worker ``worker_id`` with ``role`` (the router endpoint is filled in later).
+#: Builds the spec of worker ``worker_id`` with ``role`` for the router's control endpoint.
 SpecFactory = Callable[[str, str, str], WorkerSpec]
-
-
 @dataclass
 class SupervisorConfig:
     """How a deployment is supervised.
@@ -96,45 +94,6 @@ class SupervisorConfig:
     allow_flips: bool = True
 
 
-@dataclass
-class Slot:
-    """One worker the supervisor runs (its id and role survive restarts; a flip changes the role)."""
-
-    worker_id: str
-    role: str
-    state: str = "starting"
-    handle: ProcessHandle | None = None
-    started_s: float = 0.0
-    registered_s: float | None = None  # since when it has been registered (this start)
-    ever_registered: bool = False  # this start
-    exits: collections.deque[float] = field(default_factory=collections.deque)
-    consecutive_exits: int = 0
-    start_failures: int = 0
-    restarts: int = 0
-    next_start_s: float = 0.0
-    last_exit: int | None = None
-    message: str = ""
-    flip_to: str | None = None
-    flip_started_s: float = 0.0
-    num_inflight: int = 0
-
-    def view(self) -> dict[str, Any]:
-        """JSON view of the slot (see docs/scaling.md)."""
-        place = self.handle.placement() if self.handle is not None and self.state != "restarting" else None
-        return {
-            "worker_id": self.worker_id,
-            "role": self.role,
-            "state": self.state,
-            "flip_to": self.flip_to,
-            "host": place.host if place else "",
-            "node_id": place.node_id if place else "",
-            "pid": place.pid if place else 0,
-            "restarts": self.restarts,
-            "last_exit_code": self.last_exit,
-            "message": self.message,
-        }
-
-
 class RouterGone(RuntimeError):
     """The router exited and could not be restarted: the deployment ends."""
 
@@ -142,7 +101,13 @@ class RouterGone(RuntimeError):
 class Supervisor:
     """Starts a deployment through ``backend`` and keeps it at its targets (see the module docstring)."""
 
-    def __init__(self, config: SupervisorConfig, backend: Backend, make_spec: SpecFactory) -> None:
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        backend: Backend,
+        make_spec: SpecFactory,
+        link: RouterLink | None = None,
+    ) -> None:
         for role, n in config.targets.items():
             if role not in ROLES or n < 0:
                 raise ValueError(f"bad target {role}={n}")
@@ -160,7 +125,8 @@ class Supervisor:
         self._registered: dict[str, dict[str, Any]] = {}
         self._synced = False
         self._stop = threading.Event()
-        self._client = httpx.Client(timeout=5.0)
+        self._http = HttpLink(config.secret, config.api_key) if link is None else None
+        self._link: RouterLink = link or self._http  # type: ignore[assignment]
 
     # -- start-up and shutdown ------------------------------------------------------------
 
@@ -183,14 +149,16 @@ class Supervisor:
             for _ in range(self.targets[role]):
                 self._add_slot(role)
         deadline = time.monotonic() + c.ready_timeout_s
-        while True:
+        while not self._stop.is_set():
             self.step()
             if self._synced and all(s.state in ("ready", "failed") for s in self.slots):
                 break
             if time.monotonic() > deadline:
                 waiting = ", ".join(s.worker_id for s in self.slots if s.state != "ready")
                 raise TimeoutError(f"workers not registered within {c.ready_timeout_s:.0f} s: {waiting}")
-            time.sleep(c.sync_interval_s)
+            self._stop.wait(c.sync_interval_s)
+        if self._stop.is_set():
+            return
         failed = [s for s in self.slots if s.state == "failed"]
         if not self._has_path(lambda s: s.state == "ready"):
             reasons = "; ".join(f"{s.worker_id}: {s.message}" for s in failed)
@@ -198,33 +166,39 @@ class Supervisor:
         for s in failed:
             logger.error("%s could not start: %s (serving without it)", s.worker_id, s.message)
 
-    def run(self) -> int:
-        """Supervise until SIGINT/SIGTERM (0) or until the router cannot be restarted (1)."""
+    def stop_on_signals(self) -> None:
+        """From now on SIGINT/SIGTERM make :meth:`start` and :meth:`run` return (main thread only)."""
 
         def on_signal(signum: int, _frame: object) -> None:
+            logger.info("signal %d: stopping the deployment", signum)
             self._stop.set()
 
-        in_main = threading.current_thread() is threading.main_thread()
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-        try:
-            while not self._stop.wait(self.config.sync_interval_s):
-                try:
-                    self.step()
-                except RouterGone as exc:
-                    logger.error("%s; stopping the deployment", exc)
-                    return 1
-            return 0
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, on_signal)
+
+    def run(self) -> int:
+        """Supervise until stopped (0; see :meth:`stop_on_signals`) or the router cannot be restarted (1)."""
+        while not self._stop.wait(self.config.sync_interval_s):
+            try:
+                self.step()
+            except RouterGone as exc:
+                logger.error("%s; stopping the deployment", exc)
+                return 1
+        return 0
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was requested."""
+        return self._stop.is_set()
 
     def request_stop(self) -> None:
-        """Make :meth:`run` return (from another thread)."""
+        """Make :meth:`start` and :meth:`run` return (from a signal handler or another thread)."""
         self._stop.set()
 
     def close(self) -> None:
         """Stop every process (workers drain first) and free what the backend holds."""
-        self._client.close()
+        if self._http is not None:
+            self._http.close()
         self.backend.close()
 
     # -- one pass -----------------------------------------------------------------------------
@@ -324,15 +298,8 @@ class Supervisor:
             "drain": list(self._pending_drain),
             "flip": dict(self._pending_flip),
         }
-        headers = {"X-PDServe-Cluster-Secret": self.config.secret}
-        if self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
-        try:
-            reply = self._client.post(f"{self.router.url}/pdserve/supervisor", json=body, headers=headers)
-            reply.raise_for_status()
-            data = reply.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            logger.debug("sync with the router failed: %s", exc)
+        data = self._link(self.router.url, body)
+        if data is None:
             return
         self._synced = True
         for wid in self._pending_drain:

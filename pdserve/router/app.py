@@ -55,7 +55,6 @@ from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
 from starlette.requests import ClientDisconnect
 
-from pdserve.model.tokenizer import Tokenizer
 from pdserve.router.admission import Admission, Ticket
 from pdserve.router.backend import Backend
 from pdserve.router.errors import add_exception_handlers, as_api_error, read_body
@@ -81,6 +80,7 @@ from pdserve.router.responses import (
 from pdserve.router.security import APIKeyMiddleware, APIKeys
 from pdserve.router.startup import StartupGate, gate_closed
 from pdserve.router.tracing import Tracer
+from pdserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ import uvicorn
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pdserve.model.arch import load_arch_config
-from pdserve.model.tokenizer import load_tokenizer
+from pdserve.modelspec.arch import load_arch_config
 from pdserve.router.app import create_app
 from pdserve.router.deployment import Deployment, add_deployment_routes
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.dispatcher import Dispatcher
 from pdserve.router.tracing import Tracer
+from pdserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
