@@ -69,7 +69,12 @@ ACTOR_DIED = -signal.SIGKILL  # exit code reported when the actor (or its node) 
 
 
 def _die_with_actor() -> None:
-    """In the child: SIGKILL from the kernel when the actor process dies (Linux), as its node would."""
+    """In the child: SIGKILL from the kernel when the actor process dies (Linux), as its node would.
+
+    Also unblocks every signal: the actor's threads run with SIGINT blocked, and a
+    blocked mask survives ``exec`` (the process would never see Ctrl-C's signal).
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     try:
         import ctypes
 
@@ -308,7 +313,7 @@ class RayBackend:
         self._processes.append(process)
         return process
 
-    def close(self, grace_s: float = 10.0) -> None:
+    def close(self, grace_s: float = 20.0) -> None:
         """SIGTERM every process (workers first), kill the actors of what outlives ``grace_s``."""
         for process in reversed(self._processes):
             process.terminate()
