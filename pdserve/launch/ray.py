@@ -302,13 +302,19 @@ class RayBackend:
         return router
 
     def start_worker(self, spec: WorkerSpec) -> RayProcess:
-        """Create the worker's actor with its role's resources; returns before Ray has placed it."""
+        """Create the worker's actor with its role's resources; returns before Ray has placed it.
+
+        A role that reserves CPUs (``num_cpus`` ≥ 1) gets that many torch threads,
+        whatever ``spec.threads`` (reckoned from this machine's cores) says.
+        """
         resources = spec.resources or self.role_resources.get(spec.role, {})
         actor = self._create(resources)
-        env = dict(spec.env)
-        if spec.threads:
-            env["OMP_NUM_THREADS"] = str(spec.threads)
-        process = RayProcess(spec.worker_id, actor, actor.run.remote("worker", list(spec.args), env))
+        env, args = dict(spec.env), list(spec.args)
+        threads = int(resources.get("num_cpus", 0)) or spec.threads
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+            args += ["--threads", str(threads)]  # the last --threads wins
+        process = RayProcess(spec.worker_id, actor, actor.run.remote("worker", args, env))
         self._processes = [p for p in self._processes if p._code is None]
         self._processes.append(process)
         return process

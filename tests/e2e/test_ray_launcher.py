@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -200,16 +201,23 @@ def test_ray_backend_handles(cluster: Cluster) -> None:
             RayBackend(cluster.address, {"prefill": {"gpu_node": 1}})
 
         def worker(wid: str, *args: str, resources: dict[str, float] | None = None) -> Any:
-            return backend.start_worker(WorkerSpec(wid, "decode", ["--role", "decode", *args],
+            return backend.start_worker(WorkerSpec(wid, "decode", ["--role", "decode", *args], threads=3,
                                                    resources=resources or {}))
 
         broken = worker("broken", "--model", "/nonexistent/model")
-        stuck = worker("stuck", "--router", "tcp://127.0.0.1:9", *WORKER_ARGS)  # nothing there: it waits
+        stuck = worker("stuck", "--router", "tcp://127.0.0.1:9", *WORKER_ARGS,  # nothing there: it waits
+                       resources={"decode_node": 1, "num_cpus": 1})
         nowhere = worker("nowhere", resources={"prefill_node": 5})  # no node has 5: never placed
         assert wait_for("the broken worker's exit", lambda: broken.poll() is not None, 60)
         assert broken.poll() not in (0, None)
         place = wait_for("the stuck worker's start", lambda: stuck.placement().pid and stuck.placement())
         assert place.node_id in {n.node_id for n in cluster.worker_nodes} and alive(place.pid)
+        argv = Path(f"/proc/{place.pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{place.pid}/environ").read_bytes().split(b"\0")
+        assert argv[-7:-1] == [b"--threads", b"1", b"--kv-host", b"0.0.0.0", b"--kv-advertise-host",
+                               place.host.encode()]  # one reserved CPU: one thread, not the spec's 3
+        assert b"OMP_NUM_THREADS=1" in environ
+        assert b"PDSERVE_HOST_ID=ray-node-" + place.node_id.encode() in environ
         assert stuck.poll() is None
         stuck.kill()
         assert wait_for("the kill", lambda: stuck.poll() is not None, 30) and stuck.poll() < 0
