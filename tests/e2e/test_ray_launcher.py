@@ -33,6 +33,9 @@ from test_serve_cli import alive
 from pdserve import LLM, SamplingParams
 from pdserve.launch.local import free_port
 
+# Ray's switch for single-machine clusters: every node's IP is 127.0.0.1, so all traffic (Ray's and
+# pdserve's, which binds 0.0.0.0 and advertises the node IP) stays on loopback. Read at import.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 pytest.importorskip("ray", reason="the Ray launcher's test needs Ray: pip install -e '.[ray]'")
 from ray.cluster_utils import Cluster
 
@@ -122,8 +125,11 @@ def test_ray_launcher_places_roles_pairs_over_tcp_and_survives_a_lost_node(clust
         assert placed["prefill-0"]["node_id"] == cluster.head_node.node_id
         for wid in ("decode-0", "decode-1"):
             assert placed[wid]["node_id"] in decode_nodes, placed[wid]
-            assert placed[wid]["host"] and placed[wid]["pid"]
+            assert placed[wid]["host"] == "127.0.0.1" and placed[wid]["pid"]  # the node IP: loopback here
         assert placed["decode-0"]["node_id"] != placed["decode-1"]["node_id"]
+        argv = Path(f"/proc/{placed['decode-0']['pid']}/cmdline").read_bytes().decode().split("\0")
+        router_endpoint = argv[argv.index("--router") + 1]  # the control endpoint the router advertised
+        assert router_endpoint.startswith(f"tcp://{placed['decode-0']['host']}:"), router_endpoint
         pids |= {s["pid"] for s in placed.values()}
 
         # 2. Greedy outputs equal the offline engine's; every pair is cross-node, so KV went over tcp.
