@@ -29,8 +29,8 @@ Lifecycle of one component:
    and disconnects from Ray if it connected.
 
 The router's actor goes where ``--router-resources`` says; without them it is
-pinned (softly) to the Ray node ``pdserve serve`` runs on, so the printed URL
-is reachable there.
+pinned to the Ray node ``pdserve serve`` runs on (a soft pin was seen to
+place it elsewhere half the time), so the printed URL is reachable there.
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ class RayBackend:
             actor = self._create(self.role_resources["router"])
         else:
             here = ray.get_runtime_context().get_node_id()
-            actor = self._create({}, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True))
+            actor = self._create({}, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
         run_ref = actor.run.remote("router", list(args), dict(env))
         try:
             ready = ray.get(actor.ready.remote(self.start_timeout_s), timeout=self.start_timeout_s + 30)
