@@ -233,3 +233,32 @@ def test_ray_backend_handles(cluster: Cluster) -> None:
         assert wait_for("the unplaced actor's removal", lambda: nowhere.poll() is not None, 30)
     finally:
         backend.close()
+
+
+def test_workers_on_one_ray_node_pair_over_shm(cluster: Cluster) -> None:
+    """Prefill and decode on one Ray node: their KV goes through shared memory, not tcp."""
+    from pdserve.launch.base import WorkerSpec
+    from pdserve.launch.ray import RayBackend
+
+    node = cluster.add_node(**NODE_ARGS, resources={"pair_node": 2})
+    backend = RayBackend(cluster.address, {"prefill": {"pair_node": 1}, "decode": {"pair_node": 1}})
+    try:
+        env = {"PDSERVE_CLUSTER_SECRET": "pair-secret"}
+        router = backend.start_router(["--model", "tiny", "--port", "0", "--control-port", "0"], env)
+        workers = [
+            backend.start_worker(WorkerSpec(f"{role}-0", role, [
+                "--role", role, "--router", router.control_endpoint, "--worker-id", f"{role}-0",
+                "--threads", "1", *WORKER_ARGS], env=env))
+            for role in ("prefill", "decode")
+        ]
+        wait_for("both workers", lambda: len(deployment(router.url)["workers"]) == 2)
+        assert {w.placement().node_id for w in workers} == {node.node_id}
+        offline = LLM("tiny", chunk_size=32, block_size=16, kv_cache_bytes=64 << 20)
+        expected = offline.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0.0,
+                                                                 ignore_eos=True))[0].text
+        assert complete(router.url, PROMPTS[0], 24) == expected
+        stats = {w["worker_id"]: w["stats"] for w in deployment(router.url)["workers"]}
+        assert stats["prefill-0"]["transports"] == ["shm"] and stats["prefill-0"]["kv_transfers"] >= 1
+    finally:
+        backend.close()
+        cluster.remove_node(node)
