@@ -41,6 +41,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -261,6 +262,7 @@ class RayBackend:
         self.start_timeout_s = start_timeout_s
         self._owns_connection = not ray.is_initialized()
         if self._owns_connection:
+            _check_reachable(address)
             try:
                 ray.init(address=address, namespace="pdserve", log_to_driver=True,
                          configure_logging=False)
@@ -332,6 +334,19 @@ class RayBackend:
         self._processes = []
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Raise ConfigError unless something listens at ``HOST:PORT`` (Ray would retry for minutes)."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({exc}); give the "
+                          "head node's GCS address (HOST:6379 by default) or auto") from exc
 
 
 def _arg(args: list[str], name: str, default: str) -> str:
