@@ -119,9 +119,9 @@ class ProcessHost:
             finally:
                 self.started.set()
         code = self.proc.wait()
-        from pdserve.transfer.shm import unlink_stale_segments
+        from pdserve.launch.local import unlink_segments_of
 
-        unlink_stale_segments()  # what a SIGKILLed decode worker left in /dev/shm
+        unlink_segments_of(self.proc.pid)  # what a SIGKILLed decode worker left in /dev/shm
         shutil.rmtree(self.rundir, ignore_errors=True)
         return code
 
@@ -144,7 +144,8 @@ class ProcessHost:
         with open(self.ready_file) as f:
             ready: dict[str, Any] = json.load(f)
         port = str(ready["control_endpoint"]).rsplit(":", 1)[1]
-        ready["control_endpoint"] = f"tcp://{self.node_ip}:{port}"
+        host = f"[{self.node_ip}]" if ":" in self.node_ip else self.node_ip  # IPv6
+        ready["control_endpoint"] = f"tcp://{host}:{port}"
         ready["node_ip"] = self.node_ip
         return ready
 
