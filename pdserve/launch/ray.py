@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 HOST_ID_ENV = "PDSERVE_HOST_ID"  # read by pdserve.transfer.base.host_id
 ACTOR_DIED = -signal.SIGKILL  # exit code reported when the actor (or its node) is gone
+WAITING_NOTICE_S = 30.0  # an actor not placed after this long is logged (once)
 
 
 def _die_with_actor() -> None:
@@ -164,14 +165,19 @@ _RemoteHost = ray.remote(ProcessHost)
 class RayProcess:
     """A component running in a :class:`ProcessHost` actor (a ``ProcessHandle``)."""
 
-    def __init__(self, name: str, actor: Any, run_ref: Any) -> None:
+    def __init__(
+        self, name: str, actor: Any, run_ref: Any, resources: dict[str, float] | None = None
+    ) -> None:
         self.name = name
         self.actor = actor
+        self.resources = resources or {}
         self._run_ref = run_ref
         self._placement_ref = actor.placement.remote()
         self._placement: Placement | None = None
         self._code: int | None = None
         self._killed = False  # by us: its actor's death is no news
+        self._created_s = time.monotonic()
+        self._told_waiting = False
 
     def poll(self) -> int | None:
         """``None`` while it runs (or waits for a node), else its exit code (-9: the actor died)."""
@@ -179,6 +185,12 @@ class RayProcess:
             return self._code
         done, _ = ray.wait([self._run_ref], timeout=0)
         if not done:
+            if not self._told_waiting and time.monotonic() - self._created_s > WAITING_NOTICE_S \
+                    and not self.placement().pid:
+                self._told_waiting = True
+                logger.warning("%s has waited %.0f s for a Ray node with room for %s; it starts once one "
+                               "has (a node joins or another actor ends)", self.name, WAITING_NOTICE_S,
+                               json.dumps(self.resources) if self.resources else "it")
             return None
         try:
             self._code = int(ray.get(self._run_ref))
@@ -317,7 +329,7 @@ class RayBackend:
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
             args += ["--threads", str(threads)]  # the last --threads wins
-        process = RayProcess(spec.worker_id, actor, actor.run.remote("worker", args, env))
+        process = RayProcess(spec.worker_id, actor, actor.run.remote("worker", args, env), resources)
         self._processes = [p for p in self._processes if p._code is None]
         self._processes.append(process)
         return process
