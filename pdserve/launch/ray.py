@@ -284,8 +284,13 @@ class RayBackend:
                                   "with `ray start --head` or name its address") from exc
         self._processes: list[RayProcess] = []
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        for role, resources in self.role_resources.items():
-            check_feasible(role, resources, nodes)
+        try:
+            for role, resources in self.role_resources.items():
+                check_feasible(role, resources, nodes)
+        except ConfigError:
+            if self._owns_connection:
+                ray.shutdown()
+            raise
 
     def _create(self, resources: dict[str, float], **extra: Any) -> Any:
         options = {**actor_options(resources), **extra}
