@@ -85,6 +85,22 @@ def _die_with_actor() -> None:
         pass
 
 
+def _unlink_dead_segments(pid: int = 0) -> None:
+    """Unlink the KV segments ``pid`` (ended) and any dead process left in this node's /dev/shm.
+
+    A decode worker killed with its actor (``ray.kill``, a lost node) cannot
+    unlink its segment, and no one else on the node is its parent: every actor
+    sweeps when its process starts and ends.
+    """
+    from pdserve.launch.local import unlink_segments_of
+    from pdserve.transfer.shm import unlink_stale_segments
+
+    if pid:
+        unlink_segments_of(pid)
+    for name in unlink_stale_segments():
+        logger.info("unlinked %s (its process is gone)", name)
+
+
 class ProcessHost:
     """Ray actor hosting one ``pdserve router`` or ``pdserve worker`` process.
 
@@ -112,6 +128,7 @@ class ProcessHost:
         child_env = dict(os.environ, **env)
         child_env[HOST_ID_ENV] = f"ray-node-{self.node_id}"
         cmd = [sys.executable, "-m", "pdserve", "--log-level", self.log_level, command, *args]
+        _unlink_dead_segments()
         with self._lock:
             try:
                 if self._stopped:
@@ -120,9 +137,7 @@ class ProcessHost:
             finally:
                 self.started.set()
         code = self.proc.wait()
-        from pdserve.launch.local import unlink_segments_of
-
-        unlink_segments_of(self.proc.pid)  # what a SIGKILLed decode worker left in /dev/shm
+        _unlink_dead_segments(self.proc.pid)
         shutil.rmtree(self.rundir, ignore_errors=True)
         return code
 

@@ -195,70 +195,62 @@ def test_ray_launcher_places_roles_pairs_over_tcp_and_survives_a_lost_node(clust
     assert not [n for n in os.listdir("/dev/shm") if any(n.startswith(f"pdserve-kv-{p}-") for p in pids)]
 
 
-def test_ray_backend_handles(cluster: Cluster) -> None:
-    """The backend alone: infeasible resources, a process that exits, a kill, an actor with no node."""
+def test_ray_backend_directly(cluster: Cluster) -> None:
+    """The backend alone: prefill and decode on one Ray node pair over shm; what a worker's process
+    is started with; infeasible resources; a process that exits; a kill; an actor with no node."""
     from pdserve.errors import ConfigError
     from pdserve.launch.base import WorkerSpec
     from pdserve.launch.ray import RayBackend
 
-    backend = RayBackend(cluster.address, {"decode": {"decode_node": 1}})
+    node = cluster.add_node(**NODE_ARGS, resources={"pair_node": 2})
+    backend = RayBackend(cluster.address, {"prefill": {"pair_node": 1},
+                                           "decode": {"pair_node": 1, "num_cpus": 1}})
     try:
         with pytest.raises(ConfigError, match="no node has 'gpu_node'"):
             RayBackend(cluster.address, {"prefill": {"gpu_node": 1}})
-
-        def worker(wid: str, *args: str, resources: dict[str, float] | None = None) -> Any:
-            return backend.start_worker(WorkerSpec(wid, "decode", ["--role", "decode", *args], threads=3,
-                                                   resources=resources or {}))
-
-        broken = worker("broken", "--model", "/nonexistent/model")
-        stuck = worker("stuck", "--router", "tcp://127.0.0.1:9", *WORKER_ARGS,  # nothing there: it waits
-                       resources={"decode_node": 1, "num_cpus": 1})
-        nowhere = worker("nowhere", resources={"prefill_node": 5})  # no node has 5: never placed
-        assert wait_for("the broken worker's exit", lambda: broken.poll() is not None, 60)
-        assert broken.poll() not in (0, None)
-        place = wait_for("the stuck worker's start", lambda: stuck.placement().pid and stuck.placement())
-        assert place.node_id in {n.node_id for n in cluster.worker_nodes} and alive(place.pid)
-        argv = Path(f"/proc/{place.pid}/cmdline").read_bytes().split(b"\0")
-        environ = Path(f"/proc/{place.pid}/environ").read_bytes().split(b"\0")
-        assert argv[-7:-1] == [b"--threads", b"1", b"--kv-host", b"0.0.0.0", b"--kv-advertise-host",
-                               place.host.encode()]  # one reserved CPU: one thread, not the spec's 3
-        assert b"OMP_NUM_THREADS=1" in environ
-        assert b"PDSERVE_HOST_ID=ray-node-" + place.node_id.encode() in environ
-        assert stuck.poll() is None
-        stuck.kill()
-        assert wait_for("the kill", lambda: stuck.poll() is not None, 30) and stuck.poll() < 0
-        wait_for("the killed process to end", lambda: not alive(place.pid), 30)
-        assert nowhere.poll() is None and nowhere.placement().host == ""
-        nowhere.terminate()
-        assert wait_for("the unplaced actor's removal", lambda: nowhere.poll() is not None, 30)
-    finally:
-        backend.close()
-
-
-def test_workers_on_one_ray_node_pair_over_shm(cluster: Cluster) -> None:
-    """Prefill and decode on one Ray node: their KV goes through shared memory, not tcp."""
-    from pdserve.launch.base import WorkerSpec
-    from pdserve.launch.ray import RayBackend
-
-    node = cluster.add_node(**NODE_ARGS, resources={"pair_node": 2})
-    backend = RayBackend(cluster.address, {"prefill": {"pair_node": 1}, "decode": {"pair_node": 1}})
-    try:
         env = {"PDSERVE_CLUSTER_SECRET": "pair-secret"}
         router = backend.start_router(["--model", "tiny", "--port", "0", "--control-port", "0"], env)
-        workers = [
-            backend.start_worker(WorkerSpec(f"{role}-0", role, [
-                "--role", role, "--router", router.control_endpoint, "--worker-id", f"{role}-0",
-                "--threads", "1", *WORKER_ARGS], env=env))
-            for role in ("prefill", "decode")
-        ]
+
+        def worker(wid: str, role: str, *args: str, resources: dict[str, float] | None = None) -> Any:
+            return backend.start_worker(WorkerSpec(wid, role, ["--role", role, *args], threads=3, env=env,
+                                                   resources=resources or {}))
+
+        prefill, decode = (worker(f"{role}-0", role, "--router", router.control_endpoint, "--worker-id",
+                                  f"{role}-0", *WORKER_ARGS) for role in ("prefill", "decode"))
+        broken = worker("broken", "decode", "--model", "/nonexistent/model", resources={"decode_node": 1})
+        nowhere = worker("nowhere", "decode", resources={"prefill_node": 5})  # no node has 5: never placed
+
+        # 1. Both on the pair node; KV between them goes through shared memory.
         wait_for("both workers", lambda: len(deployment(router.url)["workers"]) == 2)
-        assert {w.placement().node_id for w in workers} == {node.node_id}
+        assert {prefill.placement().node_id, decode.placement().node_id} == {node.node_id}
         offline = LLM("tiny", chunk_size=32, block_size=16, kv_cache_bytes=64 << 20)
         expected = offline.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0.0,
                                                                  ignore_eos=True))[0].text
         assert complete(router.url, PROMPTS[0], 24) == expected
         stats = {w["worker_id"]: w["stats"] for w in deployment(router.url)["workers"]}
         assert stats["prefill-0"]["transports"] == ["shm"] and stats["prefill-0"]["kv_transfers"] >= 1
+
+        # 2. The decode process: one thread per reserved CPU (not the spec's 3), KV on 0.0.0.0 advertised
+        # at the node IP, the Ray node as its host id.
+        place = decode.placement()
+        argv = Path(f"/proc/{place.pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{place.pid}/environ").read_bytes().split(b"\0")
+        assert argv[-7:-1] == [b"--threads", b"1", b"--kv-host", b"0.0.0.0", b"--kv-advertise-host",
+                               place.host.encode()]
+        assert b"OMP_NUM_THREADS=1" in environ
+        assert b"PDSERVE_HOST_ID=ray-node-" + node.node_id.encode() in environ
+
+        # 3. A process that cannot start ends with an error code; an unplaced actor is removed on terminate.
+        assert wait_for("the broken worker's exit", lambda: broken.poll() is not None, 60)
+        assert broken.poll() not in (0, None)
+        assert nowhere.poll() is None and nowhere.placement().host == ""
+        nowhere.terminate()
+        assert wait_for("the unplaced actor's removal", lambda: nowhere.poll() is not None, 30)
+
+        # 4. kill: the process and its actor end now.
+        decode.kill()
+        assert wait_for("the kill", lambda: decode.poll() is not None, 30) and decode.poll() < 0
+        wait_for("the killed process to end", lambda: not alive(place.pid), 30)
     finally:
         backend.close()
         cluster.remove_node(node)
