@@ -16,7 +16,9 @@ Command = Callable[[argparse.Namespace], int]
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs an engine."""
-    parser.add_argument("--model", default="tiny", help="preset (tiny, bench-50m) or HF checkpoint dir")
+    parser.add_argument(
+        "--model", default="tiny", help="preset (tiny, bench-50m), alias (smollm2-135m), GGUF file or HF dir"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -90,6 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
     from pdserve.launch.local import LaunchConfig, LocalLauncher
 
     router_args = ["--model", args.model, "--policy", args.policy]
+    if args.served_model_name:
+        router_args += ["--served-model-name", args.served_model_name]
     if args.max_model_len:
         router_args += ["--max-model-len", str(args.max_model_len)]
     if args.trace_responses:
@@ -235,7 +239,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     commands["generate"] = _generate
 
     serve = sub.add_parser("serve", help="run router and workers on this host (OpenAI API)")
-    serve.add_argument("--model", default="tiny", help="preset (tiny, bench-50m) or HF checkpoint dir")
+    serve.add_argument(
+        "--model", default="tiny", help="preset (tiny, bench-50m), alias (smollm2-135m), GGUF file or HF dir"
+    )
+    serve.add_argument("--served-model-name", default=None, help="model id for clients (default: --model)")
     serve.add_argument("--mode", default="disaggregated", choices=["disaggregated", "aggregated"])
     serve.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
     serve.add_argument("--decode", type=int, default=1, help="decode workers (disaggregated)")
