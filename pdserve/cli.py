@@ -31,6 +31,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per request per step")
     parser.add_argument("--no-chunked-prefill", action="store_true")
     parser.add_argument("--seed", type=int, default=0, help="seed of dummy weights and unseeded sampling")
+    parser.add_argument(
+        "--quantization", default="none", choices=["none", "int8"], help="int8: int8 weights (CPU decode)"
+    )
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,6 +51,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         "enable_chunked_prefill": not args.no_chunked_prefill,
         "seed": args.seed,
+        "quantization": args.quantization,
     }
 
 
@@ -106,6 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
         worker_args += ["--max-model-len", str(args.max_model_len)]
     if args.kv_transport:
         worker_args += ["--kv-transport", args.kv_transport]
+    if args.quantization != "none":
+        worker_args += ["--quantization", args.quantization]
     launcher = LocalLauncher(
         LaunchConfig(
             mode=args.mode,
@@ -252,6 +258,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
     serve.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument(
+        "--quantization", default="none", choices=["none", "int8"], help="int8: int8 weights (CPU decode)"
+    )
     serve.add_argument("--device", default="auto")
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--threads-per-worker", type=int, default=0, help="0: share the cores evenly")

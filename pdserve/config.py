@@ -8,6 +8,8 @@ from enum import StrEnum
 from pdserve.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: Weight quantization methods (``--quantization``), see :mod:`pdserve.model.quant`.
+QUANTIZATION_METHODS = ("none", "int8")
 
 
 class Role(StrEnum):
@@ -34,6 +36,8 @@ class ModelConfig:
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         max_model_len: longest prompt + output in tokens; defaults to the model's limit.
         seed: seed of the deterministic dummy weights of presets.
+        quantization: ``none`` or ``int8`` (int8 weights with per-channel
+            scales for the linear layers and the LM head; see docs/models.md).
     """
 
     model: str = "tiny"
@@ -41,8 +45,13 @@ class ModelConfig:
     device: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(
+                f"quantization={self.quantization!r} is not one of {', '.join(QUANTIZATION_METHODS)}"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -17,6 +17,7 @@ from pdserve.engine.sampler import SampledToken, Sampler
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.model.attention import KVCache, SeqSpec, allocate_kv_cache, build_attention_metadata
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
+from pdserve.model.quant import quantize_model
 from pdserve.modelspec.arch import ArchConfig
 from pdserve.request import Request
 
@@ -46,6 +47,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype)
         self.block_size = cache_config.block_size
         self.model = load_model(model_config.model, arch, self.dtype, self.device, model_config.seed)
+        quantize_model(self.model, model_config.quantization)
         per_block = kv_bytes_per_block(arch, self.block_size, self.dtype)
         self.num_blocks = cache_config.num_blocks or max(cache_config.kv_cache_bytes // per_block, 1)
         allocate = kv_allocator or allocate_kv_cache
