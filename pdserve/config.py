@@ -30,8 +30,9 @@ class ModelConfig:
     """Which model to run, and how.
 
     Attributes:
-        model: a built-in preset name (``tiny``, ``bench-50m``) or a local
-            Hugging Face checkpoint directory.
+        model: a built-in preset name (``tiny``, ``bench-50m``), an alias of a
+            packaged model (``smollm2-135m``), a GGUF file or a local Hugging
+            Face checkpoint directory.
         dtype: ``float32``, ``bfloat16`` or ``float16`` (fp32 is fastest on CPUs).
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         max_model_len: longest prompt + output in tokens; defaults to the model's limit.
