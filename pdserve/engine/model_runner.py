@@ -41,13 +41,14 @@ class ModelRunner:
         cache_config: CacheConfig,
         arch: ArchConfig,
         kv_allocator: KVAllocator | None = None,
+        calibration_ids: list[int] | None = None,
     ) -> None:
         self.arch = arch
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype)
         self.block_size = cache_config.block_size
         self.model = load_model(model_config.model, arch, self.dtype, self.device, model_config.seed)
-        quantize_model(self.model, model_config.quantization)
+        quantize_model(self.model, model_config.quantization, calibration_ids)
         per_block = kv_bytes_per_block(arch, self.block_size, self.dtype)
         self.num_blocks = cache_config.num_blocks or max(cache_config.kv_cache_bytes // per_block, 1)
         allocate = kv_allocator or allocate_kv_cache

@@ -3,6 +3,9 @@
 Decode on a CPU is bound by the bytes of weights read per step; int8 reads a
 quarter of fp32's. What happens at load time and per step:
 
+0. Optionally (the engine always does) the activations are smoothed first:
+   per-channel scales move input outliers into the weights, folded into the
+   preceding norms and projections (:mod:`pdserve.model.smooth`).
 1. :func:`quantize_int8` rounds each weight row (output channel) to int8 with
    one fp32 scale per row: ``scale = max|w_row| / 127`` (symmetric, so the
    rounding error of a weight is at most ``scale / 2``).
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -133,13 +137,23 @@ def _quantize_linear(linear: nn.Module) -> Int8Linear:
 
 
 @torch.no_grad()
-def quantize_model(net: nn.Module, method: str) -> None:
-    """Replace ``net``'s projection layers and LM head by int8 ones (``method="int8"``), in place."""
+def quantize_model(net: nn.Module, method: str, calibration_ids: Sequence[int] | None = None) -> None:
+    """Replace ``net``'s projection layers and LM head by int8 ones (``method="int8"``), in place.
+
+    With ``calibration_ids`` (token ids of some ordinary text, e.g. of
+    :data:`pdserve.model.smooth.CALIBRATION_TEXT`) the activations are
+    smoothed first (:mod:`pdserve.model.smooth`), which keeps int8 closer to
+    the fp model.
+    """
     if check_quantization(method) == "none":
         return
     from pdserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+    from pdserve.model.smooth import smooth_for_int8
 
     assert isinstance(net, LlamaForCausalLM)
+    head = net.model.embed_tokens.weight if net.lm_head is None else net.lm_head.weight
+    if calibration_ids:
+        head = smooth_for_int8(net, calibration_ids)
     for layer in net.model.layers:
         assert isinstance(layer, LlamaDecoderLayer)
         for owner, name in (
@@ -149,6 +163,5 @@ def quantize_model(net: nn.Module, method: str) -> None:
             (layer.mlp, "down_proj"),
         ):
             setattr(owner, name, _quantize_linear(getattr(owner, name)))
-    head = net.model.embed_tokens.weight if net.lm_head is None else net.lm_head.weight
     net.quantized_head = Int8Linear(head, None)
     logger.info("quantized linear layers and LM head to int8 (kernel %s)", net.quantized_head.kernel)

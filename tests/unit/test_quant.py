@@ -85,3 +85,49 @@ def test_quantized_tiny_model_stays_close_to_fp32() -> None:
     assert not torch.equal(ref, got)  # the quantized path really ran
     assert ((got - ref).norm(dim=1) / ref.norm(dim=1)).max() < 0.1  # 4 layers of 8-bit rounding
     assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+def test_engine_and_cli_take_the_option() -> None:
+    from pdserve.cli import _build_parser, engine_options
+    from pdserve.engine.llm import make_engine_config
+
+    parser, _ = _build_parser()
+    args = parser.parse_args(["worker", "--role", "decode", "--quantization", "int8"])
+    assert make_engine_config("tiny", **engine_options(args)).model.quantization == "int8"
+    with pytest.raises(ConfigError, match=r"quantization='int4' is not one of none, int8"):
+        make_engine_config("tiny", quantization="int4")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--quantization", "int4"])
+
+
+@torch.no_grad()
+def test_smoothing_keeps_the_function_and_flattens_the_activations() -> None:
+    from pdserve.model.smooth import smooth_for_int8
+
+    arch = load_arch_config("tiny")
+    ids = torch.tensor(list(range(40, 104)))
+
+    def run(net: torch.nn.Module, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = allocate_kv_cache(
+            arch.num_layers, 4, 16, arch.num_kv_heads, arch.head_dim, torch.float32, CPU
+        )
+        meta = build_attention_metadata([SeqSpec(0, len(ids), [0, 1, 2, 3])], 16, CPU)
+        seen: list[torch.Tensor] = []
+        hook = net.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        hidden = net(ids, torch.arange(len(ids)), cache, meta)
+        hook.remove()
+        return torch.nn.functional.linear(hidden, head), seen[0]
+
+    plain = load_model("tiny", arch, torch.float32, CPU)
+    ref, ref_act = run(plain, plain.model.embed_tokens.weight)
+    smoothed = load_model("tiny", arch, torch.float32, CPU)
+    head = smooth_for_int8(smoothed, list(range(3, 200)))
+    got, act = run(smoothed, head)
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)  # the same function
+    torch.testing.assert_close(smoothed.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+
+    def spread(x: torch.Tensor) -> float:  # largest channel over the typical one
+        per_channel = x.abs().amax(dim=0)
+        return float(per_channel.max() / per_channel.median())
+
+    assert spread(act) < spread(ref_act)
