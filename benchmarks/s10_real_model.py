@@ -184,6 +184,7 @@ def accuracy(num_prompts: int, tokens: int, threads: int) -> dict[str, Any]:
     from pdserve import LLM, SamplingParams
     from pdserve.model import SeqSpec, allocate_kv_cache, build_attention_metadata, load_model
     from pdserve.model.quant import quantize_model
+    from pdserve.model.smooth import CALIBRATION_TEXT
     from pdserve.modelspec import load_arch_config
     from pdserve.tokenizer import load_tokenizer
 
@@ -197,9 +198,10 @@ def accuracy(num_prompts: int, tokens: int, threads: int) -> dict[str, Any]:
     cpu = torch.device("cpu")
     arch = load_arch_config(MODEL)
     nets = {}
+    calibration = tok.encode(CALIBRATION_TEXT)  # as the engine smooths before quantizing
     for method in ("none", "int8"):
         nets[method] = load_model(MODEL, arch, torch.float32, cpu)
-        quantize_model(nets[method], method)
+        quantize_model(nets[method], method, calibration if method == "int8" else None)
     agree = total = 0
     kls = []
     with torch.no_grad():
