@@ -207,6 +207,33 @@ def s9(d: dict[str, Any]) -> list[Headline]:
     return _rows("S9", d, figures)
 
 
+def s10(d: dict[str, Any]) -> list[Headline]:
+    """SmolLM2-135M: each system's tokens/s at 1 and 16 streams, step vs bound, targets, int8 accuracy."""
+    figures = []
+    for system, res in d.get("systems", {}).items():
+        if "error" in res:
+            figures.append((f"{system} output tok/s", "not measured", "-", "failed: see the result file"))
+            continue
+        one, many = res.get("1_streams", {}), res.get("16_streams", {})
+        value = (f"{number(one.get('output_tokens_per_s'), '.1f')} / "
+                 f"{number(many.get('output_tokens_per_s'), '.1f')}")
+        figures.append((f"{system} output tok/s, 1 / 16 streams", value, "-", REPORTED))
+    bounds = d.get("bounds", {})
+    for system, fmt in (("pdserve-fp32", "fp32"), ("pdserve-int8", "int8")):
+        step = d.get("systems", {}).get(system, {}).get("1_streams", {}).get("decode_step_ms")
+        bound = bounds.get(fmt, {}).get("bound_ms_at_21.4GB/s")
+        figures.append((f"{system} decode step at 1 stream vs weight-bytes bound",
+                        f"{number(step, '.1f')} ms vs {number(bound, '.1f')} ms", "-", REPORTED))
+    for t in d.get("targets", []):
+        figures.append((t["target"], number(t["value"], ".2f") + "×", f"≥ {t['goal']:g}×", verdict(t["met"])))
+    acc = d.get("accuracy") or {}
+    if acc:
+        figures.append(("int8 vs fp32: teacher-forced top-1 agreement, mean KL",
+                        f"{number(acc.get('teacher_forced_top1_agreement'), '.1%')}, "
+                        f"{number(acc.get('mean_kl_fp32_int8'), '.4f')}", "-", REPORTED))
+    return _rows("S10", d, figures)
+
+
 #: result file name → its reader, in the order of the summary table.
 READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s1_engine_throughput.json": s1,
@@ -216,4 +243,5 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s5_router_overhead.json": s5,
     "s9_elasticity.json": s9,
     "soak.json": soak,
+    "s10_real_model.json": s10,
 }
