@@ -16,7 +16,9 @@ Command = Callable[[argparse.Namespace], int]
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs an engine."""
-    parser.add_argument("--model", default="tiny", help="preset (tiny, bench-50m) or HF checkpoint dir")
+    parser.add_argument(
+        "--model", default="tiny", help="preset (tiny, bench-50m), alias (smollm2-135m), GGUF file or HF dir"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -29,6 +31,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per request per step")
     parser.add_argument("--no-chunked-prefill", action="store_true")
     parser.add_argument("--seed", type=int, default=0, help="seed of dummy weights and unseeded sampling")
+    parser.add_argument(
+        "--quantization", default="none", choices=["none", "int8"], help="int8: int8 weights (CPU decode)"
+    )
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,6 +51,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         "enable_chunked_prefill": not args.no_chunked_prefill,
         "seed": args.seed,
+        "quantization": args.quantization,
     }
 
 
@@ -87,42 +93,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pdserve.launch.local import LaunchConfig, LocalLauncher
+    from pdserve.launch.serve import run_serve
 
-    router_args = ["--model", args.model, "--policy", args.policy]
-    if args.max_model_len:
-        router_args += ["--max-model-len", str(args.max_model_len)]
-    if args.trace_responses:
-        router_args.append("--trace-responses")
-    if args.trace_log:
-        router_args += ["--trace-log", args.trace_log]
-    worker_args = list(args.worker_args)
-    worker_args += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-    if args.max_model_len:
-        worker_args += ["--max-model-len", str(args.max_model_len)]
-    if args.kv_transport:
-        worker_args += ["--kv-transport", args.kv_transport]
-    launcher = LocalLauncher(
-        LaunchConfig(
-            mode=args.mode,
-            num_prefill=args.prefill,
-            num_decode=args.decode,
-            num_mixed=args.mixed,
-            host=args.host,
-            port=args.port,
-            router_args=router_args,
-            worker_args=worker_args,
-            threads_per_worker=args.threads_per_worker,
-            ready_timeout_s=args.ready_timeout,
-            log_level=args.log_level,
-        )
-    )
-    try:
-        launcher.start()
-        print(f"pdserve is ready: {launcher.url}/v1  ({args.model}, {args.mode}; Ctrl-C stops)", flush=True)
-        return launcher.wait()
-    finally:
-        launcher.stop()
+    return run_serve(args)
 
 
 def _add_trace_args(parser: argparse.ArgumentParser) -> None:
@@ -140,6 +113,8 @@ def _router(args: argparse.Namespace) -> int:
 
     dispatch = DispatcherConfig(
         policy=args.policy,
+        disagg_policy=args.disagg_policy,
+        kv_block_size=args.kv_block_size,
         lease_s=args.lease,
         kv_timeout_s=args.kv_timeout,
         prefill_timeout_s=args.prefill_timeout,
@@ -166,6 +141,7 @@ def _router(args: argparse.Namespace) -> int:
             event_loop=args.event_loop,
             http=args.http,
             ready_file=args.ready_file,
+            startup_wait_s=args.startup_wait,
         )
     )
     return 0
@@ -187,6 +163,7 @@ def _worker(args: argparse.Namespace) -> int:
             router=args.router,
             worker_id=args.worker_id or "",
             kv_host=args.kv_host,
+            kv_advertise_host=args.kv_advertise_host,
             kv_transport=args.kv_transport,
             heartbeat_interval_s=args.heartbeat_interval,
             drain_timeout_s=args.drain_timeout,
@@ -216,6 +193,8 @@ def _secret(args: argparse.Namespace) -> str:
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    from pdserve.launch.ray_resources import add_ray_args
+
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,20 +214,38 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     commands["generate"] = _generate
 
     serve = sub.add_parser("serve", help="run router and workers on this host (OpenAI API)")
-    serve.add_argument("--model", default="tiny", help="preset (tiny, bench-50m) or HF checkpoint dir")
+    serve.add_argument(
+        "--model", default="tiny", help="preset (tiny, bench-50m), alias (smollm2-135m), GGUF file or HF dir"
+    )
+    serve.add_argument("--served-model-name", default=None, help="model id for clients (default: --model)")
     serve.add_argument("--mode", default="disaggregated", choices=["disaggregated", "aggregated"])
     serve.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
     serve.add_argument("--decode", type=int, default=1, help="decode workers (disaggregated)")
     serve.add_argument("--mixed", type=int, default=1, help="mixed workers (aggregated)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
+    serve.add_argument("--policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"])
+    serve.add_argument(
+        "--disagg-policy",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="prefill on a prefill worker: per request by cost (auto), always, or never (decode worker)",
+    )
     serve.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument(
+        "--quantization", default="none", choices=["none", "int8"], help="int8: int8 weights (CPU decode)"
+    )
     serve.add_argument("--device", default="auto")
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--threads-per-worker", type=int, default=0, help="0: share the cores evenly")
     serve.add_argument("--ready-timeout", type=float, default=120.0)
+    serve.add_argument("--launcher", default="local", choices=["local", "ray"], help="where processes run")
+    add_ray_args(serve)
+    serve.add_argument(
+        "--startup-wait", type=float, default=120.0,
+        help="before the first worker pair registers, requests wait this long (then 503)",
+    )
     _add_trace_args(serve)
     serve.add_argument(
         "--worker-args",
@@ -265,7 +262,19 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--control-host", default="127.0.0.1", help="interface workers connect to")
     router.add_argument("--control-port", type=int, default=5557)
-    router.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
+    router.add_argument("--policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"])
+    router.add_argument(
+        "--disagg-policy",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="prefill on a prefill worker: per request by cost (auto), always, or never (decode worker)",
+    )
+    router.add_argument(
+        "--kv-block-size",
+        type=int,
+        default=None,
+        help="block size of the cache index; workers with another are refused (default: the first worker's)",
+    )
     router.add_argument("--max-model-len", type=int, default=None)
     router.add_argument("--lease", type=float, default=30.0, help="heartbeat lease of workers, seconds")
     router.add_argument("--kv-timeout", type=float, default=10.0, help="first token → KV at decode, s")
@@ -301,6 +310,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     router.add_argument(
         "--ready-file", default=None, help="once listening, write the ports it got here (JSON; for launchers)"
     )
+    router.add_argument(
+        "--startup-wait", type=float, default=120.0,
+        help="before the first worker pair registers, requests wait this long (then 503)",
+    )
     _add_trace_args(router)
     commands["router"] = _router
 
@@ -310,6 +323,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     worker.add_argument("--kv-host", default="127.0.0.1", help="interface the KV receiver binds to")
+    worker.add_argument(
+        "--kv-advertise-host", default=None, help="address prefill workers dial (with --kv-host 0.0.0.0)"
+    )
     worker.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     worker.add_argument("--heartbeat-interval", type=float, default=0.5)
     worker.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: any)")
@@ -345,6 +361,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
     add_status_parser(sub)
     commands["status"] = run_status
+
+    from pdserve.scale import add_scale_parser, run_scale
+
+    add_scale_parser(sub)
+    commands["scale"] = run_scale
     return parser, commands
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +18,8 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.errors import InvalidRequestError
+from pdserve.model.llama import LlamaForCausalLM
+from pdserve.model.smooth import CALIBRATION_TEXT
 from pdserve.modelspec.arch import ArchConfig, load_arch_config
 from pdserve.request import Request, RequestStatus, TokenLogprobs
 from pdserve.sampling_params import SamplingParams
@@ -75,10 +78,19 @@ class LLMEngine:
             its KV receiver can write); default: plain tensors on the device.
         detokenize: turn tokens into text and apply stop strings here. Workers
             turn it off: the router owns text and stop strings.
+        model: weights already loaded for this model (a worker changing role
+            keeps its own); default: load them.
+        record_kv_events: the block manager records prefix-cache events (workers
+            publish them to the router's cache index).
     """
 
     def __init__(
-        self, config: EngineConfig, kv_allocator: KVAllocator | None = None, detokenize: bool = True
+        self,
+        config: EngineConfig,
+        kv_allocator: KVAllocator | None = None,
+        detokenize: bool = True,
+        model: LlamaForCausalLM | None = None,
+        record_kv_events: bool = False,
     ) -> None:
         self.config = config
         self.detokenize = detokenize
@@ -86,15 +98,26 @@ class LLMEngine:
         self.tokenizer: Tokenizer = load_tokenizer(config.model.model)
         self.max_model_len = resolve_max_model_len(config, self.arch)
         self.eos_token_ids = tuple(sorted(set(self.arch.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
-        self.runner = ModelRunner(config.model, config.cache, self.arch, kv_allocator)
+        calibration = None  # text whose activations set int8's smoothing scales
+        if config.model.quantization != "none" and model is None:
+            calibration = self.tokenizer.encode(CALIBRATION_TEXT)
+        self.runner = ModelRunner(config.model, config.cache, self.arch, kv_allocator, model, calibration)
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            self.runner.num_blocks,
+            config.cache.block_size,
+            config.cache.enable_prefix_caching,
+            record_events=record_kv_events,
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self._detokenizers: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
         self.num_prompt_tokens_computed = 0
         self.num_steps = 0
+        # Step timings by kind, for the router's cost model (prefill rate, decode step time).
+        self.prefill_busy_s = 0.0
+        self.num_decode_steps = 0
+        self.decode_busy_s = 0.0
+        self.num_decode_seqs = 0
 
     @property
     def role(self) -> Role:
@@ -189,11 +212,20 @@ class LLMEngine:
         if hooks is not None:
             hooks.on_schedule(out)
         self.num_steps += 1
-        self.num_prompt_tokens_computed += sum(
+        num_prompt = sum(
             min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.num_computed_tokens, 0))
             for s in out.scheduled
         )
+        self.num_prompt_tokens_computed += num_prompt
+        started_s = time.perf_counter()
         sampled = self.runner.execute(out, hooks.on_layer_done if hooks is not None else None)
+        elapsed_s = time.perf_counter() - started_s
+        if num_prompt:
+            self.prefill_busy_s += elapsed_s
+        else:
+            self.num_decode_steps += 1
+            self.decode_busy_s += elapsed_s
+            self.num_decode_seqs += len(out.scheduled)
         changed = self.scheduler.update(out, sampled)
         return [self._output(r, r.output_token_ids[-1:]) for r in changed]
 

@@ -307,13 +307,16 @@ class Simulator:
     # -- KV hand-off -------------------------------------------------------------------------
 
     def _reserved(self, decode: SimWorker, rid: str) -> None:
-        """D reserved blocks: P learns where to write two hops later."""
+        """D reserved blocks: P learns where to write, and what D already caches, two hops later."""
         prefill = self._placed[rid][0]
-        self._send(prefill, self.now_s + 2 * self.config.hop_s, lambda: self._set_destination(prefill, rid))
+        num_cached = decode.scheduler.waiting_for_kv[rid].num_computed_tokens
+        self._send(prefill, self.now_s + 2 * self.config.hop_s,
+                   lambda: self._set_destination(prefill, rid, num_cached))
 
-    def _set_destination(self, prefill: SimWorker, rid: str) -> None:
+    def _set_destination(self, prefill: SimWorker, rid: str, num_cached: int = 0) -> None:
         h = self._handoffs[rid]
         h.dst_known = True
+        h.num_pushed_tokens = max(h.num_pushed_tokens, num_cached)  # D has those: they are not sent
         sched = prefill.scheduler
         request = sched.requests.get(rid) or sched.held.get(rid)
         assert request is not None

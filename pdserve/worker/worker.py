@@ -26,20 +26,20 @@ import socket
 import time
 from types import FrameType
 
-import torch
 import zmq
 
+from pdserve.block_hash import HASH_SCHEME
 from pdserve.config import Role
-from pdserve.engine.engine import LLMEngine, RequestOutput
+from pdserve.engine.engine import RequestOutput
 from pdserve.errors import PDServeError
-from pdserve.model.attention import KVCache
 from pdserve.request import TokenLogprobs
-from pdserve.transfer.base import KVReceiver, KVSender, host_id, make_receiver, make_sender
-from pdserve.transfer.descriptor import KVLayout
+from pdserve.transfer.base import KVReceiver, KVSender, host_id
 from pdserve.worker import protocol as p
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.decode import KVIntake
+from pdserve.worker.kv_events import KVEventPublisher
 from pdserve.worker.prefill import KVPusher
+from pdserve.worker.roles import RoleParts, build_role
 from pdserve.worker.timing import PrefillTimer
 
 logger = logging.getLogger(__name__)
@@ -57,20 +57,8 @@ class Worker:
         self.config = config
         self.role = config.role
         self.worker_id = config.worker_id or f"{self.role.value}-{socket.gethostname()}-{os.getpid()}"
-        self.receiver: KVReceiver | None = None
-        self.sender: KVSender | None = None
-        if self.role is Role.DECODE:
-            self.engine = LLMEngine(config.engine, kv_allocator=self._allocate_receiver, detokenize=False)
-            assert self.receiver is not None
-            self.intake: KVIntake | None = KVIntake(self.engine, self.receiver)
-        else:
-            self.engine = LLMEngine(config.engine, detokenize=False)
-            self.intake = None
-        self.pusher: KVPusher | None = None
-        if self.role is Role.PREFILL:
-            self.sender = make_sender(self.engine.runner.kv_caches, override=config.kv_transport)
-            self.pusher = KVPusher(self.engine, self.sender, drop_done=config.inject_fault == "drop-kv-done")
-        self.timer = PrefillTimer(self.pusher)
+        self._use(build_role(config, config.role))
+        self.refused: str | None = None
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
@@ -80,28 +68,24 @@ class Worker:
         self._sock.connect(config.router)
         self._stop = False
         self._draining = False
+        self._flip_to: Role | None = None  # draining to change role, not to exit
         self._drain_deadline_s = 0.0
         self._next_heartbeat_s = 0.0
         self._held_since_s: dict[str, float] = {}
         self.metrics_port = 0
 
-    def _allocate_receiver(
-        self,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> list[KVCache]:
-        """KV cache allocator of a decode worker: the receiver owns the tensors."""
-        dtype_name = str(dtype).removeprefix("torch.")
-        layout = KVLayout(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype_name)
-        self.receiver = make_receiver(
-            self.config.kv_transport or "auto", layout, device, bind_host=self.config.kv_host
-        )
-        return self.receiver.kv_caches
+    def _use(self, parts: RoleParts) -> None:
+        """Serve with these role parts (at start, and after a role flip)."""
+        self.parts = parts
+        self.role = parts.role
+        self.engine = parts.engine
+        self.receiver: KVReceiver | None = parts.receiver
+        self.sender: KVSender | None = parts.sender
+        self.intake: KVIntake | None = parts.intake
+        self.pusher: KVPusher | None = parts.pusher
+        self.timer = PrefillTimer(self.pusher)
+        # A fresh cache after a flip: a new epoch tells the router's index to drop the old entries.
+        self.kv_events = KVEventPublisher(self.engine.block_manager, self.worker_id)
 
     # -- messaging ---------------------------------------------------------------------
 
@@ -125,6 +109,9 @@ class Worker:
                 kv=self.receiver.descriptor() if self.receiver is not None else None,
                 metrics_port=self.metrics_port,
                 secret=self.config.secret,
+                hash_scheme=HASH_SCHEME,
+                prefix_caching=self.engine.config.cache.enable_prefix_caching,
+                kv_epoch=self.kv_events.epoch,
             )
         )
 
@@ -139,6 +126,13 @@ class Worker:
             num_free_blocks=stats.num_free_blocks,
             num_total_blocks=stats.num_blocks,
             num_cached_blocks=stats.num_cached_blocks,
+            num_prefill_tokens=self.engine.num_prompt_tokens_computed,
+            prefill_busy_s=self.engine.prefill_busy_s,
+            num_decode_steps=self.engine.num_decode_steps,
+            decode_busy_s=self.engine.decode_busy_s,
+            num_decode_seqs=self.engine.num_decode_seqs,
+            prefix_query_tokens=stats.prefix_query_tokens,
+            prefix_hit_tokens=stats.prefix_hit_tokens,
         )
 
     def stats(self) -> p.WorkerStats:
@@ -157,6 +151,11 @@ class Worker:
             transports=sorted(sent.transports)
             if sent is not None
             else ([self.receiver.descriptor().transport] if self.receiver is not None else []),
+            kv_events=self.kv_events.num_events,
+            kv_event_batches=self.kv_events.num_batches,
+            kv_event_bytes=self.kv_events.num_bytes,
+            kv_event_cpu_s=self.kv_events.cpu_s,
+            kv_snapshots=self.kv_events.num_snapshots,
         )
 
     # -- loop ----------------------------------------------------------------------------
@@ -188,25 +187,66 @@ class Worker:
                     self._take_kv()
                 if self.engine.has_unfinished_requests():
                     self._step()
+                self._publish_kv_events()
                 now = time.monotonic()
                 if self._draining and self._drained():
-                    break
+                    if self._flip_to is None:
+                        break
+                    self._finish_flip(self._flip_to)
                 if now >= self._next_heartbeat_s:
                     if self._draining:
                         self.send(p.Draining(self.worker_id))
-                    self.send(p.Heartbeat(self.worker_id, self.load()))
+                    epoch, seq = self.kv_events.epoch, self.kv_events.seq
+                    self.send(p.Heartbeat(self.worker_id, self.load(), epoch, seq))
                     self._next_heartbeat_s = now + self.config.heartbeat_interval_s
                     self._expire_leases(now)
         finally:
             self.close()
+        if self.refused is not None:
+            raise PDServeError(f"the router refused this worker: {self.refused}")
+
+    def _publish_kv_events(self) -> None:
+        data = self.kv_events.collect()
+        if data is not None:
+            self._sock.send(data, copy=False)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._flip_to is not None:  # a signal during a flip: drain and exit instead
+            self._flip_to = None
+            return
         if self._draining:  # a second signal: stop now
             self._stop = True
             return
         logger.info("worker %s: signal %d, draining", self.worker_id, signum)
         self._draining = True
         self._drain_deadline_s = time.monotonic() + self.config.drain_timeout_s
+
+    def _begin_flip(self, role: str) -> None:
+        """Drain (the router already routes nothing new here), then change role (``_finish_flip``)."""
+        if self._draining:
+            return  # shutting down (or flipping already)
+        try:
+            self._flip_to = Role(role)
+        except ValueError:
+            logger.warning("worker %s: flip to unknown role %r ignored", self.worker_id, role)
+            return
+        logger.info("worker %s: draining to flip %s -> %s", self.worker_id, self.role.value, role)
+        self._flip_started_s = time.monotonic()
+        self._draining = True
+        self._drain_deadline_s = self._flip_started_s + self.config.drain_timeout_s
+        self.send(p.Draining(self.worker_id))
+
+    def _finish_flip(self, role: Role) -> None:
+        """Drained: rebuild engine and transfer side for ``role`` with the same weights; register."""
+        old, model = self.parts, self.engine.runner.model
+        old.close()
+        self._held_since_s.clear()
+        self._use(build_role(self.config, role, model))
+        del old
+        self._flip_to, self._draining = None, False
+        self.register()
+        logger.info("worker %s: now %s (flip took %.2f s)", self.worker_id, role.value,
+                    time.monotonic() - self._flip_started_s)
 
     def _drained(self) -> bool:
         """Draining and nothing left to finish (or out of time)."""
@@ -238,9 +278,9 @@ class Worker:
                 self._on_prefill(message)
             case p.DecodeRequest():
                 self._on_decode(message)
-            case p.Blocks(request_id=rid, block_ids=block_ids):
+            case p.Blocks(request_id=rid, block_ids=block_ids, num_cached_tokens=num_cached):
                 if self.pusher is not None:
-                    self.pusher.set_destination(rid, block_ids)
+                    self.pusher.set_destination(rid, block_ids, num_cached)
             case p.Release(request_id=rid):
                 self._release(rid)
             case p.Abort(request_id=rid):
@@ -258,8 +298,17 @@ class Worker:
                 logger.debug("worker %s: registration confirmed", self.worker_id)
             case p.Reregister():
                 self.register()
+            case p.KVSnapshotRequest():
+                self._publish_kv_events()  # the snapshot covers every batch sent before it
+                self._sock.send(self.kv_events.snapshot(), copy=False)
+            case p.RegisterRefused(reason=reason):
+                logger.error("worker %s: the router refused it: %s", self.worker_id, reason)
+                self.refused = reason
+                self._stop = True
             case p.Shutdown():
                 self._stop = True
+            case p.Flip(role=role):
+                self._begin_flip(role)
             case _:
                 logger.warning("worker %s: unexpected %s", self.worker_id, type(message).__name__)
 
@@ -275,7 +324,8 @@ class Worker:
                 if m.decode_worker_id is None or m.decode_kv is None or self.pusher is None:
                     raise PDServeError("a prefill worker needs a decode worker to hand the KV to")
                 self.pusher.track(m.request_id, m.decode_worker_id, m.decode_kv)
-            # A decode worker takes a whole request only as the fallback prefill.
+            # A decode worker takes a whole request when the router prefills it here
+            # (conditional disaggregation) or as the fallback.
             self.engine.enqueue(request)
             self.timer.received(m.request_id, received_s)
         except (PDServeError, ValueError) as exc:
@@ -296,7 +346,7 @@ class Worker:
             self.send(p.RequestFailed(m.request_id, str(exc), 503 if self._draining else 400))
             return
         if block_ids is not None:
-            self.send(p.Reserved(m.request_id, block_ids))
+            self.send(p.Reserved(m.request_id, block_ids, request.num_computed_tokens))
 
     def _release(self, rid: str) -> None:
         self._held_since_s.pop(rid, None)
@@ -327,8 +377,8 @@ class Worker:
 
     def _take_kv(self) -> None:
         assert self.intake is not None
-        for rid, block_ids in self.intake.retry_pending():
-            self.send(p.Reserved(rid, block_ids))
+        for rid, block_ids, num_cached in self.intake.retry_pending():
+            self.send(p.Reserved(rid, block_ids, num_cached))
         for arrival in self.intake.poll():
             out = arrival.output
             self.send(p.KVReceived(out.request_id, arrival.num_bytes, arrival.transfer_s))
@@ -372,9 +422,6 @@ class Worker:
 
     def close(self) -> None:
         """Close sockets and free the KV transport's resources."""
-        if self.sender is not None:
-            self.sender.close()
-        if self.receiver is not None:
-            self.receiver.close()
+        self.parts.close()
         self._sock.close(0)
         self._ctx.term()
