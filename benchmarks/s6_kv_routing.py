@@ -56,7 +56,7 @@ from pdserve.bench.runner import LoadConfig, RunResult, run_load
 from pdserve.bench.workload import WorkloadConfig, make_counter, make_workload
 from pdserve.engine.block_hash import hash_blocks, num_cacheable_blocks
 from pdserve.launch.local import LaunchConfig, LocalLauncher
-from pdserve.model.tokenizer import load_tokenizer
+from pdserve.tokenizer import load_tokenizer
 
 MODEL = "bench-50m"
 BLOCK_SIZE = 16

@@ -15,14 +15,15 @@ from typing import Protocol
 
 from pdserve.config import EngineConfig, Role
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.errors import InvalidRequestError
-from pdserve.model.arch import ArchConfig, load_arch_config
-from pdserve.model.tokenizer import Tokenizer, load_tokenizer
+from pdserve.model.llama import LlamaForCausalLM
+from pdserve.modelspec.arch import ArchConfig, load_arch_config
 from pdserve.request import Request, RequestStatus, TokenLogprobs
 from pdserve.sampling_params import SamplingParams
+from pdserve.tokenizer import Tokenizer, load_tokenizer
+from pdserve.tokenizer.detokenizer import Detokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class LLMEngine:
             turn it off: the router owns text and stop strings.
         record_kv_events: the block manager records prefix-cache events (workers
             publish them to the router's cache index).
+        model: weights already loaded for this model (a worker changing role
+            keeps its own); default: load them.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class LLMEngine:
         kv_allocator: KVAllocator | None = None,
         detokenize: bool = True,
         record_kv_events: bool = False,
+        model: LlamaForCausalLM | None = None,
     ) -> None:
         self.config = config
         self.detokenize = detokenize
@@ -93,7 +97,7 @@ class LLMEngine:
         self.tokenizer: Tokenizer = load_tokenizer(config.model.model)
         self.max_model_len = resolve_max_model_len(config, self.arch)
         self.eos_token_ids = tuple(sorted(set(self.arch.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
-        self.runner = ModelRunner(config.model, config.cache, self.arch, kv_allocator)
+        self.runner = ModelRunner(config.model, config.cache, self.arch, kv_allocator, model)
         self.block_manager = BlockManager(
             self.runner.num_blocks,
             config.cache.block_size,

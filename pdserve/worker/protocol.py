@@ -336,6 +336,12 @@ class Shutdown(msgspec.Struct, tag=True):
     """Drain and exit."""
 
 
+class Flip(msgspec.Struct, tag=True):
+    """Drain, then serve as ``role`` with the same weights and register again under it."""
+
+    role: str
+
+
 Message = (
     Draining
     | Ping
@@ -360,6 +366,7 @@ Message = (
     | KVSnapshot
     | KVSnapshotRequest
     | RegisterRefused
+    | Flip
 )
 
 _encoder = msgspec.msgpack.Encoder()
