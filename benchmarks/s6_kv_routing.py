@@ -54,7 +54,7 @@ from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.client import ClientConfig
 from pdserve.bench.runner import LoadConfig, RunResult, run_load
 from pdserve.bench.workload import WorkloadConfig, make_counter, make_workload
-from pdserve.engine.block_hash import hash_blocks, num_cacheable_blocks
+from pdserve.block_hash import hash_blocks, num_cacheable_blocks
 from pdserve.launch.local import LaunchConfig, LocalLauncher
 from pdserve.tokenizer import load_tokenizer
 
