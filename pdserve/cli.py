@@ -346,6 +346,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     add_bench_parser(sub)
     commands["bench"] = run_bench
 
+    from pdserve.sim.cli import add_profile_parser, add_simulate_parser, run_profile, run_simulate
+
+    add_profile_parser(sub)
+    commands["profile"] = run_profile
+    add_simulate_parser(sub)
+    commands["simulate"] = run_simulate
+    from pdserve.sim.plan_cli import add_plan_parser, run_plan
+
+    add_plan_parser(sub)
+    commands["plan"] = run_plan
+
     from pdserve.status import add_status_parser, run_status
 
     add_status_parser(sub)

@@ -70,6 +70,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--max-connections", type=int, default=None, help="default: --max-concurrency or 1024"
     )
 
+    add_workload_args(parser)
+    add_load_args(parser)
+    add_results_args(parser)
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The workload options (shared with ``pdserve simulate``: same names, same requests)."""
     work = parser.add_argument_group("workload")
     work.add_argument("--workload", default="synthetic", choices=WORKLOAD_KINDS)
     work.add_argument("--input-len", default=None, help="prompt tokens (default depends on --workload)")
@@ -89,6 +96,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     work.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrivals")
 
+
+def add_load_args(parser: argparse.ArgumentParser) -> None:
+    """The arrival and run-length options (shared with ``pdserve simulate``)."""
     load = parser.add_argument_group("load")
     load.add_argument("--request-rate", type=float, default=math.inf, help="req/s (default inf: all at once)")
     load.add_argument("--arrival", default="poisson", choices=ARRIVAL_KINDS)
@@ -101,6 +111,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--sweep", default=None, metavar="R1,R2,...", help="one run per request rate")
     load.add_argument("--attainment-target", type=float, default=0.9, help="sweep verdict threshold")
 
+
+def add_results_args(parser: argparse.ArgumentParser) -> None:
+    """The SLO and output options (shared with ``pdserve simulate``)."""
     out = parser.add_argument_group("results")
     out.add_argument("--slo", default=None, metavar="ttft_ms=..,tpot_ms=..", help="also itl_ms, e2e_ms")
     out.add_argument("--output", default=None, help="write the result JSON here")
@@ -159,12 +172,9 @@ def _config_json(args: argparse.Namespace, model: str) -> dict[str, Any]:
     return config
 
 
-async def _bench(args: argparse.Namespace) -> int:
-    warmup_requests, warmup_s = _parse_warmup(args.warmup)
-    extra_body = json.loads(args.extra_body) if args.extra_body else {}
-    if not isinstance(extra_body, dict):
-        raise PDServeError("--extra-body must be a JSON object")
-    workload = WorkloadConfig(
+def workload_config(args: argparse.Namespace) -> WorkloadConfig:
+    """The :class:`WorkloadConfig` named by :func:`add_workload_args`' options."""
+    return WorkloadConfig(
         kind=args.workload,
         input_len=args.input_len,
         output_len=args.output_len,
@@ -176,6 +186,14 @@ async def _bench(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         max_prompt_tokens=args.max_prompt_tokens,
     )
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    warmup_requests, warmup_s = _parse_warmup(args.warmup)
+    extra_body = json.loads(args.extra_body) if args.extra_body else {}
+    if not isinstance(extra_body, dict):
+        raise PDServeError("--extra-body must be a JSON object")
+    workload = workload_config(args)
     counter = make_counter(args.tokenizer)
     slo = SLO.parse(args.slo)
     num_requests = args.num_requests
