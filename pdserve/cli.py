@@ -96,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         router_args.append("--trace-responses")
     if args.trace_log:
         router_args += ["--trace-log", args.trace_log]
+    router_args += _slo_args(args)
     worker_args = list(args.worker_args)
     worker_args += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
     if args.max_model_len:
@@ -132,6 +133,17 @@ def _add_trace_args(parser: argparse.ArgumentParser) -> None:
         help="answer with each request's trace and TTFT breakdown (the pdserve_trace field)",
     )
     parser.add_argument("--trace-log", default=None, help="append every request's trace to this JSONL file")
+    parser.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT objective the dashboard draws")
+    parser.add_argument("--slo-itl-ms", type=float, default=None, help="ITL objective the dashboard draws")
+
+
+def _slo_args(args: argparse.Namespace) -> list[str]:
+    """The ``--slo-*`` options again, for the router ``pdserve serve`` starts."""
+    out = []
+    for name in ("slo_ttft_ms", "slo_itl_ms"):
+        if getattr(args, name) is not None:
+            out += ["--" + name.replace("_", "-"), f"{getattr(args, name):g}"]
+    return out
 
 
 def _router(args: argparse.Namespace) -> int:
@@ -166,6 +178,8 @@ def _router(args: argparse.Namespace) -> int:
             event_loop=args.event_loop,
             http=args.http,
             ready_file=args.ready_file,
+            slo_ttft_ms=args.slo_ttft_ms,
+            slo_itl_ms=args.slo_itl_ms,
         )
     )
     return 0

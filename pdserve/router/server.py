@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pdserve.model.arch import load_arch_config
 from pdserve.model.tokenizer import load_tokenizer
 from pdserve.router.app import create_app
+from pdserve.router.dashboard import SLOConfig, mount_dashboard
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.dispatcher import Dispatcher
 from pdserve.router.tracing import Tracer
@@ -52,6 +53,7 @@ class RouterConfig:
         ready_file: once listening, write ``{"http_port", "control_endpoint"}``
             (JSON) here, so that whoever started the router with port 0 learns
             the ports it got (no port is picked before it is bound).
+        slo_ttft_ms, slo_itl_ms: latency objectives the dashboard draws (None: none).
     """
 
     model: str = "tiny"
@@ -70,6 +72,8 @@ class RouterConfig:
     event_loop: str = "auto"
     http: str = "auto"
     ready_file: str | None = None
+    slo_ttft_ms: float | None = None
+    slo_itl_ms: float | None = None
 
 
 def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
@@ -104,6 +108,7 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
             tracer.close()
 
     app.router.lifespan_context = lifespan
+    mount_dashboard(app, dispatcher, tracer, SLOConfig(config.slo_ttft_ms, config.slo_itl_ms))
 
     @app.get("/metrics")
     async def metrics() -> Response:
