@@ -16,8 +16,8 @@ Every ``interval_s`` a tick:
 
 The KV flow between each prefill and decode worker pair comes from the same
 traces (their ``routed`` and ``kv_transfer_end`` events): bytes moved per
-second over the window, counted when a request ends. A tick costs well under
-a millisecond here (``last_tick_ms`` in the data; ``benchmarks/s14_dashboard.py``).
+second over the window, counted when a request ends. Each tick's cost is in
+the data (``last_tick_ms``); docs/observability.md has the measured figures.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class Sampler:
         inflight: Any,
         interval_s: float = 1.0,
         window_s: float = 5.0,
-        keep: int = 900,
+        keep: int = 300,
         keep_traces: int = 50,
     ) -> None:
         """``inflight``: a callable returning the requests in flight now (the dispatcher's count)."""
@@ -188,7 +188,8 @@ class Sampler:
 
         ttfts = [e.ttft_s for e in self._window if e.ttft_s is not None]
         parts = [e.parts_s for e in self._window if e.parts_s is not None]
-        itl = _delta_buckets(counters.itl_buckets, base.itl_buckets)
+        # (the first sample: everything since the router started)
+        itl = counters.itl_buckets if base is counters else _delta_buckets(counters.itl_buckets, base.itl_buckets)
         load = [w.load for w in self.workers.all()]
         self.last_seq += 1
         sample = {

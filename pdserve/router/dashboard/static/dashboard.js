@@ -136,7 +136,7 @@
     const pos = {};
     roles.forEach((role) => byRole[role].forEach((w, i) => { pos[w.id] = { x: colX[role], y: top + i * (cardH + gapY) }; }));
     const parts = [];
-    parts.push(`<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#d9468f"/></marker></defs>`);
+    parts.push(`<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerUnits="userSpaceOnUse" markerWidth="11" markerHeight="11" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#d9468f"/></marker></defs>`);
     // router box
     const ry = top + Math.max(0, (rows * (cardH + gapY) - gapY) / 2 - 50);
     const r = d.router;
@@ -164,9 +164,10 @@
       const a = pos[f.src], b = pos[f.dst];
       if (!a || !b) return;
       const w = 1.5 + 5 * Math.sqrt(f.bytes_s / maxFlow);
+      const gone = d.workers.some((x) => (x.id === f.src || x.id === f.dst) && (x.state === "lost" || x.state === "left"));
       const x1 = a.x + cardW, y1 = a.y + cardH / 2, x2 = b.x - 4, y2 = b.y + cardH / 2;
       const mx = (x1 + x2) / 2;
-      parts.push(`<g class="flow" data-src="${esc(f.src)}" data-dst="${esc(f.dst)}"><path d="M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}" fill="none" stroke="#d9468f" stroke-opacity=".75" stroke-width="${w}" marker-end="url(#arrow)"/>` +
+      parts.push(`<g class="flow" data-src="${esc(f.src)}" data-dst="${esc(f.dst)}"><path d="M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}" fill="none" stroke="#d9468f" stroke-opacity="${gone ? 0.25 : 0.75}" stroke-width="${w}" marker-end="url(#arrow)"/>` +
         `<text x="${mx}" y="${(y1 + y2) / 2 - 6}" text-anchor="middle" class="small" style="fill:#a8326c">${esc(bytes(f.bytes_s))}/s KV</text>` +
         `<title>${esc(f.src)} → ${esc(f.dst)}: ${esc(bytes(f.bytes_s))}/s over the last ${d.router.window_s} s, ${f.requests} request(s)</title></g>`);
     });
@@ -227,7 +228,9 @@
 
   function drawCharts(d) {
     ensureCharts();
-    const t1 = d.now, t0 = t1 - WINDOW_S;
+    // Five minutes at most; at least one, starting where the samples start.
+    const t1 = d.now, first = state.samples.length ? state.samples[0].t : t1;
+    const t0 = Math.max(t1 - WINDOW_S, Math.min(first, t1 - 60));
     for (const c of CHARTS) {
       const box = $(c.id);
       const get = (sr) => sr.get || ((s) => s[sr.key]);
