@@ -34,7 +34,8 @@ class Clock:
 def worker(wid: str, role: Role, pid: int = 1, **load: int) -> WorkerInfo:
     return WorkerInfo(
         worker_id=wid, role=role, model="tiny", pid=pid, host_id="hostA/boot/7", max_model_len=128,
-        block_size=16, num_blocks=64, kv=None, load=WorkerLoad(num_total_blocks=64, num_free_blocks=64, **load),
+        block_size=16, num_blocks=64, kv=None,
+        load=WorkerLoad(num_total_blocks=64, num_free_blocks=64, **load),
     )
 
 
@@ -86,12 +87,16 @@ def test_data_has_the_documented_shape() -> None:
         dispatcher.metrics.itl.observe(gap_s)
     dash.sampler.tick(now_s=10.0)
     data = json.loads(json.dumps(dash.data()))  # plain JSON
-    assert set(data) == {"version", "now", "router", "pools", "workers", "flows", "samples", "events", "traces", "seq"}
+    assert set(data) == {
+        "version", "now", "router", "pools", "workers", "flows", "samples", "events", "traces", "seq"
+    }
     assert data["router"]["slo"] == {"ttft_ms": 500, "itl_ms": 50}
     assert data["router"]["totals"]["finished"] == 3 and data["router"]["totals"]["tokens"] == 15
-    assert data["pools"] == {"prefill": {"actual": 1, "target": None}, "decode": {"actual": 1, "target": None}}
+    one = {"actual": 1, "target": None}
+    assert data["pools"] == {"prefill": one, "decode": one}
     w = {x["id"]: x for x in data["workers"]}
-    assert w["prefill-0"]["running"] == 2 and w["prefill-0"]["kv_cached"] == 5 and w["prefill-0"]["host"] == "hostA"
+    assert w["prefill-0"]["running"] == 2 and w["prefill-0"]["kv_cached"] == 5
+    assert w["prefill-0"]["host"] == "hostA"
     assert w["decode-0"]["waiting_kv"] == 1 and w["decode-0"]["state"] == "ready"
     assert data["flows"] == [{"src": "prefill-0", "dst": "decode-0", "bytes_s": round(3 * 4096 / 5.0, 1),
                               "requests": 3}]
@@ -117,7 +122,7 @@ def test_rates_are_taken_over_the_window() -> None:
 
 
 def test_incremental_reads_return_only_what_is_new() -> None:
-    dispatcher, tracer, dash, clock = setup()
+    _, tracer, dash, clock = setup()
     for i in range(5):
         dash.sampler.tick(now_s=float(i))
     serve_one(tracer, clock, "a")
@@ -145,7 +150,8 @@ def test_workers_lost_draining_and_replaced_become_events() -> None:
     assert ("worker_lost", "decode-1") in kinds and ("worker_draining", "decode-0") in kinds
     reg.add(worker("decode-1", Role.DECODE, pid=12))  # a supervisor restarted it
     data = dash.data(events_after=data["seq"]["events"])
-    assert [(e["kind"], e["worker"], e["pid"]) for e in data["events"]] == [("worker_replaced", "decode-1", 12)]
+    events = [(e["kind"], e["worker"], e["pid"]) for e in data["events"]]
+    assert events == [("worker_replaced", "decode-1", 12)]
     assert {w["id"]: w["state"] for w in data["workers"]}["decode-1"] == "ready"
     reg.remove("decode-0")  # it was draining: a clean exit, not a loss
     data = dash.data(events_after=data["seq"]["events"])

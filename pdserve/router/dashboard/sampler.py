@@ -189,7 +189,9 @@ class Sampler:
         ttfts = [e.ttft_s for e in self._window if e.ttft_s is not None]
         parts = [e.parts_s for e in self._window if e.parts_s is not None]
         # (the first sample: everything since the router started)
-        itl = counters.itl_buckets if base is counters else _delta_buckets(counters.itl_buckets, base.itl_buckets)
+        itl = counters.itl_buckets
+        if base is not counters:
+            itl = _delta_buckets(itl, base.itl_buckets)
         load = [w.load for w in self.workers.all()]
         self.last_seq += 1
         sample = {
