@@ -93,9 +93,12 @@ def cpu_per_request(stack: Stack, phase: Phase, repeats: int, browser_url: str) 
             row["itl_p50_ms"].append(s.itl_ms["p50"])
             row["failed"].append(s.num_failed)
             cpu_ms = row["cpu_ms_per_request"][-1]
-            print(f"{phase.name:4s} {side:4s} #{rep}: router {cpu_ms:.3f} ms CPU/request, "
-                  f"{s.request_throughput:.0f} req/s, TTFT p50 {s.ttft_ms['p50']:.2f} ms, "
-                  f"ITL p50 {s.itl_ms['p50']:.2f} ms, failed {s.num_failed}", flush=True)
+            print(
+                f"{phase.name:4s} {side:4s} #{rep}: router {cpu_ms:.3f} ms CPU/request, "
+                f"{s.request_throughput:.0f} req/s, TTFT p50 {s.ttft_ms['p50']:.2f} ms, "
+                f"ITL p50 {s.itl_ms['p50']:.2f} ms, failed {s.num_failed}",
+                flush=True,
+            )
     out: dict[str, Any] = {}
     for side, row in sides.items():
         out[side] = {
@@ -187,8 +190,12 @@ def kill_to_shown(stack: Stack, kills: int) -> dict[str, Any]:
             print(f"kill #{i}: shown lost after {times[-1]:.3f} s", flush=True)
     finally:
         browser.quit()
-    return {"seconds": [round(t, 3) for t in times], "median_s": round(statistics.median(times), 3),
-            "max_s": round(max(times), 3), "poll_interval_s": 1.0}
+    return {
+        "seconds": [round(t, 3) for t in times],
+        "median_s": round(statistics.median(times), 3),
+        "max_s": round(max(times), 3),
+        "poll_interval_s": 1.0,
+    }
 
 
 def main() -> int:
@@ -215,8 +222,13 @@ def main() -> int:
         results["kill_to_shown"] = kill_to_shown(stack, args.kills)
     finally:
         stack.close()
-    results["settings"] = {"repeats": args.repeats, "max_requests": args.max_requests,
-                           "low_requests": args.low_requests, "idle_s": args.idle_s, "kills": args.kills}
+    results["settings"] = {
+        "repeats": args.repeats,
+        "max_requests": args.max_requests,
+        "low_requests": args.low_requests,
+        "idle_s": args.idle_s,
+        "kills": args.kills,
+    }
     results["machine"] = {**machine_info(), "load_avg_at_start": list(load_before)}
     path = write_json(args.output, results)
     print(f"load average {os.getloadavg()} (at start {load_before}); written {path}")

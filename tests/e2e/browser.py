@@ -37,12 +37,19 @@ def chrome() -> Any:
     binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver_path = shutil.which("chromedriver")
     if not binary or not driver_path:
-        pytest.skip("no Chromium here: install the system packages chromium and chromium-driver "
-                    "(.ci/run does)")
+        pytest.skip(
+            "no Chromium here: install the system packages chromium and chromium-driver (.ci/run does)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1500,2300", "--hide-scrollbars"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1500,2300",
+        "--hide-scrollbars",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(options=options, service=Service(driver_path))
@@ -83,11 +90,17 @@ class HandStarted:
         self.api_key = api_key
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._dir = tempfile.TemporaryDirectory(prefix="pdserve-dash-")
-        self._env = dict(os.environ, PDSERVE_API_KEY=api_key, PDSERVE_CLUSTER_SECRET="dash-test-secret",
-                         OMP_NUM_THREADS="1")
+        self._env = dict(
+            os.environ,
+            PDSERVE_API_KEY=api_key,
+            PDSERVE_CLUSTER_SECRET="dash-test-secret",
+            OMP_NUM_THREADS="1",
+        )
         ready = Path(self._dir.name) / "router.json"
-        self._spawn("router", ["router", "--port", "0", "--control-port", "0", "--ready-file", str(ready),
-                               *router_args])
+        self._spawn(
+            "router",
+            ["router", "--port", "0", "--control-port", "0", "--ready-file", str(ready), *router_args],
+        )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not ready.exists():
             assert self.procs["router"].poll() is None, "the router exited during start-up"
@@ -100,8 +113,23 @@ class HandStarted:
             wid = f"{role}-{counts.get(role, 0)}"
             counts[role] = counts.get(role, 0) + 1
             endpoint = ports["control_endpoint"]
-            self._spawn(wid, ["worker", "--role", role, "--router", endpoint, "--worker-id", wid,
-                              "--threads", "1", "--metrics-port", "0", *worker_args])
+            self._spawn(
+                wid,
+                [
+                    "worker",
+                    "--role",
+                    role,
+                    "--router",
+                    endpoint,
+                    "--worker-id",
+                    wid,
+                    "--threads",
+                    "1",
+                    "--metrics-port",
+                    "0",
+                    *worker_args,
+                ],
+            )
         wait_for(lambda: len(self.workers()) == len(roles), READY_TIMEOUT_S, "every worker to register", 0.3)
 
     def _spawn(self, name: str, args: list[str]) -> None:
@@ -146,8 +174,13 @@ class Load:
             n = 0
             while not self._stop.is_set():
                 n += 1
-                body = {"model": "tiny", "prompt": f"load {i} {n} " * (1 + n % 5), "max_tokens": 8 + n % 16,
-                        "ignore_eos": True, "stream": n % 2 == 0}
+                body = {
+                    "model": "tiny",
+                    "prompt": f"load {i} {n} " * (1 + n % 5),
+                    "max_tokens": 8 + n % 16,
+                    "ignore_eos": True,
+                    "stream": n % 2 == 0,
+                }
                 try:
                     reply = client.post(f"{self.url}/v1/completions", json=body, headers=self.headers)
                     ok = reply.status_code == 200

@@ -73,17 +73,26 @@ def snapshot(driver: Any) -> dict[str, Any]:
 def test_page_shows_the_deployment_live(driver: Any, deployment: HandStarted, load: Load) -> None:
     assert httpx.get(f"{deployment.url}/dashboard", timeout=10).status_code == 401  # no key, no page
     driver.get(f"{deployment.url}/dashboard?key={KEY}")
-    first = wait_for(lambda: (s := snapshot(driver))["updates"] >= 2 and len(s["workers"]) == 3 and s,
-                     60, "the page to draw three workers")
+    first = wait_for(
+        lambda: (s := snapshot(driver))["updates"] >= 2 and len(s["workers"]) == 3 and s,
+        60,
+        "the page to draw three workers",
+    )
     assert "key=" not in driver.current_url  # taken out of the address bar
     assert set(first["workers"]) == {"prefill-0", "decode-0", "decode-1"}
     assert all(w["state"] == "ready" for w in first["workers"].values())
     assert first["workers"]["prefill-0"]["role"] == "prefill" and first["conn"] == "live"
     # Under load the numbers move: requests finish, tokens flow, charts and traces fill.
     later = wait_for(
-        lambda: (s := snapshot(driver))["finished"] != first["finished"] and s["lines"] > 0
-        and s["traces"] > 0 and s["updates"] >= first["updates"] + 3 and s,
-        120, "the page's numbers to change",
+        lambda: (
+            (s := snapshot(driver))["finished"] != first["finished"]
+            and s["lines"] > 0
+            and s["traces"] > 0
+            and s["updates"] >= first["updates"] + 3
+            and s
+        ),
+        120,
+        "the page's numbers to change",
     )
     assert later["tokens"] != first["tokens"]
     assert later["slo"] == 2  # the TTFT and ITL objectives are drawn
@@ -107,7 +116,9 @@ def test_killed_worker_shows_as_lost(driver: Any, deployment: HandStarted, load:
     os.kill(pid, signal.SIGKILL)
     shown = wait_for(
         lambda: (s := snapshot(driver))["workers"].get("decode-1", {}).get("state") == "lost" and s,
-        60, "the page to show decode-1 as lost", interval_s=0.05,
+        60,
+        "the page to show decode-1 as lost",
+        interval_s=0.05,
     )
     print(f"worker killed → page shows it lost: {time.monotonic() - killed_s:.2f} s")
     others = [shown["workers"][w]["state"] for w in ("decode-0", "prefill-0")]

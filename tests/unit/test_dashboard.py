@@ -33,8 +33,15 @@ class Clock:
 
 def worker(wid: str, role: Role, pid: int = 1, **load: int) -> WorkerInfo:
     return WorkerInfo(
-        worker_id=wid, role=role, model="tiny", pid=pid, host_id="hostA/boot/7", max_model_len=128,
-        block_size=16, num_blocks=64, kv=None,
+        worker_id=wid,
+        role=role,
+        model="tiny",
+        pid=pid,
+        host_id="hostA/boot/7",
+        max_model_len=128,
+        block_size=16,
+        num_blocks=64,
+        kv=None,
         load=WorkerLoad(num_total_blocks=64, num_free_blocks=64, **load),
     )
 
@@ -88,7 +95,16 @@ def test_data_has_the_documented_shape() -> None:
     dash.sampler.tick(now_s=10.0)
     data = json.loads(json.dumps(dash.data()))  # plain JSON
     assert set(data) == {
-        "version", "now", "router", "pools", "workers", "flows", "samples", "events", "traces", "seq"
+        "version",
+        "now",
+        "router",
+        "pools",
+        "workers",
+        "flows",
+        "samples",
+        "events",
+        "traces",
+        "seq",
     }
     assert data["router"]["slo"] == {"ttft_ms": 500, "itl_ms": 50}
     assert data["router"]["totals"]["finished"] == 3 and data["router"]["totals"]["tokens"] == 15
@@ -98,8 +114,9 @@ def test_data_has_the_documented_shape() -> None:
     assert w["prefill-0"]["running"] == 2 and w["prefill-0"]["kv_cached"] == 5
     assert w["prefill-0"]["host"] == "hostA"
     assert w["decode-0"]["waiting_kv"] == 1 and w["decode-0"]["state"] == "ready"
-    assert data["flows"] == [{"src": "prefill-0", "dst": "decode-0", "bytes_s": round(3 * 4096 / 5.0, 1),
-                              "requests": 3}]
+    assert data["flows"] == [
+        {"src": "prefill-0", "dst": "decode-0", "bytes_s": round(3 * 4096 / 5.0, 1), "requests": 3}
+    ]
     [sample] = data["samples"]
     assert sample["num_ended"] == 3 and sample["ttft_p50_ms"] == pytest.approx(20.0, abs=0.01)
     assert set(sample["ttft_parts_ms"]) == {"queue", "prefill", "transfer", "delivery"}

@@ -62,7 +62,9 @@ def worker_exposition() -> str:
     stats = WorkerStats("prefill-0", "prefill", WorkerLoad(num_total_blocks=8, num_free_blocks=8), 0, 0)
     block_stats = SimpleNamespace(prefix_query_tokens=0, prefix_hit_tokens=0)
     stand_in = SimpleNamespace(
-        worker_id="prefill-0", role=Role.PREFILL, stats=lambda: stats,
+        worker_id="prefill-0",
+        role=Role.PREFILL,
+        stats=lambda: stats,
         engine=SimpleNamespace(block_manager=SimpleNamespace(stats=lambda: block_stats)),
     )
     registry = CollectorRegistry()
