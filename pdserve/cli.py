@@ -87,43 +87,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pdserve.launch.local import LaunchConfig, LocalLauncher
+    from pdserve.launch.serve import run_serve
 
-    router_args = ["--model", args.model, "--policy", args.policy]
-    if args.max_model_len:
-        router_args += ["--max-model-len", str(args.max_model_len)]
-    if args.trace_responses:
-        router_args.append("--trace-responses")
-    if args.trace_log:
-        router_args += ["--trace-log", args.trace_log]
-    router_args += _slo_args(args)
-    worker_args = list(args.worker_args)
-    worker_args += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-    if args.max_model_len:
-        worker_args += ["--max-model-len", str(args.max_model_len)]
-    if args.kv_transport:
-        worker_args += ["--kv-transport", args.kv_transport]
-    launcher = LocalLauncher(
-        LaunchConfig(
-            mode=args.mode,
-            num_prefill=args.prefill,
-            num_decode=args.decode,
-            num_mixed=args.mixed,
-            host=args.host,
-            port=args.port,
-            router_args=router_args,
-            worker_args=worker_args,
-            threads_per_worker=args.threads_per_worker,
-            ready_timeout_s=args.ready_timeout,
-            log_level=args.log_level,
-        )
-    )
-    try:
-        launcher.start()
-        print(f"pdserve is ready: {launcher.url}/v1  ({args.model}, {args.mode}; Ctrl-C stops)", flush=True)
-        return launcher.wait()
-    finally:
-        launcher.stop()
+    return run_serve(args)
 
 
 def _add_trace_args(parser: argparse.ArgumentParser) -> None:
@@ -135,15 +101,6 @@ def _add_trace_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace-log", default=None, help="append every request's trace to this JSONL file")
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT objective the dashboard draws")
     parser.add_argument("--slo-itl-ms", type=float, default=None, help="ITL objective the dashboard draws")
-
-
-def _slo_args(args: argparse.Namespace) -> list[str]:
-    """The ``--slo-*`` options again, for the router ``pdserve serve`` starts."""
-    out = []
-    for name in ("slo_ttft_ms", "slo_itl_ms"):
-        if getattr(args, name) is not None:
-            out += ["--" + name.replace("_", "-"), f"{getattr(args, name):g}"]
-    return out
 
 
 def _router(args: argparse.Namespace) -> int:
@@ -180,6 +137,7 @@ def _router(args: argparse.Namespace) -> int:
             ready_file=args.ready_file,
             slo_ttft_ms=args.slo_ttft_ms,
             slo_itl_ms=args.slo_itl_ms,
+            startup_wait_s=args.startup_wait,
         )
     )
     return 0
@@ -201,6 +159,7 @@ def _worker(args: argparse.Namespace) -> int:
             router=args.router,
             worker_id=args.worker_id or "",
             kv_host=args.kv_host,
+            kv_advertise_host=args.kv_advertise_host,
             kv_transport=args.kv_transport,
             heartbeat_interval_s=args.heartbeat_interval,
             drain_timeout_s=args.drain_timeout,
@@ -230,6 +189,8 @@ def _secret(args: argparse.Namespace) -> str:
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    from pdserve.launch.ray_resources import add_ray_args
+
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,6 +224,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--threads-per-worker", type=int, default=0, help="0: share the cores evenly")
     serve.add_argument("--ready-timeout", type=float, default=120.0)
+    serve.add_argument("--launcher", default="local", choices=["local", "ray"], help="where processes run")
+    add_ray_args(serve)
+    serve.add_argument(
+        "--startup-wait", type=float, default=120.0,
+        help="before the first worker pair registers, requests wait this long (then 503)",
+    )
     _add_trace_args(serve)
     serve.add_argument(
         "--worker-args",
@@ -315,6 +282,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     router.add_argument(
         "--ready-file", default=None, help="once listening, write the ports it got here (JSON; for launchers)"
     )
+    router.add_argument(
+        "--startup-wait", type=float, default=120.0,
+        help="before the first worker pair registers, requests wait this long (then 503)",
+    )
     _add_trace_args(router)
     commands["router"] = _router
 
@@ -324,6 +295,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     worker.add_argument("--kv-host", default="127.0.0.1", help="interface the KV receiver binds to")
+    worker.add_argument(
+        "--kv-advertise-host", default=None, help="address prefill workers dial (with --kv-host 0.0.0.0)"
+    )
     worker.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     worker.add_argument("--heartbeat-interval", type=float, default=0.5)
     worker.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: any)")
@@ -348,6 +322,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
     add_status_parser(sub)
     commands["status"] = run_status
+
+    from pdserve.scale import add_scale_parser, run_scale
+
+    add_scale_parser(sub)
+    commands["scale"] = run_scale
     return parser, commands
 
 

@@ -27,6 +27,7 @@ class Snapshot:
     workers: list[dict]
     recovery: dict[str, int]
     metrics: dict[str, float]
+    deployment: dict | None = None  # the supervisor's view (docs/scaling.md), if any
 
 
 def fetch(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Snapshot:
@@ -44,7 +45,9 @@ def fetch(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Snaps
                 metrics[f"{sample.name}{{{sample.labels['part']}}}"] = sample.value
             elif sample.name.endswith(("_sum", "_count")) or sample.name.endswith("_total"):
                 metrics[sample.name] = metrics.get(sample.name, 0.0) + sample.value
-    return Snapshot(time.monotonic(), workers["workers"], workers.get("recovery", {}), metrics)
+    return Snapshot(
+        time.monotonic(), workers["workers"], workers.get("recovery", {}), metrics, workers.get("deployment")
+    )
 
 
 def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
@@ -97,7 +100,25 @@ def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
         )
     if not now.workers:
         lines.append("(no workers registered)")
+    if now.deployment and now.deployment.get("supervised"):
+        lines += deployment_lines(now.deployment)
     return "\n".join(lines)
+
+
+def deployment_lines(deployment: dict) -> list[str]:
+    """Pools (ready/target) and every supervised worker: state, where it runs, restarts."""
+    from pdserve.scale import pools_line
+
+    launcher = deployment.get("launcher") or "?"
+    lines = ["", f"pools (ready/target), {launcher} launcher: {pools_line(deployment)}",
+             f"{'slot':<16}{'role':<9}{'state':<12}{'host':<14}{'node':<14}{'pid':>8}{'restarts':>10}  note"]
+    for w in deployment["workers"]:
+        role = f"{w['role']}>{w['flip_to']}" if w.get("flip_to") else w["role"]
+        lines.append(
+            f"{w['worker_id']:<16}{role:<9}{w['state']:<12}{w['host'][:13]:<14}{w['node_id'][:12]:<14}"
+            f"{w['pid']:>8}{w['restarts']:>10}  {w['message']}"
+        )
+    return lines
 
 
 def _mb(rate_text: str) -> str:

@@ -132,7 +132,7 @@ class TokenizerCounter:
     """Exact counts with one of pdserve's tokenizers (a preset name or an HF checkpoint folder)."""
 
     def __init__(self, model: str) -> None:
-        from pdserve.model.tokenizer import load_tokenizer  # torch-free
+        from pdserve.tokenizer import load_tokenizer  # torch-free
 
         self.name = model
         self._tokenizer = load_tokenizer(model)

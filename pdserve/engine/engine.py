@@ -14,14 +14,15 @@ from typing import Protocol
 
 from pdserve.config import EngineConfig, Role
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.errors import InvalidRequestError
-from pdserve.model.arch import ArchConfig, load_arch_config
-from pdserve.model.tokenizer import Tokenizer, load_tokenizer
+from pdserve.model.llama import LlamaForCausalLM
+from pdserve.modelspec.arch import ArchConfig, load_arch_config
 from pdserve.request import Request, RequestStatus, TokenLogprobs
 from pdserve.sampling_params import SamplingParams
+from pdserve.tokenizer import Tokenizer, load_tokenizer
+from pdserve.tokenizer.detokenizer import Detokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,16 @@ class LLMEngine:
             its KV receiver can write); default: plain tensors on the device.
         detokenize: turn tokens into text and apply stop strings here. Workers
             turn it off: the router owns text and stop strings.
+        model: weights already loaded for this model (a worker changing role
+            keeps its own); default: load them.
     """
 
     def __init__(
-        self, config: EngineConfig, kv_allocator: KVAllocator | None = None, detokenize: bool = True
+        self,
+        config: EngineConfig,
+        kv_allocator: KVAllocator | None = None,
+        detokenize: bool = True,
+        model: LlamaForCausalLM | None = None,
     ) -> None:
         self.config = config
         self.detokenize = detokenize
@@ -86,7 +93,7 @@ class LLMEngine:
         self.tokenizer: Tokenizer = load_tokenizer(config.model.model)
         self.max_model_len = resolve_max_model_len(config, self.arch)
         self.eos_token_ids = tuple(sorted(set(self.arch.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
-        self.runner = ModelRunner(config.model, config.cache, self.arch, kv_allocator)
+        self.runner = ModelRunner(config.model, config.cache, self.arch, kv_allocator, model)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )

@@ -15,9 +15,10 @@ import torch
 from pdserve.config import CacheConfig, ModelConfig
 from pdserve.engine.sampler import SampledToken, Sampler
 from pdserve.engine.scheduler import SchedulerOutput
-from pdserve.model.arch import ArchConfig
 from pdserve.model.attention import KVCache, SeqSpec, allocate_kv_cache, build_attention_metadata
+from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
+from pdserve.modelspec.arch import ArchConfig
 from pdserve.request import Request
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,11 @@ def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) ->
 
 
 class ModelRunner:
-    """Owns weights, KV cache and sampler; ``execute`` runs one step."""
+    """Owns weights, KV cache and sampler; ``execute`` runs one step.
+
+    ``model``: weights already loaded (by an earlier runner of the same model and
+    dtype); default: load them.
+    """
 
     def __init__(
         self,
@@ -40,12 +45,16 @@ class ModelRunner:
         cache_config: CacheConfig,
         arch: ArchConfig,
         kv_allocator: KVAllocator | None = None,
+        model: LlamaForCausalLM | None = None,
     ) -> None:
         self.arch = arch
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype)
         self.block_size = cache_config.block_size
-        self.model = load_model(model_config.model, arch, self.dtype, self.device, model_config.seed)
+        # A worker that changes role passes the weights it already has (no reload).
+        self.model = model if model is not None else load_model(
+            model_config.model, arch, self.dtype, self.device, model_config.seed
+        )
         per_block = kv_bytes_per_block(arch, self.block_size, self.dtype)
         self.num_blocks = cache_config.num_blocks or max(cache_config.kv_cache_bytes // per_block, 1)
         allocate = kv_allocator or allocate_kv_cache

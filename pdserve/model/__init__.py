@@ -1,24 +1,14 @@
-"""Models, tokenizers and the paged attention they run on.
+"""Models and the paged attention they run on (torch).
 
-Torch-free entry points (safe for the router): :mod:`pdserve.model.arch`,
-:mod:`pdserve.model.presets`, :mod:`pdserve.model.tokenizer`. Importing this
-package itself does not import torch either: the torch-based names load on
-first access.
+The torch-free parts live elsewhere: model shapes and presets in
+:mod:`pdserve.modelspec`, tokenizers in :mod:`pdserve.tokenizer`. Importing
+this package itself does not import torch: the names load on first access.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
-
-from pdserve.model.arch import (
-    SUPPORTED_ARCHITECTURES,
-    SUPPORTED_ROPE_TYPES,
-    ArchConfig,
-    load_arch_config,
-)
-from pdserve.model.presets import PRESETS, is_preset, preset_names
-from pdserve.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from pdserve.model.attention import (
@@ -59,25 +49,14 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "PRESETS",
-    "SUPPORTED_ARCHITECTURES",
-    "SUPPORTED_ROPE_TYPES",
-    "ArchConfig",
     "AttentionMetadata",
-    "ByteTokenizer",
-    "HFTokenizer",
     "KVCache",
     "LlamaForCausalLM",
     "SeqSpec",
-    "Tokenizer",
     "allocate_kv_cache",
     "build_attention_metadata",
     "dummy_weights",
-    "is_preset",
-    "load_arch_config",
     "load_model",
-    "load_tokenizer",
-    "preset_names",
     "resolve_device",
     "resolve_dtype",
     "save_hf_checkpoint",

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from pdserve.errors import ModelLoadError
-from pdserve.model.arch import ArchConfig
 from pdserve.model.attention import (
     AttentionMetadata,
     GatherWorkspace,
@@ -34,6 +33,7 @@ from pdserve.model.attention import (
     write_kv,
 )
 from pdserve.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rope
+from pdserve.modelspec.arch import ArchConfig
 
 #: Checkpoint tensors that carry no weights (old checkpoints store RoPE tables).
 _IGNORED_NAMES = re.compile(r".*rotary_emb\.inv_freq$")

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from pdserve.errors import ConfigError, ModelLoadError
-from pdserve.model.arch import ArchConfig, load_arch_config
 from pdserve.model.llama import LlamaForCausalLM
-from pdserve.model.presets import is_preset
+from pdserve.modelspec.arch import ArchConfig, load_arch_config
+from pdserve.modelspec.presets import is_preset
 
 logger = logging.getLogger(__name__)
 

@@ -55,7 +55,6 @@ from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
 from starlette.requests import ClientDisconnect
 
-from pdserve.model.tokenizer import Tokenizer
 from pdserve.router.admission import Admission, Ticket
 from pdserve.router.backend import Backend
 from pdserve.router.dashboard.routes import BROWSER_PATHS
@@ -80,7 +79,9 @@ from pdserve.router.responses import (
     sse_events,
 )
 from pdserve.router.security import APIKeyMiddleware, APIKeys
+from pdserve.router.startup import StartupGate, gate_closed
 from pdserve.router.tracing import Tracer
+from pdserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,10 @@ class _Server:
         max_body_bytes: int,
         admission: Admission,
         tracer: Tracer,
+        gate: StartupGate,
     ) -> None:
         self.backend = backend
+        self.gate = gate
         self.tracer = tracer
         self.admission = admission
         self.tokenizer = tokenizer
@@ -119,6 +122,8 @@ class _Server:
         ticket: Ticket | None = None  # released in `finally` unless a stream took it over
         try:
             self.admission.check()  # draining / full: refuse before reading anything
+            if not self.gate.open:  # start-up: wait for the first complete serving path
+                await self.gate.wait()
             body = await read_body(request, self.max_body_bytes)
             model: type[GenerationRequest] = ChatCompletionRequest if chat else CompletionRequest
             req = parse(model, body)
@@ -168,6 +173,7 @@ def create_app(
     max_inflight: int | None = None,
     tracer: Tracer | None = None,
     registry: CollectorRegistry | None = None,
+    startup_wait_s: float = 120.0,
 ) -> FastAPI:
     """The router's HTTP app, serving ``served_model_name`` through ``backend``.
 
@@ -186,6 +192,8 @@ def create_app(
             without metrics that keeps traces out of answers.
         registry: where to count responses by endpoint and status
             (:mod:`~pdserve.router.http_metrics`); None: not counted.
+        startup_wait_s: until the first complete serving path registers, a generation
+            request waits this long for it, then gets 503 (:mod:`~pdserve.router.startup`).
 
     On ``app.state``: ``draining`` (False; the server sets it True on SIGTERM,
     after which new generation requests get 503 and ``/ready`` 503 while
@@ -199,7 +207,8 @@ def create_app(
     admission = Admission(max_inflight, is_draining=lambda: bool(app.state.draining))
     app.state.admission = admission
     app.state.tracer = tracer = tracer if tracer is not None else Tracer()
-    server = _Server(backend, tokenizer, served_model_name, max_body_bytes, admission, tracer)
+    app.state.gate = gate = StartupGate(backend.is_ready, startup_wait_s)
+    server = _Server(backend, tokenizer, served_model_name, max_body_bytes, admission, tracer, gate)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -211,6 +220,8 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> Response:
+        if not gate.open:  # ready means ready: 200 only once a request can be served
+            return as_api_error(gate_closed(), "-").response()
         card = ModelCard(id=served_model_name, created=server.created, max_model_len=backend.max_model_len)
         return Response(ModelList(data=[card]).model_dump_json(), media_type="application/json")
 

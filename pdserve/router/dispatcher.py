@@ -238,10 +238,14 @@ class Dispatcher:
                     self.channel.send(wid, p.Abort(state.worker_rid))
 
     def _worker_lost(self, worker_id: str, why: str) -> None:
-        if self.registry.remove(worker_id) is None:
+        info = self.registry.remove(worker_id)
+        if info is None:
             return
-        self.counters.num_workers_lost += 1
-        logger.warning("router: worker %s removed: %s", worker_id, why)
+        if info.draining and not info.num_inflight:  # drained and gone: a clean leave
+            logger.info("router: worker %s left after draining", worker_id)
+        else:
+            self.counters.num_workers_lost += 1
+            logger.warning("router: worker %s removed: %s", worker_id, why)
         for state in list(self._by_worker_rid.values()):
             if worker_id in state.worker_ids:
                 self._retry(state, f"worker {worker_id} lost ({why})", {worker_id})

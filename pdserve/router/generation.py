@@ -29,11 +29,11 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pdserve.engine.detokenizer import Detokenizer
-from pdserve.model.tokenizer import Tokenizer
 from pdserve.request import TokenLogprobs
 from pdserve.router.backend import Backend, BackendError, GenerationEvent
 from pdserve.router.prompts import Choice
+from pdserve.tokenizer import Tokenizer
+from pdserve.tokenizer.detokenizer import Detokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from typing import Any, cast
 from pydantic import ValidationError
 
 from pdserve.errors import InvalidRequestError
-from pdserve.model.tokenizer import Tokenizer
 from pdserve.router.backend import Backend
 from pdserve.router.errors import APIError
 from pdserve.router.openai_protocol import (
@@ -36,6 +35,7 @@ from pdserve.router.openai_protocol import (
 )
 from pdserve.router.tracing import RequestTrace
 from pdserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from pdserve.tokenizer import Tokenizer
 
 MAX_N = 128
 DEFAULT_COMPLETION_MAX_TOKENS = 16

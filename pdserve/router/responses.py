@@ -26,7 +26,6 @@ from typing import Any
 import anyio
 from pydantic import BaseModel
 
-from pdserve.model.tokenizer import Tokenizer
 from pdserve.request import TokenLogprobs
 from pdserve.router.errors import as_api_error
 from pdserve.router.generation import Output
@@ -47,6 +46,7 @@ from pdserve.router.openai_protocol import (
     UsageInfo,
 )
 from pdserve.router.prompts import Plan
+from pdserve.tokenizer import Tokenizer
 
 _DONE = "data: [DONE]\n\n"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")

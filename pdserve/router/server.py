@@ -17,13 +17,14 @@ import uvicorn
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pdserve.model.arch import load_arch_config
-from pdserve.model.tokenizer import load_tokenizer
+from pdserve.modelspec.arch import load_arch_config
 from pdserve.router.app import create_app
 from pdserve.router.dashboard import SLOConfig, mount_dashboard
+from pdserve.router.deployment import Deployment, add_deployment_routes
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.dispatcher import Dispatcher
 from pdserve.router.tracing import Tracer
+from pdserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class RouterConfig:
             (JSON) here, so that whoever started the router with port 0 learns
             the ports it got (no port is picked before it is bound).
         slo_ttft_ms, slo_itl_ms: latency objectives the dashboard draws (None: none).
+        startup_wait_s: until the first complete serving path registers, a generation
+            request waits this long for it, then gets 503 (``--startup-wait``).
     """
 
     model: str = "tiny"
@@ -74,6 +77,7 @@ class RouterConfig:
     ready_file: str | None = None
     slo_ttft_ms: float | None = None
     slo_itl_ms: float | None = None
+    startup_wait_s: float = 120.0
 
 
 def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
@@ -96,7 +100,10 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
         max_inflight=config.max_inflight,
         tracer=tracer,
         registry=dispatcher.metrics.registry,
+        startup_wait_s=config.startup_wait_s,
     )
+    deployment = Deployment(dispatcher, secret=config.dispatch.secret)
+    add_deployment_routes(app, deployment)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -128,6 +135,7 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
             "control_endpoint": dispatcher.endpoint,
             "num_inflight": dispatcher.num_inflight,
             "recovery": dataclasses.asdict(dispatcher.counters),
+            "deployment": deployment.view(),
             "workers": [
                 {
                     "worker_id": w.worker_id,

@@ -243,8 +243,13 @@ def host_id() -> str:
     """A stable id for this host: hostname, kernel boot id, and the /dev/shm mount.
 
     The /dev/shm device number is part of it because two containers on one
-    kernel share shared memory only if they share that mount.
+    kernel share shared memory only if they share that mount. ``PDSERVE_HOST_ID``
+    overrides it: the Ray launcher sets it to the Ray node id, so workers pair
+    over shm only within one Ray node (simulated nodes share one machine).
     """
+    override = os.environ.get("PDSERVE_HOST_ID", "").strip()
+    if override:
+        return override
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

@@ -16,6 +16,8 @@ class WorkerConfig:
         router: the router's control endpoint, ``tcp://HOST:PORT``.
         worker_id: unique name; default ``ROLE-HOSTNAME-PID``.
         kv_host: address the KV receiver binds to (decode role); loopback by default.
+        kv_advertise_host: address prefill workers dial when ``kv_host`` is all interfaces
+            (``0.0.0.0``); None: the host name.
         kv_transport: force ``shm`` or ``tcp`` instead of choosing per peer.
         heartbeat_interval_s: seconds between heartbeats.
         kv_lease_s: a prefill worker frees KV held for a hand-off after this long
@@ -32,6 +34,7 @@ class WorkerConfig:
     router: str
     worker_id: str = ""
     kv_host: str = "127.0.0.1"
+    kv_advertise_host: str | None = None
     kv_transport: str | None = None
     heartbeat_interval_s: float = 0.5
     kv_lease_s: float = 30.0

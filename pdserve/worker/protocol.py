@@ -275,6 +275,12 @@ class Shutdown(msgspec.Struct, tag=True):
     """Drain and exit."""
 
 
+class Flip(msgspec.Struct, tag=True):
+    """Drain, then serve as ``role`` with the same weights and register again under it."""
+
+    role: str
+
+
 Message = (
     Draining
     | Ping
@@ -295,6 +301,7 @@ Message = (
     | Registered
     | Reregister
     | Shutdown
+    | Flip
 )
 
 _encoder = msgspec.msgpack.Encoder()

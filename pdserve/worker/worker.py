@@ -26,20 +26,18 @@ import socket
 import time
 from types import FrameType
 
-import torch
 import zmq
 
 from pdserve.config import Role
-from pdserve.engine.engine import LLMEngine, RequestOutput
+from pdserve.engine.engine import RequestOutput
 from pdserve.errors import PDServeError
-from pdserve.model.attention import KVCache
 from pdserve.request import TokenLogprobs
-from pdserve.transfer.base import KVReceiver, KVSender, host_id, make_receiver, make_sender
-from pdserve.transfer.descriptor import KVLayout
+from pdserve.transfer.base import KVReceiver, KVSender, host_id
 from pdserve.worker import protocol as p
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.decode import KVIntake
 from pdserve.worker.prefill import KVPusher
+from pdserve.worker.roles import RoleParts, build_role
 from pdserve.worker.timing import PrefillTimer
 
 logger = logging.getLogger(__name__)
@@ -57,20 +55,7 @@ class Worker:
         self.config = config
         self.role = config.role
         self.worker_id = config.worker_id or f"{self.role.value}-{socket.gethostname()}-{os.getpid()}"
-        self.receiver: KVReceiver | None = None
-        self.sender: KVSender | None = None
-        if self.role is Role.DECODE:
-            self.engine = LLMEngine(config.engine, kv_allocator=self._allocate_receiver, detokenize=False)
-            assert self.receiver is not None
-            self.intake: KVIntake | None = KVIntake(self.engine, self.receiver)
-        else:
-            self.engine = LLMEngine(config.engine, detokenize=False)
-            self.intake = None
-        self.pusher: KVPusher | None = None
-        if self.role is Role.PREFILL:
-            self.sender = make_sender(self.engine.runner.kv_caches, override=config.kv_transport)
-            self.pusher = KVPusher(self.engine, self.sender, drop_done=config.inject_fault == "drop-kv-done")
-        self.timer = PrefillTimer(self.pusher)
+        self._use(build_role(config, config.role))
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
@@ -80,28 +65,22 @@ class Worker:
         self._sock.connect(config.router)
         self._stop = False
         self._draining = False
+        self._flip_to: Role | None = None  # draining to change role, not to exit
         self._drain_deadline_s = 0.0
         self._next_heartbeat_s = 0.0
         self._held_since_s: dict[str, float] = {}
         self.metrics_port = 0
 
-    def _allocate_receiver(
-        self,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> list[KVCache]:
-        """KV cache allocator of a decode worker: the receiver owns the tensors."""
-        dtype_name = str(dtype).removeprefix("torch.")
-        layout = KVLayout(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype_name)
-        self.receiver = make_receiver(
-            self.config.kv_transport or "auto", layout, device, bind_host=self.config.kv_host
-        )
-        return self.receiver.kv_caches
+    def _use(self, parts: RoleParts) -> None:
+        """Serve with these role parts (at start, and after a role flip)."""
+        self.parts = parts
+        self.role = parts.role
+        self.engine = parts.engine
+        self.receiver: KVReceiver | None = parts.receiver
+        self.sender: KVSender | None = parts.sender
+        self.intake: KVIntake | None = parts.intake
+        self.pusher: KVPusher | None = parts.pusher
+        self.timer = PrefillTimer(self.pusher)
 
     # -- messaging ---------------------------------------------------------------------
 
@@ -190,7 +169,9 @@ class Worker:
                     self._step()
                 now = time.monotonic()
                 if self._draining and self._drained():
-                    break
+                    if self._flip_to is None:
+                        break
+                    self._finish_flip(self._flip_to)
                 if now >= self._next_heartbeat_s:
                     if self._draining:
                         self.send(p.Draining(self.worker_id))
@@ -201,12 +182,42 @@ class Worker:
             self.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._flip_to is not None:  # a signal during a flip: drain and exit instead
+            self._flip_to = None
+            return
         if self._draining:  # a second signal: stop now
             self._stop = True
             return
         logger.info("worker %s: signal %d, draining", self.worker_id, signum)
         self._draining = True
         self._drain_deadline_s = time.monotonic() + self.config.drain_timeout_s
+
+    def _begin_flip(self, role: str) -> None:
+        """Drain (the router already routes nothing new here), then change role (``_finish_flip``)."""
+        if self._draining:
+            return  # shutting down (or flipping already)
+        try:
+            self._flip_to = Role(role)
+        except ValueError:
+            logger.warning("worker %s: flip to unknown role %r ignored", self.worker_id, role)
+            return
+        logger.info("worker %s: draining to flip %s -> %s", self.worker_id, self.role.value, role)
+        self._flip_started_s = time.monotonic()
+        self._draining = True
+        self._drain_deadline_s = self._flip_started_s + self.config.drain_timeout_s
+        self.send(p.Draining(self.worker_id))
+
+    def _finish_flip(self, role: Role) -> None:
+        """Drained: rebuild engine and transfer side for ``role`` with the same weights; register."""
+        old, model = self.parts, self.engine.runner.model
+        old.close()
+        self._held_since_s.clear()
+        self._use(build_role(self.config, role, model))
+        del old
+        self._flip_to, self._draining = None, False
+        self.register()
+        logger.info("worker %s: now %s (flip took %.2f s)", self.worker_id, role.value,
+                    time.monotonic() - self._flip_started_s)
 
     def _drained(self) -> bool:
         """Draining and nothing left to finish (or out of time)."""
@@ -260,6 +271,8 @@ class Worker:
                 self.register()
             case p.Shutdown():
                 self._stop = True
+            case p.Flip(role=role):
+                self._begin_flip(role)
             case _:
                 logger.warning("worker %s: unexpected %s", self.worker_id, type(message).__name__)
 
@@ -372,9 +385,6 @@ class Worker:
 
     def close(self) -> None:
         """Close sockets and free the KV transport's resources."""
-        if self.sender is not None:
-            self.sender.close()
-        if self.receiver is not None:
-            self.receiver.close()
+        self.parts.close()
         self._sock.close(0)
         self._ctx.term()

@@ -134,7 +134,7 @@ def test_roles_are_configurable() -> None:
 def test_preset_weights_are_deterministic() -> None:
     import torch
 
-    from pdserve.model.arch import load_arch_config
+    from pdserve.modelspec.arch import load_arch_config
 
     arch = load_arch_config("tiny")
     a = load_model("tiny", arch, torch.float32, torch.device("cpu"), seed=3)

@@ -11,17 +11,16 @@ from safetensors.torch import save_file
 
 from pdserve.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from pdserve.model import (
-    ArchConfig,
     LlamaForCausalLM,
     SeqSpec,
     allocate_kv_cache,
     build_attention_metadata,
     dummy_weights,
-    load_arch_config,
     load_model,
     resolve_device,
     resolve_dtype,
 )
+from pdserve.modelspec import ArchConfig, load_arch_config
 
 CPU = torch.device("cpu")
 SMALL = ArchConfig(

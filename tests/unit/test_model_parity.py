@@ -27,11 +27,11 @@ from pdserve.model import (  # noqa: E402
     allocate_kv_cache,
     attention,
     build_attention_metadata,
-    load_arch_config,
     load_model,
-    load_tokenizer,
     save_hf_checkpoint,
 )
+from pdserve.modelspec import load_arch_config  # noqa: E402
+from pdserve.tokenizer import load_tokenizer  # noqa: E402
 
 ATOL = 1e-4
 PROMPT_LENGTHS = (1, 7, 33)

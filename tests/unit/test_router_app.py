@@ -18,11 +18,11 @@ import httpx
 import pytest
 import uvicorn
 
-from pdserve.model.tokenizer import load_tokenizer
 from pdserve.request import TokenLogprobs
 from pdserve.router.app import create_app
 from pdserve.router.backend import BackendError, GenerationEvent
 from pdserve.sampling_params import SamplingParams
+from pdserve.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin ships with anyio, a FastAPI dependency
 

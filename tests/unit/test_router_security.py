@@ -23,12 +23,12 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pdserve.model.tokenizer import ByteTokenizer, load_tokenizer
 from pdserve.router.admission import Admission
 from pdserve.router.app import create_app
 from pdserve.router.backend import BackendError, GenerationEvent
 from pdserve.router.security import APIKeys
 from pdserve.sampling_params import SamplingParams
+from pdserve.tokenizer import ByteTokenizer, load_tokenizer
 
 pytestmark = pytest.mark.anyio
 

@@ -9,11 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
-from pdserve.model.tokenizer import load_tokenizer
 from pdserve.router.app import create_app
 from pdserve.router.backend import GenerationEvent
 from pdserve.router.tracing import RequestTrace, Tracer
 from pdserve.sampling_params import SamplingParams
+from pdserve.tokenizer import load_tokenizer
 from pdserve.worker.protocol import PrefillTiming
 
 pytestmark = pytest.mark.anyio

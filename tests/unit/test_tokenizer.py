@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.errors import InvalidRequestError, ModelLoadError
-from pdserve.model import ByteTokenizer, HFTokenizer, load_tokenizer
+from pdserve.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 
 def random_text(seed: int, length: int = 200) -> str:

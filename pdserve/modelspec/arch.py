@@ -1,7 +1,7 @@
 """The shape of a decoder-only model, read from a preset or an HF ``config.json``.
 
 1. :func:`load_arch_config` resolves a model name: a built-in preset
-   (:mod:`pdserve.model.presets`) or a local Hugging Face checkpoint folder.
+   (:mod:`pdserve.modelspec.presets`) or a local Hugging Face checkpoint folder.
 2. For a folder it reads ``config.json`` (and ``generation_config.json`` for
    end-of-sequence ids), checks the architecture is one pdserve implements and
    normalises the two HF spellings of RoPE settings (``rope_theta`` +
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pdserve.errors import ConfigError, ModelLoadError, UnsupportedModelError
-from pdserve.model.presets import PRESETS, preset_names
+from pdserve.modelspec.presets import PRESETS, preset_names
 
 logger = logging.getLogger(__name__)
 

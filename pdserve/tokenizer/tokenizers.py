@@ -251,7 +251,7 @@ class HFTokenizer(Tokenizer):
     def __init__(self, model_dir: str) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
-        from pdserve.model.chat_template import find_chat_template
+        from pdserve.tokenizer.chat_template import find_chat_template
 
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.isfile(path):
@@ -364,8 +364,8 @@ def load_tokenizer(model: str) -> Tokenizer:
     Raises:
         ModelLoadError: unknown model, or missing / invalid tokenizer files.
     """
-    from pdserve.model.arch import load_arch_config
-    from pdserve.model.presets import is_preset
+    from pdserve.modelspec.arch import load_arch_config
+    from pdserve.modelspec.presets import is_preset
 
     if is_preset(model):
         return ByteTokenizer(load_arch_config(model).vocab_size)

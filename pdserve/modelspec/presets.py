@@ -2,7 +2,7 @@
 
 Presets need no files on disk: the shape lives here and the weights are drawn
 from a seeded generator by :mod:`pdserve.model.loader`. Both presets use the
-byte-level tokenizer (:class:`pdserve.model.tokenizer.ByteTokenizer`); ids of
+byte-level tokenizer (:class:`pdserve.tokenizer.ByteTokenizer`); ids of
 ``bench-50m`` beyond the byte range decode to placeholder pieces.
 
 This module must not import torch: the router reads presets too.
@@ -13,9 +13,9 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any
 
-from pdserve.model.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer
+from pdserve.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer
 
-#: Keyword arguments of :class:`pdserve.model.arch.ArchConfig`, per preset name.
+#: Keyword arguments of :class:`pdserve.modelspec.arch.ArchConfig`, per preset name.
 PRESETS: MappingProxyType[str, dict[str, Any]] = MappingProxyType(
     {
         "tiny": {

@@ -1,0 +1,48 @@
+"""One worker place the supervisor keeps filled (see :mod:`pdserve.launch.supervisor`)."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.launch.base import ProcessHandle
+
+
+@dataclass
+class Slot:
+    """One worker the supervisor runs (its id and role survive restarts; a flip changes the role)."""
+
+    worker_id: str
+    role: str
+    state: str = "starting"
+    handle: ProcessHandle | None = None
+    started_s: float = 0.0
+    registered_s: float | None = None  # since when it has been registered (this start)
+    ever_registered: bool = False  # this start
+    exits: collections.deque[float] = field(default_factory=collections.deque)
+    consecutive_exits: int = 0
+    start_failures: int = 0
+    restarts: int = 0
+    next_start_s: float = 0.0
+    last_exit: int | None = None
+    message: str = ""
+    flip_to: str | None = None
+    flip_started_s: float = 0.0
+    num_inflight: int = 0
+
+    def view(self) -> dict[str, Any]:
+        """JSON view of the slot (see docs/scaling.md)."""
+        place = self.handle.placement() if self.handle is not None and self.state != "restarting" else None
+        return {
+            "worker_id": self.worker_id,
+            "role": self.role,
+            "state": self.state,
+            "flip_to": self.flip_to,
+            "host": place.host if place else "",
+            "node_id": place.node_id if place else "",
+            "pid": place.pid if place else 0,
+            "restarts": self.restarts,
+            "last_exit_code": self.last_exit,
+            "message": self.message,
+        }

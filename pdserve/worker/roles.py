@@ -1,0 +1,84 @@
+"""What a worker builds for its role: the engine and, by role, its KV sending or receiving side.
+
+* ``prefill``: an engine and a :class:`KVPusher` over a :class:`KVSender` that
+  reads the engine's own cache;
+* ``decode``: an engine whose cache the :class:`KVReceiver` allocates (so that
+  prefill workers can write into it) and a :class:`KVIntake`;
+* ``mixed``: an engine alone.
+
+A role flip (``protocol.Flip``) closes the old parts and builds new ones with
+the weights already in memory: the KV cache and the transfer side are made
+afresh, the model is not loaded again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.config import Role
+from pdserve.engine.engine import LLMEngine
+from pdserve.model.attention import KVCache
+from pdserve.model.llama import LlamaForCausalLM
+from pdserve.transfer.base import KVReceiver, KVSender, make_receiver, make_sender
+from pdserve.transfer.descriptor import KVLayout
+from pdserve.worker.config import WorkerConfig
+from pdserve.worker.decode import KVIntake
+from pdserve.worker.prefill import KVPusher
+
+
+@dataclass
+class RoleParts:
+    """A worker's engine and the transfer side its role needs."""
+
+    role: Role
+    engine: LLMEngine
+    receiver: KVReceiver | None = None
+    sender: KVSender | None = None
+    intake: KVIntake | None = None
+    pusher: KVPusher | None = None
+
+    def close(self) -> None:
+        """Close the transfer side (a decode worker's shared-memory segment is unlinked here)."""
+        if self.sender is not None:
+            self.sender.close()
+        if self.receiver is not None:
+            self.receiver.close()
+
+
+def build_role(config: WorkerConfig, role: Role, model: LlamaForCausalLM | None = None) -> RoleParts:
+    """Engine and transfer side for ``role``; ``model``: weights to reuse (default: load them)."""
+    engine_config = dataclasses.replace(
+        config.engine, scheduler=dataclasses.replace(config.engine.scheduler, role=role)
+    )
+    if role is Role.DECODE:
+        receivers: list[KVReceiver] = []
+
+        def allocate(
+            num_layers: int,
+            num_blocks: int,
+            block_size: int,
+            num_kv_heads: int,
+            head_dim: int,
+            dtype: torch.dtype,
+            device: torch.device,
+        ) -> list[KVCache]:
+            """The receiver owns the decode worker's KV tensors."""
+            dtype_name = str(dtype).removeprefix("torch.")
+            layout = KVLayout(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype_name)
+            options = {"advertise_host": config.kv_advertise_host} if config.kv_advertise_host else {}
+            receiver = make_receiver(config.kv_transport or "auto", layout, device, bind_host=config.kv_host,
+                                     **options)
+            receivers.append(receiver)
+            return receiver.kv_caches
+
+        engine = LLMEngine(engine_config, kv_allocator=allocate, detokenize=False, model=model)
+        return RoleParts(role, engine, receiver=receivers[0], intake=KVIntake(engine, receivers[0]))
+    engine = LLMEngine(engine_config, detokenize=False, model=model)
+    if role is Role.PREFILL:
+        sender = make_sender(engine.runner.kv_caches, override=config.kv_transport)
+        pusher = KVPusher(engine, sender, drop_done=config.inject_fault == "drop-kv-done")
+        return RoleParts(role, engine, sender=sender, pusher=pusher)
+    return RoleParts(role, engine)

@@ -1,0 +1,221 @@
+"""``pdserve serve --launcher ray`` on a multi-node Ray cluster simulated on this machine.
+
+The cluster: a head node with ``prefill_node`` and two nodes with
+``decode_node`` (``ray.cluster_utils.Cluster``: real raylets, one IP). The
+deployment is started as a user starts it, with per-role resources; the test
+checks where each worker landed (through ``/pdserve/workers``), that the
+cross-node pairs moved KV over tcp, that greedy outputs equal the offline
+engine's (which the local launcher's tests hold it to), that losing a decode
+node mid-stream is survived and its worker replaced once a node with room
+joins, that a SIGKILLed worker is replaced on the node it had to free, that
+``/pdserve/scale`` drains a worker away, and that nothing is left
+running after SIGINT.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from conftest import WORKER_ARGS
+from test_chaos import one_request
+from test_serve_cli import alive
+
+from pdserve import LLM, SamplingParams
+from pdserve.launch.local import free_port
+
+pytest.importorskip("ray", reason="the Ray launcher's test needs Ray: pip install -e '.[ray]'")
+from ray.cluster_utils import Cluster
+
+pytestmark = pytest.mark.slow
+
+NODE_ARGS: dict[str, Any] = {"num_cpus": 1, "object_store_memory": 80 << 20}
+PROMPTS = ["The KV cache moves between Ray nodes", "Hello", "a b c d e f g h i j k l m n o p"]
+STREAM_TOKENS = 400
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """Head (prefill_node) + two decode_node nodes; shut down through Ray's own API."""
+    c = Cluster(initialize_head=True, head_node_args={**NODE_ARGS, "include_dashboard": False,
+                                                      "resources": {"prefill_node": 1}})
+    try:
+        for _ in range(2):
+            c.add_node(**NODE_ARGS, resources={"decode_node": 1})
+        c.wait_for_nodes()
+        yield c
+    finally:
+        c.shutdown()
+
+
+def deployment(url: str) -> dict[str, Any]:
+    reply = httpx.get(f"{url}/pdserve/workers", timeout=10).json()
+    return reply
+
+
+def slots(url: str) -> dict[str, dict[str, Any]]:
+    return {s["worker_id"]: s for s in deployment(url)["deployment"]["workers"]}
+
+
+def wait_for(what: str, check: Any, timeout_s: float = TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def complete(url: str, prompt: str, max_tokens: int) -> str:
+    reply = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT_S, json={
+        "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["choices"][0]["text"])
+
+
+def test_ray_launcher_places_roles_pairs_over_tcp_and_survives_a_lost_node(cluster: Cluster) -> None:
+    offline = LLM("tiny", chunk_size=32, block_size=16, kv_cache_bytes=64 << 20)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    reference = [o.text for o in offline.generate(PROMPTS, params)]
+    long_params = SamplingParams(max_tokens=STREAM_TOKENS, temperature=0.0, ignore_eos=True)
+    long_reference = offline.generate(["stream on"], long_params)[0].text
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve", "serve", "--launcher", "ray", "--ray-address", cluster.address,
+         "--port", str(port), "--prefill", "1", "--decode", "2", "--threads-per-worker", "1",
+         "--prefill-resources", '{"prefill_node": 1}', "--decode-resources", '{"decode_node": 1}',
+         "--ready-timeout", "150", "--worker-args", *WORKER_ARGS],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("pdserve is ready"):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    pids: set[int] = set()
+    try:
+        assert ready.wait(180), "not ready:\n" + "".join(output[-40:])
+
+        # 1. Each worker landed on a node with its role's resource; the decode workers on two nodes.
+        decode_nodes = {n.node_id for n in cluster.worker_nodes}  # the head has prefill_node only
+        placed = wait_for("placements", lambda: (s := slots(url)) and all(x["node_id"] for x in s.values())
+                          and s)
+        assert placed["prefill-0"]["node_id"] == cluster.head_node.node_id
+        for wid in ("decode-0", "decode-1"):
+            assert placed[wid]["node_id"] in decode_nodes, placed[wid]
+            assert placed[wid]["host"] and placed[wid]["pid"]
+        assert placed["decode-0"]["node_id"] != placed["decode-1"]["node_id"]
+        pids |= {s["pid"] for s in placed.values()}
+
+        # 2. Greedy outputs equal the offline engine's; every pair is cross-node, so KV went over tcp.
+        for prompt, expected in zip(PROMPTS, reference, strict=True):
+            assert complete(url, prompt, 24) == expected
+        stats = {w["worker_id"]: w["stats"] for w in deployment(url)["workers"]}
+        assert stats["prefill-0"]["transports"] == ["tcp"]
+        assert stats["prefill-0"]["kv_transfers"] >= len(PROMPTS)
+
+        # 3. Lose a decode node while streams run on it: they finish, unchanged. (The router and
+        # pdserve serve's own Ray connection are on the head node, which stays.)
+        victim = "decode-1"
+        results: list[tuple[str, str]] = []
+
+        def stream() -> None:
+            results.append(one_request(url, "stream on", STREAM_TOKENS))
+
+        streams = [threading.Thread(target=stream) for _ in range(4)]
+        for t in streams:
+            t.start()
+        wait_for("a stream on the victim", lambda: any(
+            w["worker_id"] == victim and w["num_inflight"] > 0 for w in deployment(url)["workers"]), 60)
+        node = next(n for n in cluster.worker_nodes if n.node_id == placed[victim]["node_id"])
+        cluster.remove_node(node)
+        for t in streams:
+            t.join(TIMEOUT_S)
+        assert results == [("ok", long_reference)] * 4
+        assert deployment(url)["recovery"]["num_migrations"] >= 1
+
+        # 4. Its replacement waits for a node with decode_node, then runs there.
+        new_node = cluster.add_node(**NODE_ARGS, resources={"decode_node": 1})
+        replaced = wait_for("the replacement", lambda: (s := slots(url).get(victim)) and s["state"] == "ready"
+                            and s["node_id"] == new_node.node_id and s)
+        pids.add(replaced["pid"])
+        assert complete(url, PROMPTS[0], 24) == reference[0]
+
+        # 5. A worker process killed on its node: its actor ends, frees prefill_node (the head has
+        # one), and the replacement runs there.
+        os.kill(placed["prefill-0"]["pid"], signal.SIGKILL)
+        again = wait_for("prefill-0's replacement", lambda: (s := slots(url)["prefill-0"])["state"] == "ready"
+                         and s["pid"] != placed["prefill-0"]["pid"] and s)
+        assert again["node_id"] == cluster.head_node.node_id
+        pids.add(again["pid"])
+        assert complete(url, PROMPTS[2], 24) == reference[2]
+
+        # 6. Scaling works the same on Ray: one decode worker is drained, its actor's process ends.
+        reply = httpx.post(f"{url}/pdserve/scale", json={"decode": 1}, timeout=10)
+        assert reply.status_code == 200, reply.text
+        left = wait_for("the scale-down", lambda: len(s := [x for x in slots(url).values()
+                                                          if x["role"] == "decode"]) == 1 and s)
+        gone = {placed["decode-0"]["pid"], replaced["pid"]} - {left[0]["pid"]}
+        wait_for("the drained worker's process to end", lambda: not any(alive(p) for p in gone), 60)
+        assert complete(url, PROMPTS[1], 24) == reference[1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(output[-40:])
+    wait_for("every worker process to end", lambda: not any(alive(p) for p in pids), 30)
+    assert not [n for n in os.listdir("/dev/shm") if any(n.startswith(f"pdserve-kv-{p}-") for p in pids)]
+
+
+def test_ray_backend_handles(cluster: Cluster) -> None:
+    """The backend alone: infeasible resources, a process that exits, a kill, an actor with no node."""
+    from pdserve.errors import ConfigError
+    from pdserve.launch.base import WorkerSpec
+    from pdserve.launch.ray import RayBackend
+
+    backend = RayBackend(cluster.address, {"decode": {"decode_node": 1}})
+    try:
+        with pytest.raises(ConfigError, match="no node has 'gpu_node'"):
+            RayBackend(cluster.address, {"prefill": {"gpu_node": 1}})
+
+        def worker(wid: str, *args: str, resources: dict[str, float] | None = None) -> Any:
+            return backend.start_worker(WorkerSpec(wid, "decode", ["--role", "decode", *args],
+                                                   resources=resources or {}))
+
+        broken = worker("broken", "--model", "/nonexistent/model")
+        stuck = worker("stuck", "--router", "tcp://127.0.0.1:9", *WORKER_ARGS)  # nothing there: it waits
+        nowhere = worker("nowhere", resources={"prefill_node": 5})  # no node has 5: never placed
+        assert wait_for("the broken worker's exit", lambda: broken.poll() is not None, 60)
+        assert broken.poll() not in (0, None)
+        place = wait_for("the stuck worker's start", lambda: stuck.placement().pid and stuck.placement())
+        assert place.node_id in {n.node_id for n in cluster.worker_nodes} and alive(place.pid)
+        assert stuck.poll() is None
+        stuck.kill()
+        assert wait_for("the kill", lambda: stuck.poll() is not None, 30) and stuck.poll() < 0
+        wait_for("the killed process to end", lambda: not alive(place.pid), 30)
+        assert nowhere.poll() is None and nowhere.placement().host == ""
+        nowhere.terminate()
+        assert wait_for("the unplaced actor's removal", lambda: nowhere.poll() is not None, 30)
+    finally:
+        backend.close()
