@@ -115,7 +115,8 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
             tracer.close()
 
     app.router.lifespan_context = lifespan
-    mount_dashboard(app, dispatcher, tracer, SLOConfig(config.slo_ttft_ms, config.slo_itl_ms))
+    slo = SLOConfig(config.slo_ttft_ms, config.slo_itl_ms)
+    mount_dashboard(app, dispatcher, tracer, slo, deployment.view)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -162,7 +162,7 @@ def test_workers_lost_draining_and_replaced_become_events() -> None:
     data = dash.data()
     states = {w["id"]: w["state"] for w in data["workers"]}
     assert states == {"decode-0": "draining", "decode-1": "lost"}
-    assert data["pools"]["decode"]["actual"] == 1
+    assert data["pools"]["decode"]["actual"] == 0  # serving: neither the draining nor the lost one
     kinds = [(e["kind"], e.get("worker")) for e in data["events"]]
     assert ("worker_lost", "decode-1") in kinds and ("worker_draining", "decode-0") in kinds
     reg.add(worker("decode-1", Role.DECODE, pid=12))  # a supervisor restarted it
@@ -252,3 +252,53 @@ async def test_key_by_query_or_cookie_only_on_the_dashboard() -> None:
         assert (await client.get("/pdserve/dashboard/data")).status_code == 401
         headers = {"Authorization": "Bearer sekrit"}
         assert (await client.get("/pdserve/dashboard/data", headers=headers)).status_code == 200
+
+
+def test_a_supervised_deployment_adds_targets_slots_and_scaling_events() -> None:
+    dispatcher = Dispatcher(DispatcherConfig(), model_name="tiny", max_model_len=128)
+    _DISPATCHERS.append(dispatcher)
+    view: dict[str, Any] = {
+        "supervised": True,
+        "launcher": "local",
+        "pools": {"prefill": {"target": 1}, "decode": {"target": 2}, "mixed": {"target": 0}},
+        "workers": [
+            {
+                "worker_id": "decode-0",
+                "role": "decode",
+                "state": "ready",
+                "host": "h1",
+                "pid": 10,
+                "restarts": 0,
+            },
+            {
+                "worker_id": "decode-1",
+                "role": "decode",
+                "state": "starting",
+                "host": "h1",
+                "pid": 11,
+                "restarts": 0,
+            },
+        ],
+    }
+    dash = Dashboard(dispatcher, Tracer(), deployment=lambda: view)
+    dispatcher.registry.add(worker("decode-0", Role.DECODE, pid=10))
+    data = dash.data()
+    states = {w["id"]: (w["state"], w.get("slot_state")) for w in data["workers"]}
+    assert states == {"decode-0": ("ready", "ready"), "decode-1": ("starting", "starting")}
+    assert data["pools"]["decode"] == {"actual": 1, "target": 2} and data["router"]["supervised"] is True
+    assert ("worker_starting", "decode-1") in [(e["kind"], e.get("worker")) for e in data["events"]]
+    # decode-0 is killed: the router loses it, the supervisor restarts it, the targets change.
+    dispatcher.registry.remove("decode-0")
+    view["workers"][0] = {**view["workers"][0], "state": "restarting", "restarts": 1}
+    view["pools"]["decode"] = {"target": 3}
+    data = dash.data(events_after=data["seq"]["events"])
+    w = {x["id"]: x for x in data["workers"]}["decode-0"]
+    assert (w["state"], w["slot_state"], w["restarts"]) == ("lost", "restarting", 1)
+    kinds = {e["kind"]: e for e in data["events"]}
+    assert {"worker_lost", "worker_restarting", "scaled"} <= set(kinds)
+    assert kinds["scaled"]["detail"] == "decode 2 → 3"
+    dispatcher.registry.add(worker("decode-0", Role.DECODE, pid=20))  # the restarted process registers
+    view["workers"][0] = {**view["workers"][0], "state": "ready", "pid": 20}
+    data = dash.data(events_after=data["seq"]["events"])
+    assert [e["kind"] for e in data["events"]] == ["worker_replaced"]
+    assert {x["id"]: x["state"] for x in data["workers"]}["decode-0"] == "ready"

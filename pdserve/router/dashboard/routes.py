@@ -71,7 +71,7 @@ class Dashboard:
         interval_s: float = 1.0,
         window_s: float = 5.0,
         app_state: Any = None,
-        targets: Callable[[], dict[str, int]] | None = None,
+        deployment: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.slo = slo or SLOConfig()
@@ -84,7 +84,7 @@ class Dashboard:
             interval_s=interval_s,
             window_s=window_s,
         )
-        self.fleet = Fleet(dispatcher.registry, dispatcher.counters, self.events, targets=targets)
+        self.fleet = Fleet(dispatcher.registry, dispatcher.counters, self.events, deployment=deployment)
         tracer.listeners.append(self.sampler.on_trace)
         self.started_unix_s = time.time()
         self.last_data_ms = 0.0
@@ -144,6 +144,8 @@ class Dashboard:
                     "http": {k: int(v) for k, v in sorted(totals.http.items())},
                 },
                 "recovery": asdict(self.dispatcher.counters),
+                "supervised": bool(self.fleet._view.get("supervised")),
+                "launcher": self.fleet._view.get("launcher") or None,
             },
             "pools": self.fleet.pools(workers),
             "workers": workers,
@@ -169,10 +171,17 @@ def _page() -> tuple[bytes, str]:
 
 
 def mount_dashboard(
-    app: FastAPI, dispatcher: Dispatcher, tracer: Tracer, slo: SLOConfig | None = None
+    app: FastAPI,
+    dispatcher: Dispatcher,
+    tracer: Tracer,
+    slo: SLOConfig | None = None,
+    deployment: Callable[[], dict[str, Any]] | None = None,
 ) -> Dashboard:
-    """Add the dashboard's routes to the router's app and sample while the app runs."""
-    dash = Dashboard(dispatcher, tracer, slo, app_state=app.state)
+    """Add the dashboard's routes to the router's app and sample while the app runs.
+
+    ``deployment``: the supervisor's view (``Deployment.view``): targets, slot states, placement.
+    """
+    dash = Dashboard(dispatcher, tracer, slo, app_state=app.state, deployment=deployment)
     page, script_hash = _page()
     headers = {
         "Cache-Control": "no-store",

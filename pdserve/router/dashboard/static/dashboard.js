@@ -13,6 +13,12 @@
     worker_lost: "#d64545", worker_left: "#e08a00", worker_draining: "#e08a00", worker_registered: "#1f8a5b",
     worker_replaced: "#1f8a5b", migration: "#6d4bc7", retry: "#6d4bc7", request_failed: "#d64545",
     kv_timeout: "#e08a00", fallback_prefill: "#6d4bc7", router_started: "#3b4654",
+    worker_starting: "#e08a00", worker_restarting: "#e08a00", worker_flipping: "#6d4bc7", worker_flipped: "#6d4bc7",
+    worker_failed: "#d64545", scaled: "#2f6fde",
+  };
+  const STATE_COLORS = {
+    ready: "#1f8a5b", draining: "#e08a00", starting: "#e08a00", restarting: "#e08a00", flipping: "#6d4bc7",
+    failed: "#d64545", lost: "#d64545", left: "#7d8996",
   };
   const state = {
     seq: { samples: 0, events: 0, traces: 0 }, samples: [], events: [], traces: [], latest: null,
@@ -174,18 +180,21 @@
     d.workers.forEach((w) => { if (pos[w.id]) parts.push(workerCard(w, pos[w.id].x, pos[w.id].y, cardW, cardH)); });
     if (!d.workers.length) parts.push(`<text x="${routerW + 60}" y="${top + 40}" class="title">no workers registered</text>`);
     el.innerHTML = `<svg viewBox="0 0 ${width} ${height}" height="${height}">${parts.join("")}</svg>`;
-    $("deploy-hint").textContent = d.workers.filter((w) => w.state !== "lost" && w.state !== "left").length + " workers serving";
+    const serving = d.workers.filter((w) => w.state === "ready").length;
+    $("deploy-hint").textContent = `${serving} workers serving` + (r.supervised ? ` · supervised (${r.launcher || "local"})` : "");
   }
 
   function workerCard(w, x, y, cw, ch) {
-    const gone = w.state === "lost" || w.state === "left";
+    const gone = w.state === "lost" || w.state === "left" || w.state === "failed";
     const color = ROLE_COLORS[w.role] || "#666";
-    const stateColor = gone ? "#d64545" : w.state === "ready" ? "#1f8a5b" : "#e08a00";
+    const stateColor = STATE_COLORS[w.state] || "#7d8996";
     const total = w.kv_total || 0;
     const barW = cw - 24;
     const usedW = total ? barW * (w.kv_used / total) : 0;
     const cachedW = total ? barW * Math.min(w.kv_cached, w.kv_free) / total : 0;
-    const place = [w.host, "pid " + w.pid, w.node ? "node " + w.node : null].filter(Boolean).join(" · ");
+    const place = [w.host, w.pid ? "pid " + w.pid : null, w.node ? "node " + w.node.slice(0, 8) : null,
+      w.restarts ? `${w.restarts} restart${w.restarts > 1 ? "s" : ""}` : null,
+      w.slot_state && w.slot_state !== w.state ? "supervisor: " + w.slot_state : null].filter(Boolean).join(" · ");
     const queue = w.role === "decode" ? `wait KV ${w.waiting_kv}` : `held ${w.held}`;
     const ago = gone && w.gone_unix_s ? ` ${fmt(state.latest.now - w.gone_unix_s, 0)} s ago` : "";
     return `<g class="worker ${esc(w.state)}" data-worker="${esc(w.id)}" data-state="${esc(w.state)}" data-role="${esc(w.role)}">` +
