@@ -1,4 +1,4 @@
-"""Helpers of the browser tests: a headless Chromium through selenium, a hand-started deployment, light load.
+"""Helpers of the browser tests: a headless Chromium through selenium, ``pdserve serve``, light load.
 
 Chromium comes from the system packages (``.ci/run`` installs ``chromium`` and
 ``chromium-driver`` where it can); where either is missing the tests are
@@ -7,7 +7,6 @@ skipped with a message that says so.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,6 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from pdserve.launch.local import free_port
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "dashboard"
 READY_TIMEOUT_S = 180
@@ -80,80 +81,65 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval
         time.sleep(interval_s)
 
 
-class HandStarted:
-    """A router and workers started one by one with ``pdserve router`` / ``pdserve worker``, as on
-    separate hosts (README: "each part on its own"): no launcher stops the rest when one dies."""
+class Served:
+    """``pdserve serve`` as a user starts it (its supervisor replaces a worker that dies)."""
 
-    def __init__(
-        self, roles: list[str], router_args: list[str], api_key: str, worker_args: list[str]
-    ) -> None:
+    def __init__(self, serve_args: list[str], api_key: str, worker_args: list[str], num_workers: int) -> None:
         self.api_key = api_key
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._dir = tempfile.TemporaryDirectory(prefix="pdserve-dash-")
-        self._env = dict(
-            os.environ,
-            PDSERVE_API_KEY=api_key,
-            PDSERVE_CLUSTER_SECRET="dash-test-secret",
-            OMP_NUM_THREADS="1",
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self._log = tempfile.NamedTemporaryFile(prefix="pdserve-dash-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pdserve",
+                "serve",
+                "--model",
+                "tiny",
+                "--port",
+                self.url.rsplit(":", 1)[1],
+                "--threads-per-worker",
+                "1",
+                *serve_args,
+                "--worker-args",
+                *worker_args,
+            ],
+            env=dict(os.environ, PDSERVE_API_KEY=api_key),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
-        ready = Path(self._dir.name) / "router.json"
-        self._spawn(
-            "router",
-            ["router", "--port", "0", "--control-port", "0", "--ready-file", str(ready), *router_args],
-        )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not ready.exists():
-            assert self.procs["router"].poll() is None, "the router exited during start-up"
-            assert time.monotonic() < deadline, "the router did not start in time"
-            time.sleep(0.05)
-        ports = json.loads(ready.read_text())
-        self.url = f"http://127.0.0.1:{ports['http_port']}"
-        counts: dict[str, int] = {}
-        for role in roles:
-            wid = f"{role}-{counts.get(role, 0)}"
-            counts[role] = counts.get(role, 0) + 1
-            endpoint = ports["control_endpoint"]
-            self._spawn(
-                wid,
-                [
-                    "worker",
-                    "--role",
-                    role,
-                    "--router",
-                    endpoint,
-                    "--worker-id",
-                    wid,
-                    "--threads",
-                    "1",
-                    "--metrics-port",
-                    "0",
-                    *worker_args,
-                ],
-            )
-        wait_for(lambda: len(self.workers()) == len(roles), READY_TIMEOUT_S, "every worker to register", 0.3)
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "pdserve", *args], env=self._env)
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"pdserve serve exited: {self.log()}"
+            return b"pdserve is ready" in Path(self._log.name).read_bytes()
+
+        wait_for(ready, READY_TIMEOUT_S, "pdserve serve to be ready", 0.3)
+        wait_for(lambda: len(self.workers()) == num_workers, READY_TIMEOUT_S, "every worker to register", 0.3)
+
+    def log(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")[-3000:]
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def workers(self) -> list[dict[str, Any]]:
-        reply = httpx.get(f"{self.url}/pdserve/workers?stats=false", headers=self.headers, timeout=10)
+        try:
+            reply = httpx.get(f"{self.url}/pdserve/workers?stats=false", headers=self.headers, timeout=10)
+        except httpx.HTTPError:
+            return []
         return list(reply.json()["workers"]) if reply.status_code == 200 else []
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._dir.cleanup()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        os.unlink(self._log.name)
 
 
 class Load:

@@ -1,7 +1,7 @@
 """The dashboard in a real browser (headless Chromium) against a real deployment under light load.
 
-One deployment (tiny: router, 1 prefill + 2 decode workers, an API key, SLOs
-set) and one browser for the module. The page is opened with ``?key=``, as a
+One deployment through ``pdserve serve`` (tiny: router, 1 prefill + 2 decode
+workers, an API key, SLOs set) and one browser for the module. The page is opened with ``?key=``, as a
 user would: the data requests then carry the key in the cookie the page set.
 Screenshots go to ``tests/artifacts/dashboard/`` (git-ignored).
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from browser import HandStarted, Load, chrome, console_errors, screenshot, wait_for
+from browser import Load, Served, chrome, console_errors, screenshot, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,19 +32,19 @@ def driver() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def deployment() -> Iterator[HandStarted]:
-    dep = HandStarted(
-        ["prefill", "decode", "decode"],
-        ["--model", "tiny", "--slo-ttft-ms", "400", "--slo-itl-ms", "80"],
+def deployment() -> Iterator[Served]:
+    dep = Served(
+        ["--prefill", "1", "--decode", "2", "--slo-ttft-ms", "400", "--slo-itl-ms", "80"],
         KEY,
         WORKER_ARGS,
+        num_workers=3,
     )
     yield dep
     dep.stop()
 
 
 @pytest.fixture(scope="module")
-def load(deployment: HandStarted) -> Iterator[Load]:
+def load(deployment: Served) -> Iterator[Load]:
     running = Load(deployment.url, deployment.headers)
     yield running
     running.stop()
@@ -70,7 +70,7 @@ def snapshot(driver: Any) -> dict[str, Any]:
     )
 
 
-def test_page_shows_the_deployment_live(driver: Any, deployment: HandStarted, load: Load) -> None:
+def test_page_shows_the_deployment_live(driver: Any, deployment: Served, load: Load) -> None:
     assert httpx.get(f"{deployment.url}/dashboard", timeout=10).status_code == 401  # no key, no page
     driver.get(f"{deployment.url}/dashboard?key={KEY}")
     first = wait_for(
@@ -107,7 +107,7 @@ def test_page_shows_the_deployment_live(driver: Any, deployment: HandStarted, lo
     assert load.num_ok > 0
 
 
-def test_killed_worker_shows_as_lost(driver: Any, deployment: HandStarted, load: Load) -> None:
+def test_killed_worker_shows_as_lost_then_replaced(driver: Any, deployment: Served, load: Load) -> None:
     if "dashboard" not in driver.current_url:
         driver.get(f"{deployment.url}/dashboard?key={KEY}")
     wait_for(lambda: len(snapshot(driver)["workers"]) == 3, 60, "the page to show three workers")
@@ -124,8 +124,18 @@ def test_killed_worker_shows_as_lost(driver: Any, deployment: HandStarted, load:
     others = [shown["workers"][w]["state"] for w in ("decode-0", "prefill-0")]
     assert others == ["ready", "ready"]
     assert "worker_lost" in shown["events"]
-    # The others keep serving: requests still finish after the loss.
-    before = shown["finished"]
-    wait_for(lambda: snapshot(driver)["finished"] != before, 120, "requests to finish after the loss")
     screenshot(driver, "2-worker-lost")
+    # The supervisor of `pdserve serve` starts a new decode-1: the page shows it ready again.
+    replaced = wait_for(
+        lambda: (s := snapshot(driver))["workers"]["decode-1"]["state"] == "ready" and s,
+        180,
+        "the page to show decode-1 replaced",
+    )
+    assert "worker_replaced" in replaced["events"]
+    new_pid = next(w["pid"] for w in deployment.workers() if w["worker_id"] == "decode-1")
+    assert new_pid != pid
+    # Requests keep finishing.
+    before = replaced["finished"]
+    wait_for(lambda: snapshot(driver)["finished"] != before, 120, "requests to finish after the replacement")
+    screenshot(driver, "3-worker-replaced")
     assert console_errors(driver) == []
