@@ -180,6 +180,11 @@ class Fleet:
         }
         return view
 
+    @property
+    def supervision(self) -> dict[str, Any]:
+        """The supervisor's view as of the last :meth:`observe` (empty when there is none)."""
+        return self._view
+
     def workers(self) -> list[dict[str, Any]]:
         """Every registered worker, the supervisor's other slots, then the recently gone ones."""
         self._last_views = {w.worker_id: self._worker_view(w) for w in self.registry.all()}

@@ -144,8 +144,8 @@ class Dashboard:
                     "http": {k: int(v) for k, v in sorted(totals.http.items())},
                 },
                 "recovery": asdict(self.dispatcher.counters),
-                "supervised": bool(self.fleet._view.get("supervised")),
-                "launcher": self.fleet._view.get("launcher") or None,
+                "supervised": bool(self.fleet.supervision.get("supervised")),
+                "launcher": self.fleet.supervision.get("launcher") or None,
             },
             "pools": self.fleet.pools(workers),
             "workers": workers,
@@ -164,7 +164,7 @@ def _page() -> tuple[bytes, str]:
     static = resources.files("pdserve.router.dashboard") / "static"
     html = (static / "index.html").read_text(encoding="utf-8")
     css = (static / "dashboard.css").read_text(encoding="utf-8")
-    js = (static / "dashboard.js").read_text(encoding="utf-8")
+    js = "\n".join((static / name).read_text(encoding="utf-8") for name in ("common.js", "dashboard.js"))
     digest = base64.b64encode(hashlib.sha256(js.encode()).digest()).decode()
     page = html.replace("/*CSS*/", css).replace("/*JS*/", js)
     return page.encode("utf-8"), f"'sha256-{digest}'"

@@ -1,25 +1,11 @@
 // pdserve dashboard: polls the router's /pdserve/dashboard/data once a second and draws
 // everything as hand-written SVG (no library, no network access but this router).
-"use strict";
 (function () {
   const DATA_URL = "/pdserve/dashboard/data";
   const POLL_MS = 1000;
   const WINDOW_S = 300; // the charts show the last five minutes
   const MAX_EVENTS = 200;
   const MAX_TRACES = 40;
-  const PART_COLORS = { queue: "#f0a020", prefill: "#2f6fde", transfer: "#d9468f", delivery: "#12a38a" };
-  const ROLE_COLORS = { prefill: "#2f6fde", decode: "#0f9d76", mixed: "#7c4dcc" };
-  const EVENT_COLORS = {
-    worker_lost: "#d64545", worker_left: "#e08a00", worker_draining: "#e08a00", worker_registered: "#1f8a5b",
-    worker_replaced: "#1f8a5b", migration: "#6d4bc7", retry: "#6d4bc7", request_failed: "#d64545",
-    kv_timeout: "#e08a00", fallback_prefill: "#6d4bc7", router_started: "#3b4654",
-    worker_starting: "#e08a00", worker_restarting: "#e08a00", worker_flipping: "#6d4bc7", worker_flipped: "#6d4bc7",
-    worker_failed: "#d64545", scaled: "#2f6fde",
-  };
-  const STATE_COLORS = {
-    ready: "#1f8a5b", draining: "#e08a00", starting: "#e08a00", restarting: "#e08a00", flipping: "#6d4bc7",
-    failed: "#d64545", lost: "#d64545", left: "#7d8996",
-  };
   const state = {
     seq: { samples: 0, events: 0, traces: 0 }, samples: [], events: [], traces: [], latest: null,
     selected: null, updates: 0, failures: 0,
@@ -29,33 +15,6 @@
   if (window.location.search.indexOf("key=") >= 0) {
     window.history.replaceState(null, "", window.location.pathname);
   }
-
-  function esc(value) {
-    return String(value).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-  }
-  function fmt(value, digits) {
-    if (value === null || value === undefined || Number.isNaN(value)) return "–";
-    const d = digits === undefined ? (Math.abs(value) >= 100 ? 0 : Math.abs(value) >= 10 ? 1 : 2) : digits;
-    return Number(value).toLocaleString("en-US", { maximumFractionDigits: d, minimumFractionDigits: 0 });
-  }
-  function bytes(value) {
-    if (!value) return "0 B";
-    const units = ["B", "KB", "MB", "GB", "TB"];
-    let v = value, i = 0;
-    while (v >= 1000 && i < units.length - 1) { v /= 1000; i += 1; }
-    return fmt(v, v >= 100 ? 0 : 1) + " " + units[i];
-  }
-  function clock(t) {
-    const d = new Date(t * 1000);
-    return [d.getHours(), d.getMinutes(), d.getSeconds()].map((n) => String(n).padStart(2, "0")).join(":");
-  }
-  function niceMax(v) {
-    if (!(v > 0)) return 1;
-    const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
-    return 10 * p;
-  }
-  function $(id) { return document.getElementById(id); }
 
   // ---------------------------------------------------------------- data feed
 
