@@ -177,6 +177,36 @@ def soak(d: dict[str, Any]) -> list[Headline]:
     return _rows("soak", d, figures)
 
 
+def s9(d: dict[str, Any]) -> list[Headline]:
+    """Medians of the elasticity times, flip vs new process, failed requests during a scale-down."""
+    figs = d.get("figures", {})
+
+    def median(key: str) -> str:
+        return number(figs.get(key, {}).get("median_s"), ".2f") + " s"
+
+    launcher = d.get("launcher", "local")
+    load = d.get("scale_down_under_load", {})
+    failed = load.get("requests_failed")
+    figures = [
+        (f"SIGKILLed decode worker → replacement serving ({launcher})", median("decode_death_to_serving"),
+         "-", REPORTED),
+        (f"SIGKILLed prefill worker → replacement serving ({launcher})", median("prefill_death_to_serving"),
+         "-", REPORTED),
+        (f"scale → new worker's first request ({launcher})", median("scale_to_first_request_new_process"),
+         "-", REPORTED),
+        ("role flip → first request, vs a new process", f"{median('flip_to_first_request')} vs "
+         f"{median('new_prefill_process_to_first_request')} ({number(d.get('flip_vs_new_process'), '.2f')}×)",
+         "-", REPORTED),
+        (f"failed requests, scale-down 2+2 → 1+1 under {load.get('clients', '-')} streams",
+         f"{number(failed, 'd')} of {number(load.get('requests_ok', 0) + (failed or 0), 'd')}", "0",
+         verdict(failed == 0) if failed is not None else REPORTED),
+    ]
+    for name, seconds in d.get("start_to_models_200_s", {}).items():
+        figures.append((f"pdserve serve start → /v1/models 200 ({name})", number(seconds, ".1f") + " s", "-",
+                        REPORTED))
+    return _rows("S9", d, figures)
+
+
 #: result file name → its reader, in the order of the summary table.
 READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s1_engine_throughput.json": s1,
@@ -184,5 +214,6 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s3_goodput.json": s3,
     "s4_kv_transfer.json": s4,
     "s5_router_overhead.json": s5,
+    "s9_elasticity.json": s9,
     "soak.json": soak,
 }

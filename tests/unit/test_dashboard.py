@@ -302,3 +302,12 @@ def test_a_supervised_deployment_adds_targets_slots_and_scaling_events() -> None
     data = dash.data(events_after=data["seq"]["events"])
     assert [e["kind"] for e in data["events"]] == ["worker_replaced"]
     assert {x["id"]: x["state"] for x in data["workers"]}["decode-0"] == "ready"
+
+
+def test_routing_decisions_by_reason_per_sample() -> None:
+    dispatcher, _, dash, _ = setup()
+    dash.sampler.tick(now_s=0.0)
+    dispatcher.placer.decisions["remote_cheaper"] += 3
+    dispatcher.placer.decisions["local_short"] += 1
+    assert dash.sampler.tick(now_s=1.0)["placements"] == {"remote_cheaper": 3, "local_short": 1}
+    assert dash.sampler.tick(now_s=2.0)["placements"] == {}

@@ -11,8 +11,8 @@ Every ``interval_s`` a tick:
    (interpolated in the histogram's buckets, as Prometheus'
    ``histogram_quantile``) and TTFT p50/p99 with the mean TTFT breakdown
    (exact, from the traces), all over the last ``window_s``; errors, 429s and
-   503s counted since the previous sample; in-flight requests and the
-   workers' queues now.
+   503s and routing decisions by reason counted since the previous sample;
+   in-flight requests and the workers' queues now.
 
 The KV flow between each prefill and decode worker pair comes from the same
 traces (their ``routed`` and ``kv_transfer_end`` events): bytes moved per
@@ -44,6 +44,7 @@ class Counters:
     http: dict[str, float] = field(default_factory=dict)  # status → answers (all endpoints)
     itl_buckets: list[tuple[float, float]] = field(default_factory=list)  # (upper bound s, cumulative)
     kv_bytes: float = 0.0
+    placements: dict[str, float] = field(default_factory=dict)  # routing decisions by reason
 
 
 def read_counters(registry: CollectorRegistry) -> Counters:
@@ -68,6 +69,8 @@ def read_counters(registry: CollectorRegistry) -> Counters:
             ]
         elif name == "pdserve_kv_transfer_bytes":
             c.kv_bytes = sum(s.value for s in family.samples)
+        elif name == "pdserve_placements":
+            c.placements = {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
     return c
 
 
@@ -204,6 +207,11 @@ class Sampler:
             "rejected": _delta(counters.outcomes, previous.outcomes, "rejected"),
             "http_429": _delta(counters.http, previous.http, "429"),
             "http_503": _delta(counters.http, previous.http, "503"),
+            "placements": {
+                reason: n
+                for reason in counters.placements
+                if (n := _delta(counters.placements, previous.placements, reason))
+            },
             "ttft_p50_ms": _ms(percentile(ttfts, 50)),
             "ttft_p99_ms": _ms(percentile(ttfts, 99)),
             "itl_p50_ms": _ms(bucket_quantile(0.5, itl)),

@@ -40,3 +40,25 @@ function niceMax(v) {
   return 10 * p;
 }
 function $(id) { return document.getElementById(id); }
+
+function eventText(e) {
+  const bits = [e.kind.replace(/_/g, " ")];
+  if (e.worker) bits.push(e.worker);
+  if (e.role) bits.push(`(${e.role})`);
+  if (e.count) bits.push(`×${e.count}`);
+  if (e.detail) bits.push(e.detail);
+  return bits.join(" ");
+}
+
+
+function partsBar(b, scale) {
+  if (!b) return "";
+  let x = 0;
+  const out = [];
+  for (const p of ["queue", "prefill", "transfer", "delivery"]) {
+    const w = 120 * (b[p + "_s"] / scale);
+    if (w > 0) out.push(`<rect x="${x}" y="1" width="${w}" height="10" fill="${PART_COLORS[p]}"><title>${p} ${fmt(1e3 * b[p + "_s"])} ms</title></rect>`);
+    x += w;
+  }
+  return `<svg width="122" height="12" style="display:inline-block;vertical-align:middle">${out.join("")}</svg>`;
+}

@@ -186,7 +186,23 @@
       { key: "itl_p50_ms", label: "p50", color: "#0f9d76" }, { key: "itl_p99_ms", label: "p99", color: "#8fd1bf" }] },
     { id: "chart-breakdown", title: "TTFT breakdown (mean ms)", stacked: true, series: ["queue", "prefill", "transfer", "delivery"].map(
       (p) => ({ key: p, label: p, color: PART_COLORS[p], get: (s) => (s.ttft_parts_ms ? s.ttft_parts_ms[p] : null) })) },
+    // One series per placement reason seen (KV-aware routing: where each prompt was computed, and why).
+    { id: "chart-routing", title: "Routing decisions by reason (per sample)", bars: true, dynamic: "placements", series: [] },
   ];
+  const REASON_COLORS = ["#2f6fde", "#0f9d76", "#f0a020", "#d9468f", "#7c4dcc", "#12a38a", "#3b4654", "#d64545"];
+
+  function routingSeries(chart) {
+    const seen = chart.series.map((sr) => sr.key);
+    for (const s of state.samples) {
+      for (const reason of Object.keys(s.placements || {})) {
+        if (seen.indexOf(reason) < 0) {
+          seen.push(reason);
+          chart.series.push({ key: reason, label: reason.replace(/_/g, " "), color: REASON_COLORS[(seen.length - 1) % REASON_COLORS.length],
+            get: (x) => (x.placements ? x.placements[reason] || 0 : 0) });
+        }
+      }
+    }
+  }
 
   function ensureCharts() {
     const root = $("charts");
@@ -200,6 +216,7 @@
     const t1 = d.now, first = state.samples.length ? state.samples[0].t : t1;
     const t0 = Math.max(t1 - WINDOW_S, Math.min(first, t1 - 60));
     for (const c of CHARTS) {
+      if (c.dynamic) routingSeries(c);
       const box = $(c.id);
       const get = (sr) => sr.get || ((s) => s[sr.key]);
       const last = state.samples.length ? state.samples[state.samples.length - 1] : null;
@@ -298,15 +315,6 @@
 
   // ---------------------------------------------------------------- events and traces
 
-  function eventText(e) {
-    const bits = [e.kind.replace(/_/g, " ")];
-    if (e.worker) bits.push(e.worker);
-    if (e.role) bits.push(`(${e.role})`);
-    if (e.count) bits.push(`×${e.count}`);
-    if (e.detail) bits.push(e.detail);
-    return bits.join(" ");
-  }
-
   function drawEvents() {
     const rows = state.events.slice().reverse().map((e) =>
       `<tr class="event-row" data-kind="${esc(e.kind)}"><td>${clock(e.t)}</td><td><span class="badge ${esc(e.kind)}">${esc(e.kind.replace(/_/g, " "))}</span></td>` +
@@ -314,29 +322,19 @@
     $("events").innerHTML = `<table><thead><tr><th>time</th><th>event</th><th>worker</th><th></th></tr></thead><tbody>${rows.join("")}</tbody></table>`;
   }
 
-  function partsBar(b, scale) {
-    if (!b) return "";
-    let x = 0;
-    const out = [];
-    for (const p of ["queue", "prefill", "transfer", "delivery"]) {
-      const w = 120 * (b[p + "_s"] / scale);
-      if (w > 0) out.push(`<rect x="${x}" y="1" width="${w}" height="10" fill="${PART_COLORS[p]}"><title>${p} ${fmt(1e3 * b[p + "_s"])} ms</title></rect>`);
-      x += w;
-    }
-    return `<svg width="122" height="12" style="display:inline-block;vertical-align:middle">${out.join("")}</svg>`;
-  }
-
   function drawTraces() {
     const list = state.traces.slice().reverse();
     const scale = Math.max(1e-6, ...list.map((t) => t.ttft_s || 0));
     const rows = list.map((t) => {
       const arrived = t.arrived_unix_s;
+      const routed = t.events.filter((e) => e.event === "routed").pop() || {};
       return `<tr class="trace${state.selected === t.request_id ? " selected" : ""}" data-id="${esc(t.request_id)}"><td>${clock(arrived)}</td>` +
         `<td title="${esc(t.request_id)}">${esc(t.request_id.slice(0, 22))}</td><td><span class="badge ${esc(t.outcome || "")}">${esc(t.outcome || "?")}</span></td>` +
         `<td>${fmt(t.ttft_s === null ? null : 1e3 * t.ttft_s)}</td><td>${partsBar(t.ttft_breakdown, scale)}</td><td>${t.num_tokens}</td>` +
-        `<td>${fmt(t.e2e_s === null ? null : 1e3 * t.e2e_s, 0)}</td><td>${t.attempts}</td></tr>`;
+        `<td>${fmt(t.e2e_s === null ? null : 1e3 * t.e2e_s, 0)}</td><td>${t.attempts}</td>` +
+        `<td>${esc(routed.reason ? routed.reason.replace(/_/g, " ") : "")}</td></tr>`;
     });
-    $("traces").innerHTML = `<table><thead><tr><th>arrived</th><th>request</th><th>outcome</th><th>TTFT ms</th><th>queue · prefill · transfer · delivery</th><th>tokens</th><th>E2E ms</th><th>attempts</th></tr></thead><tbody>${rows.join("")}</tbody></table>`;
+    $("traces").innerHTML = `<table><thead><tr><th>arrived</th><th>request</th><th>outcome</th><th>TTFT ms</th><th>queue · prefill · transfer · delivery</th><th>tokens</th><th>E2E ms</th><th>attempts</th><th>routing</th></tr></thead><tbody>${rows.join("")}</tbody></table>`;
   }
 
   $("traces").addEventListener("click", (ev) => {
