@@ -27,8 +27,8 @@ class Snapshot:
     workers: list[dict]
     recovery: dict[str, int]
     metrics: dict[str, float]
-    routing: dict | None = None
     deployment: dict | None = None  # the supervisor's view (docs/scaling.md), if any
+    routing: dict | None = None
 
 
 def fetch(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Snapshot:
@@ -47,8 +47,8 @@ def fetch(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Snaps
             elif sample.name.endswith(("_sum", "_count")) or sample.name.endswith("_total"):
                 metrics[sample.name] = metrics.get(sample.name, 0.0) + sample.value
     return Snapshot(
-        time.monotonic(), workers["workers"], workers.get("recovery", {}), metrics, workers.get("routing"),
-        workers.get("deployment"),
+        time.monotonic(), workers["workers"], workers.get("recovery", {}), metrics, workers.get("deployment"),
+        workers.get("routing"),
     )
 
 
@@ -110,6 +110,22 @@ def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
     return "\n".join(lines)
 
 
+def deployment_lines(deployment: dict) -> list[str]:
+    """Pools (ready/target) and every supervised worker: state, where it runs, restarts."""
+    from pdserve.scale import pools_line
+
+    launcher = deployment.get("launcher") or "?"
+    lines = ["", f"pools (ready/target), {launcher} launcher: {pools_line(deployment)}",
+             f"{'slot':<16}{'role':<9}{'state':<12}{'host':<14}{'node':<14}{'pid':>8}{'restarts':>10}  note"]
+    for w in deployment["workers"]:
+        role = f"{w['role']}>{w['flip_to']}" if w.get("flip_to") else w["role"]
+        lines.append(
+            f"{w['worker_id']:<16}{role:<9}{w['state']:<12}{w['host'][:13]:<14}{w['node_id'][:12]:<14}"
+            f"{w['pid']:>8}{w['restarts']:>10}  {w['message']}"
+        )
+    return lines
+
+
 def _routing_line(routing: dict | None) -> str:
     """Policy, cache index and placement decisions by reason."""
     if not routing:
@@ -131,22 +147,6 @@ def _cache_columns(cache: dict | None) -> str:
         f"{100 * cache.get('prefix_hit_rate', 0.0):>6.1f}{cache.get('index_blocks', 0):>7}"
         f"{cache.get('events_per_s', 0.0):>7.1f}{str(cache.get('resyncs', 0)) + flag:>7}"
     )
-
-
-def deployment_lines(deployment: dict) -> list[str]:
-    """Pools (ready/target) and every supervised worker: state, where it runs, restarts."""
-    from pdserve.scale import pools_line
-
-    launcher = deployment.get("launcher") or "?"
-    lines = ["", f"pools (ready/target), {launcher} launcher: {pools_line(deployment)}",
-             f"{'slot':<16}{'role':<9}{'state':<12}{'host':<14}{'node':<14}{'pid':>8}{'restarts':>10}  note"]
-    for w in deployment["workers"]:
-        role = f"{w['role']}>{w['flip_to']}" if w.get("flip_to") else w["role"]
-        lines.append(
-            f"{w['worker_id']:<16}{role:<9}{w['state']:<12}{w['host'][:13]:<14}{w['node_id'][:12]:<14}"
-            f"{w['pid']:>8}{w['restarts']:>10}  {w['message']}"
-        )
-    return lines
 
 
 def _mb(rate_text: str) -> str:

@@ -97,6 +97,9 @@ class BlockManager:
         self._hash_to_block: dict[int, int] = {}
         self._req_blocks: dict[str, list[int]] = {}
         self._req_hashes: dict[str, list[int]] = {}
+        # Per request, how many leading blocks are known hashed (they stay so while it holds them):
+        # a decode step then looks at its new blocks only, not its whole table.
+        self._req_num_hashed: dict[str, int] = {}
         self._held: set[str] = set()
         self._prefix_query_tokens = 0
         self._prefix_hit_tokens = 0
@@ -170,13 +173,17 @@ class BlockManager:
         if not table:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        num_hashed = self._req_num_hashed.get(request.request_id, 0)
+        if num_full <= num_hashed:
+            return
         hashes = self._hashes(request, num_full)
-        for i in range(num_full):
+        for i in range(num_hashed, num_full):
             block = self.blocks[table[i]]
             if block.block_hash is not None:
+                num_hashed += i == num_hashed
                 continue
             if hashes[i] in self._hash_to_block:
-                continue  # the same content is already cached in another block
+                continue  # the same content is already cached in another block (retried next time)
             start = i * self.block_size
             parent = hashes[i - 1] if i else None
             block.block_hash = hashes[i]
@@ -185,6 +192,8 @@ class BlockManager:
             self._hash_to_block[hashes[i]] = block.block_id
             if self.record_events:
                 self.events.append((CacheEventKind.STORED, hashes[i], parent))
+            num_hashed += i == num_hashed
+        self._req_num_hashed[request.request_id] = num_hashed
 
     def cached_blocks(self) -> list[tuple[int, int | None]]:
         """Every cached hash with its parent's hash (the snapshot behind ``events``)."""
@@ -204,6 +213,7 @@ class BlockManager:
             block = self.blocks[block_id]
             block.block_hash = block.parent_hash = block.token_ids = None
         self._hash_to_block.clear()
+        self._req_num_hashed.clear()  # held blocks lost their hashes too
         if self.record_events:
             self.events.append((CacheEventKind.CLEARED, 0, None))
 
@@ -259,6 +269,7 @@ class BlockManager:
         """
         table = self._req_blocks.pop(request_id, [])
         self._req_hashes.pop(request_id, None)
+        self._req_num_hashed.pop(request_id, None)
         self._held.discard(request_id)
         for block_id in reversed(table):
             block = self.blocks[block_id]

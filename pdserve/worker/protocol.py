@@ -362,11 +362,11 @@ Message = (
     | Registered
     | Reregister
     | Shutdown
+    | Flip
     | KVEvents
     | KVSnapshot
     | KVSnapshotRequest
     | RegisterRefused
-    | Flip
 )
 
 _encoder = msgspec.msgpack.Encoder()

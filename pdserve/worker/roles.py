@@ -74,9 +74,8 @@ def build_role(config: WorkerConfig, role: Role, model: LlamaForCausalLM | None 
             receivers.append(receiver)
             return receiver.kv_caches
 
-        engine = LLMEngine(
-            engine_config, kv_allocator=allocate, detokenize=False, model=model, record_kv_events=True
-        )
+        engine = LLMEngine(engine_config, kv_allocator=allocate, detokenize=False, model=model,
+                           record_kv_events=True)
         return RoleParts(role, engine, receiver=receivers[0], intake=KVIntake(engine, receivers[0]))
     engine = LLMEngine(engine_config, detokenize=False, model=model, record_kv_events=True)
     if role is Role.PREFILL:

@@ -57,8 +57,8 @@ class Worker:
         self.config = config
         self.role = config.role
         self.worker_id = config.worker_id or f"{self.role.value}-{socket.gethostname()}-{os.getpid()}"
-        self.refused: str | None = None
         self._use(build_role(config, config.role))
+        self.refused: str | None = None
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
@@ -84,7 +84,7 @@ class Worker:
         self.intake: KVIntake | None = parts.intake
         self.pusher: KVPusher | None = parts.pusher
         self.timer = PrefillTimer(self.pusher)
-        # A new engine is a new cache: a new epoch tells the router's index to start over.
+        # A fresh cache after a flip: a new epoch tells the router's index to drop the old entries.
         self.kv_events = KVEventPublisher(self.engine.block_manager, self.worker_id)
 
     # -- messaging ---------------------------------------------------------------------

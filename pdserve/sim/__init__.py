@@ -1,0 +1,8 @@
+"""Simulated time for pdserve: the real scheduler, block manager and router policies, timed by models.
+
+Modules: :mod:`~pdserve.sim.step_model` (step times), :mod:`~pdserve.sim.link` (KV link),
+:mod:`~pdserve.sim.worker` and :mod:`~pdserve.sim.simulator` (the event loop),
+:mod:`~pdserve.sim.hardware` and :mod:`~pdserve.sim.roofline` (accelerators and models on
+paper), :mod:`~pdserve.sim.profile` (``pdserve profile``), :mod:`~pdserve.sim.cli`
+(``pdserve simulate``) and :mod:`~pdserve.sim.plan` (``pdserve plan``).
+"""

@@ -1,0 +1,149 @@
+"""How long one engine step takes: the simulator's replacement for the model runner.
+
+1. :func:`step_shape` reduces a real :class:`SchedulerOutput` to the few
+   numbers a step's time depends on (:class:`StepShape`).
+2. A :class:`StepModel` turns a shape into seconds. Two kinds:
+
+   - :class:`LinearStepModel`, fitted by ``pdserve profile`` on this machine:
+     ``t = a + b·tokens + c·prefill_pairs + d·decode_context + e·sampled``
+     (``tokens``: all tokens computed in the step; ``prefill_pairs``: query ×
+     key pairs of the prompt chunks, the quadratic part of attention;
+     ``decode_context``: keys read by the decoding requests; ``sampled``: rows
+     that go through the LM head and the sampler).
+   - :class:`RooflineStepModel` (in :mod:`pdserve.sim.roofline`), from an
+     accelerator's datasheet and a model's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from pdserve.engine.scheduler import SchedulerOutput
+
+#: Names of the linear model's coefficients, in order (the first multiplies 1).
+FEATURES = ("const", "tokens", "prefill_pairs", "decode_context", "sampled")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step computes, in the units a step time depends on.
+
+    Attributes:
+        num_tokens: tokens computed (prompt chunks + one per decoding request).
+        num_prefill_tokens: the prompt-chunk part of ``num_tokens``.
+        num_decode_seqs: requests computing one generated token.
+        prefill_pairs: Σ over prompt chunks of new × (cached + (new + 1) / 2): query-key pairs.
+        decode_context: Σ over decoding requests of the keys they attend to.
+        prefill_context: Σ over prompt chunks of the keys already cached before the chunk.
+        num_sampled: requests that sample a token this step.
+    """
+
+    num_tokens: int
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    prefill_pairs: float
+    decode_context: int
+    prefill_context: int
+    num_sampled: int
+
+    def features(self) -> list[float]:
+        """The linear model's regressors, in :data:`FEATURES` order."""
+        return [1.0, float(self.num_tokens), self.prefill_pairs, float(self.decode_context),
+                float(self.num_sampled)]
+
+
+def step_shape(out: SchedulerOutput) -> StepShape:
+    """The shape of one scheduled step (before ``Scheduler.update`` advances the requests)."""
+    num_tokens = num_prefill = num_decode = decode_ctx = prefill_ctx = num_sampled = 0
+    pairs = 0.0
+    for item in out.scheduled:
+        new, done = item.num_new_tokens, item.request.num_computed_tokens
+        num_tokens += new
+        is_decode = new == 1 and item.request.num_output_tokens > 0 and done == item.request.num_tokens - 1
+        if is_decode:
+            num_decode += 1
+            decode_ctx += done + 1
+        else:
+            num_prefill += new
+            prefill_ctx += done
+            pairs += new * (done + (new + 1) / 2)
+        if done + new == item.request.num_tokens:
+            num_sampled += 1
+    return StepShape(num_tokens, num_prefill, num_decode, pairs, decode_ctx, prefill_ctx, num_sampled)
+
+
+class StepModel(Protocol):
+    """Seconds one step of a given shape takes on one worker."""
+
+    def step_time_s(self, shape: StepShape) -> float:
+        """Predicted wall time of the step."""
+
+
+@dataclass(frozen=True)
+class LinearStepModel:
+    """``t = Σ coef_i · feature_i`` over :data:`FEATURES` (seconds)."""
+
+    coefficients: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.coefficients) != len(FEATURES):
+            raise ValueError(f"a linear step model has {len(FEATURES)} coefficients ({', '.join(FEATURES)})")
+
+    def step_time_s(self, shape: StepShape) -> float:
+        """Predicted wall time of the step."""
+        c = self.coefficients
+        return (c[0] + c[1] * shape.num_tokens + c[2] * shape.prefill_pairs + c[3] * shape.decode_context
+                + c[4] * shape.num_sampled)
+
+    def to_json(self) -> dict[str, Any]:
+        """The coefficients by name (seconds per unit)."""
+        return dict(zip(FEATURES, self.coefficients, strict=True))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LinearStepModel:
+        """Inverse of :meth:`to_json`; names the missing coefficient."""
+        missing = [f for f in FEATURES if f not in data]
+        if missing:
+            raise ValueError(f"step model misses coefficient(s) {', '.join(missing)}")
+        return cls(tuple(float(data[f]) for f in FEATURES))
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fitted model and how well it explains the samples it was fitted on."""
+
+    model: LinearStepModel
+    num_samples: int
+    median_abs_rel_error: float
+    p90_abs_rel_error: float
+
+
+def fit_linear(shapes: list[StepShape], times_s: list[float]) -> FitResult:
+    """Least squares on relative error, coefficients kept ≥ 0 (a negative cost per token is noise).
+
+    Each sample is weighted by 1 / its time, so a 2 ms decode step counts as much
+    as a 500 ms prefill; coefficients that come out negative are dropped and the
+    rest refitted.
+    """
+    if len(shapes) != len(times_s) or len(shapes) < len(FEATURES):
+        raise ValueError(f"need at least {len(FEATURES)} timed steps to fit, got {len(shapes)}")
+    x = np.array([s.features() for s in shapes], dtype=np.float64)
+    y = np.array(times_s, dtype=np.float64)
+    w = 1.0 / np.maximum(y, 1e-9)
+    active = list(range(len(FEATURES)))
+    coef = np.zeros(len(FEATURES))
+    while active:
+        sol, *_ = np.linalg.lstsq(x[:, active] * w[:, None], y * w, rcond=None)
+        coef[:] = 0.0
+        coef[active] = sol
+        negative = [i for i, v in zip(active, sol, strict=True) if v < 0]
+        if not negative:
+            break
+        worst = min(negative, key=lambda i: coef[i])
+        active.remove(worst)
+    rel = np.abs(x @ coef - y) / np.maximum(y, 1e-9)
+    return FitResult(LinearStepModel(tuple(float(c) for c in coef)), len(shapes),
+                     float(np.median(rel)), float(np.percentile(rel, 90)))
