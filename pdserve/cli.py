@@ -105,6 +105,8 @@ def _add_trace_args(parser: argparse.ArgumentParser) -> None:
         help="answer with each request's trace and TTFT breakdown (the pdserve_trace field)",
     )
     parser.add_argument("--trace-log", default=None, help="append every request's trace to this JSONL file")
+    parser.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT objective the dashboard draws")
+    parser.add_argument("--slo-itl-ms", type=float, default=None, help="ITL objective the dashboard draws")
 
 
 def _router(args: argparse.Namespace) -> int:
@@ -141,6 +143,8 @@ def _router(args: argparse.Namespace) -> int:
             event_loop=args.event_loop,
             http=args.http,
             ready_file=args.ready_file,
+            slo_ttft_ms=args.slo_ttft_ms,
+            slo_itl_ms=args.slo_itl_ms,
             startup_wait_s=args.startup_wait,
         )
     )

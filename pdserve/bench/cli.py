@@ -6,7 +6,8 @@ Steps of :func:`run_bench`:
    (errors name the allowed values); ask ``/v1/models`` for the model name
    unless ``--model`` gives it.
 2. Run once at ``--request-rate``, or once per rate of ``--sweep``.
-3. Print the summary table(s); write ``--output`` JSON and ``--plots`` PNGs.
+3. Print the summary table(s); write ``--output`` JSON and, with ``--plots``,
+   an HTML report (inline SVG, always) and PNGs (with matplotlib).
 
 ``add_bench_parser`` adds the sub-command to ``pdserve``'s parser;
 ``python -m pdserve.bench`` runs the same options on their own.
@@ -25,6 +26,7 @@ from typing import Any
 
 from pdserve.bench.arrivals import ARRIVAL_KINDS, ArrivalConfig
 from pdserve.bench.client import ENDPOINTS, ClientConfig, discover_model, make_http_client
+from pdserve.bench.html_report import write_html_report
 from pdserve.bench.metrics import SLO
 from pdserve.bench.plots import MISSING_MESSAGE, have_matplotlib, write_plots
 from pdserve.bench.report import format_summary, format_sweep, result_json, write_json
@@ -118,7 +120,9 @@ def add_results_args(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--slo", default=None, metavar="ttft_ms=..,tpot_ms=..", help="also itl_ms, e2e_ms")
     out.add_argument("--output", default=None, help="write the result JSON here")
     out.add_argument("--no-request-records", action="store_true", help="leave per-request records out")
-    out.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here (needs matplotlib)")
+    out.add_argument(
+        "--plots", default=None, metavar="DIR", help="write report.html and PNG plots (with matplotlib) here"
+    )
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -221,7 +225,7 @@ async def _bench(args: argparse.Namespace) -> int:
         max_connections=args.max_connections or args.max_concurrency or 1024,
     )
     if args.plots and not have_matplotlib():
-        print(f"warning: {MISSING_MESSAGE}; no plots will be written", file=sys.stderr)
+        print(f"warning: {MISSING_MESSAGE}; only report.html will be written", file=sys.stderr)
     if not client_config.model:
         async with make_http_client(client_config) as http:
             model = await discover_model(http, client_config.root_url)
@@ -252,6 +256,9 @@ async def _bench(args: argparse.Namespace) -> int:
             _config_json(args, client_config.model), runs, sweep, not args.no_request_records
         )
         print(f"results written to {write_json(args.output, result)}")
+    if args.plots:
+        title = f"pdserve bench: {client_config.model} {args.workload}"
+        print(f"report written to {write_html_report(args.plots, runs, sweep, title)}")
     if args.plots and have_matplotlib():
         for path in write_plots(args.plots, runs, sweep):
             print(f"plot written to {path}")

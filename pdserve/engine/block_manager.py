@@ -213,7 +213,7 @@ class BlockManager:
             block = self.blocks[block_id]
             block.block_hash = block.parent_hash = block.token_ids = None
         self._hash_to_block.clear()
-        self._req_num_hashed.clear()  # blocks in use lost their hashes: look at them again
+        self._req_num_hashed.clear()  # held blocks lost their hashes too
         if self.record_events:
             self.events.append((CacheEventKind.CLEARED, 0, None))
 

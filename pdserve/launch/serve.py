@@ -32,6 +32,9 @@ def router_args(args: argparse.Namespace) -> list[str]:
         out.append("--trace-responses")
     if args.trace_log:
         out += ["--trace-log", args.trace_log]
+    for name in ("slo_ttft_ms", "slo_itl_ms"):  # the dashboard's SLO lines
+        if (value := getattr(args, name, None)) is not None:
+            out += ["--" + name.replace("_", "-"), f"{value:g}"]
     return out
 
 

@@ -57,6 +57,7 @@ from starlette.requests import ClientDisconnect
 
 from pdserve.router.admission import Admission, Ticket
 from pdserve.router.backend import Backend
+from pdserve.router.dashboard.routes import BROWSER_PATHS
 from pdserve.router.errors import add_exception_handlers, as_api_error, read_body
 from pdserve.router.generation import EventStreamResponse, generate, merge, unless_disconnected
 from pdserve.router.http_metrics import ResponseCounter
@@ -242,7 +243,7 @@ def create_app(
 
     add_exception_handlers(app)
     if keys:
-        app.add_middleware(APIKeyMiddleware, api_keys=keys)
+        app.add_middleware(APIKeyMiddleware, api_keys=keys, browser_paths=BROWSER_PATHS)
     if registry is not None:  # outermost: counts the 401s too
         app.add_middleware(ResponseCounter, registry=registry)
     return app

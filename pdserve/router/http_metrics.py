@@ -20,7 +20,8 @@ disable_created_metrics()  # as for every router metric (see pdserve.router.metr
 
 #: Endpoints labelled by their path; every other path is ``other`` (bounded label values).
 ENDPOINTS = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics", "/live", "/health", "/ready"}
+    {"/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics", "/live", "/health", "/ready",
+     "/dashboard"}
 )
 
 

@@ -7,6 +7,9 @@
    request except the probes (``/live``, ``/health``, ``/ready``), before any
    route runs or the body is read. A missing or wrong key is a 401 in
    OpenAI's shape (``code: "invalid_api_key"``) with ``WWW-Authenticate: Bearer``.
+   Browser pages (``browser_paths``: the dashboard and its data) also accept
+   the key as a ``key`` query parameter or a ``pdserve_key`` cookie, because
+   a browser cannot send a header when it opens a page; no other route does.
 3. The comparison takes the same time whatever the presented key: digests of
    equal length, :func:`hmac.compare_digest`, and every configured key is
    compared (no early exit).
@@ -20,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Sequence
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -86,18 +91,44 @@ def bearer_token(scope: Scope) -> bytes | None:
     return None
 
 
-class APIKeyMiddleware:
-    """Answers 401 to any request but a probe that lacks a valid bearer key."""
+#: The cookie a browser page keeps the key in (see ``browser_token``).
+KEY_COOKIE = "pdserve_key"
 
-    def __init__(self, app: ASGIApp, api_keys: APIKeys) -> None:
+
+def browser_token(scope: Scope) -> bytes | None:
+    """The key of a browser page request: its ``key`` query parameter, else its ``pdserve_key`` cookie."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    if query.get("key"):
+        return query["key"][0].encode("latin-1") or None
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"cookie":
+            try:
+                morsel = SimpleCookie(value.decode("latin-1")).get(KEY_COOKIE)
+            except CookieError:
+                return None
+            if morsel is not None and morsel.value:
+                return morsel.value.encode("latin-1")
+    return None
+
+
+class APIKeyMiddleware:
+    """Answers 401 to any request but a probe that lacks a valid bearer key.
+
+    ``browser_paths`` also take the key from a query parameter or cookie (:func:`browser_token`).
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: APIKeys, browser_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.api_keys = api_keys
+        self.browser_paths = browser_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope["path"] in PROBE_PATHS:
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope)
+        if token is None and scope["path"] in self.browser_paths:
+            token = browser_token(scope)
         if token is not None and self.api_keys.accepts(token):
             await self.app(scope, receive, send)
             return

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.modelspec.arch import load_arch_config
 from pdserve.router.app import create_app
+from pdserve.router.dashboard import SLOConfig, mount_dashboard
 from pdserve.router.deployment import Deployment, add_deployment_routes
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.dispatcher import Dispatcher
@@ -53,6 +54,7 @@ class RouterConfig:
         ready_file: once listening, write ``{"http_port", "control_endpoint"}``
             (JSON) here, so that whoever started the router with port 0 learns
             the ports it got (no port is picked before it is bound).
+        slo_ttft_ms, slo_itl_ms: latency objectives the dashboard draws (None: none).
         startup_wait_s: until the first complete serving path registers, a generation
             request waits this long for it, then gets 503 (``--startup-wait``).
     """
@@ -73,6 +75,8 @@ class RouterConfig:
     event_loop: str = "auto"
     http: str = "auto"
     ready_file: str | None = None
+    slo_ttft_ms: float | None = None
+    slo_itl_ms: float | None = None
     startup_wait_s: float = 120.0
 
 
@@ -111,6 +115,8 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
             tracer.close()
 
     app.router.lifespan_context = lifespan
+    slo = SLOConfig(config.slo_ttft_ms, config.slo_itl_ms)
+    mount_dashboard(app, dispatcher, tracer, slo, deployment.view)
 
     @app.get("/metrics")
     async def metrics() -> Response:

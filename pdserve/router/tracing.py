@@ -296,6 +296,9 @@ class Tracer:
         self.ttft: Histogram | None = None
         self.parts: Histogram | None = None
         self.e2e: Histogram | None = None
+        #: Called with every ended trace, on the event loop (keep them cheap: e.g. the dashboard's
+        #: sampler only queues the trace for its next tick).
+        self.listeners: list[Callable[[RequestTrace], None]] = []
         if registry is not None:
             self.ttft = Histogram(
                 "pdserve_time_to_first_token_seconds",
@@ -335,6 +338,8 @@ class Tracer:
 
     def _ended(self, trace: RequestTrace) -> None:
         self._recent.append(trace)
+        for listener in self.listeners:
+            listener(trace)
         b = trace.breakdown
         if b is not None and self.ttft is not None and self.parts is not None:
             self.ttft.observe(b.ttft_s)

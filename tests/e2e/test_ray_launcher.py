@@ -98,6 +98,7 @@ def test_ray_launcher_places_roles_pairs_over_tcp_and_survives_a_lost_node(clust
     proc = subprocess.Popen(
         [sys.executable, "-m", "pdserve", "serve", "--launcher", "ray", "--ray-address", cluster.address,
          "--port", str(port), "--prefill", "1", "--decode", "2", "--threads-per-worker", "1",
+         "--disagg-policy", "always",  # short prompts too: every request moves KV
          "--prefill-resources", '{"prefill_node": 1}', "--decode-resources", '{"decode_node": 1}',
          "--ready-timeout", "150", "--worker-args", *WORKER_ARGS],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -209,7 +210,8 @@ def test_ray_backend_directly(cluster: Cluster) -> None:
         with pytest.raises(ConfigError, match="no node has 'gpu_node'"):
             RayBackend(cluster.address, {"prefill": {"gpu_node": 1}})
         env = {"PDSERVE_CLUSTER_SECRET": "pair-secret"}
-        router = backend.start_router(["--model", "tiny", "--port", "0", "--control-port", "0"], env)
+        router = backend.start_router(["--model", "tiny", "--port", "0", "--control-port", "0",
+                                       "--disagg-policy", "always"], env)
 
         def worker(wid: str, role: str, *args: str, resources: dict[str, float] | None = None) -> Any:
             return backend.start_worker(WorkerSpec(wid, role, ["--role", role, *args], threads=3, env=env,

@@ -282,8 +282,17 @@ def test_cli_writes_json_and_plots(steady: str, tmp_path: Path) -> None:
     assert sum(r["warmup"] for r in first["requests"]) == 2
     assert {"ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "chunk_ms"} <= set(first["requests"][0])
     assert result["machine"]["load_avg_1_5_15min"]
+    # The HTML report: self-contained (inline SVG, nothing fetched), the dashboard's charts for each rate.
+    report = (plots / "report.html").read_text()
+    assert "report written to" in proc.stdout
+    for chart in ("Requests finished / s", "Tokens / s", "TTFT — 30 req/s", "ITL — 60 req/s", "TTFT CDF",
+                  "SLO attainment and goodput vs rate"):
+        assert chart in report
+    assert report.count("<svg") >= 2 * 6 + 5 and "<polyline" in report and ">SLO<" in report
+    assert "src=" not in report and "href=" not in report and "<script" not in report
     pytest.importorskip("matplotlib")
     assert {p.name for p in plots.iterdir()} == {
+        "report.html",
         "latency_cdf.png",
         "itl_over_time.png",
         "attainment_vs_rate.png",
@@ -305,7 +314,7 @@ def test_warmup_in_seconds_counts_from_the_actual_sends(steady: str) -> None:
     assert run.summary.num_requests == 5 and run.summary.num_ok == 5
 
 
-def test_plots_are_skipped_with_a_clear_message_without_matplotlib(steady: str, tmp_path: Path) -> None:
+def test_png_plots_are_skipped_with_a_clear_message_without_matplotlib(steady: str, tmp_path: Path) -> None:
     blocker = tmp_path / "site" / "matplotlib"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('matplotlib is not installed here')\n")
@@ -317,4 +326,4 @@ def test_plots_are_skipped_with_a_clear_message_without_matplotlib(steady: str, 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "plots need matplotlib: pip install 'pdserve[bench]'" in proc.stderr
-    assert not (tmp_path / "plots").exists()
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["report.html"]  # drawn without matplotlib
