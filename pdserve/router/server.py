@@ -22,6 +22,7 @@ from pdserve.router.app import create_app
 from pdserve.router.deployment import Deployment, add_deployment_routes
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.dispatcher import Dispatcher
+from pdserve.router.planner_board import PlannerBoard, add_planner_routes
 from pdserve.router.tracing import Tracer
 from pdserve.tokenizer import load_tokenizer
 
@@ -100,6 +101,8 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
     )
     deployment = Deployment(dispatcher, secret=config.dispatch.secret)
     add_deployment_routes(app, deployment)
+    add_planner_routes(app, PlannerBoard(app.state.admission, tracer), config.dispatch.secret,
+                       dispatcher.metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
