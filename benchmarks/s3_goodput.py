@@ -58,9 +58,11 @@ Lifecycle:
    ``--stop-below`` the higher rates are skipped: they are past saturation,
    and an overloaded run is the slowest to drain (two, not one: a single
    rate can fail because another job took a core).
-3. Stop the configuration; check that no process died and, for ``disagg``,
-   that the decode worker computed no prompt tokens (else disaggregation was
-   not in force and the run is marked invalid).
+3. Stop the configuration; check that no process died and, for ``disagg``
+   with ``--disagg-policy always`` (the default), that the decode worker
+   computed no prompt tokens (else disaggregation was not in force and the
+   run is marked invalid). ``--disagg-policy auto`` measures conditional
+   disaggregation: the router prefills some prompts on the decode worker.
 
 A request is *good* when it succeeded with TTFT ≤ the TTFT SLO and TPOT =
 (E2E − TTFT) / (output tokens − 1) ≤ the TPOT SLO; attainment = good / all
@@ -132,7 +134,7 @@ QUICK = {"configs": ["agg", "disagg"], "rates": [0.5, 1.0, 1.5], "num_requests":
 def setups(args: argparse.Namespace) -> dict[str, Setup]:
     """The configurations, keyed agg, agg2, disagg."""
     worker = ["--model", MODEL, "--chunk-size", str(args.chunk_size), "--no-prefix-caching"]
-    router = ["--model", MODEL, "--lease", str(args.lease)]
+    router = ["--model", MODEL, "--lease", str(args.lease), "--disagg-policy", args.disagg_policy]
 
     def launch(mode: str, threads: int, num_prefill: int = 0, num_decode: int = 0, num_mixed: int = 0
                ) -> LaunchConfig:
@@ -267,7 +269,7 @@ def run_setup(setup: Setup, bench: Bench, slo_source: SloSource, sweep: bool = T
     outcome.problems = [f"{name} exited with code {code} during the run" for name, code in exited.items()]
     for w in outcome.workers.get("workers", []):
         stats = w.get("stats") or {}
-        if w["role"] == "decode" and stats.get("num_prompt_tokens_computed"):
+        if w["role"] == "decode" and stats.get("num_prompt_tokens_computed") and not bench.args.conditional:
             outcome.problems.append(f"{w['worker_id']} computed {stats['num_prompt_tokens_computed']} prompt "
                                     "tokens (a fallback: disaggregation was not in force)")
     for problem in outcome.problems:
@@ -331,6 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the higher rates after two rates in a row with attainment below this")
     p.add_argument("--chunk-size", type=int, default=256, help="prefill chunk of every worker")
     p.add_argument("--lease", type=float, default=60.0, help="router's worker heartbeat lease, s")
+    p.add_argument("--disagg-policy", default="always", choices=["always", "auto", "never"],
+                   help="disagg: every prompt on the prefill worker (always), or conditional "
+                        "disaggregation (auto: short or cheap prompts are prefilled on the decode worker)")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -339,6 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.rates = sorted(set(args.rates))
+    args.conditional = args.disagg_policy != "always"  # the decode worker may compute prompts
     if min(args.rates) <= 0:
         p.error("--rates must be > 0")
     if args.num_requests < 1 or args.warmup_requests < 0 or args.calibration_requests < 1:

@@ -109,6 +109,7 @@ def fake_worker(router: str, worker_id: str, trace_path: str | None) -> None:
     trace = open(trace_path, "a", buffering=1 << 16) if trace_path else None  # noqa: SIM115
     import zmq
 
+    from pdserve.engine.block_hash import HASH_SCHEME
     from pdserve.worker import protocol as p
 
     ctx = zmq.Context()
@@ -121,7 +122,10 @@ def fake_worker(router: str, worker_id: str, trace_path: str | None) -> None:
         sock.send(p.encode(message), copy=False)
 
     def register() -> None:
-        send(p.Register(worker_id, "mixed", MODEL, os.getpid(), "fake-host", 4096, 16, 1 << 20))
+        # It has a (never changing, empty) prefix cache: the router hashes every prompt and looks
+        # it up in its cache index as with real workers, so that cost is part of what is measured.
+        send(p.Register(worker_id, "mixed", MODEL, os.getpid(), "fake-host", 4096, 16, 1 << 20,
+                        hash_scheme=HASH_SCHEME, kv_epoch=1))
 
     # request id → (tokens asked for, prompt length, tag, received_s);
     # the tokens to send: a heap of (due_s, seq, request id, token index)
@@ -158,6 +162,8 @@ def fake_worker(router: str, worker_id: str, trace_path: str | None) -> None:
                     send(p.WorkerStats(worker_id, "mixed", p.WorkerLoad(num_running=len(requests)), 0, 0))
                 elif isinstance(m, p.Reregister):
                     register()
+                elif isinstance(m, p.KVSnapshotRequest):
+                    send(p.KVSnapshot(worker_id, 1, 0, []))
                 elif isinstance(m, p.Shutdown):
                     if trace is not None:
                         trace.close()
@@ -178,7 +184,7 @@ def fake_worker(router: str, worker_id: str, trace_path: str | None) -> None:
         if now >= next_heartbeat_s:
             if trace is not None:
                 trace.flush()
-            send(p.Heartbeat(worker_id, p.WorkerLoad(num_running=len(requests))))
+            send(p.Heartbeat(worker_id, p.WorkerLoad(num_running=len(requests)), kv_epoch=1, kv_seq=0))
             next_heartbeat_s = now + 0.5
 
 

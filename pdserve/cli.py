@@ -107,6 +107,8 @@ def _router(args: argparse.Namespace) -> int:
 
     dispatch = DispatcherConfig(
         policy=args.policy,
+        disagg_policy=args.disagg_policy,
+        kv_block_size=args.kv_block_size,
         lease_s=args.lease,
         kv_timeout_s=args.kv_timeout,
         prefill_timeout_s=args.prefill_timeout,
@@ -213,7 +215,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve.add_argument("--mixed", type=int, default=1, help="mixed workers (aggregated)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
+    serve.add_argument("--policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"])
+    serve.add_argument(
+        "--disagg-policy",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="prefill on a prefill worker: per request by cost (auto), always, or never (decode worker)",
+    )
     serve.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device", default="auto")
@@ -245,7 +253,19 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--control-host", default="127.0.0.1", help="interface workers connect to")
     router.add_argument("--control-port", type=int, default=5557)
-    router.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
+    router.add_argument("--policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"])
+    router.add_argument(
+        "--disagg-policy",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="prefill on a prefill worker: per request by cost (auto), always, or never (decode worker)",
+    )
+    router.add_argument(
+        "--kv-block-size",
+        type=int,
+        default=None,
+        help="block size of the cache index; workers with another are refused (default: the first worker's)",
+    )
     router.add_argument("--max-model-len", type=int, default=None)
     router.add_argument("--lease", type=float, default=30.0, help="heartbeat lease of workers, seconds")
     router.add_argument("--kv-timeout", type=float, default=10.0, help="first token → KV at decode, s")

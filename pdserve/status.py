@@ -28,6 +28,7 @@ class Snapshot:
     recovery: dict[str, int]
     metrics: dict[str, float]
     deployment: dict | None = None  # the supervisor's view (docs/scaling.md), if any
+    routing: dict | None = None
     planner: dict | None = None  # the SLO planner's history (docs/planner.md), if any
 
 
@@ -49,6 +50,7 @@ def fetch(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Snaps
     planner = httpx.get(f"{url}/pdserve/planner", headers=headers, timeout=timeout_s)
     return Snapshot(
         time.monotonic(), workers["workers"], workers.get("recovery", {}), metrics, workers.get("deployment"),
+        workers.get("routing"),
         planner.json() if planner.status_code == 200 else None,
     )
 
@@ -84,9 +86,11 @@ def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
             for part in ("queue", "prefill", "transfer", "delivery")
         ),
         "recovery: " + ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in now.recovery.items()),
+        _routing_line(now.routing),
         "",
         f"{'worker':<16}{'role':<9}{'state':<10}{'run':>5}{'wait':>6}{'kv%':>6}{'cached':>8}"
-        f"{'held':>6}{'prompt tok':>12}{'kv sent MB':>12}{'kv recv MB':>12}",
+        f"{'held':>6}{'prompt tok':>12}{'kv sent MB':>12}{'kv recv MB':>12}"
+        f"{'hit%':>6}{'index':>7}{'ev/s':>7}{'resync':>7}",
     ]
     for w in now.workers:
         stats = w.get("stats") or {}
@@ -100,6 +104,7 @@ def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
             f"{100 * used / total if total else 0:>6.1f}{load.get('num_cached_blocks', 0):>8}"
             f"{load.get('num_held', 0):>6}{stats.get('num_prompt_tokens_computed', 0):>12}"
             f"{stats.get('kv_bytes_sent', 0) / 1e6:>12.1f}{stats.get('kv_bytes_received', 0) / 1e6:>12.1f}"
+            + _cache_columns(w.get("cache"))
         )
     if not now.workers:
         lines.append("(no workers registered)")
@@ -125,6 +130,29 @@ def deployment_lines(deployment: dict) -> list[str]:
             f"{w['pid']:>8}{w['restarts']:>10}  {w['message']}"
         )
     return lines
+
+
+def _routing_line(routing: dict | None) -> str:
+    """Policy, cache index and placement decisions by reason."""
+    if not routing:
+        return "routing: -"
+    decisions = ", ".join(f"{k} {v}" for k, v in sorted(routing.get("decisions", {}).items())) or "none yet"
+    return (
+        f"routing: {routing.get('policy')}, disagg {routing.get('disagg_policy')}; index "
+        f"{routing.get('index_blocks', 0)} blocks (+{routing.get('speculative_blocks', 0)} speculative), "
+        f"resyncs {routing.get('resyncs', 0)}; placements: {decisions}"
+    )
+
+
+def _cache_columns(cache: dict | None) -> str:
+    """Prefix-cache hit rate, index blocks, events/s and resyncs of one worker."""
+    if not cache:
+        return ""
+    flag = "*" if cache.get("degraded") else ""
+    return (
+        f"{100 * cache.get('prefix_hit_rate', 0.0):>6.1f}{cache.get('index_blocks', 0):>7}"
+        f"{cache.get('events_per_s', 0.0):>7.1f}{str(cache.get('resyncs', 0)) + flag:>7}"
+    )
 
 
 def _mb(rate_text: str) -> str:

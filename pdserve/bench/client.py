@@ -263,6 +263,9 @@ class BenchClient:
             record.num_output_tokens = usage["completion_tokens"]
             if isinstance(usage.get("prompt_tokens"), int):
                 record.num_prompt_tokens = usage["prompt_tokens"]
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                record.num_cached_tokens = details["cached_tokens"]
             record.token_source = "usage"
         elif self.counter is not None:
             record.num_output_tokens = self.counter.count("".join(texts))

@@ -49,6 +49,8 @@ class RequestRecord:
         chunk_s: arrival time of each content chunk, seconds after ``sent_s``.
         chunk_tokens: tokens credited to each content chunk.
         num_prompt_tokens, num_output_tokens: the server's usage, or the tool's counts.
+        num_cached_tokens: prompt tokens the server served from a prefix cache
+            (``usage.prompt_tokens_details.cached_tokens``; None when not reported).
         token_source: ``usage``, ``tokenizer`` or ``chunks`` (where ``num_output_tokens`` came from).
         max_tokens: output tokens asked for.
         server_ttft_parts_s: the server's own TTFT breakdown (queue, prefill, transfer,
@@ -67,6 +69,7 @@ class RequestRecord:
     chunk_tokens: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int | None = None
     token_source: str = "chunks"
     max_tokens: int = 0
     server_ttft_parts_s: dict[str, float] | None = None
@@ -234,6 +237,7 @@ class Summary:
     e2e_ms: dict[str, float]
     send_lag_ms: dict[str, float]
     server_ttft_parts_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    num_cached_tokens: int = 0  # prompt tokens served from the server's prefix caches (as reported)
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict (NaN where a metric had no samples)."""
@@ -278,6 +282,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO | None = None) -> Summa
         e2e_ms=distribution_ms([r.e2e_s for r in ok if r.e2e_s is not None]),
         send_lag_ms=distribution_ms([r.sent_s - r.scheduled_s for r in measured]),
         server_ttft_parts_ms=_parts_ms(ok),
+        num_cached_tokens=sum(r.num_cached_tokens or 0 for r in ok),
     )
 
 

@@ -42,6 +42,9 @@ def format_summary(run: RunResult, title: str = "") -> str:
         ("Total token throughput (tok/s)", _fmt(s.total_token_throughput, 1)),
         ("Prompt / output tokens", f"{s.num_prompt_tokens:,} / {s.num_output_tokens:,}"),
     ]
+    if s.num_cached_tokens:
+        share = 100 * s.num_cached_tokens / s.num_prompt_tokens if s.num_prompt_tokens else 0.0
+        rows.append(("Prompt tokens from cache", f"{s.num_cached_tokens:,} ({share:.1f} %)"))
     if s.num_short_outputs:
         rows.append(("Outputs shorter than max_tokens", str(s.num_short_outputs)))
     if s.slo:

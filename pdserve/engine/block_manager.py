@@ -16,15 +16,34 @@ Lifecycle of a block:
 
 Ownership: a request's blocks belong to it from ``allocate_slots`` (or
 ``reserve``) until ``free`` (``release`` on the prefill side of a hand-off).
+
+With ``record_events`` on, every change to the set of cached hashes is
+appended to ``events`` in order (a block stored with its parent's hash, a
+block removed, the whole cache cleared) for the worker to publish to the
+router's cache index (``take_events``; ``cached_blocks`` is the snapshot).
 """
 
 from __future__ import annotations
 
+import enum
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdserve.engine.block_hash import hash_block
 from pdserve.request import Request
+
+
+class CacheEventKind(enum.IntEnum):
+    """What happened to the set of cached block hashes."""
+
+    STORED = 0  # a full block's hash entered the cache (with its parent's hash)
+    REMOVED = 1  # a hash left the cache (evicted)
+    CLEARED = 2  # every hash left the cache
+
+
+CacheEvent = tuple[CacheEventKind, int, int | None]
+"""``(kind, block_hash, parent_hash)``; a CLEARED event carries hash 0."""
 
 
 @dataclass
@@ -34,6 +53,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None
+    parent_hash: int | None = None
     token_ids: tuple[int, ...] | None = None
 
 
@@ -55,15 +75,16 @@ class BlockManagerStats:
         return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """Content hash of a full block, chained over every block before it."""
-    return hash((parent_hash, tuple(token_ids)))
-
-
 class BlockManager:
     """Allocates KV blocks to requests, with prefix caching and LRU eviction."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        record_events: bool = False,
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be ≥ 1")
         self.num_blocks = num_blocks
@@ -79,6 +100,8 @@ class BlockManager:
         self._held: set[str] = set()
         self._prefix_query_tokens = 0
         self._prefix_hit_tokens = 0
+        self.record_events = record_events and enable_prefix_caching
+        self.events: list[CacheEvent] = []
 
     # -- queries ---------------------------------------------------------------
 
@@ -155,9 +178,34 @@ class BlockManager:
             if hashes[i] in self._hash_to_block:
                 continue  # the same content is already cached in another block
             start = i * self.block_size
+            parent = hashes[i - 1] if i else None
             block.block_hash = hashes[i]
+            block.parent_hash = parent
             block.token_ids = tuple(request.all_token_ids[start : start + self.block_size])
             self._hash_to_block[hashes[i]] = block.block_id
+            if self.record_events:
+                self.events.append((CacheEventKind.STORED, hashes[i], parent))
+
+    def cached_blocks(self) -> list[tuple[int, int | None]]:
+        """Every cached hash with its parent's hash (the snapshot behind ``events``)."""
+        return [(h, self.blocks[b].parent_hash) for h, b in self._hash_to_block.items()]
+
+    def take_events(self) -> list[CacheEvent]:
+        """The cache events recorded since the last call (oldest first)."""
+        events, self.events = self.events, []
+        return events
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (blocks in use keep their KV, but no longer match)."""
+        for block_id in list(self._free_cached):
+            self._free_uncached.append(block_id)
+        self._free_cached.clear()
+        for block_id in self._hash_to_block.values():
+            block = self.blocks[block_id]
+            block.block_hash = block.parent_hash = block.token_ids = None
+        self._hash_to_block.clear()
+        if self.record_events:
+            self.events.append((CacheEventKind.CLEARED, 0, None))
 
     def _hashes(self, request: Request, num_full: int) -> list[int]:
         hashes = self._req_hashes.setdefault(request.request_id, [])
@@ -238,6 +286,28 @@ class BlockManager:
         self._req_blocks[request_id] = table
         return list(table)
 
+    def reserve_with_prefix(self, request: Request, num_tokens: int) -> tuple[list[int], int] | None:
+        """Decode side: like ``reserve``, but blocks this cache already holds are shared.
+
+        Returns the block table and the number of leading tokens whose KV is
+        already in it (a multiple of the block size: only the rest needs to be
+        written), or None (nothing reserved) when there is no room.
+        """
+        rid = request.request_id
+        if rid in self._req_blocks:
+            raise ValueError(f"request {rid!r} already holds blocks")
+        hits, num_cached = self.get_computed_blocks(request)
+        num_new = self.num_blocks_for(num_tokens) - len(hits)
+        num_reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        if num_new > self.num_free_blocks - num_reclaimed:
+            self._req_hashes.pop(rid, None)
+            return None
+        for block_id in hits:
+            self._touch(block_id)
+        table = hits + [self._take_free_block() for _ in range(max(num_new, 0))]
+        self._req_blocks[rid] = table
+        return list(table), num_cached
+
     def export(self, request_id: str) -> list[int]:
         """Prefill side: the blocks holding a request's KV, kept alive until ``release``."""
         if request_id not in self._req_blocks:
@@ -270,7 +340,8 @@ class BlockManager:
             block = self.blocks[block_id]
             assert block.block_hash is not None
             del self._hash_to_block[block.block_hash]
-            block.block_hash = None
-            block.token_ids = None
+            if self.record_events:
+                self.events.append((CacheEventKind.REMOVED, block.block_hash, None))
+            block.block_hash = block.parent_hash = block.token_ids = None
         self.blocks[block_id].ref_count = 1
         return block_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,6 +79,8 @@ class LLMEngine:
             turn it off: the router owns text and stop strings.
         model: weights already loaded for this model (a worker changing role
             keeps its own); default: load them.
+        record_kv_events: the block manager records prefix-cache events (workers
+            publish them to the router's cache index).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class LLMEngine:
         kv_allocator: KVAllocator | None = None,
         detokenize: bool = True,
         model: LlamaForCausalLM | None = None,
+        record_kv_events: bool = False,
     ) -> None:
         self.config = config
         self.detokenize = detokenize
@@ -95,13 +99,21 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(set(self.arch.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
         self.runner = ModelRunner(config.model, config.cache, self.arch, kv_allocator, model)
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            self.runner.num_blocks,
+            config.cache.block_size,
+            config.cache.enable_prefix_caching,
+            record_events=record_kv_events,
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self._detokenizers: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
         self.num_prompt_tokens_computed = 0
         self.num_steps = 0
+        # Step timings by kind, for the router's cost model (prefill rate, decode step time).
+        self.prefill_busy_s = 0.0
+        self.num_decode_steps = 0
+        self.decode_busy_s = 0.0
+        self.num_decode_seqs = 0
 
     @property
     def role(self) -> Role:
@@ -196,11 +208,20 @@ class LLMEngine:
         if hooks is not None:
             hooks.on_schedule(out)
         self.num_steps += 1
-        self.num_prompt_tokens_computed += sum(
+        num_prompt = sum(
             min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.num_computed_tokens, 0))
             for s in out.scheduled
         )
+        self.num_prompt_tokens_computed += num_prompt
+        started_s = time.perf_counter()
         sampled = self.runner.execute(out, hooks.on_layer_done if hooks is not None else None)
+        elapsed_s = time.perf_counter() - started_s
+        if num_prompt:
+            self.prefill_busy_s += elapsed_s
+        else:
+            self.num_decode_steps += 1
+            self.decode_busy_s += elapsed_s
+            self.num_decode_seqs += len(out.scheduled)
         changed = self.scheduler.update(out, sampled)
         return [self._output(r, r.output_token_ids[-1:]) for r in changed]
 

@@ -15,9 +15,11 @@ Roles change step 3: a ``prefill`` scheduler ends a request after its first
 token and *holds* its blocks (``FINISHED_PREFILLED``) until ``release``; a
 ``decode`` scheduler admits requests whose KV is written from outside
 (``add_remote_request`` → ``WAITING_FOR_KV`` → ``finish_remote_kv``) and
-prefills only as a fallback: a preempted request is recomputed locally (the
-only way to go on) and ``add_request`` serves a request whose prefill could
-not be done elsewhere.
+prefills only when told to: a preempted request is recomputed locally (the
+only way to go on), and ``add_request`` serves a request the router decided
+to prefill here (conditional disaggregation: a short or mostly cached
+prompt) or whose prefill could not be done elsewhere. Such a request then
+decodes here like any other.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queue a request to be prefilled here.
 
-        A decode scheduler takes one only as a fallback (no prefill worker is
+        A decode scheduler takes one when the router chose to prefill it here
+        (conditional disaggregation), or as a fallback (no prefill worker is
         left, or its KV transfer failed and the policy is to recompute).
         """
         self._register(request)
@@ -109,15 +112,20 @@ class Scheduler:
         """Decode role: reserve blocks for a request whose KV another worker writes.
 
         Returns the reserved block ids (the prefill worker writes the prompt's
-        KV into them), or None when there is no room now.
+        KV into them), or None when there is no room now. Leading blocks this
+        worker's prefix cache already holds (a previous turn it decoded) are
+        shared, not reserved anew: ``request.num_computed_tokens`` says how
+        many tokens they cover, and only the rest needs to be written.
         """
         if self.config.role is not Role.DECODE:
             raise RuntimeError("add_remote_request is for the decode role")
         # Room for the KV of every token so far (prompt, and outputs of a migrated
         # request) and for the next token the prefill worker samples.
-        block_ids = self.block_manager.reserve(request.request_id, request.num_tokens + 1)
-        if block_ids is None:
+        reserved = self.block_manager.reserve_with_prefix(request, request.num_tokens + 1)
+        if reserved is None:
             return None
+        block_ids, num_cached = reserved
+        request.num_computed_tokens = num_cached
         self._register(request)
         request.status = RequestStatus.WAITING_FOR_KV
         self.waiting_for_kv[request.request_id] = request

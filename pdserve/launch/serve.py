@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def router_args(args: argparse.Namespace) -> list[str]:
     """``pdserve router`` arguments for ``serve``'s options (ports are the supervisor's)."""
     out = ["--host", args.host, "--model", args.model, "--policy", args.policy,
-           "--startup-wait", str(args.startup_wait)]
+           "--disagg-policy", args.disagg_policy, "--startup-wait", str(args.startup_wait)]
     if args.max_model_len:
         out += ["--max-model-len", str(args.max_model_len)]
     if args.trace_responses:

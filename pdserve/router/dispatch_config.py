@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 KV_FAILURE_POLICIES = ("retry", "recompute", "fail")
+ROUTING_POLICIES = ("kv_aware", "least_loaded", "round_robin")
+DISAGG_POLICIES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -13,7 +15,15 @@ class DispatcherConfig:
 
     Attributes:
         bind: control endpoint workers connect to, ``tcp://HOST:PORT``.
-        policy: routing policy name (``round_robin``, ``least_loaded``).
+        policy: routing policy name (``kv_aware``, ``round_robin``, ``least_loaded``).
+        disagg_policy: where prompts are computed: ``auto`` (the cost model decides,
+            per request, between a prefill worker and the decode worker itself),
+            ``always`` (a prefill worker whenever one is up) or ``never`` (the
+            decode worker).
+        kv_block_size: block size the cache index hashes prompts with; workers with
+            another one are refused (None: the first worker registered sets it).
+        speculative_ttl_s: how long the router assumes a worker holds a prompt it
+            just sent there, before the worker's events confirm it.
         lease_s: a worker whose heartbeats stop for this long is removed. Its
             heartbeats come between engine steps, which can take seconds on a
             loaded CPU, so this is long; a dead process or host is noticed much
@@ -31,7 +41,10 @@ class DispatcherConfig:
     """
 
     bind: str = "tcp://127.0.0.1:0"
-    policy: str = "least_loaded"
+    policy: str = "kv_aware"
+    disagg_policy: str = "auto"
+    kv_block_size: int | None = None
+    speculative_ttl_s: float = 5.0
     lease_s: float = 30.0
     probe_interval_s: float = 0.25
     kv_timeout_s: float = 10.0
@@ -43,6 +56,10 @@ class DispatcherConfig:
     secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
+        if self.policy not in ROUTING_POLICIES:
+            raise ValueError(f"policy={self.policy!r}: use one of {', '.join(ROUTING_POLICIES)}")
+        if self.disagg_policy not in DISAGG_POLICIES:
+            raise ValueError(f"disagg_policy={self.disagg_policy!r}: use one of {', '.join(DISAGG_POLICIES)}")
         if self.kv_failure_policy not in KV_FAILURE_POLICIES:
             raise ValueError(
                 f"kv_failure_policy={self.kv_failure_policy!r}: use one of {', '.join(KV_FAILURE_POLICIES)}"

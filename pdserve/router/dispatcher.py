@@ -35,7 +35,7 @@ from pdserve.router.channel import WorkerChannel
 from pdserve.router.dispatch_config import DispatchCounters, DispatcherConfig
 from pdserve.router.inflight import Inflight, Stage
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.policy import RoutingPolicy, make_policy
+from pdserve.router.placement import Placer, local_candidates
 from pdserve.router.registry import Registry, WorkerInfo
 from pdserve.router.tracing import RequestTrace
 from pdserve.sampling_params import SamplingParams
@@ -52,12 +52,11 @@ class Dispatcher:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.registry = Registry(config.lease_s)
-        self.prefill_policy: RoutingPolicy = make_policy(config.policy)
-        self.decode_policy: RoutingPolicy = make_policy(config.policy)
         self.counters = DispatchCounters()
         self.metrics = RouterMetrics()
         self.metrics.attach(self)
         self.channel = WorkerChannel(self._handle, lambda wid: self._worker_lost(wid, "connection gone"))
+        self.placer = Placer(config, self.registry, self.channel.send)
         self._inflight: dict[str, Inflight] = {}
         self._by_worker_rid: dict[str, Inflight] = {}
         self._stats_waiters: dict[str, list[asyncio.Future[p.WorkerStats]]] = {}
@@ -153,29 +152,35 @@ class Dispatcher:
             fresh = [w for w in workers if w.worker_id not in state.excluded]
             return fresh or workers  # a worker that failed once is better than none
 
-        prefill, decode, mixed = pool(Role.PREFILL), pool(Role.DECODE), pool(Role.MIXED)
+        pools = {role: pool(role) for role in Role}
         rid, params, outputs = state.worker_rid, state.params, list(state.tokens)
-        if prefill and decode:
-            pw = self.prefill_policy.pick(prefill, n)
-            dw = self.decode_policy.pick(decode, n)
+        local = local_candidates(pools, self.config.prefill_fallback)
+        placement = self.placer.place(state.prompt + outputs, params.max_tokens, pools[Role.PREFILL], local)
+        if placement is None:
+            return False
+        dw = reg.get(placement.decode_id)
+        pw = reg.get(placement.prefill_id) if placement.prefill_id is not None else None
+        assert dw is not None
+        computing = pw or dw
+        state.prefill_charge = self.placer.charge(computing.worker_id, n - placement.num_cached_tokens)
+        decision = {"reason": placement.reason, "predicted_cached_tokens": placement.num_cached_tokens}
+        if pw is not None:
             state.prefill_id, state.decode_id = pw.worker_id, dw.worker_id
-            state.trace.routed(state.attempt, pw.worker_id, dw.worker_id)  # before the workers' clocks start
+            # before the workers' clocks start
+            state.trace.routed(state.attempt, pw.worker_id, dw.worker_id, decision)
             self.channel.send(dw.worker_id, p.DecodeRequest(rid, state.prompt, params, pw.worker_id, outputs))
             self.channel.send(
                 pw.worker_id, p.PrefillRequest(rid, state.prompt, params, dw.worker_id, dw.kv, outputs)
             )
-        elif mixed or (decode and self.config.prefill_fallback):
-            worker = self.decode_policy.pick(mixed or decode, n)
-            if not mixed:
-                self.counters.num_fallback_prefills += 1
-                logger.warning("router: no prefill worker; %s prefills %s itself", worker.worker_id, rid)
-            state.prefill_id, state.decode_id = None, worker.worker_id
-            state.trace.routed(state.attempt, None, worker.worker_id)
-            self.channel.send(
-                worker.worker_id, p.PrefillRequest(rid, state.prompt, params, output_token_ids=outputs)
-            )
         else:
-            return False
+            if placement.reason == "no_prefill_worker":
+                self.counters.num_fallback_prefills += 1
+                logger.warning("router: no prefill worker; %s prefills %s itself", dw.worker_id, rid)
+            state.prefill_id, state.decode_id = None, dw.worker_id
+            state.trace.routed(state.attempt, None, dw.worker_id, decision)
+            self.channel.send(
+                dw.worker_id, p.PrefillRequest(rid, state.prompt, params, output_token_ids=outputs)
+            )
         state.enter(Stage.PREFILL, self.config.prefill_timeout_s)
         self._by_worker_rid[rid] = state
         for wid in state.worker_ids:
@@ -187,6 +192,8 @@ class Dispatcher:
     def _abandon_attempt(self, state: Inflight) -> None:
         """Stop the current attempt on its workers (those still registered)."""
         self._by_worker_rid.pop(state.worker_rid, None)
+        self.placer.credit(state.prefill_charge)
+        state.prefill_charge = None
         for wid in state.worker_ids:
             info = self.registry.get(wid)
             if info is not None:
@@ -230,6 +237,8 @@ class Dispatcher:
         if self._inflight.pop(state.request_id, None) is None:
             return
         self._by_worker_rid.pop(state.worker_rid, None)
+        self.placer.credit(state.prefill_charge)
+        state.prefill_charge = None
         for wid in state.worker_ids:
             info = self.registry.get(wid)
             if info is not None:
@@ -241,6 +250,7 @@ class Dispatcher:
         info = self.registry.remove(worker_id)
         if info is None:
             return
+        self.placer.worker_removed(worker_id)
         if info.draining and not info.num_inflight:  # drained and gone: a clean leave
             logger.info("router: worker %s left after draining", worker_id)
         else:
@@ -262,14 +272,21 @@ class Dispatcher:
             case p.Heartbeat(worker_id=wid, load=load):
                 if not self.registry.heartbeat(wid, load):
                     self.channel.send(sender, p.Reregister())
-            case p.Reserved(request_id=rid, block_ids=block_ids):
+                else:
+                    self.placer.on_heartbeat(message)
+            case p.KVEvents():
+                self.placer.on_events(message)
+            case p.KVSnapshot():
+                self.placer.on_snapshot(message)
+            case p.Reserved(request_id=rid, block_ids=block_ids, num_cached_tokens=num_cached):
                 state = self._by_worker_rid.get(rid)
                 if state is not None and state.prefill_id is not None:
-                    self.channel.send(state.prefill_id, p.Blocks(rid, block_ids))
+                    self.channel.send(state.prefill_id, p.Blocks(rid, block_ids, num_cached))
                     state.trace.kv_reserved(len(block_ids))
             case p.KVReceived(request_id=rid, num_bytes=num_bytes, transfer_s=transfer_s):
                 self.counters.kv_bytes += num_bytes
                 self.metrics.kv_transfer.observe(transfer_s)
+                self.placer.on_transfer(sender, num_bytes, transfer_s)
                 state = self._by_worker_rid.get(rid)
                 if state is not None:
                     state.trace.kv_received(num_bytes, transfer_s)
@@ -307,6 +324,11 @@ class Dispatcher:
         if m.model != self.model_name:
             logger.warning("router: %s serves %s, not %s; refused", m.worker_id, m.model, self.model_name)
             return
+        refusal = self.placer.on_register(m)
+        if refusal is not None:
+            logger.error("router: registration of %s refused: %s", m.worker_id, refusal)
+            self.channel.send(sender, p.RegisterRefused(refusal))
+            return
         self.registry.add(WorkerInfo.from_register(m))
         self.channel.send(sender, p.Registered(m.worker_id, self.config.lease_s / 6))
         logger.info("router: %s worker %s registered (pid %d)", m.role, m.worker_id, m.pid)
@@ -320,6 +342,9 @@ class Dispatcher:
             logger.warning("router: gap in %s (have %d, got %d)", m.request_id, len(state.tokens), m.start)
             skip = 0
         new_ids = m.token_ids[skip:]
+        if state.prefill_charge is not None:
+            self.placer.credit(state.prefill_charge)  # the prompt is computed
+            state.prefill_charge = None
         if sender == state.prefill_id and state.stage is Stage.PREFILL:
             state.enter(Stage.TRANSFER, self.config.kv_timeout_s)
         elif sender == state.decode_id:
@@ -352,6 +377,7 @@ class Dispatcher:
             await asyncio.sleep(self.config.probe_interval_s)
             self.check_workers()
             self.check_deadlines()
+            self.placer.tick()
 
     def check_workers(self) -> None:
         """Probe every worker; remove the unreachable and the silent."""

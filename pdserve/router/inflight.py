@@ -52,6 +52,7 @@ class Inflight:
     stage: Stage = Stage.PREFILL
     deadline_s: float | None = None
     excluded: set[str] = field(default_factory=set)
+    prefill_charge: tuple[str, int] | None = None  # queued prompt tokens charged to a worker (placement)
     finished: bool = False
     tokens_seen: bool = False  # a token message arrived (TTFT measured)
     created_s: float = field(default_factory=time.monotonic)

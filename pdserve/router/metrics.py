@@ -122,3 +122,70 @@ class _DispatcherCollector(Collector):
             load["kv_blocks_cached"].add_metric(labels, w.load.num_cached_blocks)
             load["held_requests"].add_metric(labels, w.load.num_held)
         yield from load.values()
+        yield from _routing_metrics(d)
+
+
+def _routing_metrics(d: Dispatcher) -> Iterator[Metric]:
+    """Placement decisions, the cache index, and each worker's cache and measured rates."""
+    placer = d.placer
+    decisions = CounterMetricFamily(
+        "pdserve_placements", "Placements by reason (remote or local prefill, and why)", labels=["reason"]
+    )
+    for reason, count in sorted(placer.decisions.items()):
+        decisions.add_metric([reason], count)
+    yield decisions
+    yield GaugeMetricFamily(
+        "pdserve_kv_index_blocks", "Confirmed (worker, block) entries", value=placer.index.size
+    )
+    yield GaugeMetricFamily(
+        "pdserve_kv_index_speculative_blocks",
+        "Speculative (worker, block) entries of recent decisions",
+        value=placer.index.num_speculative,
+    )
+    per_worker: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+        "hit": GaugeMetricFamily(
+            "pdserve_worker_prefix_cache_hit_rate",
+            "Prompt tokens found in its prefix cache",
+            labels=["worker", "role"],
+        ),
+        "blocks": GaugeMetricFamily(
+            "pdserve_kv_index_worker_blocks", "Blocks the index holds for it", labels=["worker", "role"]
+        ),
+        "events": CounterMetricFamily(
+            "pdserve_kv_events", "Prefix-cache events applied to the index", labels=["worker", "role"]
+        ),
+        "rate": GaugeMetricFamily(
+            "pdserve_kv_events_per_second",
+            "Prefix-cache events over the last 10 s",
+            labels=["worker", "role"],
+        ),
+        "resyncs": CounterMetricFamily(
+            "pdserve_kv_index_resyncs",
+            "Snapshots asked for (gap, new epoch, contradiction)",
+            labels=["worker", "role"],
+        ),
+        "prefill_rate": GaugeMetricFamily(
+            "pdserve_worker_prefill_rate_tokens_per_second",
+            "Measured prefill rate",
+            labels=["worker", "role"],
+        ),
+        "queued": GaugeMetricFamily(
+            "pdserve_worker_queued_prefill_tokens",
+            "Prompt tokens sent to it, not yet computed",
+            labels=["worker", "role"],
+        ),
+    }
+    for w in d.registry.all():
+        labels = [w.worker_id, w.role.value]
+        view = placer.worker_view(w)
+        for key, value in (
+            ("hit", view.prefix_hit_rate),
+            ("blocks", view.index_blocks),
+            ("events", view.events),
+            ("rate", view.events_per_s),
+            ("resyncs", view.resyncs),
+            ("prefill_rate", view.prefill_rate_tps or 0.0),
+            ("queued", view.queued_prefill_tokens),
+        ):
+            per_worker[key].add_metric(labels, value)
+    yield from per_worker.values()

@@ -3,6 +3,11 @@
 Every policy implements ``pick(candidates, num_prompt_tokens)``; the router
 calls it once for the prefill pool and once for the decode pool (or once for
 the mixed pool). Register new policies in ``POLICIES``.
+
+``kv_aware`` (the default) is different: the router's placement
+(:mod:`pdserve.router.placement`) scores every candidate with the cache index
+and the cost model (:mod:`pdserve.router.cost_model`) instead of asking it to
+pick; its ``pick`` is only the load-based choice used without a prompt.
 """
 
 from __future__ import annotations
@@ -53,7 +58,14 @@ class LeastLoaded(RoutingPolicy):
         return min(candidates, key=key)
 
 
-POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (RoundRobin, LeastLoaded)}
+class KVAware(LeastLoaded):
+    """Cache- and cost-aware placement (see the module docstring); alone, picks like ``least_loaded``."""
+
+    name = "kv_aware"
+
+
+DEFAULT_POLICY = KVAware.name
+POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (KVAware, RoundRobin, LeastLoaded)}
 
 
 def make_policy(name: str) -> RoutingPolicy:

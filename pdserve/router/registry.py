@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.config import Role
+from pdserve.router.worker_perf import WorkerPerf
 from pdserve.transfer.descriptor import KVDescriptor
 from pdserve.worker.protocol import Register, WorkerLoad
 
@@ -37,6 +38,7 @@ class WorkerInfo:
     last_seen_s: float = field(default_factory=time.monotonic)
     num_inflight: int = 0  # requests the router assigned and has not seen finish
     draining: bool = False  # shutting down: finishes what it has, gets nothing new
+    perf: WorkerPerf = field(default_factory=WorkerPerf)  # measured rates, queued prompt tokens
 
     @classmethod
     def from_register(cls, m: Register) -> WorkerInfo:
@@ -76,6 +78,7 @@ class Registry:
         if info is None:
             return False
         info.load = load
+        info.perf.on_heartbeat(load)
         info.last_seen_s = time.monotonic()
         return True
 

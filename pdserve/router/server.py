@@ -134,6 +134,7 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
             "num_inflight": dispatcher.num_inflight,
             "recovery": dataclasses.asdict(dispatcher.counters),
             "deployment": deployment.view(),
+            "routing": dispatcher.placer.summary(),
             "workers": [
                 {
                     "worker_id": w.worker_id,
@@ -143,6 +144,7 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
                     "draining": w.draining,
                     "metrics_port": w.metrics_port,
                     "stats": _plain(counters.get(w.worker_id)),
+                    "cache": dataclasses.asdict(dispatcher.placer.worker_view(w)),
                 }
                 for w in dispatcher.registry.all()
             ],

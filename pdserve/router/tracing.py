@@ -4,7 +4,9 @@ One :class:`RequestTrace` per generation (a prompt × one of its ``n``
 samples), on the router's clock, counted from the request's arrival:
 
 1. ``arrived`` — the HTTP request reached the router (before its body was read).
-2. ``routed`` — an attempt was placed on workers (again after a retry).
+2. ``routed`` — an attempt was placed on workers (again after a retry), with
+   the placement's ``reason`` (remote or local prefill, and why) and the
+   prompt tokens the index predicted cached on the computing worker.
 3. ``prefill_start`` / ``prefill_end`` / ``kv_transfer_start`` — on the
    worker that prefilled; the worker reports durations on its own clock
    (:class:`~pdserve.worker.protocol.PrefillTiming`), which are placed on the
@@ -127,11 +129,22 @@ class RequestTrace:
 
     # -- what the dispatcher sees -------------------------------------------------------
 
-    def routed(self, attempt: int, prefill_worker: str | None, decode_worker: str | None) -> None:
-        """An attempt was placed on workers."""
+    def routed(
+        self,
+        attempt: int,
+        prefill_worker: str | None,
+        decode_worker: str | None,
+        decision: dict[str, Any] | None = None,
+    ) -> None:
+        """An attempt was placed on workers (``decision``: why, e.g. the placement's reason)."""
         self.num_attempts += 1
         self.dispatched_s = self.now()
-        workers = {"attempt": attempt, "prefill_worker": prefill_worker, "decode_worker": decode_worker}
+        workers: dict[str, Any] = {
+            "attempt": attempt,
+            "prefill_worker": prefill_worker,
+            "decode_worker": decode_worker,
+        }
+        workers.update(decision or {})
         self._add("routed", self.dispatched_s, workers)
 
     def first_token(self, worker_id: str, timing: PrefillTiming | None) -> None:

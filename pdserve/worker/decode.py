@@ -4,7 +4,10 @@ Lifecycle of one request on a decode worker:
 
 1. ``DecodeRequest`` arrives: ``admit`` reserves blocks for the prompt (or
    queues the request until blocks free up) and reports them (``Reserved``),
-   so the prefill worker knows where to write.
+   so the prefill worker knows where to write. Leading blocks already in this
+   worker's prefix cache (say, the previous turn of a conversation it
+   decoded) are shared instead: ``Reserved`` says how many tokens they cover
+   and the prefill worker writes only the rest.
 2. The prefill worker writes each layer's KV straight into those blocks.
 3. ``poll`` sees the transfer's "done" notice (which carries the first token):
    the request joins the running batch (``finish_remote_kv``) and
@@ -68,14 +71,18 @@ class KVIntake:
         self._pending.append(request)
         return None
 
-    def retry_pending(self) -> list[tuple[str, list[int]]]:
-        """Reserve for queued requests, first come first served, while blocks allow."""
+    def retry_pending(self) -> list[tuple[str, list[int], int]]:
+        """Reserve for queued requests, first come first served, while blocks allow.
+
+        Returns (request id, block ids, leading tokens already cached) of each.
+        """
         reserved = []
         while self._pending:
             block_ids = self.engine.add_remote_request(self._pending[0])
             if block_ids is None:
                 break
-            reserved.append((self._pending.popleft().request_id, block_ids))
+            request = self._pending.popleft()
+            reserved.append((request.request_id, block_ids, request.num_computed_tokens))
         return reserved
 
     def abort(self, request_id: str) -> None:

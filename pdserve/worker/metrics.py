@@ -84,6 +84,18 @@ class WorkerCollector(Collector):
             stats.kv_bytes_received,
         )
         yield counter("pdserve_worker_kv_transfers", "KV hand-offs completed", stats.kv_transfers)
+        yield counter("pdserve_worker_kv_events", "Prefix-cache events published", stats.kv_events)
+        yield counter(
+            "pdserve_worker_kv_event_bytes", "Bytes of KV event batches and snapshots", stats.kv_event_bytes
+        )
+        yield counter(
+            "pdserve_worker_kv_event_cpu_seconds",
+            "CPU time spent collecting and encoding KV events",
+            stats.kv_event_cpu_s,
+        )
+        yield counter(
+            "pdserve_worker_kv_snapshots", "Snapshots sent for the router's resyncs", stats.kv_snapshots
+        )
 
 
 def serve_metrics(worker: Worker, port: int = 0, host: str = "127.0.0.1") -> int:

@@ -10,7 +10,8 @@ Lifecycle of one request on a prefill worker:
    request whose destination is known, the blocks that range touched in that
    layer — the copy overlaps with the remaining layers' compute.
 3. If the destination arrives late, ``set_destination`` pushes everything
-   computed so far at once.
+   computed so far at once. Blocks the decode worker already holds (its
+   prefix cache had them) count as pushed from the start: only new KV moves.
 4. When the prompt is done (first token sampled) and every layer is pushed,
    ``send_done`` hands the first token to the decode worker on the KV channel,
    after all of the request's data.
@@ -111,12 +112,19 @@ class KVPusher:
 
     # -- events --------------------------------------------------------------------------
 
-    def set_destination(self, request_id: str, block_ids: list[int]) -> None:
-        """The decode worker's blocks are known: catch up on what was computed."""
+    def set_destination(self, request_id: str, block_ids: list[int], num_cached_tokens: int = 0) -> None:
+        """The decode worker's blocks are known: catch up on what was computed.
+
+        The first ``num_cached_tokens`` (whole blocks) are already in the decode
+        worker's cache: they are never sent.
+        """
         h = self._handoffs.get(request_id)
         if h is None:
             return
         h.dst_block_ids = block_ids
+        if num_cached_tokens % self.block_size:
+            raise ValueError(f"cached prefix of {num_cached_tokens} tokens is not whole blocks")
+        h.num_pushed_tokens = max(h.num_pushed_tokens, num_cached_tokens)
         computed = self._request(request_id).num_computed_tokens
         if computed > h.num_pushed_tokens:
             for layer in range(self.num_layers):

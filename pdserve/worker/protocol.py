@@ -15,7 +15,12 @@ Path of a disaggregated request (P = prefill worker, D = decode worker):
 5. D → router ``Tokens`` for every later token, the last with ``finished``.
 
 Aggregated mode sends only ``PrefillRequest`` (no decode worker) to a mixed
-worker, which streams every token itself.
+worker, which streams every token itself; so does conditional disaggregation
+to a decode worker that prefills a prompt itself.
+
+Every worker also sends ``KVEvents`` (its prefix cache's changes, numbered
+per epoch) after each step, and a ``KVSnapshot`` when the router asks
+(``KVSnapshotRequest``) because its cache index lost track.
 """
 
 from __future__ import annotations
@@ -82,6 +87,14 @@ class WorkerLoad(msgspec.Struct):
     num_free_blocks: int = 0
     num_total_blocks: int = 0
     num_cached_blocks: int = 0
+    # Cumulative counters the router turns into rates (the cost model's inputs):
+    num_prefill_tokens: int = 0  # prompt tokens computed (cache hits excluded)
+    prefill_busy_s: float = 0.0  # time in steps that computed prompt tokens
+    num_decode_steps: int = 0  # steps that computed only decode tokens
+    decode_busy_s: float = 0.0  # time in those steps
+    num_decode_seqs: int = 0  # sequences those steps computed, summed over steps
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of those, found cached
 
 
 # -- worker → router -----------------------------------------------------------------
@@ -101,6 +114,9 @@ class Register(msgspec.Struct, tag=True):
     kv: KVDescriptor | None = None
     secret: str = ""
     metrics_port: int = 0  # where the worker serves /metrics on its host (0: not served)
+    hash_scheme: str = ""  # block hashing of its prefix cache (pdserve.engine.block_hash.HASH_SCHEME)
+    prefix_caching: bool = True
+    kv_epoch: int = 0  # changes whenever the worker (and its cache) starts afresh
 
 
 class Heartbeat(msgspec.Struct, tag=True):
@@ -108,6 +124,8 @@ class Heartbeat(msgspec.Struct, tag=True):
 
     worker_id: str
     load: WorkerLoad
+    kv_epoch: int = 0
+    kv_seq: int = 0  # sequence number of the last KVEvents sent (a lost batch shows as a gap)
 
 
 class PrefillTiming(msgspec.Struct):
@@ -155,6 +173,33 @@ class Reserved(msgspec.Struct, tag=True):
 
     request_id: str
     block_ids: list[int]
+    num_cached_tokens: int = 0  # leading tokens whose KV the decode worker already holds
+
+
+class KVEvent(msgspec.Struct, array_like=True, frozen=True):
+    """One change to a worker's prefix cache: ``kind`` 0 stored, 1 removed, 2 all cleared."""
+
+    kind: int
+    block_hash: int
+    parent_hash: int | None = None
+
+
+class KVEvents(msgspec.Struct, tag=True):
+    """A step's prefix-cache changes, in order; ``seq`` counts batches from 1 per ``epoch``."""
+
+    worker_id: str
+    epoch: int
+    seq: int
+    events: list[KVEvent]
+
+
+class KVSnapshot(msgspec.Struct, tag=True):
+    """Every cached block hash (with its parent's) as of batch ``seq``: the answer to a resync."""
+
+    worker_id: str
+    epoch: int
+    seq: int
+    blocks: list[tuple[int, int | None]]
 
 
 class KVReceived(msgspec.Struct, tag=True):
@@ -191,6 +236,11 @@ class WorkerStats(msgspec.Struct, tag=True):
     kv_bytes_received: int = 0
     kv_transfers: int = 0
     transports: list[str] = []
+    kv_events: int = 0  # prefix-cache events published
+    kv_event_batches: int = 0
+    kv_event_bytes: int = 0  # encoded KVEvents and KVSnapshot messages
+    kv_event_cpu_s: float = 0.0  # collecting and encoding them
+    kv_snapshots: int = 0
 
 
 # -- router → worker ------------------------------------------------------------------
@@ -232,6 +282,7 @@ class Blocks(msgspec.Struct, tag=True):
 
     request_id: str
     block_ids: list[int]
+    num_cached_tokens: int = 0  # the decode worker holds these leading tokens already: skip them
 
 
 class Release(msgspec.Struct, tag=True):
@@ -261,6 +312,16 @@ class PeerLost(msgspec.Struct, tag=True):
     """A worker is gone: blocks reserved for KV it was writing can be freed."""
 
     worker_id: str
+
+
+class KVSnapshotRequest(msgspec.Struct, tag=True):
+    """The router's cache index lost track of this worker: send a ``KVSnapshot``."""
+
+
+class RegisterRefused(msgspec.Struct, tag=True):
+    """The router cannot use this worker (e.g. its block size or hashing differs); it exits."""
+
+    reason: str
 
 
 class Ping(msgspec.Struct, tag=True):
@@ -302,6 +363,10 @@ Message = (
     | Reregister
     | Shutdown
     | Flip
+    | KVEvents
+    | KVSnapshot
+    | KVSnapshotRequest
+    | RegisterRefused
 )
 
 _encoder = msgspec.msgpack.Encoder()

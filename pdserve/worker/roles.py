@@ -74,9 +74,10 @@ def build_role(config: WorkerConfig, role: Role, model: LlamaForCausalLM | None 
             receivers.append(receiver)
             return receiver.kv_caches
 
-        engine = LLMEngine(engine_config, kv_allocator=allocate, detokenize=False, model=model)
+        engine = LLMEngine(engine_config, kv_allocator=allocate, detokenize=False, model=model,
+                           record_kv_events=True)
         return RoleParts(role, engine, receiver=receivers[0], intake=KVIntake(engine, receivers[0]))
-    engine = LLMEngine(engine_config, detokenize=False, model=model)
+    engine = LLMEngine(engine_config, detokenize=False, model=model, record_kv_events=True)
     if role is Role.PREFILL:
         sender = make_sender(engine.runner.kv_caches, override=config.kv_transport)
         pusher = KVPusher(engine, sender, drop_done=config.inject_fault == "drop-kv-done")

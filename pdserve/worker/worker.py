@@ -29,6 +29,7 @@ from types import FrameType
 import zmq
 
 from pdserve.config import Role
+from pdserve.engine.block_hash import HASH_SCHEME
 from pdserve.engine.engine import RequestOutput
 from pdserve.errors import PDServeError
 from pdserve.request import TokenLogprobs
@@ -36,6 +37,7 @@ from pdserve.transfer.base import KVReceiver, KVSender, host_id
 from pdserve.worker import protocol as p
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.decode import KVIntake
+from pdserve.worker.kv_events import KVEventPublisher
 from pdserve.worker.prefill import KVPusher
 from pdserve.worker.roles import RoleParts, build_role
 from pdserve.worker.timing import PrefillTimer
@@ -56,6 +58,7 @@ class Worker:
         self.role = config.role
         self.worker_id = config.worker_id or f"{self.role.value}-{socket.gethostname()}-{os.getpid()}"
         self._use(build_role(config, config.role))
+        self.refused: str | None = None
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
@@ -81,6 +84,8 @@ class Worker:
         self.intake: KVIntake | None = parts.intake
         self.pusher: KVPusher | None = parts.pusher
         self.timer = PrefillTimer(self.pusher)
+        # A fresh cache after a flip: a new epoch tells the router's index to drop the old entries.
+        self.kv_events = KVEventPublisher(self.engine.block_manager, self.worker_id)
 
     # -- messaging ---------------------------------------------------------------------
 
@@ -104,6 +109,9 @@ class Worker:
                 kv=self.receiver.descriptor() if self.receiver is not None else None,
                 metrics_port=self.metrics_port,
                 secret=self.config.secret,
+                hash_scheme=HASH_SCHEME,
+                prefix_caching=self.engine.config.cache.enable_prefix_caching,
+                kv_epoch=self.kv_events.epoch,
             )
         )
 
@@ -118,6 +126,13 @@ class Worker:
             num_free_blocks=stats.num_free_blocks,
             num_total_blocks=stats.num_blocks,
             num_cached_blocks=stats.num_cached_blocks,
+            num_prefill_tokens=self.engine.num_prompt_tokens_computed,
+            prefill_busy_s=self.engine.prefill_busy_s,
+            num_decode_steps=self.engine.num_decode_steps,
+            decode_busy_s=self.engine.decode_busy_s,
+            num_decode_seqs=self.engine.num_decode_seqs,
+            prefix_query_tokens=stats.prefix_query_tokens,
+            prefix_hit_tokens=stats.prefix_hit_tokens,
         )
 
     def stats(self) -> p.WorkerStats:
@@ -136,6 +151,11 @@ class Worker:
             transports=sorted(sent.transports)
             if sent is not None
             else ([self.receiver.descriptor().transport] if self.receiver is not None else []),
+            kv_events=self.kv_events.num_events,
+            kv_event_batches=self.kv_events.num_batches,
+            kv_event_bytes=self.kv_events.num_bytes,
+            kv_event_cpu_s=self.kv_events.cpu_s,
+            kv_snapshots=self.kv_events.num_snapshots,
         )
 
     # -- loop ----------------------------------------------------------------------------
@@ -167,6 +187,7 @@ class Worker:
                     self._take_kv()
                 if self.engine.has_unfinished_requests():
                     self._step()
+                self._publish_kv_events()
                 now = time.monotonic()
                 if self._draining and self._drained():
                     if self._flip_to is None:
@@ -175,11 +196,19 @@ class Worker:
                 if now >= self._next_heartbeat_s:
                     if self._draining:
                         self.send(p.Draining(self.worker_id))
-                    self.send(p.Heartbeat(self.worker_id, self.load()))
+                    epoch, seq = self.kv_events.epoch, self.kv_events.seq
+                    self.send(p.Heartbeat(self.worker_id, self.load(), epoch, seq))
                     self._next_heartbeat_s = now + self.config.heartbeat_interval_s
                     self._expire_leases(now)
         finally:
             self.close()
+        if self.refused is not None:
+            raise PDServeError(f"the router refused this worker: {self.refused}")
+
+    def _publish_kv_events(self) -> None:
+        data = self.kv_events.collect()
+        if data is not None:
+            self._sock.send(data, copy=False)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._flip_to is not None:  # a signal during a flip: drain and exit instead
@@ -249,9 +278,9 @@ class Worker:
                 self._on_prefill(message)
             case p.DecodeRequest():
                 self._on_decode(message)
-            case p.Blocks(request_id=rid, block_ids=block_ids):
+            case p.Blocks(request_id=rid, block_ids=block_ids, num_cached_tokens=num_cached):
                 if self.pusher is not None:
-                    self.pusher.set_destination(rid, block_ids)
+                    self.pusher.set_destination(rid, block_ids, num_cached)
             case p.Release(request_id=rid):
                 self._release(rid)
             case p.Abort(request_id=rid):
@@ -269,6 +298,13 @@ class Worker:
                 logger.debug("worker %s: registration confirmed", self.worker_id)
             case p.Reregister():
                 self.register()
+            case p.KVSnapshotRequest():
+                self._publish_kv_events()  # the snapshot covers every batch sent before it
+                self._sock.send(self.kv_events.snapshot(), copy=False)
+            case p.RegisterRefused(reason=reason):
+                logger.error("worker %s: the router refused it: %s", self.worker_id, reason)
+                self.refused = reason
+                self._stop = True
             case p.Shutdown():
                 self._stop = True
             case p.Flip(role=role):
@@ -288,7 +324,8 @@ class Worker:
                 if m.decode_worker_id is None or m.decode_kv is None or self.pusher is None:
                     raise PDServeError("a prefill worker needs a decode worker to hand the KV to")
                 self.pusher.track(m.request_id, m.decode_worker_id, m.decode_kv)
-            # A decode worker takes a whole request only as the fallback prefill.
+            # A decode worker takes a whole request when the router prefills it here
+            # (conditional disaggregation) or as the fallback.
             self.engine.enqueue(request)
             self.timer.received(m.request_id, received_s)
         except (PDServeError, ValueError) as exc:
@@ -309,7 +346,7 @@ class Worker:
             self.send(p.RequestFailed(m.request_id, str(exc), 503 if self._draining else 400))
             return
         if block_ids is not None:
-            self.send(p.Reserved(m.request_id, block_ids))
+            self.send(p.Reserved(m.request_id, block_ids, request.num_computed_tokens))
 
     def _release(self, rid: str) -> None:
         self._held_since_s.pop(rid, None)
@@ -340,8 +377,8 @@ class Worker:
 
     def _take_kv(self) -> None:
         assert self.intake is not None
-        for rid, block_ids in self.intake.retry_pending():
-            self.send(p.Reserved(rid, block_ids))
+        for rid, block_ids, num_cached in self.intake.retry_pending():
+            self.send(p.Reserved(rid, block_ids, num_cached))
         for arrival in self.intake.poll():
             out = arrival.output
             self.send(p.KVReceived(out.request_id, arrival.num_bytes, arrival.transfer_s))

@@ -20,8 +20,15 @@ def launch(
     worker_args: tuple[str, ...] = (),
     **counts: int,
 ) -> LocalLauncher:
-    """Start a deployment of the tiny model and wait until every worker is registered."""
+    """Start a deployment of the tiny model and wait until every worker is registered.
+
+    Disaggregated deployments pin ``--disagg-policy always`` unless the test
+    names one: the tests written for the P → D path must see every prompt take
+    it (conditional disaggregation would prefill short prompts on D).
+    """
     all_worker_args = [*WORKER_ARGS, *worker_args]
+    if mode == "disaggregated" and "--disagg-policy" not in router_args:
+        router_args = ("--disagg-policy", "always", *router_args)
     if transport:
         all_worker_args += ["--kv-transport", transport]
     config = LaunchConfig(

@@ -56,12 +56,13 @@ class Pair:
         return self.receiver.kv_caches
 
     def start(self, rid: str, prompt: list[int], destination_late: bool = False) -> list[int]:
-        d_block_ids = self.intake.admit(self.decode.make_request(prompt, PARAMS, rid))
+        d_request = self.decode.make_request(prompt, PARAMS, rid)
+        d_block_ids = self.intake.admit(d_request)
         assert d_block_ids is not None
         self.pusher.track(rid, "decode-0", self.receiver.descriptor())  # type: ignore[union-attr]
         self.prefill.enqueue(self.prefill.make_request(prompt, PARAMS, rid))
         if not destination_late:
-            self.pusher.set_destination(rid, d_block_ids)
+            self.pusher.set_destination(rid, d_block_ids, d_request.num_computed_tokens)
         return d_block_ids
 
     def prefill_step(self) -> list[RequestOutput]:
@@ -152,7 +153,7 @@ def test_decode_queues_reservations_when_full() -> None:
     time.sleep(0.25)
     pair.intake.poll()
     reserved = pair.intake.retry_pending()
-    assert [rid for rid, _ in reserved] == ["next"]
+    assert [rid for rid, _, _ in reserved] == ["next"]
     pair.intake.abort("next")
     time.sleep(0.25)
     pair.intake.poll()
@@ -167,4 +168,39 @@ def test_abort_before_destination_known_frees_decode_blocks_at_once() -> None:
     pair.pusher.abort("r1")
     pair.prefill.abort_request("r1")
     assert pair.intake.poll() == []  # the abort notice says no write will come
+    pair.assert_idle()
+
+
+def _run_handoff(pair: Pair, rid: str, prompt: list[int]) -> tuple[list[int], int]:
+    """One request through P → D to the end; returns its tokens and the KV bytes D received."""
+    pair.start(rid, prompt)
+    first_token = None
+    while first_token is None:
+        for out in pair.prefill_step():
+            first_token = out.new_token_ids[0]
+    [arrival] = pair.intake.poll()
+    pair.prefill.release(rid)
+    pair.pusher.forget(rid)
+    tokens = [first_token]
+    while pair.decode.has_unfinished_requests():
+        for out in pair.decode.step():
+            tokens.extend(out.new_token_ids)
+    return tokens, arrival.num_bytes
+
+
+def test_follow_up_turn_moves_only_new_blocks(reference: LLM) -> None:
+    pair = Pair()
+    turn1 = [1, *range(10, 60)]  # 51 tokens
+    tokens1, bytes1 = _run_handoff(pair, "t1", turn1)
+    # The next turn repeats the conversation so far and adds a question: D holds its prefix.
+    turn2 = turn1 + tokens1 + list(range(70, 100))
+    d_request = pair.decode.make_request(turn2, PARAMS, "t2-probe")
+    _, num_cached = pair.decode.block_manager.get_computed_blocks(d_request)
+    assert num_cached == (len(turn1) + len(tokens1) - 1) // 16 * 16 > 0
+    tokens2, bytes2 = _run_handoff(pair, "t2", turn2)
+    bytes_per_block = bytes1 // -(-(len(turn1)) // 16)  # turn 1 moved every block of its prompt
+    num_blocks2 = -(-len(turn2) // 16)
+    assert bytes2 == bytes_per_block * (num_blocks2 - num_cached // 16)  # only the new blocks moved
+    assert tokens2 == reference.generate([turn2], PARAMS)[0].token_ids  # and the output is unchanged
+    assert pair.decode.num_prompt_tokens_computed == 0
     pair.assert_idle()

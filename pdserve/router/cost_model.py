@@ -1,0 +1,253 @@
+"""One cost model, in seconds: where a request's prompt is computed and who decodes it.
+
+Pure functions over plain data (:class:`WorkerSnapshot`), so the router, the
+planner and the simulator call the same code:
+
+* ``prefill_s(w, uncached)`` — predicted time to first token on prefill
+  candidate ``w``: its queued prompt tokens plus this prompt's uncached ones,
+  over its measured prefill rate (tokens/s).
+* ``transfer_s(tokens)`` — KV bytes that must move (the prompt less what the
+  decode worker already holds), over the measured link rate, plus a fixed
+  hand-off cost (reservation round trip, done notice).
+* ``itl_s(w)`` — predicted inter-token latency on decode candidate ``w``: its
+  measured decode step time scaled by its batch (running + waiting + this
+  one) and by KV pressure (a nearly full cache preempts).
+* A remote placement (prefill worker P, decode worker D) costs
+  ``prefill_s(P) + transfer_s(D) + outputs · itl_s(D)``; a local one (D, or a
+  mixed worker, computes the prompt itself) costs ``prefill_s(D) +
+  interference + outputs · itl_s(D)``, where the interference charges the
+  stall of D's running streams while it computes the prompt.
+* :func:`plan` searches the candidates, keeps the lowest cost, and breaks
+  near-ties (within ``tie_rel``/``tie_abs_s``) by the power of two random
+  choices, so a burst of equal requests does not herd onto one worker.
+
+Units: seconds, tokens, bytes, tokens/s, bytes/s.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+DISAGG_POLICIES = ("auto", "always", "never")
+
+# Why a placement was chosen (metrics label and trace attribute).
+REMOTE = "remote_cheaper"  # auto: prefill on a prefill worker was predicted faster
+LOCAL_SHORT = "local_short"  # auto: the prompt is short: moving it costs more than computing it
+LOCAL_CACHED = "local_cached"  # auto: the decode worker already holds most of the prompt
+LOCAL_BUSY = "local_prefill_busy"  # auto: the prefill pool's queue made remote slower
+FORCED_REMOTE = "forced_remote"  # --disagg-policy always
+FORCED_LOCAL = "forced_local"  # --disagg-policy never
+NO_PREFILL = "no_prefill_worker"  # no prefill worker: the decode worker prefills (fallback)
+AGGREGATED = "aggregated"  # a mixed worker computes and decodes
+REASONS = (REMOTE, LOCAL_SHORT, LOCAL_CACHED, LOCAL_BUSY, FORCED_REMOTE, FORCED_LOCAL, NO_PREFILL, AGGREGATED)
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """What the cost model needs to know of one worker.
+
+    Attributes:
+        worker_id: its id.
+        role: ``prefill``, ``decode`` or ``mixed``.
+        queued_prefill_tokens: prompt tokens dispatched to it and not yet computed.
+        prefill_rate_tps: measured prompt tokens per second (None: not measured yet).
+        num_running: requests in its running batch.
+        num_waiting: requests queued (for blocks, a step, or KV).
+        kv_usage: fraction of its KV blocks in use (0..1).
+        decode_step_s: measured seconds per decode step (None: not measured yet).
+        decode_batch: mean sequences per measured decode step (what ``decode_step_s`` was measured at).
+        link_bytes_per_s: measured KV link rate into it (decode side; None: not measured).
+    """
+
+    worker_id: str
+    role: str
+    queued_prefill_tokens: int = 0
+    prefill_rate_tps: float | None = None
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    decode_step_s: float | None = None
+    decode_batch: float = 1.0
+    link_bytes_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """Defaults used until measured, and the knobs of the model.
+
+    Attributes:
+        prefill_rate_tps: prefill rate of a worker not measured yet.
+        decode_step_s: decode step time (batch of one) of a worker not measured yet.
+        link_bytes_per_s: KV link rate not measured yet.
+        kv_bytes_per_token: KV bytes of one token (all layers, K and V).
+        handoff_s: fixed cost of a remote prefill (reservation round trip, done notice, messages).
+        interference_weight: share of a local prefill's compute time charged per running stream on D.
+        num_outputs_cap: output tokens counted in the decode term (max_tokens, capped).
+        pressure_knee: KV usage above which the decode term grows steeply (preemptions).
+        tie_rel, tie_abs_s: costs within ``max(tie_abs_s, tie_rel · best)`` of the best are ties.
+    """
+
+    prefill_rate_tps: float = 2000.0
+    decode_step_s: float = 0.02
+    link_bytes_per_s: float = 1e9
+    kv_bytes_per_token: int = 0
+    handoff_s: float = 0.01
+    interference_weight: float = 0.25
+    num_outputs_cap: int = 64
+    pressure_knee: float = 0.85
+    tie_rel: float = 0.05
+    tie_abs_s: float = 0.002
+
+    def __post_init__(self) -> None:
+        if self.prefill_rate_tps <= 0 or self.decode_step_s <= 0 or self.link_bytes_per_s <= 0:
+            raise ValueError("prefill_rate_tps, decode_step_s and link_bytes_per_s must be > 0")
+        if not 0 < self.pressure_knee < 1:
+            raise ValueError(f"pressure_knee={self.pressure_knee} must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A decision: ``prefill_id`` None means the decode worker (or mixed worker) computes the prompt."""
+
+    prefill_id: str | None
+    decode_id: str
+    reason: str
+    cost_s: float
+    ttft_s: float  # the predicted time to first token part of the cost
+    num_cached_tokens: int  # prompt tokens the computing worker holds (predicted from the index)
+    num_moved_tokens: int  # tokens whose KV moves P → D (0 when local)
+
+
+# -- the terms ------------------------------------------------------------------------------------
+
+
+def prefill_s(w: WorkerSnapshot, num_uncached_tokens: int, params: CostParams) -> float:
+    """Predicted seconds until ``w`` has computed this prompt (its queue first)."""
+    rate = w.prefill_rate_tps or params.prefill_rate_tps
+    return (w.queued_prefill_tokens + num_uncached_tokens) / rate
+
+
+def transfer_s(num_tokens: int, link_bytes_per_s: float | None, params: CostParams) -> float:
+    """Predicted seconds to move ``num_tokens`` tokens of KV, plus the hand-off's fixed cost."""
+    rate = link_bytes_per_s or params.link_bytes_per_s
+    return params.handoff_s + num_tokens * params.kv_bytes_per_token / rate
+
+
+def itl_s(w: WorkerSnapshot, params: CostParams) -> float:
+    """Predicted inter-token latency on ``w`` once this request joins its batch."""
+    step = w.decode_step_s if w.decode_step_s is not None else params.decode_step_s
+    per_seq = step / max(w.decode_batch, 1.0)
+    batch = w.num_running + w.num_waiting + 1
+    pressure = 1.0 + max(0.0, w.kv_usage - params.pressure_knee) / (1.0 - params.pressure_knee) * 4.0
+    return max(step, per_seq * batch) * pressure
+
+
+def interference_s(w: WorkerSnapshot, num_uncached_tokens: int, params: CostParams) -> float:
+    """What computing a prompt on a decode worker costs its running streams."""
+    rate = w.prefill_rate_tps or params.prefill_rate_tps
+    return num_uncached_tokens / rate * w.num_running * params.interference_weight
+
+
+# -- the search -----------------------------------------------------------------------------------
+
+
+def pick_lowest(
+    costs: Sequence[tuple[float, int]], params: CostParams, rng: random.Random, scale_s: float
+) -> int:
+    """Index (the second field) of the lowest cost; near-ties go by two random choices.
+
+    Costs within ``max(tie_abs_s, tie_rel · scale_s)`` of the lowest are ties:
+    ``scale_s`` is the part of the cost that tells candidates apart (the best
+    TTFT), so a large term shared by all (the decode term) does not blur it.
+    """
+    best = min(c for c, _ in costs)
+    ties = [(c, i) for c, i in costs if c <= best + max(params.tie_abs_s, params.tie_rel * scale_s)]
+    if len(ties) == 1:
+        return ties[0][1]
+    a, b = rng.sample(ties, 2)
+    return (a if a[0] <= b[0] else b)[1]
+
+
+def plan(
+    num_tokens: int,
+    num_outputs: int,
+    cached_blocks: Mapping[str, int],
+    block_size: int,
+    prefill: Sequence[WorkerSnapshot],
+    local: Sequence[WorkerSnapshot],
+    params: CostParams,
+    rng: random.Random,
+    disagg_policy: str = "auto",
+) -> Placement | None:
+    """The cheapest placement of a prompt of ``num_tokens`` tokens.
+
+    ``prefill``: prefill workers. ``local``: workers that can decode (decode
+    workers, which also take remote KV, and mixed workers, which do not).
+    ``cached_blocks``: leading blocks of the prompt each worker holds (from the
+    cache index). None when there is no candidate at all.
+    """
+    if disagg_policy not in DISAGG_POLICIES:
+        raise ValueError(f"disagg_policy={disagg_policy!r}: use one of {', '.join(DISAGG_POLICIES)}")
+    outputs = min(num_outputs, params.num_outputs_cap)
+    max_cached = max(num_tokens - 1, 0) // block_size * block_size
+
+    def cached(w: WorkerSnapshot) -> int:
+        return min(cached_blocks.get(w.worker_id, 0) * block_size, max_cached)
+
+    options: list[tuple[float, Placement]] = []
+    decoders = [w for w in local if w.role == "decode"]
+    if prefill and decoders and disagg_policy != "never":
+        reason = REMOTE if disagg_policy == "auto" else FORCED_REMOTE
+        itl = {d.worker_id: itl_s(d, params) for d in decoders}
+        for p in prefill:
+            ttft_p = prefill_s(p, num_tokens - cached(p), params)
+            for d in decoders:
+                moved = num_tokens - cached(d)
+                ttft = ttft_p + transfer_s(moved, d.link_bytes_per_s, params)
+                cost = ttft + outputs * itl[d.worker_id]
+                options.append(
+                    (cost, Placement(p.worker_id, d.worker_id, reason, cost, ttft, cached(p), moved))
+                )
+    if not options or disagg_policy == "auto":
+        for w in local:
+            uncached = num_tokens - cached(w)
+            ttft = prefill_s(w, uncached, params) + interference_s(w, uncached, params)
+            cost = ttft + outputs * itl_s(w, params)
+            why = _local_reason(w, prefill, disagg_policy)
+            options.append((cost, Placement(None, w.worker_id, why, cost, ttft, cached(w), 0)))
+    if not options:
+        return None
+    scale_s = min(pl.ttft_s for _, pl in options)
+    chosen = options[pick_lowest([(c, i) for i, (c, _) in enumerate(options)], params, rng, scale_s)][1]
+    if chosen.prefill_id is None and chosen.reason == LOCAL_SHORT:
+        chosen = _explain_local(chosen, num_tokens, prefill, params)
+    return chosen
+
+
+def _local_reason(w: WorkerSnapshot, prefill: Sequence[WorkerSnapshot], policy: str) -> str:
+    if w.role == "mixed":
+        return AGGREGATED
+    if not prefill:
+        return NO_PREFILL
+    if policy == "never":
+        return FORCED_LOCAL
+    return LOCAL_SHORT  # refined by _explain_local once chosen
+
+
+def _explain_local(
+    chosen: Placement, num_tokens: int, prefill: Sequence[WorkerSnapshot], params: CostParams
+) -> Placement:
+    """Why local won in ``auto``: mostly cached on D, prefill queues, or a short prompt."""
+    if chosen.num_cached_tokens * 2 >= num_tokens:
+        reason = LOCAL_CACHED
+    else:
+        queue_s = min(
+            p.queued_prefill_tokens / (p.prefill_rate_tps or params.prefill_rate_tps) for p in prefill
+        )
+        compute_s = num_tokens / max(p.prefill_rate_tps or params.prefill_rate_tps for p in prefill)
+        reason = LOCAL_BUSY if queue_s > compute_s + params.handoff_s else LOCAL_SHORT
+    return Placement(
+        None, chosen.decode_id, reason, chosen.cost_s, chosen.ttft_s, chosen.num_cached_tokens, 0
+    )

@@ -1,0 +1,250 @@
+"""Where each attempt goes: routing policy + cache index + cost model, as the dispatcher uses them.
+
+Lifecycle of one placement:
+
+1. ``place`` hashes the tokens to compute (prompt, and outputs of a migrated
+   request) with the workers' block size, looks them up in the cache index,
+   builds a :class:`~pdserve.router.cost_model.WorkerSnapshot` of every
+   candidate (measured rates, queued prompt tokens, load) and lets
+   :func:`~pdserve.router.cost_model.plan` choose: remote prefill (P computes,
+   KV moves to D) or local (D, or a mixed worker, computes the prompt). With
+   ``kv_aware`` every candidate competes; ``round_robin`` and
+   ``least_loaded`` pick one worker per pool and the cost model only decides
+   remote or local for that pair (``--disagg-policy`` overrides either way).
+2. The chosen workers get speculative index entries for the prompt's blocks
+   and the computing worker is charged the uncached prompt tokens
+   (``charge``); the decision is counted by reason.
+3. ``credit`` gives the charge back once: on the first token, or when the
+   attempt ends.
+
+KV messages (events, snapshots, registrations, heartbeats' sequence numbers)
+go through ``on_*`` methods, which ask workers for snapshots through ``send``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pdserve.config import Role
+from pdserve.router import cost_model as cm
+from pdserve.router.dispatch_config import DispatcherConfig
+from pdserve.router.kv_index import IndexMismatchError, KVIndex
+from pdserve.router.policy import RoutingPolicy, make_policy
+from pdserve.router.registry import Registry, WorkerInfo
+from pdserve.transfer.descriptor import ITEMSIZES
+from pdserve.worker import protocol as p
+
+logger = logging.getLogger(__name__)
+
+KV_AWARE = "kv_aware"
+
+
+@dataclass(frozen=True)
+class WorkerCacheView:
+    """One worker's prefix cache and measured speed, as the router sees them."""
+
+    prefix_hit_rate: float  # prompt tokens its cache served / looked up (its own counters)
+    index_blocks: int  # blocks the index holds for it
+    events: int  # cache events applied
+    events_per_s: float  # over the last 10 s
+    resyncs: int  # snapshots asked for
+    resync_pending: bool  # a snapshot is awaited
+    degraded: bool  # its snapshot is overdue: only speculative entries are used
+    prefill_rate_tps: float | None
+    decode_step_s: float | None
+    queued_prefill_tokens: int
+
+
+class Placer:
+    """Chooses workers for an attempt and keeps the cache index current."""
+
+    def __init__(
+        self,
+        config: DispatcherConfig,
+        registry: Registry,
+        send: Callable[[str, p.Message], object],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.send = send
+        self.rng = rng or random.Random()
+        self.index = KVIndex(block_size=config.kv_block_size, speculative_ttl_s=config.speculative_ttl_s)
+        self.cost_params = cm.CostParams()
+        self.kv_aware = config.policy == KV_AWARE
+        if not self.kv_aware:
+            self.prefill_policy: RoutingPolicy = make_policy(config.policy)
+            self.decode_policy: RoutingPolicy = make_policy(config.policy)
+        self.decisions: Counter[str] = Counter()
+
+    # -- placement ------------------------------------------------------------------------
+
+    def place(
+        self,
+        token_ids: Sequence[int],
+        num_outputs: int,
+        prefill: list[WorkerInfo],
+        local: list[WorkerInfo],
+    ) -> cm.Placement | None:
+        """Choose prefill (None: local) and decode workers for these tokens, or None without candidates."""
+        if not self.kv_aware:
+            n = len(token_ids)
+            prefill = [self.prefill_policy.pick(prefill, n)] if prefill else []
+            local = [self.decode_policy.pick(local, n)] if local else []
+        hashes = self.index.hash_prompt(token_ids)
+        ids = [w.worker_id for w in (*prefill, *local)]
+        cached = self.index.match(hashes, ids) if hashes else dict.fromkeys(ids, 0)
+        default_rate = self._mean_prefill_rate()
+        placement = cm.plan(
+            num_tokens=len(token_ids),
+            num_outputs=num_outputs,
+            cached_blocks=cached,
+            block_size=self.index.block_size or 1,
+            prefill=[self._snapshot(w, default_rate) for w in prefill],
+            local=[self._snapshot(w, default_rate) for w in local],
+            params=self.cost_params,
+            rng=self.rng,
+            disagg_policy=self.config.disagg_policy,
+        )
+        if placement is None:
+            return None
+        self.decisions[placement.reason] += 1
+        for wid in (placement.prefill_id, placement.decode_id):
+            if wid is not None:
+                self.index.add_speculative(wid, hashes)
+        return placement
+
+    def charge(self, worker_id: str, num_tokens: int) -> tuple[str, int] | None:
+        """Count ``num_tokens`` prompt tokens queued on a worker; returns the charge to credit later."""
+        info = self.registry.get(worker_id)
+        if info is None or num_tokens <= 0:
+            return None
+        info.perf.queued_prefill_tokens += num_tokens
+        return worker_id, num_tokens
+
+    def credit(self, charge: tuple[str, int] | None) -> None:
+        """Give a charge back (its tokens are computed, or the attempt ended)."""
+        if charge is None:
+            return
+        info = self.registry.get(charge[0])
+        if info is not None:
+            info.perf.queued_prefill_tokens = max(info.perf.queued_prefill_tokens - charge[1], 0)
+
+    def _mean_prefill_rate(self) -> float | None:
+        rates = [w.perf.prefill_rate_tps for w in self.registry.all() if w.perf.prefill_rate_tps]
+        return sum(rates) / len(rates) if rates else None
+
+    @staticmethod
+    def _snapshot(w: WorkerInfo, default_rate: float | None) -> cm.WorkerSnapshot:
+        load, perf = w.load, w.perf
+        used = load.num_total_blocks - load.num_free_blocks  # cached free blocks can be evicted
+        usage = min(max(used / load.num_total_blocks, 0.0), 1.0) if load.num_total_blocks else 0.0
+        return cm.WorkerSnapshot(
+            worker_id=w.worker_id,
+            role=w.role.value,
+            queued_prefill_tokens=perf.queued_prefill_tokens,
+            prefill_rate_tps=perf.prefill_rate_tps or default_rate,
+            num_running=max(load.num_running, w.num_inflight - load.num_waiting),
+            num_waiting=load.num_waiting + load.num_waiting_for_kv,
+            kv_usage=usage,
+            decode_step_s=perf.decode_step_s,
+            decode_batch=perf.decode_batch,
+            link_bytes_per_s=perf.link_bytes_per_s,
+        )
+
+    # -- KV messages ---------------------------------------------------------------------------
+
+    def on_register(self, m: p.Register) -> str | None:
+        """Check a registration against the index; the reason to refuse it, or None (then indexed)."""
+        try:
+            if m.prefix_caching:
+                self.index.check_worker(m.block_size, m.hash_scheme)
+        except IndexMismatchError as exc:
+            return str(exc)
+        if m.kv is not None and not self.cost_params.kv_bytes_per_token:
+            layout = m.kv.layout
+            per_token = (
+                2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * ITEMSIZES[layout.dtype]
+            )
+            self.cost_params = cm.CostParams(kv_bytes_per_token=per_token)
+        if m.prefix_caching:
+            self.index.add_worker(m.worker_id, m.block_size, m.kv_epoch)
+            self.send(m.worker_id, p.KVSnapshotRequest())
+        else:
+            self.index.remove_worker(m.worker_id)
+        return None
+
+    def on_events(self, m: p.KVEvents) -> None:
+        """Apply a batch of a worker's cache events (a resync when it does not fit)."""
+        events = ((e.kind, e.block_hash, e.parent_hash) for e in m.events)
+        if self.index.apply_events(m.worker_id, m.epoch, m.seq, events):
+            self.send(m.worker_id, p.KVSnapshotRequest())
+
+    def on_snapshot(self, m: p.KVSnapshot) -> None:
+        """Replace a worker's entries with its snapshot."""
+        self.index.apply_snapshot(m.worker_id, m.epoch, m.seq, m.blocks)
+
+    def on_heartbeat(self, m: p.Heartbeat) -> None:
+        """A heartbeat's sequence number shows a lost batch at once."""
+        if self.index.check_heartbeat(m.worker_id, m.kv_epoch, m.kv_seq):
+            self.send(m.worker_id, p.KVSnapshotRequest())
+
+    def on_transfer(self, decode_id: str, num_bytes: int, transfer_s: float) -> None:
+        """A KV transfer into ``decode_id`` completed: update its link rate."""
+        info = self.registry.get(decode_id)
+        if info is not None:
+            info.perf.on_transfer(num_bytes, transfer_s)
+
+    def worker_removed(self, worker_id: str) -> None:
+        """A worker is gone: its entries go with it."""
+        self.index.remove_worker(worker_id)
+
+    def summary(self) -> dict[str, object]:
+        """Routing figures for ``/pdserve/workers`` and ``pdserve status``."""
+        return {
+            "policy": self.config.policy,
+            "disagg_policy": self.config.disagg_policy,
+            "block_size": self.index.block_size,
+            "index_blocks": self.index.size,
+            "speculative_blocks": self.index.num_speculative,
+            "resyncs": self.index.num_resyncs,
+            "decisions": dict(self.decisions),
+        }
+
+    def worker_view(self, w: WorkerInfo) -> WorkerCacheView:
+        """One worker's cache and cost-model figures, as the router sees them."""
+        state = self.index.workers.get(w.worker_id)
+        load = w.load
+        return WorkerCacheView(
+            prefix_hit_rate=load.prefix_hit_tokens / load.prefix_query_tokens
+            if load.prefix_query_tokens
+            else 0.0,
+            index_blocks=len(state.hashes) if state else 0,
+            events=state.num_events if state else 0,
+            events_per_s=self.index.events_per_s(w.worker_id),
+            resyncs=state.num_resyncs if state else 0,
+            resync_pending=bool(state and state.resync_since_s is not None),
+            degraded=bool(state and state.degraded),
+            prefill_rate_tps=w.perf.prefill_rate_tps,
+            decode_step_s=w.perf.decode_step_s,
+            queued_prefill_tokens=w.perf.queued_prefill_tokens,
+        )
+
+    def tick(self) -> None:
+        """Ask again for snapshots that did not come (their workers are routed approximately meanwhile)."""
+        for worker_id in self.index.due_resyncs():
+            self.send(worker_id, p.KVSnapshotRequest())
+
+
+def local_candidates(
+    registry_pools: dict[Role, list[WorkerInfo]], prefill_fallback: bool
+) -> list[WorkerInfo]:
+    """Workers that may compute a prompt themselves: mixed ones, and decode ones (conditional
+    disaggregation; with no prefill worker, only when the prefill fallback is on)."""
+    decode = registry_pools[Role.DECODE]
+    may_decode_prefill = bool(registry_pools[Role.PREFILL]) or prefill_fallback
+    return registry_pools[Role.MIXED] + (decode if may_decode_prefill else [])

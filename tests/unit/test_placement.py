@@ -1,0 +1,85 @@
+"""The router's placement: registration checks, index-driven choices, charges that never drift."""
+
+from __future__ import annotations
+
+import random
+
+from pdserve.config import Role
+from pdserve.engine.block_hash import HASH_SCHEME
+from pdserve.router.dispatch_config import DispatcherConfig
+from pdserve.router.placement import Placer
+from pdserve.router.registry import Registry, WorkerInfo
+from pdserve.worker import protocol as p
+
+BS = 16
+
+
+def register(wid: str, role: Role, block_size: int = BS, scheme: str = HASH_SCHEME) -> p.Register:
+    return p.Register(wid, role.value, "tiny", 1, "h", 4096, block_size, 100, hash_scheme=scheme, kv_epoch=7)
+
+
+def setup(
+    policy: str = "kv_aware", disagg: str = "always"
+) -> tuple[Placer, Registry, list[tuple[str, object]]]:
+    registry = Registry()
+    sent: list[tuple[str, object]] = []
+    config = DispatcherConfig(policy=policy, disagg_policy=disagg)
+    placer = Placer(config, registry, lambda wid, m: sent.append((wid, m)), rng=random.Random(0))
+    for wid, role in (("p0", Role.PREFILL), ("p1", Role.PREFILL), ("p2", Role.PREFILL), ("d0", Role.DECODE)):
+        m = register(wid, role)
+        assert placer.on_register(m) is None
+        registry.add(WorkerInfo.from_register(m))
+        placer.on_snapshot(p.KVSnapshot(wid, 7, 0, []))
+    return placer, registry, sent
+
+
+def test_registration_asks_for_a_snapshot_and_refuses_mismatches() -> None:
+    placer, _, sent = setup()
+    assert ("p0", p.KVSnapshotRequest()) in sent
+    refusal = placer.on_register(register("x", Role.PREFILL, block_size=32))
+    assert refusal is not None and "block size 32" in refusal
+    refusal = placer.on_register(register("y", Role.PREFILL, scheme="python-hash"))
+    assert refusal is not None and "hashing" in refusal
+
+
+def test_prompt_goes_to_the_worker_whose_events_say_it_holds_it() -> None:
+    placer, registry, _ = setup()
+    doc = list(range(100, 260))  # 10 blocks
+    hashes = placer.index.hash_prompt([*doc, 1])
+    events = [p.KVEvent(0, h, hashes[i - 1] if i else None) for i, h in enumerate(hashes)]
+    placer.on_events(p.KVEvents("p2", 7, 1, events))
+    prefill = registry.by_role(Role.PREFILL)
+    decode = registry.by_role(Role.DECODE)
+    for suffix in range(5):
+        placement = placer.place([*doc, 1000 + suffix, 3, 4], 8, prefill, decode)
+        assert placement is not None and placement.prefill_id == "p2"
+        assert placement.num_cached_tokens == 160 and placement.reason == "forced_remote"
+    assert placer.decisions["forced_remote"] == 5
+
+
+def test_charges_are_credited_once() -> None:
+    placer, registry, _ = setup()
+    charge = placer.charge("p0", 500)
+    assert registry.get("p0").perf.queued_prefill_tokens == 500  # type: ignore[union-attr]
+    placer.credit(charge)
+    placer.credit(None)
+    assert registry.get("p0").perf.queued_prefill_tokens == 0  # type: ignore[union-attr]
+    assert placer.charge("ghost", 10) is None
+
+
+def test_a_lost_batch_asks_for_a_snapshot_and_removal_drops_entries() -> None:
+    placer, _, sent = setup()
+    sent.clear()
+    placer.on_events(p.KVEvents("p1", 7, 2, []))  # batch 1 never arrived
+    assert sent == [("p1", p.KVSnapshotRequest())]
+    placer.on_heartbeat(p.Heartbeat("p0", p.WorkerLoad(), 7, 3))
+    assert ("p0", p.KVSnapshotRequest()) in sent
+    placer.worker_removed("p0")
+    assert "p0" not in placer.index.workers
+
+
+def test_round_robin_still_cycles_and_auto_decides_the_site() -> None:
+    placer, registry, _ = setup(policy="round_robin", disagg="auto")
+    prefill, decode = registry.by_role(Role.PREFILL), registry.by_role(Role.DECODE)
+    short = [placer.place([5, 6, 7], 4, prefill, decode) for _ in range(3)]
+    assert all(pl is not None and pl.prefill_id is None and pl.reason == "local_short" for pl in short)
