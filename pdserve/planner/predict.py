@@ -39,6 +39,8 @@ from pdserve.router import cost_model as cm
 #: Speeds assumed before anything was measured (a one-thread tiny worker is far faster).
 DEFAULT_PREFILL_TPS = 2000.0
 DEFAULT_STEP_S = 0.02
+#: The decode fit uses the most recent requests only (it is quadratic in them).
+MAX_FIT_POINTS = 300
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def _fit_decode(sig: Signals) -> tuple[float, float] | None:
         (r.arrived_s + (r.ttft_s or 0.0), r.arrived_s + (r.e2e_s or 0.0), r.itl_s)
         for r in sig.requests
         if r.itl_s is not None and r.e2e_s is not None
-    ]
+    ][-MAX_FIT_POINTS:]
     decoders = max(sig.actual.decode + sig.actual.mixed, 1)
     points: list[tuple[float, float]] = []
     for start, end, itl in spans:

@@ -29,6 +29,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 POOLS = ("prefill", "decode", "mixed")
+#: Traces the planner asks for; an answer this long may cover less than the window.
+MAX_TRACES = 1000
+FULL_TRACES = 250  # the router's default buffer; a list this long is treated as possibly cut
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,11 @@ def parse(
     window_s: float,
 ) -> Signals:
     """A :class:`Signals` from the three documents (pure; see the module docstring)."""
-    samples = [s for s in (sample_of(t) for t in traces) if s is not None and s.arrived_s >= now_s - window_s]
+    every = [s for s in (sample_of(t) for t in traces) if s is not None]
+    if len(every) >= FULL_TRACES and min(s.arrived_s for s in every) > now_s - window_s:
+        # the router keeps only its most recent traces: they cover less than the window
+        window_s = max(now_s - min(s.arrived_s for s in every), 1e-3)
+    samples = [s for s in every if s.arrived_s >= now_s - window_s]
     gauges = _gauges(metrics_text)
     workers: list[WorkerSignal] = []
     for w in workers_view.get("workers", []):
@@ -254,7 +261,8 @@ def read(
     """Fetch the three documents from the router at ``url`` and :func:`parse` them."""
     http = client or httpx.Client(timeout=5.0)
     try:
-        traces = http.get(f"{url}/pdserve/traces", params={"limit": 1000}, headers=headers).json()["traces"]
+        reply = http.get(f"{url}/pdserve/traces", params={"limit": MAX_TRACES}, headers=headers)
+        traces = reply.json()["traces"]
         view = http.get(f"{url}/pdserve/workers", params={"stats": "false"}, headers=headers).json()
         text = http.get(f"{url}/metrics", headers=headers).text
     finally:

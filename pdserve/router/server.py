@@ -87,7 +87,8 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
         dataclasses.replace(config.dispatch, bind=bind), model_name=config.model, max_model_len=max_model_len
     )
     tracer = Tracer(
-        dispatcher.metrics.registry, in_responses=config.trace_responses, log_path=config.trace_log
+        dispatcher.metrics.registry, in_responses=config.trace_responses, log_path=config.trace_log,
+        keep=1000,  # the SLO planner reads a window of them
     )
     app = create_app(
         dispatcher,

@@ -218,3 +218,12 @@ def test_config_is_validated() -> None:
         pl.PlannerConfig(ttft_slo_s=0, itl_slo_s=0.05)
     with pytest.raises(ValueError):
         pl.PlannerConfig(ttft_slo_s=1, itl_slo_s=0.05, min_workers=3, max_workers=2)
+
+
+def test_a_cut_trace_buffer_does_not_understate_the_arrival_rate() -> None:
+    # 300 traces over the last 5 s of a 30 s window: the router kept only its newest ones
+    traces = [trace(NOW - 5 + i / 60, 50, 10) for i in range(300)]
+    sig = parse(traces, view(Shape(mixed=1)), "", now_s=NOW, window_s=30.0)
+    assert sig.arrival_rate == pytest.approx(60.0, rel=0.05)
+    few = parse(traces[-20:], view(Shape(mixed=1)), "", now_s=NOW, window_s=30.0)
+    assert few.arrival_rate == pytest.approx(20 / 30.0)  # a short list is the whole window
