@@ -84,7 +84,7 @@ def start(config: str, slo: SLO, args: argparse.Namespace, log: Path) -> tuple[s
         "pdserve",
         "serve",
         "--model",
-        MODEL,
+        args.model,
         "--port",
         str(port),
         "--ready-timeout",
@@ -122,7 +122,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def client(url: str, args: argparse.Namespace) -> ClientConfig:
     return ClientConfig(
-        base_url=url, model=MODEL, extra_body={"temperature": 0.0}, timeout_s=args.request_timeout
+        base_url=url, model=args.model, extra_body={"temperature": 0.0}, timeout_s=args.request_timeout
     )
 
 
@@ -136,7 +136,7 @@ async def calibrate(url: str, args: argparse.Namespace) -> SLO:
         warmup_requests=1,
         progress=False,
     )
-    counter = make_counter(MODEL)
+    counter = make_counter(args.model)
     run = await run_load(client(url, args), load, make_workload(typical, counter), None, counter)
     recs = [r for r in run.records if r.ok and not r.warmup]
     ttft = min(r.ttft_s for r in recs if r.ttft_s is not None)
@@ -147,7 +147,7 @@ async def calibrate(url: str, args: argparse.Namespace) -> SLO:
 async def phase(
     url: str, kind: str, rate: float, index: int, slo: SLO, args: argparse.Namespace
 ) -> RunResult:
-    counter = make_counter(MODEL)
+    counter = make_counter(args.model)
     workload = WorkloadConfig(kind=kind, seed=args.seed + index)
     load = LoadConfig(
         arrivals=ArrivalConfig(rate=rate, kind="poisson", seed=args.seed + index),
@@ -233,6 +233,7 @@ async def run_config(config: str, slo: SLO | None, args: argparse.Namespace) -> 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="agg,agg2,disagg,planner")
+    p.add_argument("--model", default=MODEL, help="bench-50m (S7); tiny: a try of the script on a busy host")
     p.add_argument("--phase-s", type=float, default=180.0, help="seconds per phase")
     p.add_argument("--chat-rate", type=float, default=1.0, help="req/s in the chat phases")
     p.add_argument("--summary-rate", type=float, default=0.25, help="req/s in the summarization phase")
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     best = max(statics, key=lambda k: statics[k]["goodput_req_s"]) if statics else None
     result = {
         "scenario": "S7 planner vs static shapes on a phase-changing load",
-        "model": MODEL,
+        "model": args.model,
         "machine": machine_info(),
         "settings": {k: v for k, v in vars(args).items()},
         "slo": {"ttft_ms": slo.ttft_ms if slo else None, "tpot_ms": slo.tpot_ms if slo else None},
