@@ -140,7 +140,7 @@ async def calibrate(url: str, args: argparse.Namespace) -> SLO:
     run = await run_load(client(url, args), load, make_workload(typical, counter), None, counter)
     recs = [r for r in run.records if r.ok and not r.warmup]
     ttft = min(r.ttft_s for r in recs if r.ttft_s is not None)
-    tpot = min(t for r in recs if (t := r.tpot_s) is not None)
+    tpot = min(t for r in recs if (t := r.tpot_s) is not None and t > 0)
     return SLO(ttft_ms=round(10 * ttft * 1e3, 1), tpot_ms=round(3 * tpot * 1e3, 2))
 
 
