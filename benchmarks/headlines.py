@@ -199,6 +199,63 @@ def soak(d: dict[str, Any]) -> list[Headline]:
     return _rows("soak", d, figures)
 
 
+def s9(d: dict[str, Any]) -> list[Headline]:
+    """Medians of the elasticity times, flip vs new process, failed requests during a scale-down."""
+    figs = d.get("figures", {})
+
+    def median(key: str) -> str:
+        return number(figs.get(key, {}).get("median_s"), ".2f") + " s"
+
+    launcher = d.get("launcher", "local")
+    load = d.get("scale_down_under_load", {})
+    failed = load.get("requests_failed")
+    figures = [
+        (f"SIGKILLed decode worker → replacement serving ({launcher})", median("decode_death_to_serving"),
+         "-", REPORTED),
+        (f"SIGKILLed prefill worker → replacement serving ({launcher})", median("prefill_death_to_serving"),
+         "-", REPORTED),
+        (f"scale → new worker's first request ({launcher})", median("scale_to_first_request_new_process"),
+         "-", REPORTED),
+        ("role flip → first request, vs a new process", f"{median('flip_to_first_request')} vs "
+         f"{median('new_prefill_process_to_first_request')} ({number(d.get('flip_vs_new_process'), '.2f')}×)",
+         "-", REPORTED),
+        (f"failed requests, scale-down 2+2 → 1+1 under {load.get('clients', '-')} streams",
+         f"{number(failed, 'd')} of {number(load.get('requests_ok', 0) + (failed or 0), 'd')}", "0",
+         verdict(failed == 0) if failed is not None else REPORTED),
+    ]
+    for name, seconds in d.get("start_to_models_200_s", {}).items():
+        figures.append((f"pdserve serve start → /v1/models 200 ({name})", number(seconds, ".1f") + " s", "-",
+                        REPORTED))
+    return _rows("S9", d, figures)
+
+
+def s10(d: dict[str, Any]) -> list[Headline]:
+    """SmolLM2-135M: each system's tokens/s at 1 and 16 streams, step vs bound, targets, int8 accuracy."""
+    figures = []
+    for system, res in d.get("systems", {}).items():
+        if "error" in res:
+            figures.append((f"{system} output tok/s", "not measured", "-", "failed: see the result file"))
+            continue
+        one, many = res.get("1_streams", {}), res.get("16_streams", {})
+        value = (f"{number(one.get('output_tokens_per_s'), '.1f')} / "
+                 f"{number(many.get('output_tokens_per_s'), '.1f')}")
+        figures.append((f"{system} output tok/s, 1 / 16 streams", value, "-", REPORTED))
+    bounds = d.get("bounds", {})
+    for system, fmt in (("pdserve-fp32", "fp32"), ("pdserve-int8", "int8")):
+        step = d.get("systems", {}).get(system, {}).get("1_streams", {}).get("decode_step_ms")
+        bound = bounds.get(fmt, {}).get("bound_ms_at_21.4GB/s")
+        figures.append((f"{system} decode step at 1 stream vs weight-bytes bound",
+                        f"{number(step, '.1f')} ms vs {number(bound, '.1f')} ms", "-", REPORTED))
+    for t in d.get("targets", []):
+        figures.append((t["target"], number(t["value"], ".2f") + "×", f"≥ {t['goal']:g}×", verdict(t["met"])))
+    acc = d.get("accuracy") or {}
+    if acc:
+        figures.append(("int8 vs fp32: teacher-forced top-1 agreement, mean KL",
+                        f"{number(acc.get('teacher_forced_top1_agreement'), '.1%')}, "
+                        f"{number(acc.get('mean_kl_fp32_int8'), '.4f')}", "-", REPORTED))
+    return _rows("S10", d, figures)
+
+
 #: result file name → its reader, in the order of the summary table.
 READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s1_engine_throughput.json": s1,
@@ -207,5 +264,7 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s4_kv_transfer.json": s4,
     "s5_router_overhead.json": s5,
     "s7_planner.json": s7,
+    "s9_elasticity.json": s9,
     "soak.json": soak,
+    "s10_real_model.json": s10,
 }

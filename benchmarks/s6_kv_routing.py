@@ -48,15 +48,15 @@ from typing import Any
 import httpx
 from common import RESULTS_DIR, machine_info, ratio, write_json
 from cpu_meter import CpuMeter, cpu_seconds
-from pdserve.model.tokenizer import load_tokenizer
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.client import ClientConfig
 from pdserve.bench.runner import LoadConfig, RunResult, run_load
 from pdserve.bench.workload import WorkloadConfig, make_counter, make_workload
-from pdserve.engine.block_hash import hash_blocks, num_cacheable_blocks
+from pdserve.block_hash import hash_blocks, num_cacheable_blocks
 from pdserve.launch.local import LaunchConfig, LocalLauncher
+from pdserve.tokenizer import load_tokenizer
 
 MODEL = "bench-50m"
 BLOCK_SIZE = 16

@@ -45,7 +45,12 @@ READY_TIMEOUT_S = 300
 
 
 def start_cluster() -> tuple[Any, float]:
-    """Head (prefill_node) + two decode_node nodes; returns it and its start-up time in seconds."""
+    """Head (prefill_node) + two decode_node nodes; returns it and its start-up time in seconds.
+
+    Every node's IP is 127.0.0.1 (Ray's single-machine switch, read when Ray is
+    imported, and inherited by pdserve serve), so no traffic leaves loopback.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from ray.cluster_utils import Cluster
 
     start = time.perf_counter()

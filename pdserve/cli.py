@@ -16,7 +16,9 @@ Command = Callable[[argparse.Namespace], int]
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs an engine."""
-    parser.add_argument("--model", default="tiny", help="preset (tiny, bench-50m) or HF checkpoint dir")
+    parser.add_argument(
+        "--model", default="tiny", help="preset (tiny, bench-50m), alias (smollm2-135m), GGUF file or HF dir"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -29,6 +31,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per request per step")
     parser.add_argument("--no-chunked-prefill", action="store_true")
     parser.add_argument("--seed", type=int, default=0, help="seed of dummy weights and unseeded sampling")
+    parser.add_argument(
+        "--quantization", default="none", choices=["none", "int8"], help="int8: int8 weights (CPU decode)"
+    )
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,6 +51,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         "enable_chunked_prefill": not args.no_chunked_prefill,
         "seed": args.seed,
+        "quantization": args.quantization,
     }
 
 
@@ -208,7 +214,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     commands["generate"] = _generate
 
     serve = sub.add_parser("serve", help="run router and workers on this host (OpenAI API)")
-    serve.add_argument("--model", default="tiny", help="preset (tiny, bench-50m) or HF checkpoint dir")
+    serve.add_argument(
+        "--model", default="tiny", help="preset (tiny, bench-50m), alias (smollm2-135m), GGUF file or HF dir"
+    )
+    serve.add_argument("--served-model-name", default=None, help="model id for clients (default: --model)")
     serve.add_argument("--mode", default="disaggregated", choices=["disaggregated", "aggregated"])
     serve.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
     serve.add_argument("--decode", type=int, default=1, help="decode workers (disaggregated)")
@@ -224,6 +233,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     serve.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument(
+        "--quantization", default="none", choices=["none", "int8"], help="int8: int8 weights (CPU decode)"
+    )
     serve.add_argument("--device", default="auto")
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--threads-per-worker", type=int, default=0, help="0: share the cores evenly")

@@ -8,6 +8,8 @@ from enum import StrEnum
 from pdserve.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: Weight quantization methods (``--quantization``), see :mod:`pdserve.model.quant`.
+QUANTIZATION_METHODS = ("none", "int8")
 
 
 class Role(StrEnum):
@@ -28,12 +30,15 @@ class ModelConfig:
     """Which model to run, and how.
 
     Attributes:
-        model: a built-in preset name (``tiny``, ``bench-50m``) or a local
-            Hugging Face checkpoint directory.
+        model: a built-in preset name (``tiny``, ``bench-50m``), an alias of a
+            packaged model (``smollm2-135m``), a GGUF file or a local Hugging
+            Face checkpoint directory.
         dtype: ``float32``, ``bfloat16`` or ``float16`` (fp32 is fastest on CPUs).
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         max_model_len: longest prompt + output in tokens; defaults to the model's limit.
         seed: seed of the deterministic dummy weights of presets.
+        quantization: ``none`` or ``int8`` (int8 weights with per-channel
+            scales for the linear layers and the LM head; see docs/models.md).
     """
 
     model: str = "tiny"
@@ -41,8 +46,13 @@ class ModelConfig:
     device: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(
+                f"quantization={self.quantization!r} is not one of {', '.join(QUANTIZATION_METHODS)}"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -36,8 +36,8 @@ def pools_line(deployment: dict[str, Any]) -> str:
     """``prefill 2/2  decode 1/3 (starting 2)``: actual/target per pool, with the slots in motion."""
     parts = []
     for pool, info in deployment["pools"].items():
-        if info["target"] is None and not info["actual"]:
-            continue
+        if not info["target"] and not info["actual"] and not info["states"]:
+            continue  # a pool this deployment does not use
         moving = ", ".join(f"{s} {n}" for s, n in info["states"].items() if s != "ready")
         target = "-" if info["target"] is None else info["target"]
         parts.append(f"{pool} {info['actual']}/{target}" + (f" ({moving})" if moving else ""))

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.engine.block_hash import hash_block
+from pdserve.block_hash import hash_block
 from pdserve.request import Request
 
 

@@ -19,6 +19,7 @@ from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.errors import InvalidRequestError
 from pdserve.model.llama import LlamaForCausalLM
+from pdserve.model.smooth import CALIBRATION_TEXT
 from pdserve.modelspec.arch import ArchConfig, load_arch_config
 from pdserve.request import Request, RequestStatus, TokenLogprobs
 from pdserve.sampling_params import SamplingParams
@@ -97,7 +98,10 @@ class LLMEngine:
         self.tokenizer: Tokenizer = load_tokenizer(config.model.model)
         self.max_model_len = resolve_max_model_len(config, self.arch)
         self.eos_token_ids = tuple(sorted(set(self.arch.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
-        self.runner = ModelRunner(config.model, config.cache, self.arch, kv_allocator, model)
+        calibration = None  # text whose activations set int8's smoothing scales
+        if config.model.quantization != "none" and model is None:
+            calibration = self.tokenizer.encode(CALIBRATION_TEXT)
+        self.runner = ModelRunner(config.model, config.cache, self.arch, kv_allocator, model, calibration)
         self.block_manager = BlockManager(
             self.runner.num_blocks,
             config.cache.block_size,

@@ -42,7 +42,8 @@ class LLM:
     """Generate text offline with continuous batching.
 
     Args:
-        model: preset name (``tiny``, ``bench-50m``) or a Hugging Face checkpoint directory.
+        model: preset name (``tiny``, ``bench-50m``), alias (``smollm2-135m``), GGUF file
+            or Hugging Face checkpoint directory (see docs/models.md).
         config: a complete :class:`EngineConfig` (then ``options`` must be empty).
         **options: engine options by field name, see :func:`make_engine_config`.
     """

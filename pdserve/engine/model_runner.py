@@ -18,6 +18,7 @@ from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.model.attention import KVCache, SeqSpec, allocate_kv_cache, build_attention_metadata
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
+from pdserve.model.quant import quantize_model
 from pdserve.modelspec.arch import ArchConfig
 from pdserve.request import Request
 
@@ -46,15 +47,17 @@ class ModelRunner:
         arch: ArchConfig,
         kv_allocator: KVAllocator | None = None,
         model: LlamaForCausalLM | None = None,
+        calibration_ids: list[int] | None = None,
     ) -> None:
         self.arch = arch
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype)
         self.block_size = cache_config.block_size
-        # A worker that changes role passes the weights it already has (no reload).
-        self.model = model if model is not None else load_model(
-            model_config.model, arch, self.dtype, self.device, model_config.seed
-        )
+        # A worker that changes role passes the weights it already has (no reload; already quantized).
+        if model is None:
+            model = load_model(model_config.model, arch, self.dtype, self.device, model_config.seed)
+            quantize_model(model, model_config.quantization, calibration_ids)
+        self.model = model
         per_block = kv_bytes_per_block(arch, self.block_size, self.dtype)
         self.num_blocks = cache_config.num_blocks or max(cache_config.kv_cache_bytes // per_block, 1)
         allocate = kv_allocator or allocate_kv_cache

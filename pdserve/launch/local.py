@@ -18,6 +18,7 @@ Lifecycle:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -253,22 +254,30 @@ class LocalLauncher:
 # -- the local backend of the supervisor (pdserve.launch.supervisor) ------------------------------
 
 
+#: ``pdserve.transfer.shm.SEGMENT_PREFIX``, without importing it (that imports torch: seconds
+#: in the launcher, which would delay the restart of the worker that died).
+SEGMENT_PREFIX = "pdserve-kv-"
+
+
 def unlink_segments_of(pid: int) -> list[str]:
     """Unlink the shared-memory KV segments a (dead) process created; returns their names.
 
     A decode worker killed by SIGKILL cannot unlink its own segment; its name
     carries its pid (``pdserve-kv-<pid>-<hex>``, see :mod:`pdserve.transfer.shm`).
     """
-    from pdserve.transfer.shm import SEGMENT_PREFIX, unlink_segment
-
     try:
         names = os.listdir("/dev/shm")
     except OSError:
         return []
-    mine = [n for n in names if n.startswith(f"{SEGMENT_PREFIX}{pid}-")]
-    for name in mine:
-        unlink_segment(name)
-    return mine
+    removed = []
+    for name in names:
+        if name.startswith(f"{SEGMENT_PREFIX}{pid}-"):
+            # Not shm.unlink_segment: its resource-tracker bookkeeping would start a tracker
+            # process here (seconds on a busy host) for a segment this process never created.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join("/dev/shm", name))
+                removed.append(name)
+    return removed
 
 
 class LocalProcess:

@@ -23,13 +23,14 @@ Lifecycle of one component:
    or ``-9`` when the actor died (killed, or its node lost). An ended
    component's actor is killed so its resources are free for a replacement.
 4. ``terminate`` sends SIGTERM to the process through its actor (the worker
-   drains); ``kill`` kills the actor, and with it the process.
+   drains); an actor Ray has not placed yet is just removed. ``kill`` sends
+   SIGKILL and kills the actor.
 5. ``close`` terminates everything, kills what is left after a grace period,
    and disconnects from Ray if it connected.
 
 The router's actor goes where ``--router-resources`` says; without them it is
-pinned (softly) to the Ray node ``pdserve serve`` runs on, so the printed URL
-is reachable there.
+pinned to the Ray node ``pdserve serve`` runs on (a soft pin was seen to
+place it elsewhere half the time), so the printed URL is reachable there.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,16 +67,38 @@ logger = logging.getLogger(__name__)
 
 HOST_ID_ENV = "PDSERVE_HOST_ID"  # read by pdserve.transfer.base.host_id
 ACTOR_DIED = -signal.SIGKILL  # exit code reported when the actor (or its node) is gone
+WAITING_NOTICE_S = 30.0  # an actor not placed after this long is logged (once)
 
 
 def _die_with_actor() -> None:
-    """In the child: SIGKILL from the kernel when the actor process dies (Linux), as its node would."""
+    """In the child: SIGKILL from the kernel when the actor process dies (Linux), as its node would.
+
+    Also unblocks every signal: the actor's threads run with SIGINT blocked, and a
+    blocked mask survives ``exec`` (the process would never see Ctrl-C's signal).
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _unlink_dead_segments(pid: int = 0) -> None:
+    """Unlink the KV segments ``pid`` (ended) and any dead process left in this node's /dev/shm.
+
+    A decode worker killed with its actor (``ray.kill``, a lost node) cannot
+    unlink its segment, and no one else on the node is its parent: every actor
+    sweeps when its process starts and ends.
+    """
+    from pdserve.launch.local import unlink_segments_of
+    from pdserve.transfer.shm import unlink_stale_segments
+
+    if pid:
+        unlink_segments_of(pid)
+    for name in unlink_stale_segments():
+        logger.info("unlinked %s (its process is gone)", name)
 
 
 class ProcessHost:
@@ -103,6 +128,7 @@ class ProcessHost:
         child_env = dict(os.environ, **env)
         child_env[HOST_ID_ENV] = f"ray-node-{self.node_id}"
         cmd = [sys.executable, "-m", "pdserve", "--log-level", self.log_level, command, *args]
+        _unlink_dead_segments()
         with self._lock:
             try:
                 if self._stopped:
@@ -111,9 +137,8 @@ class ProcessHost:
             finally:
                 self.started.set()
         code = self.proc.wait()
-        from pdserve.transfer.shm import unlink_stale_segments
-
-        unlink_stale_segments()  # what a SIGKILLed decode worker left in /dev/shm
+        _unlink_dead_segments(self.proc.pid)
+        shutil.rmtree(self.rundir, ignore_errors=True)
         return code
 
     def placement(self) -> tuple[str, str, int]:
@@ -135,7 +160,8 @@ class ProcessHost:
         with open(self.ready_file) as f:
             ready: dict[str, Any] = json.load(f)
         port = str(ready["control_endpoint"]).rsplit(":", 1)[1]
-        ready["control_endpoint"] = f"tcp://{self.node_ip}:{port}"
+        host = f"[{self.node_ip}]" if ":" in self.node_ip else self.node_ip  # IPv6
+        ready["control_endpoint"] = f"tcp://{host}:{port}"
         ready["node_ip"] = self.node_ip
         return ready
 
@@ -154,14 +180,19 @@ _RemoteHost = ray.remote(ProcessHost)
 class RayProcess:
     """A component running in a :class:`ProcessHost` actor (a ``ProcessHandle``)."""
 
-    def __init__(self, name: str, actor: Any, run_ref: Any) -> None:
+    def __init__(
+        self, name: str, actor: Any, run_ref: Any, resources: dict[str, float] | None = None
+    ) -> None:
         self.name = name
         self.actor = actor
+        self.resources = resources or {}
         self._run_ref = run_ref
         self._placement_ref = actor.placement.remote()
         self._placement: Placement | None = None
         self._code: int | None = None
         self._killed = False  # by us: its actor's death is no news
+        self._created_s = time.monotonic()
+        self._told_waiting = False
 
     def poll(self) -> int | None:
         """``None`` while it runs (or waits for a node), else its exit code (-9: the actor died)."""
@@ -169,6 +200,12 @@ class RayProcess:
             return self._code
         done, _ = ray.wait([self._run_ref], timeout=0)
         if not done:
+            if not self._told_waiting and time.monotonic() - self._created_s > WAITING_NOTICE_S \
+                    and not self.placement().pid:
+                self._told_waiting = True
+                logger.warning("%s has waited %.0f s for a Ray node with room for %s; it starts once one "
+                               "has (a node joins or another actor ends)", self.name, WAITING_NOTICE_S,
+                               json.dumps(self.resources) if self.resources else "it")
             return None
         try:
             self._code = int(ray.get(self._run_ref))
@@ -253,6 +290,7 @@ class RayBackend:
         self.start_timeout_s = start_timeout_s
         self._owns_connection = not ray.is_initialized()
         if self._owns_connection:
+            _check_reachable(address)
             try:
                 ray.init(address=address, namespace="pdserve", log_to_driver=True,
                          configure_logging=False)
@@ -261,8 +299,13 @@ class RayBackend:
                                   "with `ray start --head` or name its address") from exc
         self._processes: list[RayProcess] = []
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        for role, resources in self.role_resources.items():
-            check_feasible(role, resources, nodes)
+        try:
+            for role, resources in self.role_resources.items():
+                check_feasible(role, resources, nodes)
+        except ConfigError:
+            if self._owns_connection:
+                ray.shutdown()
+            raise
 
     def _create(self, resources: dict[str, float], **extra: Any) -> Any:
         options = {**actor_options(resources), **extra}
@@ -277,7 +320,7 @@ class RayBackend:
             actor = self._create(self.role_resources["router"])
         else:
             here = ray.get_runtime_context().get_node_id()
-            actor = self._create({}, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True))
+            actor = self._create({}, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
         run_ref = actor.run.remote("router", list(args), dict(env))
         try:
             ready = ray.get(actor.ready.remote(self.start_timeout_s), timeout=self.start_timeout_s + 30)
@@ -294,18 +337,24 @@ class RayBackend:
         return router
 
     def start_worker(self, spec: WorkerSpec) -> RayProcess:
-        """Create the worker's actor with its role's resources; returns before Ray has placed it."""
+        """Create the worker's actor with its role's resources; returns before Ray has placed it.
+
+        A role that reserves CPUs (``num_cpus`` ≥ 1) gets that many torch threads,
+        whatever ``spec.threads`` (reckoned from this machine's cores) says.
+        """
         resources = spec.resources or self.role_resources.get(spec.role, {})
         actor = self._create(resources)
-        env = dict(spec.env)
-        if spec.threads:
-            env["OMP_NUM_THREADS"] = str(spec.threads)
-        process = RayProcess(spec.worker_id, actor, actor.run.remote("worker", list(spec.args), env))
+        env, args = dict(spec.env), list(spec.args)
+        threads = int(resources.get("num_cpus", 0)) or spec.threads
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+            args += ["--threads", str(threads)]  # the last --threads wins
+        process = RayProcess(spec.worker_id, actor, actor.run.remote("worker", args, env), resources)
         self._processes = [p for p in self._processes if p._code is None]
         self._processes.append(process)
         return process
 
-    def close(self, grace_s: float = 10.0) -> None:
+    def close(self, grace_s: float = 20.0) -> None:
         """SIGTERM every process (workers first), kill the actors of what outlives ``grace_s``."""
         for process in reversed(self._processes):
             process.terminate()
@@ -318,6 +367,19 @@ class RayBackend:
         self._processes = []
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Raise ConfigError unless something listens at ``HOST:PORT`` (Ray would retry for minutes)."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({exc}); give the "
+                          "head node's GCS address (HOST:6379 by default) or auto") from exc
 
 
 def _arg(args: list[str], name: str, default: str) -> str:

@@ -28,6 +28,8 @@ def router_args(args: argparse.Namespace) -> list[str]:
            "--disagg-policy", args.disagg_policy, "--startup-wait", str(args.startup_wait)]
     if args.max_model_len:
         out += ["--max-model-len", str(args.max_model_len)]
+    if getattr(args, "served_model_name", None):
+        out += ["--served-model-name", args.served_model_name]
     if args.trace_responses:
         out.append("--trace-responses")
     if args.trace_log:
@@ -42,6 +44,8 @@ def worker_args(args: argparse.Namespace) -> list[str]:
         out += ["--max-model-len", str(args.max_model_len)]
     if args.kv_transport:
         out += ["--kv-transport", args.kv_transport]
+    if getattr(args, "quantization", "none") != "none":
+        out += ["--quantization", args.quantization]
     return out
 
 

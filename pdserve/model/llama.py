@@ -135,6 +135,8 @@ class LlamaForCausalLM(nn.Module):
             None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         )
         self.workspace = GatherWorkspace()
+        #: An int8 LM head set by :func:`pdserve.model.quant.quantize_model`; used instead of the weights.
+        self.quantized_head: nn.Module | None = None
         self.requires_grad_(False)
 
     def forward(
@@ -161,6 +163,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in fp32 of hidden states [N, hidden]."""
+        if self.quantized_head is not None:
+            return self.quantized_head(hidden).float()
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
 

@@ -6,8 +6,9 @@
    it uninitialised on the target device and recomputes the RoPE tables.
 3. Weights come from :func:`dummy_weights` for presets — a seeded CPU
    generator, so the same seed gives bit-identical weights on any run and
-   device — or from the checkpoint's safetensors files
-   (:func:`checkpoint_weights`), read lazily tensor by tensor.
+   device — from the checkpoint's safetensors files
+   (:func:`checkpoint_weights`), read lazily tensor by tensor, or from a GGUF
+   file (:func:`pdserve.model.gguf.gguf_weights`), dequantized tensor by tensor.
 4. :meth:`LlamaForCausalLM.load_weights` checks names and shapes; any
    missing tensor is an error, so no parameter stays uninitialised.
 5. On a CPU, :func:`use_cpu_weight_layout` stores the weights of linear layers
@@ -26,8 +27,11 @@ import torch
 from torch import nn
 
 from pdserve.errors import ConfigError, ModelLoadError
+from pdserve.model.gguf import gguf_weights
 from pdserve.model.llama import LlamaForCausalLM
+from pdserve.modelspec.aliases import resolve_alias
 from pdserve.modelspec.arch import ArchConfig, load_arch_config
+from pdserve.modelspec.gguf_file import is_gguf_file
 from pdserve.modelspec.presets import is_preset
 
 logger = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_model(
     model: str, arch: ArchConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
 ) -> LlamaForCausalLM:
-    """The model named ``model`` (preset or HF folder) with its weights, in eval mode.
+    """The model named ``model`` (preset, alias, GGUF file or HF folder) with its weights, in eval mode.
 
     Raises:
         ModelLoadError: missing, corrupt or incomplete weights.
@@ -95,8 +99,10 @@ def load_model(
     net.reset_buffers()
     if is_preset(model):
         net.load_weights(dummy_weights(net, seed))
+    elif is_gguf_file(path := resolve_alias(model)):
+        net.load_weights(gguf_weights(path, arch))
     else:
-        net.load_weights(checkpoint_weights(model))
+        net.load_weights(checkpoint_weights(path))
     if device.type == "cpu":
         use_cpu_weight_layout(net)
     logger.info("loaded %s (%d params) as %s on %s", model, arch.num_params(), dtype, device)

@@ -1,7 +1,9 @@
 """The shape of a decoder-only model, read from a preset or an HF ``config.json``.
 
 1. :func:`load_arch_config` resolves a model name: a built-in preset
-   (:mod:`pdserve.modelspec.presets`) or a local Hugging Face checkpoint folder.
+   (:mod:`pdserve.modelspec.presets`), an alias of a packaged model
+   (:mod:`pdserve.modelspec.aliases`), a GGUF file
+   (:mod:`pdserve.modelspec.gguf_file`) or a local Hugging Face checkpoint folder.
 2. For a folder it reads ``config.json`` (and ``generation_config.json`` for
    end-of-sequence ids), checks the architecture is one pdserve implements and
    normalises the two HF spellings of RoPE settings (``rope_theta`` +
@@ -217,19 +219,25 @@ def _normalise_rope_scaling(scaling: Any) -> dict[str, Any] | None:
 
 
 def load_arch_config(model: str) -> ArchConfig:
-    """The :class:`ArchConfig` of a preset name or a local HF checkpoint folder.
+    """The :class:`ArchConfig` of a preset, an alias, a GGUF file or a local HF checkpoint folder.
 
     Raises:
         ModelLoadError: unknown preset and no such folder, or a missing or
             invalid ``config.json``.
         UnsupportedModelError: an architecture or RoPE type pdserve lacks.
     """
+    from pdserve.modelspec.aliases import ALIASES, resolve_alias
+    from pdserve.modelspec.gguf_file import arch_config_from_gguf, is_gguf_file
+
     if model in PRESETS:
         return ArchConfig(**PRESETS[model])
+    model = resolve_alias(model)
+    if is_gguf_file(model):
+        return arch_config_from_gguf(model)
     if not os.path.isdir(model):
         raise ModelLoadError(
-            f"model {model!r} is neither a built-in preset ({', '.join(preset_names())}) "
-            "nor an existing local checkpoint directory"
+            f"model {model!r} is neither a built-in preset ({', '.join(preset_names())}), "
+            f"an alias ({', '.join(ALIASES)}), a GGUF file nor an existing local checkpoint directory"
         )
     config = _read_json(os.path.join(model, "config.json"), required=True)
     generation = _read_json(os.path.join(model, "generation_config.json"), required=False)

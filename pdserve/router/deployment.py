@@ -145,7 +145,7 @@ class Deployment:
             "launcher": self.launcher,
             "generation": self.generation,
             "pools": pools,
-            "workers": self.slots,
+            "workers": self.slots if self.supervised else [],
         }
 
 

@@ -329,6 +329,10 @@ class Dispatcher:
             logger.error("router: registration of %s refused: %s", m.worker_id, refusal)
             self.channel.send(sender, p.RegisterRefused(refusal))
             return
+        old = self.registry.get(m.worker_id)
+        if old is not None and old.role is Role.DECODE and m.role != Role.DECODE.value:
+            for w in self.registry.by_role(Role.PREFILL):  # it flipped: drop connections to its old cache
+                self.channel.send(w.worker_id, p.PeerLost(m.worker_id))
         self.registry.add(WorkerInfo.from_register(m))
         self.channel.send(sender, p.Registered(m.worker_id, self.config.lease_s / 6))
         logger.info("router: %s worker %s registered (pid %d)", m.role, m.worker_id, m.pid)

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from pdserve.engine.block_hash import HASH_SCHEME, hash_blocks
+from pdserve.block_hash import HASH_SCHEME, hash_blocks
 
 logger = logging.getLogger(__name__)
 

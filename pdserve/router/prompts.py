@@ -156,6 +156,7 @@ class Planner:
                 if not req.messages:
                     raise APIError(400, "messages must not be empty", param="messages")
                 messages = [m.model_dump(exclude_none=True) for m in req.messages]
+                _check_roles(messages)
                 ids = self.tokenizer.encode_chat(
                     messages, add_generation_prompt=True, chat_template_kwargs=req.chat_template_kwargs
                 )
@@ -272,3 +273,19 @@ def _renamed(e: InvalidRequestError, max_tokens_param: str) -> APIError:
     if param == "max_tokens" and max_tokens_param != "max_tokens":
         message, param = message.replace("max_tokens", max_tokens_param, 1), max_tokens_param
     return APIError(400, message, param=param)
+
+
+#: Chat roles the OpenAI API defines.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _check_roles(messages: list[dict[str, Any]]) -> None:
+    """400 naming the first message whose role the API does not define."""
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise APIError(
+                400,
+                f"messages[{i}].role is {role!r}; it must be one of {', '.join(CHAT_ROLES)}",
+                param="messages",
+            )

@@ -25,9 +25,12 @@ import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.errors import InvalidRequestError, ModelLoadError
+
+if TYPE_CHECKING:
+    from pdserve.tokenizer.chat_template import ChatTemplate
 
 Message = dict[str, Any]
 
@@ -260,26 +263,50 @@ class HFTokenizer(Tokenizer):
                 "(sentencepiece-only checkpoints are not supported)"
             )
         try:
-            self._tok = RustTokenizer.from_file(path)
+            tok = RustTokenizer.from_file(path)
         except Exception as e:  # the Rust library raises plain Exception
             raise ModelLoadError(f"cannot load {path}: {e}") from e
         config = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
         special_map = _read_json(os.path.join(model_dir, "special_tokens_map.json"))
-        self._special_tokens: dict[str, str | None] = {}
+        special_tokens: dict[str, str | None] = {}
         for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
             value = config.get(name, special_map.get(name))
-            self._special_tokens[name] = _token_text(value)
-        self._add_bos = config.get("add_bos_token")
-        self._add_eos = config.get("add_eos_token")
-        self._bos_id = self._id_of(self._special_tokens["bos_token"])
-        self._eos_id = self._id_of(self._special_tokens["eos_token"])
-        eos = [self._eos_id]
+            special_tokens[name] = _token_text(value)
+        extra_eos: list[int] = []
         for name in ("generation_config.json", "config.json"):
             value = _read_json(os.path.join(model_dir, name)).get("eos_token_id")
-            eos.extend([value] if isinstance(value, int) else (value or []))
+            extra_eos.extend([value] if isinstance(value, int) else (value or []))
+        self._setup(
+            tok,
+            special_tokens,
+            add_bos=config.get("add_bos_token"),
+            add_eos=config.get("add_eos_token"),
+            extra_eos_ids=extra_eos,
+            chat_template=find_chat_template(model_dir, config),
+            name=model_dir,
+        )
+
+    def _setup(
+        self,
+        tok: Any,
+        special_tokens: dict[str, str | None],
+        add_bos: bool | None,
+        add_eos: bool | None,
+        extra_eos_ids: Sequence[int | None],
+        chat_template: ChatTemplate | None,
+        name: str,
+    ) -> None:
+        """Fill in the tokenizer from its parts (shared by every source of HF-style tokenizers)."""
+        self._tok = tok
+        self._special_tokens = special_tokens
+        self._add_bos = add_bos
+        self._add_eos = add_eos
+        self._bos_id = self._id_of(special_tokens.get("bos_token"))
+        self._eos_id = self._id_of(special_tokens.get("eos_token"))
+        eos = [self._eos_id, *extra_eos_ids]
         self._eos_ids = tuple(dict.fromkeys(int(i) for i in eos if i is not None))
-        self._chat_template = find_chat_template(model_dir, config)
-        self._model_dir = model_dir
+        self._chat_template = chat_template
+        self._model_dir = name
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -359,16 +386,23 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def load_tokenizer(model: str) -> Tokenizer:
-    """The tokenizer of a preset name or a local HF checkpoint folder.
+    """The tokenizer of a preset, an alias, a GGUF file or a local HF checkpoint folder.
 
     Raises:
         ModelLoadError: unknown model, or missing / invalid tokenizer files.
     """
+    from pdserve.modelspec.aliases import resolve_alias
     from pdserve.modelspec.arch import load_arch_config
+    from pdserve.modelspec.gguf_file import is_gguf_file
     from pdserve.modelspec.presets import is_preset
 
     if is_preset(model):
         return ByteTokenizer(load_arch_config(model).vocab_size)
+    model = resolve_alias(model)
+    if is_gguf_file(model):
+        from pdserve.tokenizer.gguf import GGUFTokenizer
+
+        return GGUFTokenizer(model)
     if not os.path.isdir(model):
         load_arch_config(model)  # raises the error that lists the presets
     return HFTokenizer(model)

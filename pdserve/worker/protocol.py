@@ -114,7 +114,7 @@ class Register(msgspec.Struct, tag=True):
     kv: KVDescriptor | None = None
     secret: str = ""
     metrics_port: int = 0  # where the worker serves /metrics on its host (0: not served)
-    hash_scheme: str = ""  # block hashing of its prefix cache (pdserve.engine.block_hash.HASH_SCHEME)
+    hash_scheme: str = ""  # block hashing of its prefix cache (pdserve.block_hash.HASH_SCHEME)
     prefix_caching: bool = True
     kv_epoch: int = 0  # changes whenever the worker (and its cache) starts afresh
 

@@ -28,8 +28,8 @@ from types import FrameType
 
 import zmq
 
+from pdserve.block_hash import HASH_SCHEME
 from pdserve.config import Role
-from pdserve.engine.block_hash import HASH_SCHEME
 from pdserve.engine.engine import RequestOutput
 from pdserve.errors import PDServeError
 from pdserve.request import TokenLogprobs

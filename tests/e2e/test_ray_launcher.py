@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,6 +33,9 @@ from test_serve_cli import alive
 from pdserve import LLM, SamplingParams
 from pdserve.launch.local import free_port
 
+# Ray's switch for single-machine clusters: every node's IP is 127.0.0.1, so all traffic (Ray's and
+# pdserve's, which binds 0.0.0.0 and advertises the node IP) stays on loopback. Read at import.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 pytest.importorskip("ray", reason="the Ray launcher's test needs Ray: pip install -e '.[ray]'")
 from ray.cluster_utils import Cluster
 
@@ -121,8 +125,11 @@ def test_ray_launcher_places_roles_pairs_over_tcp_and_survives_a_lost_node(clust
         assert placed["prefill-0"]["node_id"] == cluster.head_node.node_id
         for wid in ("decode-0", "decode-1"):
             assert placed[wid]["node_id"] in decode_nodes, placed[wid]
-            assert placed[wid]["host"] and placed[wid]["pid"]
+            assert placed[wid]["host"] == "127.0.0.1" and placed[wid]["pid"]  # the node IP: loopback here
         assert placed["decode-0"]["node_id"] != placed["decode-1"]["node_id"]
+        argv = Path(f"/proc/{placed['decode-0']['pid']}/cmdline").read_bytes().decode().split("\0")
+        router_endpoint = argv[argv.index("--router") + 1]  # the control endpoint the router advertised
+        assert router_endpoint.startswith(f"tcp://{placed['decode-0']['host']}:"), router_endpoint
         pids |= {s["pid"] for s in placed.values()}
 
         # 2. Greedy outputs equal the offline engine's; every pair is cross-node, so KV went over tcp.
@@ -188,34 +195,62 @@ def test_ray_launcher_places_roles_pairs_over_tcp_and_survives_a_lost_node(clust
     assert not [n for n in os.listdir("/dev/shm") if any(n.startswith(f"pdserve-kv-{p}-") for p in pids)]
 
 
-def test_ray_backend_handles(cluster: Cluster) -> None:
-    """The backend alone: infeasible resources, a process that exits, a kill, an actor with no node."""
+def test_ray_backend_directly(cluster: Cluster) -> None:
+    """The backend alone: prefill and decode on one Ray node pair over shm; what a worker's process
+    is started with; infeasible resources; a process that exits; a kill; an actor with no node."""
     from pdserve.errors import ConfigError
     from pdserve.launch.base import WorkerSpec
     from pdserve.launch.ray import RayBackend
 
-    backend = RayBackend(cluster.address, {"decode": {"decode_node": 1}})
+    node = cluster.add_node(**NODE_ARGS, resources={"pair_node": 2})
+    backend = RayBackend(cluster.address, {"prefill": {"pair_node": 1},
+                                           "decode": {"pair_node": 1, "num_cpus": 1}})
     try:
         with pytest.raises(ConfigError, match="no node has 'gpu_node'"):
             RayBackend(cluster.address, {"prefill": {"gpu_node": 1}})
+        env = {"PDSERVE_CLUSTER_SECRET": "pair-secret"}
+        router = backend.start_router(["--model", "tiny", "--port", "0", "--control-port", "0"], env)
 
-        def worker(wid: str, *args: str, resources: dict[str, float] | None = None) -> Any:
-            return backend.start_worker(WorkerSpec(wid, "decode", ["--role", "decode", *args],
+        def worker(wid: str, role: str, *args: str, resources: dict[str, float] | None = None) -> Any:
+            return backend.start_worker(WorkerSpec(wid, role, ["--role", role, *args], threads=3, env=env,
                                                    resources=resources or {}))
 
-        broken = worker("broken", "--model", "/nonexistent/model")
-        stuck = worker("stuck", "--router", "tcp://127.0.0.1:9", *WORKER_ARGS)  # nothing there: it waits
-        nowhere = worker("nowhere", resources={"prefill_node": 5})  # no node has 5: never placed
+        prefill, decode = (worker(f"{role}-0", role, "--router", router.control_endpoint, "--worker-id",
+                                  f"{role}-0", *WORKER_ARGS) for role in ("prefill", "decode"))
+        broken = worker("broken", "decode", "--model", "/nonexistent/model", resources={"decode_node": 1})
+        nowhere = worker("nowhere", "decode", resources={"prefill_node": 5})  # no node has 5: never placed
+
+        # 1. Both on the pair node; KV between them goes through shared memory.
+        wait_for("both workers", lambda: len(deployment(router.url)["workers"]) == 2)
+        assert {prefill.placement().node_id, decode.placement().node_id} == {node.node_id}
+        offline = LLM("tiny", chunk_size=32, block_size=16, kv_cache_bytes=64 << 20)
+        expected = offline.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0.0,
+                                                                 ignore_eos=True))[0].text
+        assert complete(router.url, PROMPTS[0], 24) == expected
+        stats = {w["worker_id"]: w["stats"] for w in deployment(router.url)["workers"]}
+        assert stats["prefill-0"]["transports"] == ["shm"] and stats["prefill-0"]["kv_transfers"] >= 1
+
+        # 2. The decode process: one thread per reserved CPU (not the spec's 3), KV on 0.0.0.0 advertised
+        # at the node IP, the Ray node as its host id.
+        place = decode.placement()
+        argv = Path(f"/proc/{place.pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{place.pid}/environ").read_bytes().split(b"\0")
+        assert argv[-7:-1] == [b"--threads", b"1", b"--kv-host", b"0.0.0.0", b"--kv-advertise-host",
+                               place.host.encode()]
+        assert b"OMP_NUM_THREADS=1" in environ
+        assert b"PDSERVE_HOST_ID=ray-node-" + node.node_id.encode() in environ
+
+        # 3. A process that cannot start ends with an error code; an unplaced actor is removed on terminate.
         assert wait_for("the broken worker's exit", lambda: broken.poll() is not None, 60)
         assert broken.poll() not in (0, None)
-        place = wait_for("the stuck worker's start", lambda: stuck.placement().pid and stuck.placement())
-        assert place.node_id in {n.node_id for n in cluster.worker_nodes} and alive(place.pid)
-        assert stuck.poll() is None
-        stuck.kill()
-        assert wait_for("the kill", lambda: stuck.poll() is not None, 30) and stuck.poll() < 0
-        wait_for("the killed process to end", lambda: not alive(place.pid), 30)
         assert nowhere.poll() is None and nowhere.placement().host == ""
         nowhere.terminate()
         assert wait_for("the unplaced actor's removal", lambda: nowhere.poll() is not None, 30)
+
+        # 4. kill: the process and its actor end now.
+        decode.kill()
+        assert wait_for("the kill", lambda: decode.poll() is not None, 30) and decode.poll() < 0
+        wait_for("the killed process to end", lambda: not alive(place.pid), 30)
     finally:
         backend.close()
+        cluster.remove_node(node)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdserve.engine.block_hash import hash_blocks
+from pdserve.block_hash import hash_blocks
 from pdserve.engine.block_manager import BlockManager, CacheEventKind
 from pdserve.request import Request
 from pdserve.router.kv_index import KVIndex

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.engine.block_hash import HASH_SCHEME, hash_blocks
+from pdserve.block_hash import HASH_SCHEME, hash_blocks
 from pdserve.router.kv_index import CLEARED, REMOVED, STORED, IndexMismatchError, KVIndex
 
 BS = 4

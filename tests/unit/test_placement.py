@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
+from pdserve.block_hash import HASH_SCHEME
 from pdserve.config import Role
-from pdserve.engine.block_hash import HASH_SCHEME
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.placement import Placer
 from pdserve.router.registry import Registry, WorkerInfo

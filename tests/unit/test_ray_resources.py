@@ -107,3 +107,13 @@ def test_bad_resources_fail_before_anything_starts() -> None:
     assert result.returncode == 2
     assert "only apply to --launcher ray" in result.stdout + result.stderr
 
+
+
+def test_an_address_with_no_ray_cluster_fails_at_once() -> None:
+    """Ray itself would retry an unreachable GCS for minutes."""
+    pytest.importorskip("ray", reason="needs Ray: pip install -e '.[ray]'")
+    from pdserve.launch.local import free_port
+
+    result = _serve("--launcher", "ray", "--ray-address", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert "no Ray cluster answers there" in result.stdout + result.stderr

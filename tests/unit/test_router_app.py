@@ -403,6 +403,9 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat(messages=[]), 400, "messages", None),
     ("/v1/chat/completions", chat(messages="hi"), 400, "messages", None),
     ("/v1/chat/completions", chat(messages=[{"content": "no role"}]), 400, "messages", None),
+    ("/v1/chat/completions", chat(messages=[{"role": "wizard", "content": "Hi"}]), 400, "messages", None),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "a"}, {"role": "bot"}]),
+     400, "messages", None),
     ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
      400, "messages", None),
     ("/v1/chat/completions", chat(max_completion_tokens=0), 400, "max_completion_tokens", None),
@@ -422,6 +425,16 @@ async def test_invalid_requests(
     error = assert_error(r, status, param, code)
     assert error["type"] == "invalid_request_error"
     assert backend.calls == []  # rejected before anything reached the backend
+
+
+async def test_unknown_chat_role_is_named(client: httpx.AsyncClient, backend: FakeBackend) -> None:
+    r = await client.post("/v1/chat/completions", json=chat(messages=[{"role": "wizard", "content": "Hi"}]))
+    assert "'wizard'" in assert_error(r, 400, "messages")["message"]
+    assert backend.calls == []
+    roles = ["system", "developer", "user", "assistant", "tool", "user"]
+    messages = [{"role": role, "content": "a"} for role in roles]
+    r = await client.post("/v1/chat/completions", json=chat(messages=messages))
+    assert r.status_code == 200, r.text
 
 
 async def test_context_length_exceeded(client: httpx.AsyncClient, backend: FakeBackend) -> None:

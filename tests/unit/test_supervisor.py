@@ -272,3 +272,10 @@ def test_bad_targets_are_refused() -> None:
         make({"prefill": -1})
     with pytest.raises(ValueError):
         make({"gpu": 1})
+
+
+def test_the_local_backend_knows_the_shm_segment_names() -> None:
+    from pdserve.launch import local
+    from pdserve.transfer import shm
+
+    assert local.SEGMENT_PREFIX == shm.SEGMENT_PREFIX
