@@ -161,6 +161,28 @@ def s5(d: dict[str, Any]) -> list[Headline]:
     return _rows("S5", d, figures)
 
 
+def s7(d: dict[str, Any]) -> list[Headline]:
+    """Goodput of the planner against the best static shape over the phase-changing run, and its actions."""
+    configs, best = d.get("configs", {}), d.get("best_static")
+    phase_s = (d.get("settings") or {}).get("phase_s", 0)
+    run = f"{'/'.join(d.get('phases', []))}, {phase_s:g} s each"
+    figures = []
+    for name, c in configs.items():
+        figures.append((f"{run}: goodput of {name}", number(c.get("goodput_req_s"), ".3f") + " req/s",
+                        "-", "-"))
+    r = d.get("planner_vs_best_static_goodput")
+    if r is not None:
+        figures.append((f"planner / best static ({best}) goodput", number(r, ".2f") + "x", ">= 1.2x",
+                        verdict(r >= 1.2)))
+    planner = configs.get("planner")
+    if planner:
+        phases = planner.get("phases", [])
+        settled = max((p.get("planner_actions_after_settling", 0) for p in phases), default=0)
+        figures.append(("planner actions per phase after settling (max)", str(settled), "<= 1",
+                        verdict(settled <= 1)))
+    return _rows("S7", d, figures)
+
+
 def soak(d: dict[str, Any]) -> list[Headline]:
     """Errors, leaked KV blocks and flagged growth of the soak run."""
     summary, config = d.get("summary", {}), d.get("config", {})
@@ -266,6 +288,7 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s3_goodput.json": s3,
     "s4_kv_transfer.json": s4,
     "s5_router_overhead.json": s5,
+    "s7_planner.json": s7,
     "s8_sim_fidelity.json": s8,
     "s9_elasticity.json": s9,
     "soak.json": soak,

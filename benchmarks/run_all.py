@@ -63,6 +63,7 @@ SCENARIOS = {
     "s3": Scenario("s3_goodput.py", ("--quick",), "s3_goodput.json"),
     "s4": Scenario("s4_kv_transfer.py", ("--reps", "9"), "s4_kv_transfer.json"),
     "s5": Scenario("s5_router_overhead.py", ("--repeats", "1"), "s5_router_overhead.json"),
+    "s7": Scenario("s7_planner.py", ("--phase-s", "60", "--interval", "5"), "s7_planner.json", default=False),
     "s8": Scenario("s8_sim_fidelity.py", ("--quick",), "s8_sim_fidelity.json", default=False),
     "s9": Scenario("s9_elasticity.py", ("--quick",), "s9_elasticity.json"),
     "soak": Scenario("soak.py", ("--duration", "60"), "soak.json", default=False),

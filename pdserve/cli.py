@@ -251,6 +251,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         help="before the first worker pair registers, requests wait this long (then 503)",
     )
     _add_trace_args(serve)
+    from pdserve.planner.options import add_planner_args
+
+    add_planner_args(serve)
     serve.add_argument(
         "--worker-args",
         nargs=argparse.REMAINDER,

@@ -29,6 +29,7 @@ class Snapshot:
     metrics: dict[str, float]
     deployment: dict | None = None  # the supervisor's view (docs/scaling.md), if any
     routing: dict | None = None
+    planner: dict | None = None  # the SLO planner's history (docs/planner.md), if any
 
 
 def fetch(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Snapshot:
@@ -46,9 +47,11 @@ def fetch(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Snaps
                 metrics[f"{sample.name}{{{sample.labels['part']}}}"] = sample.value
             elif sample.name.endswith(("_sum", "_count")) or sample.name.endswith("_total"):
                 metrics[sample.name] = metrics.get(sample.name, 0.0) + sample.value
+    planner = httpx.get(f"{url}/pdserve/planner", headers=headers, timeout=timeout_s)
     return Snapshot(
         time.monotonic(), workers["workers"], workers.get("recovery", {}), metrics, workers.get("deployment"),
         workers.get("routing"),
+        planner.json() if planner.status_code == 200 else None,
     )
 
 
@@ -107,6 +110,9 @@ def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
         lines.append("(no workers registered)")
     if now.deployment and now.deployment.get("supervised"):
         lines += deployment_lines(now.deployment)
+    from pdserve.planner.view import planner_lines
+
+    lines += planner_lines(now.planner)
     return "\n".join(lines)
 
 

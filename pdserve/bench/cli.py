@@ -262,6 +262,10 @@ async def _bench(args: argparse.Namespace) -> int:
     if args.plots and have_matplotlib():
         for path in write_plots(args.plots, runs, sweep):
             print(f"plot written to {path}")
+        from pdserve.bench.planner_plot import planner_history, plot_pools
+
+        if history := planner_history(client_config.root_url, client_config.headers):
+            print(f"plot written to {plot_pools(args.plots, history)}")
     return 1 if all(r.summary.num_ok == 0 for r in runs) else 0
 
 

@@ -16,6 +16,8 @@ import secrets
 
 from pdserve.launch.base import Backend, WorkerSpec
 from pdserve.launch.supervisor import Supervisor, SupervisorConfig
+from pdserve.planner import options as planner_options
+from pdserve.planner.runner import PlannerRunner
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ def build_supervisor(args: argparse.Namespace, backend: Backend) -> Supervisor:
     shared = worker_args(args)
     num_workers = sum(want.values())
     threads = args.threads_per_worker or max((os.cpu_count() or 1) // num_workers, 1)
+    if getattr(args, "planner", "none") == "slo":  # every worker the planner starts gets the same share
+        threads = planner_options.budget(args)[1]
 
     def make_spec(worker_id: str, role: str, router: str) -> WorkerSpec:
         return WorkerSpec(
@@ -118,20 +122,28 @@ def _flips_keep_placement(args: argparse.Namespace) -> bool:
 def run_serve(args: argparse.Namespace) -> int:
     """Start, print the ready line, supervise until a signal; returns the exit code."""
     try:
+        planner = planner_options.planner_config(args) if getattr(args, "planner", "none") == "slo" else None
         supervisor = build_supervisor(args, make_backend(args))
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
+    runner: PlannerRunner | None = None
     try:
         supervisor.stop_on_signals()
         supervisor.start()
         if supervisor.stopping:
             return 0
         print(f"pdserve is ready: {supervisor.url}/v1  ({args.model}, {args.mode}; Ctrl-C stops)", flush=True)
+        if planner is not None:
+            runner = PlannerRunner(lambda: supervisor.url, planner, interval_s=args.interval,
+                                   window_s=planner_options.window_s(args), secret=supervisor.config.secret,
+                                   api_key=supervisor.config.api_key).start()
         return supervisor.run()
     except (RuntimeError, TimeoutError) as exc:
         logger.error("%s", exc)
         print(f"error: {exc}", flush=True)
         return 1
     finally:
+        if runner is not None:
+            runner.stop()
         supervisor.close()

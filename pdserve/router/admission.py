@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 OVERLOADED_RETRY_AFTER_S = 1
 #: ``Retry-After`` of a 503 (draining); a balancer will have moved on by then.
 DRAINING_RETRY_AFTER_S = 5
+#: ``Retry-After`` of an early shed (the planner says the deployment is past its budget).
+SHED_RETRY_AFTER_S = 2
 
 
 class Admission:
@@ -50,6 +52,9 @@ class Admission:
         self.max_inflight = max_inflight
         self.is_draining = is_draining
         self._num_inflight = 0
+        #: set by the SLO planner when the deployment is past its budget: refuse early above it
+        self.shed_above: int | None = None
+        self.num_shed = 0
         self._idle_waiters: list[asyncio.Future[None]] = []  # futures, not an Event: no loop bound at init
 
     @property
@@ -68,6 +73,14 @@ class Admission:
             )
         if self.max_inflight is not None and self._num_inflight >= self.max_inflight:
             raise self._overloaded()
+        if self.shed_above is not None and self._num_inflight >= self.shed_above:
+            self.num_shed += 1
+            raise APIError(
+                429,
+                "The deployment is past the capacity its planner can give; retry later.",
+                code="deployment_over_capacity",
+                headers={"Retry-After": str(SHED_RETRY_AFTER_S)},
+            )
 
     def admit(self, num_choices: int, param: str = "n") -> Ticket:
         """Take ``num_choices`` slots, or raise 503 (draining), 429 (full) or 400 (can never fit).

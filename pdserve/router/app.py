@@ -135,6 +135,7 @@ class _Server:
             plan.return_trace = self.tracer.in_responses
             for choice in plan.choices:
                 choice.trace = self.tracer.start(choice.request_id, arrived_s)
+                choice.trace.num_prompt_tokens = len(choice.prompt_token_ids)
             logger.debug(
                 "%s: %d choice(s), %d prompt tokens, stream=%s",
                 response_id, len(plan.choices), plan.num_prompt_tokens, plan.stream,

@@ -23,6 +23,7 @@ from pdserve.router.dashboard import SLOConfig, mount_dashboard
 from pdserve.router.deployment import Deployment, add_deployment_routes
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.dispatcher import Dispatcher
+from pdserve.router.planner_board import PlannerBoard, add_planner_routes
 from pdserve.router.tracing import Tracer
 from pdserve.tokenizer import load_tokenizer
 
@@ -90,7 +91,8 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
         dataclasses.replace(config.dispatch, bind=bind), model_name=config.model, max_model_len=max_model_len
     )
     tracer = Tracer(
-        dispatcher.metrics.registry, in_responses=config.trace_responses, log_path=config.trace_log
+        dispatcher.metrics.registry, in_responses=config.trace_responses, log_path=config.trace_log,
+        keep=1000,  # the SLO planner reads a window of them
     )
     app = create_app(
         dispatcher,
@@ -104,6 +106,8 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
     )
     deployment = Deployment(dispatcher, secret=config.dispatch.secret)
     add_deployment_routes(app, deployment)
+    add_planner_routes(app, PlannerBoard(app.state.admission, tracer), config.dispatch.secret,
+                       dispatcher.metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -113,6 +113,7 @@ class RequestTrace:
         self.timing: PrefillTiming | None = None
         self.delivered_s: float | None = None
         self.num_tokens = 0
+        self.num_prompt_tokens = 0  # set by the app (the planner reads it)
         self.num_token_messages = 0
         self.last_token_s: float | None = None
         self.ended_s: float | None = None
@@ -257,6 +258,7 @@ class RequestTrace:
             if breakdown is None
             else {k: (v if isinstance(v, bool) else _r(v)) for k, v in asdict(breakdown).items()},
             "num_tokens": self.num_tokens,
+            "num_prompt_tokens": self.num_prompt_tokens,
             "num_token_messages": self.num_token_messages,
             "last_token_s": None if self.last_token_s is None else _r(self.last_token_s),
             "e2e_s": None if self.ended_s is None else _r(self.ended_s),
@@ -329,6 +331,15 @@ class Tracer:
         if limit is not None:
             traces = traces[-limit:] if limit > 0 else []
         return [t.to_dict() for t in traces]
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Append one non-trace record (a planner decision) to the log, if there is one."""
+        if self._log is not None:
+            with self._log_lock:
+                try:
+                    self._log.write(json.dumps(record, separators=(",", ":")) + "\n")
+                except OSError:
+                    logger.warning("trace log write failed", exc_info=True)
 
     def close(self) -> None:
         """Close the log file."""

@@ -1,0 +1,74 @@
+"""``pdserve serve``'s planner options: ``--planner slo --ttft-ms T --itl-ms I ...``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pdserve.planner.planner import PlannerConfig
+
+
+def add_planner_args(parser: argparse.ArgumentParser) -> None:
+    """Add the planner's options to ``serve``'s parser."""
+    g = parser.add_argument_group("SLO planner (docs/planner.md)")
+    g.add_argument(
+        "--planner",
+        default="none",
+        choices=["none", "slo"],
+        help="slo: size the prefill/decode/mixed pools to the SLOs as the load changes",
+    )
+    g.add_argument("--ttft-ms", type=float, default=None, help="TTFT SLO (ms)")
+    g.add_argument(
+        "--itl-ms", type=float, default=None, help="inter-token latency SLO (ms; a request's mean gap)"
+    )
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--max-workers", type=int, default=None, help="budget: most workers at once")
+    budget.add_argument("--max-cores", type=int, default=None, help="budget: most cores (workers × threads)")
+    g.add_argument("--min-workers", type=int, default=1, help="the floor (zero traffic goes here)")
+    g.add_argument("--interval", type=float, default=10.0, help="seconds between decisions")
+    g.add_argument(
+        "--planner-window",
+        type=float,
+        default=None,
+        help="seconds of traffic each decision reads (default: 3 intervals, at least 5 s)",
+    )
+    g.add_argument("--down-intervals", type=int, default=3, help="intervals a smaller shape must win first")
+    g.add_argument("--attainment", type=float, default=0.9, help="share of requests to keep within both SLOs")
+
+
+def budget(args: argparse.Namespace) -> tuple[int, int]:
+    """(most workers, threads per worker) of the planner's budget."""
+    cores = os.cpu_count() or 1
+    if args.max_cores:
+        threads = args.threads_per_worker or 1
+        return max(args.max_cores // threads, 1), threads
+    workers = args.max_workers or max(cores, 1)
+    return workers, args.threads_per_worker or max(cores // workers, 1)
+
+
+def planner_config(args: argparse.Namespace) -> PlannerConfig:
+    """The :class:`PlannerConfig` of ``serve``'s options; raises ValueError on bad ones."""
+    if args.ttft_ms is None or args.itl_ms is None:
+        raise ValueError("--planner slo needs --ttft-ms and --itl-ms")
+    if args.interval <= 0:
+        raise ValueError(f"--interval must be > 0, got {args.interval}")
+    if not 0 < args.attainment <= 1:
+        raise ValueError(f"--attainment must be in (0, 1], got {args.attainment}")
+    max_workers, _ = budget(args)
+    initial = args.mixed if args.mode == "aggregated" else args.prefill + args.decode
+    if initial > max_workers:
+        raise ValueError(f"the initial shape has {initial} workers, more than the budget of {max_workers}")
+    return PlannerConfig(
+        ttft_slo_s=args.ttft_ms / 1000,
+        itl_slo_s=args.itl_ms / 1000,
+        max_workers=max_workers,
+        min_workers=args.min_workers,
+        attainment_target=args.attainment,
+        down_intervals=max(args.down_intervals, 1),
+        ready_timeout_s=args.ready_timeout,
+    )
+
+
+def window_s(args: argparse.Namespace) -> float:
+    """Seconds of traffic each decision reads."""
+    return float(args.planner_window or max(3 * args.interval, 5.0))

@@ -1,0 +1,320 @@
+"""The planner's decision: from a signal snapshot to the target shape (pure).
+
+:func:`decide` is called once per interval with the latest
+:class:`~pdserve.planner.signals.Signals`, the planner's own
+:class:`PlannerState` (updated in place) and its :class:`PlannerConfig`. It
+
+1. waits while a previous decision is being carried out, and gives it up
+   (action ``give_up``, the slots that did not become ready reported, the
+   target set back to what is ready) once ``ready_timeout_s`` passed;
+2. predicts every candidate shape within the budget
+   (:func:`~pdserve.planner.predict.predict`): all-mixed (aggregated) with
+   1..N workers, and every P+D split of 2..N workers;
+3. picks the cheapest shape meeting both SLOs (fewest workers; among equals
+   the current shape, then aggregated, then the best predicted attainment),
+   or, when none does, the most attaining one at the budget (``over_capacity``:
+   the router sheds early then);
+4. acts at once when that needs more workers, or when the current shape is
+   predicted to miss the SLOs; a smaller shape is taken only when it meets
+   the SLOs with ``down_margin`` for ``down_intervals`` intervals in a row
+   *and* passes the N−1 absorb check (it still meets them, without margin,
+   at the peak arrival rate of the recent intervals × ``absorb_headroom``).
+
+The target is always one complete shape (all three pools in one
+``POST /pdserve/scale``), within the budget and never below ``min_workers``.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.planner.predict import Prediction, Speeds, measure_speeds, predict
+from pdserve.planner.signals import Shape, Signals
+
+HOLD, SCALE_UP, SCALE_DOWN, RESHAPE, WAIT, GIVE_UP = (
+    "hold",
+    "scale_up",
+    "scale_down",
+    "reshape",
+    "wait",
+    "give_up",
+)
+ACTIONS = (HOLD, SCALE_UP, SCALE_DOWN, RESHAPE, WAIT, GIVE_UP)
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """The SLOs, the budget and the safeguards' knobs.
+
+    Attributes:
+        ttft_slo_s, itl_slo_s: the SLOs (TTFT; mean gap between a request's tokens).
+        max_workers: the budget (``--max-workers``, or ``--max-cores`` / threads per worker).
+        min_workers: the floor (zero traffic goes here).
+        attainment_target: share of requests that must be predicted within both SLOs.
+        max_utilization: no pool planned busier than this.
+        down_margin: a smaller shape must meet SLOs tightened by this share...
+        down_intervals: ...this many intervals in a row.
+        absorb_headroom: the N−1 check's load: the recent peak arrival rate × this.
+        peak_intervals: how many intervals the peak is taken over.
+        ready_timeout_s: a decision not carried out by then is given up.
+        allow_aggregated, allow_disaggregated: which shapes are candidates.
+    """
+
+    ttft_slo_s: float
+    itl_slo_s: float
+    max_workers: int = 2
+    min_workers: int = 1
+    attainment_target: float = 0.9
+    max_utilization: float = 0.9
+    down_margin: float = 0.2
+    down_intervals: int = 3
+    absorb_headroom: float = 1.1
+    peak_intervals: int = 6
+    ready_timeout_s: float = 120.0
+    allow_aggregated: bool = True
+    allow_disaggregated: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ttft_slo_s <= 0 or self.itl_slo_s <= 0:
+            raise ValueError("the TTFT and ITL SLOs must be > 0")
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError(
+                f"need 1 <= min_workers ({self.min_workers}) <= max_workers ({self.max_workers})"
+            )
+        if not (self.allow_aggregated or (self.allow_disaggregated and self.max_workers >= 2)):
+            raise ValueError("no candidate shape: allow aggregated shapes or a budget of 2+ workers")
+
+
+@dataclass
+class PlannerState:
+    """What the planner carries from one interval to the next."""
+
+    speeds: Speeds | None = None
+    down_streak: int = 0
+    down_candidate: Shape | None = None
+    pending: Shape | None = None  # a target set, not reached yet
+    pending_since_s: float = 0.0
+    arrivals: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=64))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One interval's decision, with its inputs and predictions (see :meth:`as_dict`)."""
+
+    at_s: float
+    action: str
+    current: Shape
+    target: Shape
+    reason: str
+    inputs: dict[str, Any]
+    chosen: Prediction | None
+    candidates: tuple[Prediction, ...] = ()
+    over_capacity: bool = False
+    given_up: tuple[str, ...] = ()
+
+    @property
+    def changes(self) -> bool:
+        """The target differs from the current one (a scale call is due)."""
+        return self.target != self.current
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the router's history, ``/metrics`` and the trace log."""
+        return {
+            "at_unix_s": round(self.at_s, 3),
+            "action": self.action,
+            "current": self.current.targets(),
+            "target": self.target.targets(),
+            "shape": str(self.target),
+            "reason": self.reason,
+            "inputs": self.inputs,
+            "predicted": None if self.chosen is None else self.chosen.as_dict(),
+            "candidates": [c.as_dict() for c in self.candidates],
+            "over_capacity": self.over_capacity,
+            "given_up": list(self.given_up),
+        }
+
+
+def candidates(cfg: PlannerConfig) -> list[Shape]:
+    """Every shape within the budget, cheapest first."""
+    out: list[Shape] = []
+    for n in range(cfg.min_workers, cfg.max_workers + 1):
+        if cfg.allow_aggregated:
+            out.append(Shape(mixed=n))
+        if cfg.allow_disaggregated:
+            out.extend(Shape(prefill=p, decode=n - p) for p in range(1, n))
+    return out
+
+
+def _inputs(sig: Signals, speeds: Speeds, cfg: PlannerConfig) -> dict[str, Any]:
+    lengths, outputs = sig.prompt_lengths, sig.output_lengths
+
+    def mean(xs: list[int]) -> float:
+        return round(sum(xs) / len(xs), 1) if xs else 0.0
+
+    ttft90, itl90 = sig.measured_p90()
+    return {
+        "arrival_rate": round(sig.arrival_rate, 4),
+        "num_requests": len(sig.requests),
+        "prompt_mean": mean(lengths),
+        "prompt_p90": sorted(lengths)[int(0.9 * (len(lengths) - 1))] if lengths else 0,
+        "output_mean": mean(outputs),
+        "prefill_tps": round(speeds.prefill_tps, 1),
+        "step_s": round(speeds.step_s, 6),
+        "per_seq_s": round(speeds.per_seq_s, 6),
+        "measured_ttft_p90_s": ttft90,
+        "measured_itl_p90_s": itl90,
+        "queued": sum(w.waiting for w in sig.workers),
+        "attainment": sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s),
+    }
+
+
+def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
+    """One interval's decision (see the module docstring); updates ``state``."""
+    now = sig.taken_s
+    state.speeds = speeds = measure_speeds(sig, state.speeds)
+    state.arrivals.append(sig.arrival_rate)
+    inputs = _inputs(sig, speeds, cfg)
+    current = sig.targets
+
+    def make(
+        action: str,
+        target: Shape,
+        reason: str,
+        chosen: Prediction | None = None,
+        cands: tuple[Prediction, ...] = (),
+        over: bool = False,
+        gave_up: tuple[str, ...] = (),
+    ) -> Decision:
+        return Decision(now, action, current, target, reason, inputs, chosen, cands, over, gave_up)
+
+    if state.pending is not None:
+        if sig.actual == state.pending and not sig.starting:
+            state.pending = None
+        elif now - state.pending_since_s > cfg.ready_timeout_s:
+            stuck = tuple(sorted({*sig.starting, *sig.failed}))
+            state.pending = None
+            state.down_streak = 0
+            back = sig.actual if sig.actual.servable else current
+            return make(
+                GIVE_UP,
+                back,
+                f"{current} not ready after {cfg.ready_timeout_s:.0f} s; "
+                f"keeping {back} (not ready: {', '.join(stuck) or 'none'})",
+                gave_up=stuck,
+            )
+        else:
+            return make(WAIT, current, f"waiting for {state.pending} (ready: {sig.actual})")
+
+    def run(shape: Shape, **kw: Any) -> Prediction:
+        return predict(
+            shape,
+            sig,
+            speeds,
+            cfg.ttft_slo_s,
+            cfg.itl_slo_s,
+            attainment_target=cfg.attainment_target,
+            max_utilization=cfg.max_utilization,
+            **kw,
+        )
+
+    preds = [run(s) for s in candidates(cfg)]
+    now_pred = run(current) if current.servable else None
+    meeting = [p for p in preds if p.meets]
+
+    def rank(p: Prediction) -> tuple[int, int, int, float]:
+        return (p.shape.workers, p.shape != current, p.shape.mixed == 0, -p.attainment)
+
+    over = not meeting
+    if meeting:
+        best = min(meeting, key=rank)
+    else:
+        top = [p for p in preds if p.shape.workers == max(q.shape.workers for q in preds)]
+        best = max(top, key=lambda p: (p.attainment, -p.utilization, p.shape == current))
+    shown = tuple(sorted(preds, key=rank)[:6])
+    current_meets = now_pred is not None and now_pred.meets
+
+    if best.shape == current:
+        state.down_streak = 0
+        return make(
+            HOLD,
+            current,
+            "current shape is the best" + (" (over capacity)" if over else ""),
+            best,
+            shown,
+            over,
+        )
+    if best.shape.workers > current.workers or not current_meets:
+        if (
+            over
+            and now_pred is not None
+            and now_pred.attainment >= best.attainment
+            and best.shape.workers <= current.workers
+        ):
+            state.down_streak = 0
+            return make(
+                HOLD, current, "over capacity: no shape in the budget does better", now_pred, shown, over
+            )
+        state.down_streak = 0
+        action = SCALE_UP if best.shape.workers > current.workers else RESHAPE
+        why = "predicted to miss the SLOs" if not current_meets else "needs more capacity"
+        return _act(
+            state,
+            make(
+                action,
+                best.shape,
+                f"{current} {why}; {best.shape} meets them"
+                if not over
+                else f"{current} {why}; {best.shape} attains most",
+                best,
+                shown,
+                over,
+            ),
+        )
+    if best.shape.workers == current.workers:
+        state.down_streak = 0
+        return make(HOLD, current, f"{current} meets the SLOs; {best.shape} costs the same", now_pred, shown)
+    # Smaller: hysteresis, then the N-1 absorb check.
+    with_margin = run(best.shape, margin=cfg.down_margin)
+    peak = max([*list(state.arrivals)[-cfg.peak_intervals :], sig.arrival_rate])
+    factor = cfg.absorb_headroom * (peak / sig.arrival_rate if sig.arrival_rate > 0 else 1.0)
+    absorbs = run(best.shape, load_factor=factor)
+    if not with_margin.meets or not absorbs.meets:
+        state.down_streak = 0
+        why = "not with margin" if not with_margin.meets else f"absorb check fails at {factor:.2f}x load"
+        return make(HOLD, current, f"{best.shape} would meet the SLOs but {why}", now_pred, shown)
+    state.down_streak = state.down_streak + 1 if state.down_candidate == best.shape else 1
+    state.down_candidate = best.shape
+    if state.down_streak < cfg.down_intervals:
+        return make(
+            HOLD,
+            current,
+            f"{best.shape} meets the SLOs with margin ({state.down_streak}/{cfg.down_intervals} intervals)",
+            now_pred,
+            shown,
+        )
+    state.down_streak = 0
+    return _act(
+        state,
+        make(
+            SCALE_DOWN,
+            best.shape,
+            f"{best.shape} met the SLOs with margin for "
+            f"{cfg.down_intervals} intervals and absorbs {factor:.2f}x load",
+            best,
+            shown,
+        ),
+    )
+
+
+def _act(state: PlannerState, d: Decision) -> Decision:
+    state.pending = d.target
+    state.pending_since_s = d.at_s
+    return d
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """``x`` unless it is None, inf or NaN."""
+    return x if x is not None and math.isfinite(x) else None

@@ -1,0 +1,216 @@
+"""Predicted TTFT and ITL of a candidate shape under the observed load.
+
+The per-request terms are the router's cost model
+(:mod:`pdserve.router.cost_model`): ``prefill_s`` (queued prompt tokens plus
+this prompt's, over the prefill rate), ``transfer_s`` (KV hand-off) and
+``itl_s`` (a decode step at a batch, with KV pressure). What the planner adds
+is the steady state a shape would settle in, from queueing:
+
+* **Prefill.** Requests arrive at ``λ`` per second with prompt lengths ``L``
+  (the window's sample, not its mean). Spread over ``n`` workers of rate
+  ``r``, each is an M/G/1 queue with service ``S = L/r``; its mean wait is
+  ``λ/n · E[S²] / (2(1-ρ))`` with ``ρ = λ E[L] / (n r)``, i.e. ``wait · r``
+  queued tokens. Each sampled request's TTFT is then ``overhead +
+  prefill_s(queued, L_i) + transfer_s(L_i)`` (no transfer when aggregated).
+* **Decode.** A decode step at batch ``b`` takes ``s(b) = s0 + c·b``
+  (fitted on the window: each request's mean ITL against the streams that
+  decoded beside it). ``n`` decode workers carry ``Λ = λ E[O]`` tokens/s,
+  so by Little's law ``b = Λ·itl/n`` and ``itl = s(b)``: ``itl = s0/(1-ρd)``
+  with ``ρd = c Λ / n``. ``itl_s`` of the cost model gives the figure at
+  that batch (with its KV-pressure factor).
+* **Mixed workers** do both: the prefill share ``ρ`` of their time
+  stretches every decode step (``itl / (1-ρ)``), and prefill runs at the
+  rate decode leaves it.
+
+A shape meets the SLOs when the share of sampled requests predicted within
+both (the predicted attainment) reaches the target and no pool is past
+``max_utilization``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.planner.signals import Shape, Signals, percentile
+from pdserve.router import cost_model as cm
+
+#: Speeds assumed before anything was measured (a one-thread tiny worker is far faster).
+DEFAULT_PREFILL_TPS = 2000.0
+DEFAULT_STEP_S = 0.02
+#: The decode fit uses the most recent requests only (it is quadratic in them).
+MAX_FIT_POINTS = 300
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """Measured (or assumed) speeds of one worker.
+
+    Attributes:
+        prefill_tps: prompt tokens per second.
+        step_s: decode step time at batch one (``s0 + c``).
+        per_seq_s: what each more sequence adds to a step (``c``).
+        overhead_s: TTFT spent outside the worker queue and the prefill (router, hops).
+        measured: False when these are the defaults.
+    """
+
+    prefill_tps: float = DEFAULT_PREFILL_TPS
+    step_s: float = DEFAULT_STEP_S
+    per_seq_s: float = DEFAULT_STEP_S / 4
+    overhead_s: float = 0.0
+    measured: bool = False
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What one shape is predicted to give the observed load."""
+
+    shape: Shape
+    ttft_p90_s: float  # inf when a pool is saturated
+    itl_s: float
+    attainment: float  # predicted share of requests within both SLOs
+    utilization: float  # the busiest pool's
+    meets: bool
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready (infinities as None)."""
+        return {
+            "shape": str(self.shape),
+            "ttft_p90_s": _finite(self.ttft_p90_s),
+            "itl_s": _finite(self.itl_s),
+            "attainment": round(self.attainment, 4),
+            "utilization": _finite(self.utilization),
+            "meets": self.meets,
+        }
+
+
+def _finite(x: float) -> float | None:
+    return round(x, 6) if math.isfinite(x) else None
+
+
+def measure_speeds(sig: Signals, previous: Speeds | None = None) -> Speeds:
+    """Speeds from the window (the previous ones, or the defaults, for what it cannot tell)."""
+    base = previous or Speeds()
+    rates = [r.prompt_tokens / r.prefill_s for r in sig.requests if r.prefill_s and r.prompt_tokens > 0]
+    prefill = sig.prefill_rate_tps or (sorted(rates)[len(rates) // 2] if rates else None) or base.prefill_tps
+    overheads = [r.overhead_s for r in sig.requests]
+    overhead = sorted(overheads)[len(overheads) // 2] if overheads else base.overhead_s
+    step, per_seq = _fit_decode(sig) or (base.step_s, base.per_seq_s)
+    measured = base.measured or bool(rates) or sig.prefill_rate_tps is not None
+    return Speeds(prefill, step, per_seq, overhead, measured)
+
+
+def _fit_decode(sig: Signals) -> tuple[float, float] | None:
+    """Least squares ``itl = s0 + c·b`` over the window (b: streams decoding beside it, per decoder)."""
+    spans = [
+        (r.arrived_s + (r.ttft_s or 0.0), r.arrived_s + (r.e2e_s or 0.0), r.itl_s)
+        for r in sig.requests
+        if r.itl_s is not None and r.e2e_s is not None
+    ][-MAX_FIT_POINTS:]
+    decoders = max(sig.actual.decode + sig.actual.mixed, 1)
+    points: list[tuple[float, float]] = []
+    for start, end, itl in spans:
+        mid = (start + end) / 2
+        beside = sum(1 for s, e, _ in spans if s <= mid <= e)
+        points.append((max(beside / decoders, 1.0), float(itl or 0.0)))
+    if len(points) < 3:
+        return None
+    mb = sum(b for b, _ in points) / len(points)
+    mi = sum(i for _, i in points) / len(points)
+    var = sum((b - mb) ** 2 for b, _ in points)
+    c = sum((b - mb) * (i - mi) for b, i in points) / var if var > 1e-9 else 0.0
+    c = max(c, 0.0)
+    s0 = max(mi - c * mb, mi * 0.1, 1e-4)
+    return s0 + c, c
+
+
+def _wait_tokens(lam: float, lengths: Sequence[int], rate: float) -> tuple[float, float]:
+    """(mean queued prompt tokens, utilization) of one M/G/1 prefill queue."""
+    if lam <= 0 or not lengths:
+        return 0.0, 0.0
+    mean_s = sum(lengths) / len(lengths) / rate
+    second = sum((n / rate) ** 2 for n in lengths) / len(lengths)
+    rho = lam * mean_s
+    if rho >= 1:
+        return math.inf, rho
+    return lam * second / (2 * (1 - rho)) * rate, rho
+
+
+def _itl(tokens_per_s: float, n: int, speeds: Speeds, stretch: float, kv_usage: float) -> tuple[float, float]:
+    """(ITL, decode utilization) of ``n`` decoders carrying ``tokens_per_s``; ``stretch`` ≥ 1."""
+    rho = speeds.per_seq_s * tokens_per_s / n * stretch
+    if rho >= 1:
+        return math.inf, rho
+    s0 = max(speeds.step_s - speeds.per_seq_s, 1e-6)
+    itl = s0 * stretch / (1 - rho)
+    batch = max(tokens_per_s / n * itl, 1.0)
+    snap = cm.WorkerSnapshot(
+        "planned",
+        "decode",
+        num_running=max(round(batch) - 1, 0),
+        kv_usage=kv_usage,
+        decode_step_s=itl,
+        decode_batch=float(max(round(batch), 1)),
+    )
+    return cm.itl_s(snap, cm.CostParams()), rho
+
+
+def predict(
+    shape: Shape,
+    sig: Signals,
+    speeds: Speeds,
+    ttft_slo_s: float,
+    itl_slo_s: float,
+    *,
+    attainment_target: float = 0.9,
+    max_utilization: float = 0.9,
+    margin: float = 0.0,
+    load_factor: float = 1.0,
+) -> Prediction:
+    """Predict ``shape`` under the window's load (× ``load_factor``); SLOs tightened by ``margin``."""
+    lam = sig.arrival_rate * load_factor
+    lengths = sig.prompt_lengths or [0]
+    outputs = sig.output_lengths or [0]
+    tokens_per_s = lam * sum(outputs) / len(outputs)
+    kv = max((w.kv_usage for w in sig.workers), default=0.0)
+    params = cm.CostParams()
+    if shape.mixed > 0 and shape.prefill == shape.decode == 0:  # aggregated
+        n = shape.mixed
+        decode_share = min(speeds.per_seq_s * tokens_per_s / n, 0.95)
+        rate = speeds.prefill_tps * (1 - decode_share)
+        queued, rho_p = _wait_tokens(lam / n, lengths, rate)
+        stretch = 1 / (1 - rho_p) if rho_p < 1 else math.inf
+        itl, rho_d = _itl(tokens_per_s, n, speeds, stretch, kv) if math.isfinite(stretch) else (math.inf, 1.0)
+        transfer = 0.0
+    else:
+        queued, rho_p = _wait_tokens(lam / max(shape.prefill, 1), lengths, speeds.prefill_tps)
+        rate = speeds.prefill_tps
+        itl, rho_d = _itl(tokens_per_s, max(shape.decode, 1), speeds, 1.0, kv)
+        transfer = -1.0  # per request, below
+    ttfts: list[float] = []
+    for n_tokens in lengths:
+        if not math.isfinite(queued):
+            ttfts.append(math.inf)
+            continue
+        snap = cm.WorkerSnapshot(
+            "planned", "prefill", queued_prefill_tokens=round(queued), prefill_rate_tps=rate
+        )
+        t = speeds.overhead_s + cm.prefill_s(snap, n_tokens, params)
+        if transfer < 0:
+            t += cm.transfer_s(n_tokens, None, params)
+        ttfts.append(t)
+    ttft_ok = ttft_slo_s * (1 - margin)
+    itl_ok = itl_slo_s * (1 - margin)
+    within = sum(1 for t in ttfts if t <= ttft_ok) if itl <= itl_ok else 0
+    attainment = within / len(ttfts)
+    utilization = max(rho_p, rho_d)
+    p90 = percentile(ttfts, 0.9)
+    return Prediction(
+        shape=shape,
+        ttft_p90_s=math.inf if p90 is None else p90,
+        itl_s=itl,
+        attainment=attainment,
+        utilization=utilization,
+        meets=attainment >= attainment_target and utilization <= max_utilization,
+    )

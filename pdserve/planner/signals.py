@@ -1,0 +1,271 @@
+"""What the planner sees: one snapshot of the load and of the deployment, as plain data.
+
+Everything here is read from what the router already exposes to anyone:
+
+* ``GET /pdserve/traces`` — the recent ended generations: arrival time,
+  prompt and output lengths, time to first token and its breakdown, end.
+  From them: the arrival rate, the length distributions, the measured SLO
+  attainment, and the measured speeds (prefill tokens/s from the breakdown's
+  prefill part; inter-token latency against the decode batch it ran in).
+* ``GET /pdserve/workers?stats=false`` — the deployment: targets, the pools'
+  registered workers, the supervisor's slots (a worker still ``starting``).
+* ``GET /metrics`` — per-worker queues and KV usage, and the measured prefill
+  rate when the router exports it (``pdserve_worker_prefill_rate_tokens_per_second``).
+
+:func:`parse` turns the three documents into a :class:`Signals` (pure: the
+unit tests feed it recorded snapshots); :func:`read` fetches them.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+POOLS = ("prefill", "decode", "mixed")
+#: Traces the planner asks for; an answer this long may cover less than the window.
+MAX_TRACES = 1000
+FULL_TRACES = 250  # the router's default buffer; a list this long is treated as possibly cut
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Workers per pool."""
+
+    prefill: int = 0
+    decode: int = 0
+    mixed: int = 0
+
+    @property
+    def workers(self) -> int:
+        """Workers in all pools."""
+        return self.prefill + self.decode + self.mixed
+
+    @property
+    def servable(self) -> bool:
+        """A request can be served: a mixed worker, or a prefill and a decode worker."""
+        return self.mixed > 0 or (self.prefill > 0 and self.decode > 0)
+
+    def targets(self) -> dict[str, int]:
+        """The body of a ``POST /pdserve/scale``: every pool, so P and D change in one step."""
+        return {"prefill": self.prefill, "decode": self.decode, "mixed": self.mixed}
+
+    @classmethod
+    def of(cls, counts: Mapping[str, Any] | None) -> Shape:
+        """From ``{"prefill": 1, ...}`` (missing pools: 0)."""
+        counts = counts or {}
+        return cls(*(int(counts.get(p) or 0) for p in POOLS))
+
+    def __str__(self) -> str:
+        if self.prefill == self.decode == 0:
+            return f"{self.mixed}M"
+        text = f"{self.prefill}P+{self.decode}D"
+        return text + (f"+{self.mixed}M" if self.mixed else "")
+
+
+@dataclass(frozen=True)
+class RequestSample:
+    """One ended generation, as the planner uses it (seconds, tokens)."""
+
+    arrived_s: float  # unix time
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float | None
+    itl_s: float | None  # mean gap between its tokens (None: fewer than two)
+    prefill_s: float | None  # the breakdown's prefill part, when the worker timed it
+    overhead_s: float  # router queue + delivery: the TTFT that is neither worker queue nor prefill
+    e2e_s: float | None
+    ok: bool  # finished normally
+
+
+@dataclass(frozen=True)
+class WorkerSignal:
+    """One registered worker's load."""
+
+    worker_id: str
+    role: str
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    prefill_rate_tps: float | None = None
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class Signals:
+    """One snapshot (see the module docstring); derived figures are properties."""
+
+    taken_s: float  # unix time
+    window_s: float  # requests arrived within this many seconds before ``taken_s`` count
+    requests: tuple[RequestSample, ...]
+    workers: tuple[WorkerSignal, ...]
+    targets: Shape
+    actual: Shape  # registered and not draining
+    starting: tuple[str, ...] = ()  # slots not ready yet (starting, restarting, flipping)
+    failed: tuple[str, ...] = ()  # slots the supervisor gave up on
+    supervised: bool = True
+    prefill_rate_tps: float | None = field(default=None)  # the router's measure, if exported
+
+    @property
+    def arrival_rate(self) -> float:
+        """Requests per second over the window (0 with no traffic: never NaN)."""
+        if self.window_s <= 0:
+            return 0.0
+        return len(self.requests) / self.window_s
+
+    @property
+    def prompt_lengths(self) -> list[int]:
+        """Prompt tokens of the window's requests."""
+        return [r.prompt_tokens for r in self.requests]
+
+    @property
+    def output_lengths(self) -> list[int]:
+        """Output tokens of the window's requests."""
+        return [r.output_tokens for r in self.requests]
+
+    def attainment(self, ttft_slo_s: float, itl_slo_s: float) -> float | None:
+        """Share of the window's requests that finished within both SLOs (None: no request)."""
+        if not self.requests:
+            return None
+        good = sum(
+            1
+            for r in self.requests
+            if r.ok and r.ttft_s is not None and r.ttft_s <= ttft_slo_s and (r.itl_s or 0.0) <= itl_slo_s
+        )
+        return good / len(self.requests)
+
+    def measured_p90(self) -> tuple[float | None, float | None]:
+        """The window's TTFT and mean-ITL 90th percentiles (None when not measured)."""
+        return (
+            percentile([r.ttft_s for r in self.requests if r.ttft_s is not None], 0.9),
+            percentile([r.itl_s for r in self.requests if r.itl_s is not None], 0.9),
+        )
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def sample_of(trace: Mapping[str, Any]) -> RequestSample | None:
+    """A :class:`RequestSample` from one ``/pdserve/traces`` entry (None: not usable)."""
+    arrived = trace.get("arrived_unix_s")
+    if arrived is None:
+        return None
+    ttft = trace.get("ttft_s")
+    tokens = int(trace.get("num_tokens") or 0)
+    e2e = trace.get("e2e_s")
+    itl = None
+    if ttft is not None and e2e is not None and tokens >= 2:
+        last = trace.get("last_token_s") or e2e
+        itl = max(float(last) - float(ttft), 0.0) / (tokens - 1)
+    breakdown = trace.get("ttft_breakdown") or {}
+    prefill = breakdown.get("prefill_s") if breakdown.get("exact", True) else None
+    overhead = float(breakdown.get("router_queue_s") or 0.0) + float(breakdown.get("delivery_s") or 0.0)
+    return RequestSample(
+        arrived_s=float(arrived),
+        prompt_tokens=int(trace.get("num_prompt_tokens") or 0),
+        output_tokens=tokens,
+        ttft_s=None if ttft is None else float(ttft),
+        itl_s=itl,
+        prefill_s=None if prefill is None else float(prefill),
+        overhead_s=overhead,
+        e2e_s=None if e2e is None else float(e2e),
+        ok=trace.get("outcome") == "finished",
+    )
+
+
+def _gauges(metrics_text: str) -> dict[str, dict[str, float]]:
+    """``{worker: {gauge name: value}}`` of the router's per-worker gauges."""
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            worker = s.labels.get("worker")
+            if worker is not None and s.name.startswith("pdserve_worker_"):
+                out.setdefault(worker, {})[s.name] = s.value
+    return out
+
+
+def parse(
+    traces: Sequence[Mapping[str, Any]],
+    workers_view: Mapping[str, Any],
+    metrics_text: str,
+    *,
+    now_s: float,
+    window_s: float,
+) -> Signals:
+    """A :class:`Signals` from the three documents (pure; see the module docstring)."""
+    every = [s for s in (sample_of(t) for t in traces) if s is not None]
+    if len(every) >= FULL_TRACES and min(s.arrived_s for s in every) > now_s - window_s:
+        # the router keeps only its most recent traces: they cover less than the window
+        window_s = max(now_s - min(s.arrived_s for s in every), 1e-3)
+    samples = [s for s in every if s.arrived_s >= now_s - window_s]
+    gauges = _gauges(metrics_text)
+    workers: list[WorkerSignal] = []
+    for w in workers_view.get("workers", []):
+        g = gauges.get(str(w.get("worker_id")), {})
+        total = g.get("pdserve_worker_kv_blocks_total", 0.0)
+        free = g.get("pdserve_worker_kv_blocks_free", 0.0)
+        rate = g.get("pdserve_worker_prefill_rate_tokens_per_second") or None
+        workers.append(
+            WorkerSignal(
+                worker_id=str(w.get("worker_id")),
+                role=str(w.get("role")),
+                running=int(g.get("pdserve_worker_running_requests", 0)),
+                waiting=int(g.get("pdserve_worker_waiting_requests", 0)),
+                kv_usage=(1.0 - free / total) if total > 0 else 0.0,
+                prefill_rate_tps=rate,
+                draining=bool(w.get("draining")),
+            )
+        )
+    deployment = workers_view.get("deployment") or {}
+    pools = deployment.get("pools") or {}
+    actual = (
+        Shape.of({p: (pools.get(p) or {}).get("actual", 0) for p in POOLS})
+        if pools
+        else Shape.of({p: sum(1 for w in workers if w.role == p and not w.draining) for p in POOLS})
+    )
+    targets = Shape.of({p: (pools.get(p) or {}).get("target") for p in POOLS}) if pools else actual
+    if targets.workers == 0:
+        targets = actual
+    slots = deployment.get("workers") or []
+    rates = [w.prefill_rate_tps for w in workers if w.prefill_rate_tps and w.role in ("prefill", "mixed")]
+    return Signals(
+        taken_s=now_s,
+        window_s=window_s,
+        requests=tuple(samples),
+        workers=tuple(workers),
+        targets=targets,
+        actual=actual,
+        starting=tuple(
+            str(s.get("worker_id")) for s in slots if s.get("state") in ("starting", "restarting", "flipping")
+        ),
+        failed=tuple(str(s.get("worker_id")) for s in slots if s.get("state") == "failed"),
+        supervised=bool(deployment.get("supervised", True)),
+        prefill_rate_tps=statistics.median(rates) if rates else None,
+    )
+
+
+def read(
+    url: str, headers: Mapping[str, str], window_s: float, client: httpx.Client | None = None
+) -> Signals:
+    """Fetch the three documents from the router at ``url`` and :func:`parse` them."""
+    http = client or httpx.Client(timeout=5.0)
+    try:
+        reply = http.get(f"{url}/pdserve/traces", params={"limit": MAX_TRACES}, headers=headers)
+        traces = reply.json()["traces"]
+        view = http.get(f"{url}/pdserve/workers", params={"stats": "false"}, headers=headers).json()
+        text = http.get(f"{url}/metrics", headers=headers).text
+    finally:
+        if client is None:
+            http.close()
+    return parse(traces, view, text, now_s=time.time(), window_s=window_s)

@@ -1,0 +1,98 @@
+"""``pdserve serve``'s planner options and the early-shedding limit the planner hands the router."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pdserve.planner import options
+from pdserve.planner.planner import PlannerConfig, PlannerState, decide
+from pdserve.planner.runner import shed_limit
+from pdserve.planner.signals import Shape, parse
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", default="aggregated")
+    p.add_argument("--mixed", type=int, default=1)
+    p.add_argument("--prefill", type=int, default=1)
+    p.add_argument("--decode", type=int, default=1)
+    p.add_argument("--threads-per-worker", type=int, default=0)
+    p.add_argument("--ready-timeout", type=float, default=60.0)
+    options.add_planner_args(p)
+    return p.parse_args(argv)
+
+
+def test_defaults_keep_the_planner_off() -> None:
+    assert serve_args().planner == "none"
+
+
+def test_slo_config_from_options() -> None:
+    cfg = options.planner_config(
+        serve_args(
+            "--planner",
+            "slo",
+            "--ttft-ms",
+            "500",
+            "--itl-ms",
+            "40",
+            "--max-cores",
+            "4",
+            "--threads-per-worker",
+            "2",
+        )
+    )
+    assert cfg.ttft_slo_s == 0.5 and cfg.itl_slo_s == 0.04
+    assert cfg.max_workers == 2  # 4 cores / 2 threads per worker
+    assert options.budget(serve_args("--max-workers", "3", "--threads-per-worker", "1")) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--planner", "slo", "--itl-ms", "40"),  # no TTFT SLO
+        ("--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40", "--interval", "0"),
+        ("--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40", "--max-workers", "1", "--mixed", "2"),
+        (
+            "--planner",
+            "slo",
+            "--ttft-ms",
+            "500",
+            "--itl-ms",
+            "40",
+            "--max-workers",
+            "2",
+            "--min-workers",
+            "3",
+        ),
+    ],
+)
+def test_bad_options_are_clear_errors(argv: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError):
+        options.planner_config(serve_args(*argv))
+
+
+def test_shed_limit_only_past_capacity() -> None:
+    traces = [
+        {
+            "arrived_unix_s": 99.0 + i / 50,
+            "num_prompt_tokens": 900,
+            "num_tokens": 20,
+            "ttft_s": 0.5,
+            "e2e_s": 1.0,
+            "last_token_s": 1.0,
+            "outcome": "finished",
+            "ttft_breakdown": {"prefill_s": 0.9, "exact": True},
+        }
+        for i in range(50)
+    ]
+    sig = parse(traces, {"workers": []}, "", now_s=100.0, window_s=2.0)
+    cfg = PlannerConfig(ttft_slo_s=0.2, itl_slo_s=0.05, max_workers=2)
+    d = decide(sig, PlannerState(), cfg)
+    assert d.over_capacity
+    limit = shed_limit(d)
+    assert limit is not None and limit >= 4
+    calm = parse(traces[:2], {"workers": []}, "", now_s=100.0, window_s=60.0)
+    assert shed_limit(decide(calm, PlannerState(), PlannerConfig(ttft_slo_s=5, itl_slo_s=1))) is None
+    assert d.target.workers <= 2 and Shape.of(d.target.targets()) == d.target
