@@ -120,8 +120,12 @@ def test_shared_documents_land_where_they_are_cached(three_prefill: LocalLaunche
             assert reply["choices"][0]["text"] == want
     data = httpx.get(f"{url}/pdserve/workers", timeout=10).json()
     assert data["routing"]["policy"] == "kv_aware" and data["routing"]["decisions"]["forced_remote"] >= 12
+    # The hit rate rides the workers' heartbeats (every few seconds): wait for the next one.
+    deadline = time.monotonic() + 20.0
     for wid in set(homes.values()):
-        assert data["workers"] and workers(url)[wid]["cache"]["prefix_hit_rate"] > 0
+        while workers(url)[wid]["cache"]["prefix_hit_rate"] <= 0:
+            assert time.monotonic() < deadline, workers(url)[wid]["cache"]
+            time.sleep(0.2)
 
 
 def test_follow_up_turn_moves_only_new_blocks(three_prefill: LocalLauncher, offline: LLM) -> None:
