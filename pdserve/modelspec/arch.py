@@ -16,13 +16,13 @@ This module must not import torch: the router imports it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pdserve.errors import ConfigError, ModelLoadError, UnsupportedModelError
+from pdserve.jsonfile import read_json_object
 from pdserve.modelspec.presets import PRESETS, preset_names
 
 logger = logging.getLogger(__name__)
@@ -239,8 +239,8 @@ def load_arch_config(model: str) -> ArchConfig:
             f"model {model!r} is neither a built-in preset ({', '.join(preset_names())}), "
             f"an alias ({', '.join(ALIASES)}), a GGUF file nor an existing local checkpoint directory"
         )
-    config = _read_json(os.path.join(model, "config.json"), required=True)
-    generation = _read_json(os.path.join(model, "generation_config.json"), required=False)
+    config = read_json_object(os.path.join(model, "config.json"), required=True)
+    generation = read_json_object(os.path.join(model, "generation_config.json"), required=False)
     try:
         return arch_config_from_hf(config, generation)
     except UnsupportedModelError as e:
@@ -248,21 +248,6 @@ def load_arch_config(model: str) -> ArchConfig:
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{os.path.join(model, 'config.json')}: invalid config: {e}") from e
 
-
-def _read_json(path: str, *, required: bool) -> dict[str, Any]:
-    """A JSON object from ``path``; {} if absent and not required."""
-    if not os.path.isfile(path):
-        if required:
-            raise ModelLoadError(f"{path} not found: a checkpoint folder needs a config.json")
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
 
 
 def _as_id_list(value: Any) -> list[int]:

@@ -21,13 +21,13 @@ BOS from :meth:`Tokenizer.encode`.
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pdserve.errors import InvalidRequestError, ModelLoadError
+from pdserve.jsonfile import read_json_object
 
 if TYPE_CHECKING:
     from pdserve.tokenizer.chat_template import ChatTemplate
@@ -266,15 +266,15 @@ class HFTokenizer(Tokenizer):
             tok = RustTokenizer.from_file(path)
         except Exception as e:  # the Rust library raises plain Exception
             raise ModelLoadError(f"cannot load {path}: {e}") from e
-        config = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
-        special_map = _read_json(os.path.join(model_dir, "special_tokens_map.json"))
+        config = read_json_object(os.path.join(model_dir, "tokenizer_config.json"))
+        special_map = read_json_object(os.path.join(model_dir, "special_tokens_map.json"))
         special_tokens: dict[str, str | None] = {}
         for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
             value = config.get(name, special_map.get(name))
             special_tokens[name] = _token_text(value)
         extra_eos: list[int] = []
         for name in ("generation_config.json", "config.json"):
-            value = _read_json(os.path.join(model_dir, name)).get("eos_token_id")
+            value = read_json_object(os.path.join(model_dir, name)).get("eos_token_id")
             extra_eos.extend([value] if isinstance(value, int) else (value or []))
         self._setup(
             tok,
@@ -370,19 +370,6 @@ def _token_text(value: Any) -> str | None:
         value = value.get("content")
     return value if isinstance(value, str) else None
 
-
-def _read_json(path: str) -> dict[str, Any]:
-    """A JSON object from ``path``; ``{}`` when the file does not exist."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return data
 
 
 def load_tokenizer(model: str) -> Tokenizer:
