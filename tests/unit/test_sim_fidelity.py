@@ -117,8 +117,9 @@ def test_kv_transfer_delays_decode_but_not_the_first_token() -> None:
 
 
 def test_a_request_that_can_never_get_decode_blocks_is_reported_not_lost() -> None:
-    result = Simulator(disagg(decode_blocks=8, disagg_policy="always")).run([SimRequest(0.0, tuple(prompt(0, 60)), 2),
-                                                     SimRequest(0.0, tuple(prompt(1, 4)), 2)])
+    # remote prefill: D must reserve the whole prompt (computed on D it would never fit either)
+    sim = Simulator(disagg(decode_blocks=8, disagg_policy="always"))
+    result = sim.run([SimRequest(0.0, tuple(prompt(0, 60)), 2), SimRequest(0.0, tuple(prompt(1, 4)), 2)])
     bad, good = result.records
     assert bad.error_type == "sim_stalled" and not bad.ok
     assert good.ok and good.num_output_tokens == 2
