@@ -59,6 +59,20 @@ def test_simulate_disaggregated_heterogeneous_and_sweep(tmp_path: Path) -> None:
     assert labels == ["h100×1", "a100×1"]
 
 
+def test_simulate_takes_the_router_options_and_reports_decisions(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_json(tmp_path, "--prefill", "1", "--decode", "1", "--mixed", "1", name="pdm.json")
+    assert [p["role"] for p in out["config"]["pools"]] == ["prefill", "decode", "mixed"]
+    routing = out["routing"][0]
+    assert routing["policy"] == "kv_aware" and routing["disagg_policy"] == "auto"  # pdserve serve's defaults
+    assert sum(routing["decisions"].values()) == 60 == routing["num_local"] + routing["num_remote"]
+    assert "routing (kv_aware, disagg auto): " in capsys.readouterr().out
+    out = run_json(tmp_path, "--policy", "round_robin", "--disagg-policy", "always", name="always.json")
+    routing = out["routing"][0]
+    assert routing["decisions"] == {"forced_remote": 60} and routing["kv_bytes"] > 0
+    assert [p["role"] for p in out["config"]["pools"]] == ["prefill", "decode"]  # no mixed unless asked
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
