@@ -108,6 +108,7 @@ class Verdict:
     tpot_p90_ms: float
     cost_per_hour: float
     cost_per_m_output_tokens: float
+    decisions: dict[str, int] = field(default_factory=dict)  # the router's placements by reason
 
     def meets(self, target: float) -> bool:
         """Every SLO at ≥ ``target`` attainment."""
@@ -170,7 +171,7 @@ class Planner:
         """Simulate a shape (once; later calls reuse the verdict)."""
         if shape in self.verdicts:
             return self.verdicts[shape]
-        run, _ = simulate_run(self.config(shape), self.requests, self.rate, self.slo)
+        run, sim = simulate_run(self.config(shape), self.requests, self.rate, self.slo)
         s = run.summary
         measured = [r for r in run.records if not r.warmup]
         ttft_only = SLO(ttft_ms=self.slo.ttft_ms)
@@ -184,6 +185,7 @@ class Planner:
             attainment_rest=share(rest) if rest.given else 1.0,
             ttft_p90_ms=s.ttft_ms["p90"], tpot_p90_ms=s.tpot_ms["p90"],
             cost_per_hour=cost, cost_per_m_output_tokens=cost / tokens_per_hour * 1e6,
+            decisions=sim.decisions,
         )
         self.verdicts[shape] = verdict
         logger.info("%s: attainment %.3f, $%.2f/h", shape.describe(), verdict.attainment, cost)

@@ -13,6 +13,7 @@ from pdserve.bench.workload import WorkloadConfig, make_workload
 from pdserve.cli import main
 from pdserve.config import SchedulerConfig
 from pdserve.errors import ConfigError
+from pdserve.router.cost_model import REASONS
 from pdserve.sim.deploy import PlannedRequest
 from pdserve.sim.hardware import accelerator, paper_model
 from pdserve.sim.link import Link, LinkModel
@@ -192,6 +193,10 @@ def test_plan_picks_the_cheaper_shape() -> None:
     assert kind is slow and count == 2
     assert result.best.cost_per_hour < fast.price_per_hour
     assert planner.evaluate(Shape(mixed=(fast, 1))).meets(0.9)
+    # shapes are judged with the router's placement: every request's decision is counted
+    disagg = planner.evaluate(Shape(prefill=(fast, 1), decode=(slow, 1)))
+    assert sum(disagg.decisions.values()) == 60 and set(disagg.decisions) <= set(REASONS)
+    assert planner.evaluate(Shape(mixed=(fast, 1))).decisions == {"aggregated": 60}
 
 
 def test_plan_says_when_no_shape_meets_the_slo() -> None:
