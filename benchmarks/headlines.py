@@ -121,9 +121,16 @@ def s3(d: dict[str, Any]) -> list[Headline]:
     for name, value in d.get("goodput_ratios", {}).items():
         figures.append((f"goodput ratio {name.replace('_over_', ' / ')}", number(value, ".2f") + "×", "-",
                         REPORTED))
+    goodput = d.get("goodput_rate_per_s", {})
+    static = [g for k, g in goodput.items() if k in ("agg", "agg2")]
+    if d.get("settings", {}).get("disagg_policy") == "auto" and goodput.get("disagg") is not None and static:
+        best = max(g or 0.0 for g in static)
+        r = goodput["disagg"] / best if best else math.inf
+        figures.append(("disagg with conditional disaggregation (auto) / best of agg, agg2",
+                        number(r, ".2f") + "×", "≥ 1×", verdict(r >= 1.0)))
     if not d.get("planner", {}).get("measured", True):
         figures.append(("goodput of the planner's configuration", "not measured", "-",
-                        "missing: no planner yet"))
+                        "missing: not in this run's --configs"))
     return _rows("S3", d, figures)
 
 
