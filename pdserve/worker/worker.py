@@ -133,6 +133,8 @@ class Worker:
             num_decode_seqs=self.engine.num_decode_seqs,
             prefix_query_tokens=stats.prefix_query_tokens,
             prefix_hit_tokens=stats.prefix_hit_tokens,
+            num_deferred_reservations=self.intake.num_deferred if self.intake else 0,
+            num_gate_waits=sched.num_gate_waits,
         )
 
     def stats(self) -> p.WorkerStats:
@@ -281,6 +283,7 @@ class Worker:
             case p.Blocks(request_id=rid, block_ids=block_ids, num_cached_tokens=num_cached):
                 if self.pusher is not None:
                     self.pusher.set_destination(rid, block_ids, num_cached)
+                    self.engine.scheduler.open_gate(rid)
             case p.Release(request_id=rid):
                 self._release(rid)
             case p.Abort(request_id=rid):
@@ -325,8 +328,9 @@ class Worker:
                     raise PDServeError("a prefill worker needs a decode worker to hand the KV to")
                 self.pusher.track(m.request_id, m.decode_worker_id, m.decode_kv)
             # A decode worker takes a whole request when the router prefills it here
-            # (conditional disaggregation) or as the fallback.
-            self.engine.enqueue(request)
+            # (conditional disaggregation) or as the fallback. A prefill worker computes
+            # nothing before the decode worker reserved a home for the KV (``Blocks``).
+            self.engine.enqueue(request, gated=self.role is Role.PREFILL)
             self.timer.received(m.request_id, received_s)
         except (PDServeError, ValueError) as exc:
             if self.pusher is not None:
