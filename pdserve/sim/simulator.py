@@ -21,10 +21,11 @@ Lifecycle of one request:
    ``auto``/``never``, or a mixed worker); the workers get it one hop later.
    A local prompt then runs like a mixed worker's (steps 2–4 skipped).
 2. D reserves blocks (or queues the reservation until blocks free up); the
-   block ids reach P two hops later (D → router → P);
+   block ids reach P two hops later (D → router → P) and open P's prefill
+   gate (P queued the request gated: it computes nothing of it before then);
 3. P prefills with everything else it runs; each step pushes the KV of the
-   tokens it computed over P's link, layer by layer, once the destination is
-   known (a late destination gets the backlog at once);
+   tokens it computed over P's link, layer by layer (a destination known
+   after some computing — only without the gate — gets the backlog at once);
 4. P's first token reaches the client one hop after the step that sampled
    it; when all KV is pushed, the "done" notice reaches D (link latency) and
    the request joins D's batch; D's ``KVReceived`` reaches the router a hop
@@ -208,7 +209,8 @@ class Simulator:
             if decode.admit_remote(d_request) is not None:
                 self._reserved(decode, rid)
         self.deliver(decode, t, admit)
-        self.deliver(prefill, t, lambda: prefill.scheduler.add_request(p_request))
+        # gated, as a prefill worker queues it: nothing is computed before D reserved the KV's home
+        self.deliver(prefill, t, lambda: prefill.scheduler.add_request(p_request, gated=True))
 
     def _emit(self, rid: str, t_s: float, request: Request) -> None:
         rec = self._records[rid]
@@ -265,6 +267,7 @@ class Simulator:
             h.pushed_at_s = link.push(self.now_s, num_bytes)
             h.num_pushed_tokens = request.num_computed_tokens
         self._maybe_done(rid, h)
+        sched.open_gate(rid)  # as the worker does on ``Blocks``, after ``KVPusher.set_destination``
 
     def _push_step(self, prefill: SimWorker, duration_s: float) -> None:
         """The step just scheduled writes KV layer by layer: push it as it is written."""

@@ -89,6 +89,7 @@ class SimWorker:
         self.kv_events = KVEventPublisher(self.block_manager, worker_id)
         self.step_model = step_model
         self.pending: deque[Request] = deque()
+        self.num_deferred = 0  # reservations that found no room (KVIntake.num_deferred)
         self.busy = False
         self.num_steps = 0
         self.busy_s = 0.0
@@ -153,6 +154,7 @@ class SimWorker:
             if block_ids is not None:
                 return block_ids
         self.pending.append(request)
+        self.num_deferred += 1
         return None
 
     def retry_pending(self) -> list[Request]:
@@ -185,4 +187,5 @@ class SimWorker:
             num_decode_steps=self.num_decode_steps, decode_busy_s=self.decode_busy_s,
             num_decode_seqs=self.num_decode_seqs,
             prefix_query_tokens=stats.prefix_query_tokens, prefix_hit_tokens=stats.prefix_hit_tokens,
+            num_deferred_reservations=self.num_deferred, num_gate_waits=s.num_gate_waits,
         )

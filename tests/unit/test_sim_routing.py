@@ -125,6 +125,23 @@ def test_always_moves_every_prompt_and_never_moves_none() -> None:
     assert sim.by_id["prefill-0"].num_steps == 0
 
 
+def test_a_prefill_waits_at_the_gate_until_its_decode_worker_reserved_blocks() -> None:
+    pools = (PoolSpec(Role.PREFILL, 1, STEP, 400, link=LINK), PoolSpec(Role.DECODE, 1, STEP, 10))
+    sim = Simulator(config(*pools, disagg_policy="always"), record_steps=True)
+    # D holds 10 blocks: the first request's (7, growing to 9) leave no room for the second's 7
+    result = sim.run([SimRequest(0.0, tokens(1, 100), 40), SimRequest(0.001, tokens(2, 100), 4)])
+    all_clean(sim, result)
+    assert result.steps is not None
+    first_done = max(s.start_s + s.duration_s for s in result.steps
+                     if s.worker_id == "decode-0" and any(rid == "sim-0" for rid, _ in s.batch))
+    second_starts = min(s.start_s for s in result.steps
+                        if s.worker_id == "prefill-0" and any(rid == "sim-1" for rid, _ in s.batch))
+    assert second_starts > first_done  # P computed nothing of it before D had room
+    assert sim.by_id["decode-0"].load().num_deferred_reservations == 1
+    # both waited at the gate with P idle: the first for its reservation's two hops, the second for room
+    assert sim.by_id["prefill-0"].load().num_gate_waits == 2
+
+
 def pdm_config(seed: int = 0) -> SimConfig:
     return config(PoolSpec(Role.PREFILL, 1, STEP, 400, link=LINK), PoolSpec(Role.DECODE, 1, STEP, 400),
                   PoolSpec(Role.MIXED, 1, STEP, 400), seed=seed)
