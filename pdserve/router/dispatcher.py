@@ -260,10 +260,10 @@ class Dispatcher:
         for state in list(self._by_worker_rid.values()):
             if worker_id in state.worker_ids:
                 self._retry(state, f"worker {worker_id} lost ({why})", {worker_id})
-        # Decode and mixed workers may hold blocks reserved for its KV: no more writes will come;
-        # prefill and mixed workers drop their connections to its cache.
+        # Decode and mixed workers may hold blocks reserved for its KV: no more writes will come.
         for w in self.registry.all():
-            self.channel.send(w.worker_id, p.PeerLost(worker_id))
+            if w.role in (Role.DECODE, Role.MIXED):
+                self.channel.send(w.worker_id, p.PeerLost(worker_id))
 
     # -- worker messages ---------------------------------------------------------------
 
@@ -333,8 +333,8 @@ class Dispatcher:
             return
         old = self.registry.get(m.worker_id)
         if old is not None and old.kv is not None and old.kv != m.kv:
-            for w in self.registry.all():  # it flipped: drop connections to its old cache
-                if w.worker_id != m.worker_id:
+            for w in self.registry.all():  # it flipped: senders drop connections to its old cache
+                if w.role in (Role.PREFILL, Role.MIXED) and w.worker_id != m.worker_id:
                     self.channel.send(w.worker_id, p.PeerLost(m.worker_id))
         self.registry.add(WorkerInfo.from_register(m))
         self.channel.send(sender, p.Registered(m.worker_id, self.config.lease_s / 6))
