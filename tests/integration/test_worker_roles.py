@@ -80,7 +80,7 @@ def test_a_mixed_worker_takes_both_sides_and_its_own_requests(router: Any) -> No
         mixed._handle(p.PrefillRequest("own", list(range(10, 30)), PARAMS))
         got = replies(router)
         [reserved] = [m for m in got if isinstance(m, p.Reserved)]
-        assert reserved.request_id == "in" and len(reserved.block_ids) == 3  # 40 tokens + 1 in 16-token blocks
+        assert reserved.request_id == "in" and len(reserved.block_ids) == 3  # 40 tokens + 1, 16 per block
         assert not [m for m in got if isinstance(m, p.RequestFailed)]
         assert mixed.pusher.is_tracked("out") and not mixed.pusher.is_tracked("own")
         sched = mixed.engine.scheduler
