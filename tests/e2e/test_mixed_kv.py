@@ -11,7 +11,8 @@ supervisor flips workers between roles, same processes):
 
 The greedy outputs of every phase equal the aggregated phase's on the same
 prompts, and the workers' KV counters show the bytes that moved into and out
-of the mixed workers.
+of the mixed workers; a client that hangs up mid-stream leaves no KV held
+anywhere.
 """
 
 from __future__ import annotations
@@ -63,6 +64,43 @@ def kv_bytes(served: Served) -> dict[str, tuple[int, int]]:
             for wid, w in workers(served).items()}
 
 
+def abandon(served: Served, tokens: list[int]) -> None:
+    """Stream a long completion and hang up after its first tokens (the router aborts it everywhere)."""
+    body = {"model": "tiny", "prompt": tokens, "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    aborted = aborted_requests(served)
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, headers=AUTH, timeout=120) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 4:
+                break
+    deadline = time.monotonic() + 30
+    while aborted_requests(served) == aborted:  # it was aborted, not finished
+        assert time.monotonic() < deadline, "the abandoned request was never aborted"
+        time.sleep(0.1)
+
+
+def aborted_requests(served: Served) -> float:
+    text = httpx.get(f"{served.url}/metrics", headers=AUTH, timeout=10).text
+    name = 'pdserve_requests_total{outcome="aborted"}'
+    lines = [line for line in text.splitlines() if line.startswith(name)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def wait_idle(served: Served, timeout_s: float = 60.0) -> None:
+    """Until no worker runs, waits for, or holds a request and every KV block is free again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        loads = {wid: w["stats"]["load"] for wid, w in workers(served).items()}
+        counts = ("num_running", "num_waiting", "num_waiting_for_kv", "num_held")
+        busy = {wid: load for wid, load in loads.items()
+                if any(load[c] for c in counts) or load["num_free_blocks"] != load["num_total_blocks"]}
+        if not busy:
+            return
+        assert time.monotonic() < deadline, busy
+        time.sleep(0.2)
+
+
 def rescale(served: Served, **shape: int) -> dict[str, str]:
     """Set the pools to ``shape``, wait until they are there; worker id → role."""
     reply = httpx.post(f"{served.url}/pdserve/scale", json=shape, headers=AUTH, timeout=10)
@@ -98,12 +136,16 @@ def test_each_kind_of_placement_with_a_mixed_worker(served: Served) -> None:
     [(p, m), _] = run("P→M", roles, ("prefill", "mixed"))
     after = kv_bytes(served)
     assert after[m][1] > before[m][1] and after[p][0] > before[p][0]  # KV moved into the mixed worker
+    abandon(served, prompt(7, 90))  # a client that hangs up: both sides free the request's KV
+    wait_idle(served)
 
     roles = rescale(served, prefill=0, decode=1, mixed=1)
     before = kv_bytes(served)
     [(m, d), _] = run("M→D", roles, ("mixed", "decode"))
     after = kv_bytes(served)
     assert after[m][0] > before[m][0] and after[d][1] > before[d][1]  # KV moved out of the mixed worker
+    abandon(served, prompt(8, 90))
+    wait_idle(served)
 
     roles = rescale(served, prefill=0, decode=0, mixed=2)
     before = kv_bytes(served)
