@@ -87,6 +87,7 @@ def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
         ),
         "recovery: " + ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in now.recovery.items()),
         _routing_line(now.routing),
+        _rate_matching_line(now.workers),
         "",
         f"{'worker':<16}{'role':<9}{'state':<10}{'run':>5}{'wait':>6}{'kv%':>6}{'cached':>8}"
         f"{'held':>6}{'prompt tok':>12}{'kv sent MB':>12}{'kv recv MB':>12}"
@@ -142,6 +143,14 @@ def _routing_line(routing: dict | None) -> str:
         f"{routing.get('index_blocks', 0)} blocks (+{routing.get('speculative_blocks', 0)} speculative), "
         f"resyncs {routing.get('resyncs', 0)}; placements: {decisions}"
     )
+
+
+def _rate_matching_line(workers: list[dict]) -> str:
+    """Prefills held back for lack of decode room: deferred reservations and gate waits."""
+    loads = [(w.get("stats") or {}).get("load") or {} for w in workers]
+    deferred = sum(load.get("num_deferred_reservations", 0) for load in loads)
+    waits = sum(load.get("num_gate_waits", 0) for load in loads)
+    return f"rate matching: reservations deferred (decode full) {deferred}, prefill gate waits {waits}"
 
 
 def _cache_columns(cache: dict | None) -> str:

@@ -166,9 +166,10 @@ class LLMEngine:
         self.enqueue(request)
         return request
 
-    def enqueue(self, request: Request) -> None:
-        """Queue a request built by :meth:`make_request` for prefill here."""
-        self.scheduler.add_request(request)
+    def enqueue(self, request: Request, gated: bool = False) -> None:
+        """Queue a request built by :meth:`make_request` for prefill here (``gated``: see
+        :meth:`Scheduler.add_request`)."""
+        self.scheduler.add_request(request, gated=gated)
         self._track(request)
 
     def add_remote_request(self, request: Request) -> list[int] | None:

@@ -22,6 +22,15 @@ prompt) or whose prefill could not be done elsewhere. Such a request then
 decodes here like any other. A ``mixed`` scheduler serves whole requests and
 takes both sides of hand-offs: remote requests as a decode scheduler does,
 and ``prefill_only`` requests end and are held as on a prefill scheduler.
+
+The prefill gate (rate matching between the pools): a prefill worker (or a
+mixed worker computing a prompt for another) queues a
+request *gated* (``add_request(..., gated=True)``) until its decode worker has
+reserved blocks for the KV it will produce (``open_gate``), so no prompt is
+computed without a home for its KV. A decode worker with no room defers its
+reservation, which keeps the gate closed and the prefill worker's compute for
+requests that have a home. ``num_gate_waits`` counts the requests that found
+the gate closed at a step that had room to start them.
 """
 
 from __future__ import annotations
@@ -94,21 +103,38 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting_for_kv: dict[str, Request] = {}
         self.held: dict[str, Request] = {}
+        self.gated: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_gate_waits = 0
+        self._gate_waited: set[str] = set()
 
     # -- admission ---------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, gated: bool = False) -> None:
         """Queue a request to be prefilled here.
 
         A decode scheduler takes one when the router chose to prefill it here
         (conditional disaggregation), or as a fallback (no prefill worker is
         left, or its KV transfer failed and the policy is to recompute).
+        ``gated``: not scheduled before ``open_gate`` (a prefill worker's
+        request whose decode worker has not reserved its blocks yet).
         """
         self._register(request)
         request.status = RequestStatus.WAITING
+        if gated:
+            self.gated[request.request_id] = request
+        else:
+            self.waiting.append(request)
+
+    def open_gate(self, request_id: str) -> bool:
+        """The request's KV has a home: it may be scheduled (False: it was not gated)."""
+        request = self.gated.pop(request_id, None)
+        self._gate_waited.discard(request_id)
+        if request is None:
+            return False
         self.waiting.append(request)
+        return True
 
     def add_remote_request(self, request: Request) -> list[int] | None:
         """Decode (or mixed) role: reserve blocks for a request whose KV another worker writes.
@@ -197,6 +223,10 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new, bm.block_ids(request.request_id)))
             budget -= num_new
             num_prompts += 1
+        if self.gated and not self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            for rid in self.gated.keys() - self._gate_waited:  # they could have started now
+                self._gate_waited.add(rid)
+                self.num_gate_waits += 1
         return out
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int, alone: bool = False) -> int:
@@ -270,6 +300,9 @@ class Scheduler:
             self.running.remove(request)
         elif rid in self.waiting_for_kv:
             del self.waiting_for_kv[rid]
+        elif rid in self.gated:
+            del self.gated[rid]
+            self._gate_waited.discard(rid)
         elif request in self.waiting:
             self.waiting.remove(request)
         if request.status is RequestStatus.FINISHED_PREFILLED:
@@ -292,8 +325,8 @@ class Scheduler:
 
     @property
     def num_unfinished(self) -> int:
-        """Requests waiting, running or waiting for KV (held ones are finished)."""
-        return len(self.waiting) + len(self.running) + len(self.waiting_for_kv)
+        """Requests gated, waiting, running or waiting for KV (held ones are finished)."""
+        return len(self.gated) + len(self.waiting) + len(self.running) + len(self.waiting_for_kv)
 
     def has_unfinished_requests(self) -> bool:
         """True while any request still needs steps or remote KV."""

@@ -174,6 +174,16 @@ def _routing_metrics(d: Dispatcher) -> Iterator[Metric]:
             "Prompt tokens sent to it, not yet computed",
             labels=["worker", "role"],
         ),
+        "deferred": CounterMetricFamily(
+            "pdserve_kv_reservations_deferred",
+            "Reservations a decode worker deferred for lack of room (prefills throttled)",
+            labels=["worker", "role"],
+        ),
+        "gate": CounterMetricFamily(
+            "pdserve_prefill_gate_waits",
+            "Prefills that waited for their decode worker's reservation with compute free",
+            labels=["worker", "role"],
+        ),
     }
     for w in d.registry.all():
         labels = [w.worker_id, w.role.value]
@@ -186,6 +196,8 @@ def _routing_metrics(d: Dispatcher) -> Iterator[Metric]:
             ("resyncs", view.resyncs),
             ("prefill_rate", view.prefill_rate_tps or 0.0),
             ("queued", view.queued_prefill_tokens),
+            ("deferred", w.load.num_deferred_reservations),
+            ("gate", w.load.num_gate_waits),
         ):
             per_worker[key].add_metric(labels, value)
     yield from per_worker.values()

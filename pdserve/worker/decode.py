@@ -57,6 +57,7 @@ class KVIntake:
         self._writer_of: dict[str, str] = {}  # request id → prefill worker writing its KV
         self.num_bytes_received = 0
         self.num_transfers = 0
+        self.num_deferred = 0  # reservations that found no room: their prefill waits (gated)
 
     def admit(self, request: Request, writer_id: str = "") -> list[int] | None:
         """Reserve blocks now (returns their ids) or queue the request (returns None).
@@ -69,6 +70,7 @@ class KVIntake:
             if block_ids is not None:
                 return block_ids
         self._pending.append(request)
+        self.num_deferred += 1
         return None
 
     def retry_pending(self) -> list[tuple[str, list[int], int]]:

@@ -94,6 +94,16 @@ class WorkerCollector(Collector):
             stats.kv_event_cpu_s,
         )
         yield counter(
+            "pdserve_worker_kv_reservations_deferred",
+            "Reservations that found no free blocks (the prefill waits, gated, for room)",
+            load.num_deferred_reservations,
+        )
+        yield counter(
+            "pdserve_worker_prefill_gate_waits",
+            "Requests that could have started but waited for their decode worker's reservation",
+            load.num_gate_waits,
+        )
+        yield counter(
             "pdserve_worker_kv_snapshots", "Snapshots sent for the router's resyncs", stats.kv_snapshots
         )
 

@@ -2,9 +2,11 @@
 
 Lifecycle of one request on a prefill worker:
 
-1. ``PrefillRequest`` arrives: the engine queues it; ``track`` records its
-   decode peer. The decode worker's block ids arrive separately (``Blocks``),
-   possibly after computing started.
+1. ``PrefillRequest`` arrives: the engine queues it gated (the worker
+   computes nothing of it before its KV has a home); ``track`` records its
+   decode peer. The decode worker's block ids arrive separately (``Blocks``)
+   and open the gate. (An engine driven without the gate may start computing
+   first: step 3.)
 2. Every step, ``on_schedule`` notes which token range of each tracked
    request the step computes; ``on_layer_done(layer)`` then pushes, for every
    request whose destination is known, the blocks that range touched in that

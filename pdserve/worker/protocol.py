@@ -95,6 +95,9 @@ class WorkerLoad(msgspec.Struct):
     num_decode_seqs: int = 0  # sequences those steps computed, summed over steps
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hit_tokens: int = 0  # of those, found cached
+    # Rate matching between the pools (cumulative):
+    num_deferred_reservations: int = 0  # decode: reservations that had to wait for room
+    num_gate_waits: int = 0  # prefill: requests that could have run but waited for their KV's home
 
 
 # -- worker → router -----------------------------------------------------------------

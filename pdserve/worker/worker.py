@@ -135,6 +135,8 @@ class Worker:
             num_decode_seqs=self.engine.num_decode_seqs,
             prefix_query_tokens=stats.prefix_query_tokens,
             prefix_hit_tokens=stats.prefix_hit_tokens,
+            num_deferred_reservations=self.intake.num_deferred if self.intake else 0,
+            num_gate_waits=sched.num_gate_waits,
         )
 
     def stats(self) -> p.WorkerStats:
@@ -288,6 +290,7 @@ class Worker:
             case p.Blocks(request_id=rid, block_ids=block_ids, num_cached_tokens=num_cached):
                 if self.pusher is not None:
                     self.pusher.set_destination(rid, block_ids, num_cached)
+                    self.engine.scheduler.open_gate(rid)
             case p.Release(request_id=rid):
                 self._release(rid)
             case p.Abort(request_id=rid):
@@ -336,7 +339,9 @@ class Worker:
                 self.pusher.track(m.request_id, m.decode_worker_id, m.decode_kv)
             # A decode worker takes a whole request when the router prefills it here
             # (conditional disaggregation) or as the fallback; a mixed worker, its own requests.
-            self.engine.enqueue(request)
+            # A hand-off (prefill worker, or mixed worker computing for another) computes
+            # nothing before the decode side reserved a home for the KV (``Blocks``).
+            self.engine.enqueue(request, gated=request.prefill_only)
             self.timer.received(m.request_id, received_s)
         except (PDServeError, ValueError) as exc:
             if self.pusher is not None:

@@ -75,9 +75,11 @@ def hand_off(src: Node, dst: Node, rid: str, prompt: list[int]) -> None:
     assert block_ids is not None
     src.parts.pusher.track(rid, dst.name, dst.parts.receiver.descriptor())
     s_request = src.engine.make_request(prompt, PARAMS, rid)
-    s_request.prefill_only = src.engine.role is not Role.PREFILL  # what the worker sets on a mixed one
-    src.engine.enqueue(s_request)
+    s_request.prefill_only = True  # as the worker does for every hand-off
+    src.engine.enqueue(s_request, gated=True)  # the prefill gate: nothing computed before D reserved
+    assert rid in src.engine.scheduler.gated
     src.parts.pusher.set_destination(rid, block_ids, d_request.num_computed_tokens)
+    assert src.engine.scheduler.open_gate(rid)
 
 
 def prompt(seed: int, n: int) -> list[int]:

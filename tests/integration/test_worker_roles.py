@@ -84,7 +84,10 @@ def test_a_mixed_worker_takes_both_sides_and_its_own_requests(router: Any) -> No
         assert not [m for m in got if isinstance(m, p.RequestFailed)]
         assert mixed.pusher.is_tracked("out") and not mixed.pusher.is_tracked("own")
         sched = mixed.engine.scheduler
-        assert set(sched.waiting_for_kv) == {"in"} and {r.request_id for r in sched.waiting} == {"out", "own"}
+        assert set(sched.waiting_for_kv) == {"in"} and {r.request_id for r in sched.waiting} == {"own"}
+        assert set(sched.gated) == {"out"}  # the prefill gate: nothing computed before D reserved blocks
+        mixed._handle(p.Blocks("out", [0, 1], 0))
+        assert not sched.gated and {r.request_id for r in sched.waiting} == {"own", "out"}
         for rid in ("in", "out", "own"):
             mixed._handle(p.Abort(rid))
         assert not mixed.pusher.is_tracked("out")

@@ -308,3 +308,38 @@ def test_without_chunking_a_long_prompt_is_not_starved_by_running_decodes() -> N
     sched.update(out, fake_execute(out))
     out = sched.schedule()
     assert ("short", 3) in [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
+
+
+def test_prefill_gate_holds_a_request_until_its_home_is_reserved() -> None:
+    """A gated prompt is never computed before ``open_gate``; others run past it; waits are counted."""
+    sched = make_scheduler(role=Role.PREFILL, chunk_size=8)
+    gated, free = make("gated", 6), make("free", 6)
+    sched.add_request(gated, gated=True)
+    sched.add_request(free)
+    first = sched.schedule()
+    assert [s.request.request_id for s in first.scheduled] == ["free"]
+    sched.update(first, fake_execute(first))
+    assert gated.num_computed_tokens == 0 and sched.has_unfinished_requests()
+    assert sched.num_gate_waits == 1  # the step had room for it
+    idle = sched.schedule()
+    assert idle.is_empty and sched.num_gate_waits == 1  # counted once per request
+    assert sched.open_gate("gated") and not sched.open_gate("gated")
+    run_to_completion(sched)
+    assert gated.status is RequestStatus.FINISHED_PREFILLED
+
+
+def test_prefill_gate_not_counted_when_the_step_is_full() -> None:
+    sched = make_scheduler(role=Role.PREFILL, chunk_size=8, max_num_batched_tokens=8)
+    sched.add_request(make("big", 20))
+    sched.add_request(make("gated", 4), gated=True)
+    out = sched.schedule()
+    assert out.num_batched_tokens == 8 and sched.num_gate_waits == 0
+
+
+def test_aborting_a_gated_request_frees_it() -> None:
+    sched = make_scheduler(role=Role.PREFILL)
+    sched.add_request(make("gated", 6), gated=True)
+    assert sched.abort("gated") is not None
+    assert not sched.gated and not sched.has_unfinished_requests()
+    assert not sched.open_gate("gated")
+    assert_no_leaks(sched)
