@@ -13,8 +13,15 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from pdserve.launch.local import LocalLauncher
+
+class Deployment(Protocol):
+    """What is metered: named processes (a ``LocalLauncher``, a ``ServeLauncher``)."""
+
+    @property
+    def procs(self) -> Sequence[tuple[str, Any]]: ...
 
 
 def cpu_seconds(pid: int) -> float:
@@ -38,7 +45,7 @@ def machine_busy_seconds() -> float:
 class CpuMeter:
     """CPU time of each deployment process, this client and the whole machine over a window."""
 
-    def __init__(self, launcher: LocalLauncher) -> None:
+    def __init__(self, launcher: Deployment) -> None:
         self.pids = {name: proc.pid for name, proc in launcher.procs}
         self.pids["client"] = os.getpid()
         self._start: dict[str, float] = {}

@@ -121,9 +121,16 @@ def s3(d: dict[str, Any]) -> list[Headline]:
     for name, value in d.get("goodput_ratios", {}).items():
         figures.append((f"goodput ratio {name.replace('_over_', ' / ')}", number(value, ".2f") + "×", "-",
                         REPORTED))
+    goodput = d.get("goodput_rate_per_s", {})
+    static = [g for k, g in goodput.items() if k in ("agg", "agg2")]
+    if d.get("settings", {}).get("disagg_policy") == "auto" and goodput.get("disagg") is not None and static:
+        best = max(g or 0.0 for g in static)
+        r = goodput["disagg"] / best if best else math.inf
+        figures.append(("disagg with conditional disaggregation (auto) / best of agg, agg2",
+                        number(r, ".2f") + "×", "≥ 1×", verdict(r >= 1.0)))
     if not d.get("planner", {}).get("measured", True):
         figures.append(("goodput of the planner's configuration", "not measured", "-",
-                        "missing: no planner yet"))
+                        "missing: not in this run's --configs"))
     return _rows("S3", d, figures)
 
 
@@ -159,6 +166,26 @@ def s5(d: dict[str, Any]) -> list[Headline]:
             shown = number(value, "g")
         figures.append((check, shown, target, verdict(v["pass"])))
     return _rows("S5", d, figures)
+
+
+def s6(d: dict[str, Any]) -> list[Headline]:
+    """KV-aware routing: cache reuse vs the ideal, TTFT against round robin, balance; each kv_aware run."""
+    figures = []
+    comparisons = d.get("comparisons", {})
+    for key, r in d.get("results", {}).items():
+        if not key.endswith("kv_aware"):
+            continue
+        mode = key.split("-")[0]
+        cached = r.get("cached_vs_ideal")
+        figures.append((f"{key}: prompt tokens from cache / ideal", number(cached, ".0%"), "≥ 90%",
+                        verdict(None if cached is None else cached >= 0.9)))
+        ttft = comparisons.get(mode, {}).get("ttft_p50_vs_round_robin")
+        figures.append((f"{key}: TTFT p50 / round_robin's", number(ttft, ".2f"), "≤ 0.5",
+                        verdict(None if ttft is None else ttft <= 0.5)))
+        balance = (r.get("balance") or {}).get("max_over_mean")
+        figures.append((f"{key}: requests per computing worker, max / mean", number(balance, ".2f"), "≤ 1.5",
+                        verdict(None if balance is None else balance <= 1.5)))
+    return _rows("S6", d, figures)
 
 
 def s7(d: dict[str, Any]) -> list[Headline]:
@@ -288,6 +315,7 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s3_goodput.json": s3,
     "s4_kv_transfer.json": s4,
     "s5_router_overhead.json": s5,
+    "s6_kv_routing.json": s6,
     "s7_planner.json": s7,
     "s8_sim_fidelity.json": s8,
     "s9_elasticity.json": s9,

@@ -111,6 +111,7 @@ from s3_report import (
     sensitivity,
     unloaded_report,
 )
+from serve_launcher import ServeLauncher
 
 from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.client import ClientConfig
@@ -131,8 +132,16 @@ QUICK = {"configs": ["agg", "disagg"], "rates": [0.5, 1.0, 1.5], "num_requests":
 # ----------------------------------------------------------------------------- configurations
 
 
+#: The planner's deployment (``pdserve serve``; the SLO of the run is appended): the 2-core budget in
+#: one-thread workers, started as agg2, re-planned every 5 s.
+PLANNER_SERVE = ["--model", MODEL, "--mode", "aggregated", "--mixed", "2", "--threads-per-worker", "1",
+                 "--planner", "slo", "--max-cores", "2", "--interval", "5", "--ready-timeout", "600"]
+PLANNER_DESCRIPTION = ("planner: pdserve serve --planner slo --max-cores 2 (one-thread workers), started as "
+                       "agg2, re-planned every 5 s against this run's SLO, kept running across the rates")
+
+
 def setups(args: argparse.Namespace) -> dict[str, Setup]:
-    """The configurations, keyed agg, agg2, disagg."""
+    """The configurations, keyed agg, agg2, disagg (``planner`` is started by ``ServeLauncher``)."""
     worker = ["--model", MODEL, "--chunk-size", str(args.chunk_size), "--no-prefix-caching"]
     router = ["--model", MODEL, "--lease", str(args.lease), "--disagg-policy", args.disagg_policy]
 
@@ -150,6 +159,7 @@ def setups(args: argparse.Namespace) -> dict[str, Setup]:
                       launch("aggregated", 1, num_mixed=2)),
         "disagg": Setup("disagg", f"disaggregated, 1 prefill + 1 decode worker × 1 thread, {chunk}",
                         launch("disaggregated", 1, num_prefill=1, num_decode=1)),
+        "planner": Setup("planner", PLANNER_DESCRIPTION, launch("aggregated", 1, num_mixed=2)),
     }
 
 
@@ -222,9 +232,10 @@ class Outcome:
     workers: dict[str, Any]
     start_s: float = 0.0
     problems: list[str] = field(default_factory=list)
+    planner: dict[str, Any] | None = None  # the planner's decisions (``/pdserve/planner``)
 
 
-async def drive(launcher: LocalLauncher, setup: Setup, bench: Bench, slo_source: SloSource,
+async def drive(launcher: LocalLauncher | ServeLauncher, setup: Setup, bench: Bench, slo_source: SloSource,
                 sweep: bool) -> Outcome:
     """Time the typical requests unloaded, settle the SLO, then (``sweep``) one run per rate."""
     args = bench.args
@@ -249,14 +260,23 @@ async def drive(launcher: LocalLauncher, setup: Setup, bench: Bench, slo_source:
             break
     async with httpx.AsyncClient(base_url=launcher.url, timeout=30.0) as http:
         workers = (await http.get("/pdserve/workers")).json()
-    return Outcome(unloaded, slo, runs, cpu, skipped, workers)
+        planner = (await http.get("/pdserve/planner")).json() if setup.key == "planner" else None
+    return Outcome(unloaded, slo, runs, cpu, skipped, workers, planner=planner)
 
 
 def run_setup(setup: Setup, bench: Bench, slo_source: SloSource, sweep: bool = True) -> Outcome:
     """Launch one configuration, drive it, stop it, and check that it ran as configured."""
     print(f"\n[{setup.key}] {setup.description}; load average {os.getloadavg()[0]:.2f}", flush=True)
     t0 = time.perf_counter()
-    launcher = LocalLauncher(setup.launch)
+    launcher: LocalLauncher | ServeLauncher
+    if setup.key == "planner":
+        assert isinstance(slo_source, SLO), "the planner runs after the SLO is settled"
+        slo_args = ["--ttft-ms", f"{slo_source.ttft_ms:g}", "--itl-ms", f"{slo_source.tpot_ms:g}"]
+        # (the model is a serve option: the workers get the rest of the worker arguments)
+        serve_args = [*PLANNER_SERVE, *slo_args, "--worker-args", *setup.launch.worker_args[2:]]
+        launcher = ServeLauncher(serve_args, bench.args.out.parent / "logs" / "s3_planner.log")
+    else:
+        launcher = LocalLauncher(setup.launch)
     try:
         launcher.start()
         start_s = time.perf_counter() - t0
@@ -269,7 +289,8 @@ def run_setup(setup: Setup, bench: Bench, slo_source: SloSource, sweep: bool = T
     outcome.problems = [f"{name} exited with code {code} during the run" for name, code in exited.items()]
     for w in outcome.workers.get("workers", []):
         stats = w.get("stats") or {}
-        if w["role"] == "decode" and stats.get("num_prompt_tokens_computed") and not bench.args.conditional:
+        if (w["role"] == "decode" and stats.get("num_prompt_tokens_computed") and not bench.args.conditional
+                and setup.key != "planner"):
             outcome.problems.append(f"{w['worker_id']} computed {stats['num_prompt_tokens_computed']} prompt "
                                     "tokens (a fallback: disaggregation was not in force)")
     for problem in outcome.problems:
@@ -307,11 +328,22 @@ def slo_report(slo: SLO, reference: Summary | None, args: argparse.Namespace) ->
             "reference_unloaded": None if reference is None else unloaded_report(reference)}
 
 
+def planner_report(o: Outcome | None, goodput: float | None) -> dict[str, Any]:
+    """The planner's configuration: its goodput and what it did (or why it was not measured)."""
+    if o is None:
+        return {"measured": False, "note": PLANNER_NOTE}
+    history = (o.planner or {}).get("history", [])
+    acted = [d for d in history if d.get("action") not in ("hold", "wait")]
+    return {"measured": True, "goodput_rate_per_s": goodput, "serve_args": PLANNER_SERVE,
+            "num_decisions": len(history), "actions": [f"{d['action']}->{d.get('shape')}" for d in acted],
+            "final_target": history[-1].get("target") if history else None}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--quick", action="store_true",
                    help=f"about 4 minutes: {QUICK} (options given explicitly win)")
-    p.add_argument("--configs", nargs="+", default=None, choices=["agg", "agg2", "disagg"],
+    p.add_argument("--configs", nargs="+", default=None, choices=["agg", "agg2", "disagg", "planner"],
                    help=f"default {DEFAULTS['configs']}")
     p.add_argument("--rates", type=float, nargs="+", default=None,
                    help=f"requests/s (default {DEFAULTS['rates']})")
@@ -411,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
                      "typical_output_tokens": bench.typical_output_tokens, "seed": args.seed},
         "slo": slo_info, "attainment_target": args.attainment_target,
         "goodput_rate_per_s": goodput, "goodput_ratios": ratios,
-        "planner": {"measured": False, "note": PLANNER_NOTE},
+        "planner": planner_report(outcomes.get("planner"), goodput.get("planner")),
         "configs": results, "valid": not problems, "problems": problems,
         "load_avg_at_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start,
     }

@@ -15,7 +15,7 @@ from pdserve.bench.metrics import SLO, RequestRecord, Summary
 from pdserve.bench.runner import RunResult
 from pdserve.bench.workload import LengthDist
 
-PLANNER_NOTE = "not measured: pdserve has no planner yet, so there is no planner-chosen configuration"
+PLANNER_NOTE = "not measured in this run: add `planner` to --configs (pdserve serve --planner slo)"
 SLO_SENSITIVITY = (0.5, 2.0)  # the SLO scaled by these factors, re-judged on the same requests
 DISTURBED_CORES = 0.25  # other processes kept this much of a core busy during a rate: flagged
 
@@ -137,4 +137,5 @@ def print_table(results: dict[str, dict[str, Any]], slo: SLO, target: float) -> 
               f"{fmt(u['ttft_best_ms'])} ms, TPOT {fmt(u['tpot_best_ms'], 1)} ms; the same requests under "
               f"{scaled})")
     print("('-': no rate met the target; '+': the highest rate that ran met it, a higher one was not tried)")
-    print(f"planner's configuration: {PLANNER_NOTE}")
+    if "planner" not in results:
+        print(f"planner's configuration: {PLANNER_NOTE}")

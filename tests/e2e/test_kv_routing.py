@@ -239,3 +239,21 @@ def test_worker_with_another_block_size_is_refused() -> None:
             router.wait(timeout=30)
     assert worker.returncode == 2
     assert "refused" in worker.stderr and "block size 32 differs from the router's 16" in worker.stderr
+
+
+@pytest.mark.parametrize(
+    ("policy", "disagg_policy"),
+    [("least_loaded", "always"), ("least_loaded", "auto"), ("kv_aware", "never")],
+)
+def test_greedy_outputs_do_not_depend_on_the_policy(policy: str, disagg_policy: str, offline: LLM) -> None:
+    """The policies this module's fixtures do not run give the offline engine's tokens, whichever
+    worker computes the prompt (P then D over shm, or D alone)."""
+    launcher = launch("disaggregated", "shm", ("--policy", policy, "--disagg-policy", disagg_policy),
+                      num_prefill=2, num_decode=1)
+    try:
+        prompts = [[*document(seed, 40 + 30 * seed), 9] for seed in range(4)]
+        for prompt in prompts:
+            reply = complete(launcher.url, prompt)
+            assert reply["choices"][0]["text"] == offline.generate([prompt], PARAMS)[0].text, (policy, prompt)
+    finally:
+        launcher.stop()
