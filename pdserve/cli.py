@@ -225,7 +225,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve.add_argument("--mode", default="disaggregated", choices=["disaggregated", "aggregated"])
     serve.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
     serve.add_argument("--decode", type=int, default=1, help="decode workers (disaggregated)")
-    serve.add_argument("--mixed", type=int, default=1, help="mixed workers (aggregated)")
+    serve.add_argument("--mixed", type=int, default=None,
+                       help="mixed workers (aggregated: default 1; disaggregated: default 0, both stages)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"])

@@ -12,6 +12,9 @@ Disaggregated roles add two states: a decode engine parks a request in
 ``WAITING_FOR_KV`` (blocks reserved, KV arriving from a prefill worker) until
 its KV and first token are in; a prefill engine ends a request in
 ``FINISHED_PREFILLED`` with its blocks still held, until they are released.
+A mixed engine does either for the requests that ask for it (it computes a
+``prefill_only`` request for another worker to decode, and parks a request
+whose KV another worker computes), and serves its own requests whole.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class Request:
 
     ``num_computed_tokens`` counts tokens whose KV is in the cache; the
     scheduler advances it, the block manager sizes blocks from it.
+    ``prefill_only``: the request ends ``FINISHED_PREFILLED`` after its first
+    token, its blocks held for a hand-off (always so on a prefill engine).
     """
 
     request_id: str
@@ -88,6 +93,7 @@ class Request:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     stop_reason: str | int | None = None
+    prefill_only: bool = False  # its KV is handed to another worker after the first token
     all_token_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

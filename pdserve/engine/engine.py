@@ -173,7 +173,7 @@ class LLMEngine:
         self._track(request)
 
     def add_remote_request(self, request: Request) -> list[int] | None:
-        """Decode role: reserve blocks for a request whose KV arrives from a prefill worker."""
+        """Decode or mixed role: reserve blocks for a request whose KV arrives from another worker."""
         block_ids = self.scheduler.add_remote_request(request)
         if block_ids is not None:
             self._track(request)
@@ -182,7 +182,7 @@ class LLMEngine:
     def finish_remote_kv(
         self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None
     ) -> RequestOutput:
-        """Decode role: KV and first token are in; the request joins the batch."""
+        """Decode or mixed role: KV and first token are in; the request joins the batch."""
         request = self.scheduler.finish_remote_kv(request_id, first_token_id, logprobs)
         return self._output(request, [first_token_id])
 
@@ -196,7 +196,7 @@ class LLMEngine:
         self._detokenizers.pop(request_id, None)
 
     def release(self, request_id: str) -> None:
-        """Prefill role: free the KV held for a hand-off."""
+        """Prefill or mixed role: free the KV held for a hand-off."""
         self.scheduler.release(request_id)
 
     def has_unfinished_requests(self) -> bool:

@@ -19,9 +19,12 @@ prefills only when told to: a preempted request is recomputed locally (the
 only way to go on), and ``add_request`` serves a request the router decided
 to prefill here (conditional disaggregation: a short or mostly cached
 prompt) or whose prefill could not be done elsewhere. Such a request then
-decodes here like any other.
+decodes here like any other. A ``mixed`` scheduler serves whole requests and
+takes both sides of hand-offs: remote requests as a decode scheduler does,
+and ``prefill_only`` requests end and are held as on a prefill scheduler.
 
-The prefill gate (rate matching between the pools): a prefill worker queues a
+The prefill gate (rate matching between the pools): a prefill worker (or a
+mixed worker computing a prompt for another) queues a
 request *gated* (``add_request(..., gated=True)``) until its decode worker has
 reserved blocks for the KV it will produce (``open_gate``), so no prompt is
 computed without a home for its KV. A decode worker with no room defers its
@@ -142,7 +145,7 @@ class Scheduler:
         return True
 
     def add_remote_request(self, request: Request) -> list[int] | None:
-        """Decode role: reserve blocks for a request whose KV another worker writes.
+        """Decode (or mixed) role: reserve blocks for a request whose KV another worker writes.
 
         Returns the reserved block ids (the prefill worker writes the prompt's
         KV into them), or None when there is no room now. Leading blocks this
@@ -150,8 +153,8 @@ class Scheduler:
         shared, not reserved anew: ``request.num_computed_tokens`` says how
         many tokens they cover, and only the rest needs to be written.
         """
-        if self.config.role is not Role.DECODE:
-            raise RuntimeError("add_remote_request is for the decode role")
+        if self.config.role is Role.PREFILL:
+            raise RuntimeError("add_remote_request is for the decode and mixed roles")
         # Room for the KV of every token so far (prompt, and outputs of a migrated
         # request) and for the next token the prefill worker samples.
         reserved = self.block_manager.reserve_with_prefix(request, request.num_tokens + 1)
@@ -261,7 +264,7 @@ class Scheduler:
     def _append_and_check(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> None:
         request.append_token(token_id, logprobs)
         params = request.sampling_params
-        if self.config.role is Role.PREFILL:
+        if self.config.role is Role.PREFILL or request.prefill_only:
             request.status = RequestStatus.FINISHED_PREFILLED
             return
         past_min = request.num_output_tokens > params.min_tokens

@@ -53,10 +53,14 @@ def worker_args(args: argparse.Namespace) -> list[str]:
 
 
 def targets(args: argparse.Namespace) -> dict[str, int]:
-    """Initial pool sizes from ``--mode`` and the counts."""
+    """Initial pool sizes from ``--mode`` and the counts.
+
+    ``--mixed`` defaults to 1 in aggregated mode and to 0 in disaggregated mode,
+    where mixed workers join both stages next to the prefill and decode pools.
+    """
     if args.mode == "aggregated":
-        return {"prefill": 0, "decode": 0, "mixed": args.mixed}
-    return {"prefill": args.prefill, "decode": args.decode, "mixed": 0}
+        return {"prefill": 0, "decode": 0, "mixed": 1 if args.mixed is None else args.mixed}
+    return {"prefill": args.prefill, "decode": args.decode, "mixed": args.mixed or 0}
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
@@ -121,6 +125,7 @@ def _flips_keep_placement(args: argparse.Namespace) -> bool:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start, print the ready line, supervise until a signal; returns the exit code."""
+    args.mixed = targets(args)["mixed"]  # the mode's default when not given
     try:
         planner = planner_options.planner_config(args) if getattr(args, "planner", "none") == "slo" else None
         supervisor = build_supervisor(args, make_backend(args))

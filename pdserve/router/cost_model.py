@@ -17,6 +17,11 @@ planner and the simulator call the same code:
   mixed worker, computes the prompt itself) costs ``prefill_s(D) +
   interference + outputs · itl_s(D)``, where the interference charges the
   stall of D's running streams while it computes the prompt.
+* Mixed workers take part on both sides of a hand-off: a mixed worker is a
+  prefill candidate (P→D, M→D, M→M') charged, besides ``prefill_s``, the
+  interference of the prompt with its own running streams, and a decode
+  candidate (P→M, M→M') charged like a decode worker. P = D is never a pair:
+  that is the local option.
 * :func:`plan` searches the candidates, keeps the lowest cost, and breaks
   near-ties (within ``tie_rel``/``tie_abs_s``) by the power of two random
   choices, so a burst of equal requests does not herd onto one worker.
@@ -59,6 +64,8 @@ class WorkerSnapshot:
         decode_step_s: measured seconds per decode step (None: not measured yet).
         decode_batch: mean sequences per measured decode step (what ``decode_step_s`` was measured at).
         link_bytes_per_s: measured KV link rate into it (decode side; None: not measured).
+        kv_handoff: a mixed worker that can be either side of a KV hand-off (it has a KV sender and
+            receiver); False keeps it to local placements. Prefill and decode workers ignore it.
     """
 
     worker_id: str
@@ -71,6 +78,17 @@ class WorkerSnapshot:
     decode_step_s: float | None = None
     decode_batch: float = 1.0
     link_bytes_per_s: float | None = None
+    kv_handoff: bool = True
+
+    @property
+    def sends_kv(self) -> bool:
+        """Can compute a prompt and push its KV to another worker."""
+        return self.role == "prefill" or (self.role == "mixed" and self.kv_handoff)
+
+    @property
+    def receives_kv(self) -> bool:
+        """Can decode a request whose KV another worker computed."""
+        return self.role == "decode" or (self.role == "mixed" and self.kv_handoff)
 
 
 @dataclass(frozen=True)
@@ -183,8 +201,9 @@ def plan(
 ) -> Placement | None:
     """The cheapest placement of a prompt of ``num_tokens`` tokens.
 
-    ``prefill``: prefill workers. ``local``: workers that can decode (decode
-    workers, which also take remote KV, and mixed workers, which do not).
+    ``prefill``: workers that can compute the prompt for another (prefill
+    workers and mixed ones). ``local``: workers that can decode (decode and
+    mixed workers), which may also compute the prompt themselves.
     ``cached_blocks``: leading blocks of the prompt each worker holds (from the
     cache index). None when there is no candidate at all.
     """
@@ -197,16 +216,22 @@ def plan(
         return min(cached_blocks.get(w.worker_id, 0) * block_size, max_cached)
 
     options: list[tuple[float, Placement]] = []
-    decoders = [w for w in local if w.role == "decode"]
-    if prefill and decoders and disagg_policy != "never":
+    senders = [w for w in prefill if w.sends_kv]
+    decoders = [w for w in local if w.receives_kv]
+    if senders and decoders and disagg_policy != "never":
         reason = REMOTE if disagg_policy == "auto" else FORCED_REMOTE
         itl = {d.worker_id: itl_s(d, params) for d in decoders}
-        for p in prefill:
-            ttft_p = prefill_s(p, num_tokens - cached(p), params)
+        for p in senders:
+            uncached_p = num_tokens - cached(p)
+            ttft_p = prefill_s(p, uncached_p, params)
+            # A mixed worker's own streams stall while it computes the prompt for another.
+            stall_p = interference_s(p, uncached_p, params) if p.role == "mixed" else 0.0
             for d in decoders:
+                if d.worker_id == p.worker_id:
+                    continue  # that is the local option
                 moved = num_tokens - cached(d)
                 ttft = ttft_p + transfer_s(moved, d.link_bytes_per_s, params)
-                cost = ttft + outputs * itl[d.worker_id]
+                cost = ttft + stall_p + outputs * itl[d.worker_id]
                 options.append(
                     (cost, Placement(p.worker_id, d.worker_id, reason, cost, ttft, cached(p), moved))
                 )
@@ -215,14 +240,14 @@ def plan(
             uncached = num_tokens - cached(w)
             ttft = prefill_s(w, uncached, params) + interference_s(w, uncached, params)
             cost = ttft + outputs * itl_s(w, params)
-            why = _local_reason(w, prefill, disagg_policy)
+            why = _local_reason(w, senders, disagg_policy)
             options.append((cost, Placement(None, w.worker_id, why, cost, ttft, cached(w), 0)))
     if not options:
         return None
     scale_s = min(pl.ttft_s for _, pl in options)
     chosen = options[pick_lowest([(c, i) for i, (c, _) in enumerate(options)], params, rng, scale_s)][1]
     if chosen.prefill_id is None and chosen.reason == LOCAL_SHORT:
-        chosen = _explain_local(chosen, num_tokens, prefill, params)
+        chosen = _explain_local(chosen, num_tokens, senders, params)
     return chosen
 
 

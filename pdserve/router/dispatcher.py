@@ -35,7 +35,7 @@ from pdserve.router.channel import WorkerChannel
 from pdserve.router.dispatch_config import DispatchCounters, DispatcherConfig
 from pdserve.router.inflight import Inflight, Stage
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.placement import Placer, local_candidates
+from pdserve.router.placement import Placer, local_candidates, prefill_candidates
 from pdserve.router.registry import Registry, WorkerInfo
 from pdserve.router.tracing import RequestTrace
 from pdserve.sampling_params import SamplingParams
@@ -155,7 +155,8 @@ class Dispatcher:
         pools = {role: pool(role) for role in Role}
         rid, params, outputs = state.worker_rid, state.params, list(state.tokens)
         local = local_candidates(pools, self.config.prefill_fallback)
-        placement = self.placer.place(state.prompt + outputs, params.max_tokens, pools[Role.PREFILL], local)
+        prefill = prefill_candidates(pools)  # prefill workers, and mixed ones
+        placement = self.placer.place(state.prompt + outputs, params.max_tokens, prefill, local)
         if placement is None:
             return False
         dw = reg.get(placement.decode_id)
@@ -259,9 +260,10 @@ class Dispatcher:
         for state in list(self._by_worker_rid.values()):
             if worker_id in state.worker_ids:
                 self._retry(state, f"worker {worker_id} lost ({why})", {worker_id})
-        # Decode workers may hold blocks reserved for its KV: no more writes will come.
-        for w in self.registry.by_role(Role.DECODE):
-            self.channel.send(w.worker_id, p.PeerLost(worker_id))
+        # Decode and mixed workers may hold blocks reserved for its KV: no more writes will come.
+        for w in self.registry.all():
+            if w.role in (Role.DECODE, Role.MIXED):
+                self.channel.send(w.worker_id, p.PeerLost(worker_id))
 
     # -- worker messages ---------------------------------------------------------------
 
@@ -330,9 +332,10 @@ class Dispatcher:
             self.channel.send(sender, p.RegisterRefused(refusal))
             return
         old = self.registry.get(m.worker_id)
-        if old is not None and old.role is Role.DECODE and m.role != Role.DECODE.value:
-            for w in self.registry.by_role(Role.PREFILL):  # it flipped: drop connections to its old cache
-                self.channel.send(w.worker_id, p.PeerLost(m.worker_id))
+        if old is not None and old.kv is not None and old.kv != m.kv:
+            for w in self.registry.all():  # it flipped: senders drop connections to its old cache
+                if w.role in (Role.PREFILL, Role.MIXED) and w.worker_id != m.worker_id:
+                    self.channel.send(w.worker_id, p.PeerLost(m.worker_id))
         self.registry.add(WorkerInfo.from_register(m))
         self.channel.send(sender, p.Registered(m.worker_id, self.config.lease_s / 6))
         logger.info("router: %s worker %s registered (pid %d)", m.role, m.worker_id, m.pid)

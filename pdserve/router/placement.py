@@ -7,9 +7,11 @@ Lifecycle of one placement:
    builds a :class:`~pdserve.router.cost_model.WorkerSnapshot` of every
    candidate (measured rates, queued prompt tokens, load) and lets
    :func:`~pdserve.router.cost_model.plan` choose: remote prefill (P computes,
-   KV moves to D) or local (D, or a mixed worker, computes the prompt). With
-   ``kv_aware`` every candidate competes; ``round_robin`` and
-   ``least_loaded`` pick one worker per pool and the cost model only decides
+   KV moves to D) or local (D, or a mixed worker, computes the prompt). Mixed
+   workers are candidates on both sides (:func:`prefill_candidates`,
+   :func:`local_candidates`). With ``kv_aware`` every candidate competes;
+   ``round_robin`` and ``least_loaded`` pick one decode-side worker, then one
+   prefill-side worker among the others, and the cost model only decides
    remote or local for that pair (``--disagg-policy`` overrides either way).
 2. The chosen workers get speculative index entries for the prompt's blocks
    and the computing worker is charged the uncached prompt tokens
@@ -98,8 +100,10 @@ class Placer:
         """Choose prefill (None: local) and decode workers for these tokens, or None without candidates."""
         if not self.kv_aware:
             n = len(token_ids)
-            prefill = [self.prefill_policy.pick(prefill, n)] if prefill else []
             local = [self.decode_policy.pick(local, n)] if local else []
+            # A worker paired with itself is the local option: pick the prefill side among the others.
+            others = [w for w in prefill if not local or w.worker_id != local[0].worker_id]
+            prefill = [self.prefill_policy.pick(others, n)] if others else []
         hashes = self.index.hash_prompt(token_ids)
         ids = [w.worker_id for w in (*prefill, *local)]
         cached = self.index.match(hashes, ids) if hashes else dict.fromkeys(ids, 0)
@@ -159,6 +163,7 @@ class Placer:
             decode_step_s=perf.decode_step_s,
             decode_batch=perf.decode_batch,
             link_bytes_per_s=perf.link_bytes_per_s,
+            kv_handoff=w.kv is not None,
         )
 
     # -- KV messages ---------------------------------------------------------------------------
@@ -245,11 +250,20 @@ class Placer:
             self.send(worker_id, p.KVSnapshotRequest())
 
 
+def prefill_candidates(registry_pools: dict[Role, list[WorkerInfo]]) -> list[WorkerInfo]:
+    """Workers that may compute a prompt and hand its KV to another: prefill workers, and mixed
+    ones that have a KV sender and receiver (they registered a KV descriptor)."""
+    return registry_pools[Role.PREFILL] + [w for w in registry_pools[Role.MIXED] if w.kv is not None]
+
+
 def local_candidates(
     registry_pools: dict[Role, list[WorkerInfo]], prefill_fallback: bool
 ) -> list[WorkerInfo]:
-    """Workers that may compute a prompt themselves: mixed ones, and decode ones (conditional
-    disaggregation; with no prefill worker, only when the prefill fallback is on)."""
+    """Workers that may decode, and compute a prompt themselves: mixed ones, and decode ones
+    (conditional disaggregation; with no prefill candidate, only when the prefill fallback is on).
+
+    Decode and mixed workers with a KV receiver are also the decode side of remote placements.
+    """
     decode = registry_pools[Role.DECODE]
-    may_decode_prefill = bool(registry_pools[Role.PREFILL]) or prefill_fallback
+    may_decode_prefill = bool(prefill_candidates(registry_pools)) or prefill_fallback
     return registry_pools[Role.MIXED] + (decode if may_decode_prefill else [])

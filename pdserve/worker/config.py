@@ -15,12 +15,12 @@ class WorkerConfig:
         engine: model, cache and scheduler settings (the role is ``engine.scheduler.role``).
         router: the router's control endpoint, ``tcp://HOST:PORT``.
         worker_id: unique name; default ``ROLE-HOSTNAME-PID``.
-        kv_host: address the KV receiver binds to (decode role); loopback by default.
+        kv_host: address the KV receiver binds to (decode and mixed roles); loopback by default.
         kv_advertise_host: address prefill workers dial when ``kv_host`` is all interfaces
             (``0.0.0.0``); None: the host name.
         kv_transport: force ``shm`` or ``tcp`` instead of choosing per peer.
         heartbeat_interval_s: seconds between heartbeats.
-        kv_lease_s: a prefill worker frees KV held for a hand-off after this long
+        kv_lease_s: a prefill (or mixed) worker frees KV held for a hand-off after this long
             without the decode side's acknowledgement (it is gone or stuck).
         drain_timeout_s: on SIGTERM, how long to keep serving accepted requests.
         metrics_port: serve Prometheus metrics on this port of 127.0.0.1 (0: any free

@@ -253,8 +253,9 @@ class PrefillRequest(msgspec.Struct, tag=True):
     """Prefill a prompt; hand the KV to ``decode_worker_id``.
 
     With no decode worker the receiver generates the whole request itself: a
-    mixed worker always, a decode worker as the fallback when no prefill
-    worker can do it. ``output_token_ids`` resume a migrated request: its KV
+    mixed worker, or a decode worker (conditional disaggregation, or the
+    fallback when no prefill worker can do it). With one, a prefill or mixed
+    worker computes the prompt and pushes its KV there. ``output_token_ids`` resume a migrated request: its KV
     is recomputed over prompt + outputs and sampling continues at the next
     output index (the same seed gives the same continuation).
     """
@@ -268,7 +269,9 @@ class PrefillRequest(msgspec.Struct, tag=True):
 
 
 class DecodeRequest(msgspec.Struct, tag=True):
-    """Reserve blocks for a request whose KV the prefill worker will push, then decode it.
+    """Reserve blocks for a request whose KV the prefill (or mixed) worker will push, then decode it.
+
+    Decode and mixed workers take it.
 
     ``output_token_ids`` are the tokens a migrated request already produced.
     """

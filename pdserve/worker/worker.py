@@ -14,7 +14,9 @@ Lifecycle:
 
 The role decides what the messages mean (see ``protocol``): a prefill worker
 pushes KV through a :class:`KVPusher`, a decode worker takes it in through a
-:class:`KVIntake`, a mixed worker generates whole requests by itself.
+:class:`KVIntake`, a mixed worker generates whole requests by itself and has
+both: a ``PrefillRequest`` naming a decode worker is computed and pushed
+there, a ``DecodeRequest`` reserves blocks for KV another worker computes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pdserve.config import Role
 from pdserve.engine.engine import RequestOutput
 from pdserve.errors import PDServeError
 from pdserve.request import TokenLogprobs
-from pdserve.transfer.base import KVReceiver, KVSender, host_id
+from pdserve.transfer.base import KVReceiver, KVSender, TransferStats, host_id
 from pdserve.worker import protocol as p
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.decode import KVIntake
@@ -150,15 +152,20 @@ class Worker:
             kv_bytes_received=self.intake.num_bytes_received if self.intake else 0,
             kv_transfers=(sent.num_transfers if sent is not None else 0)
             + (self.intake.num_transfers if self.intake else 0),
-            transports=sorted(sent.transports)
-            if sent is not None
-            else ([self.receiver.descriptor().transport] if self.receiver is not None else []),
+            transports=sorted(self._transports(sent)),
             kv_events=self.kv_events.num_events,
             kv_event_batches=self.kv_events.num_batches,
             kv_event_bytes=self.kv_events.num_bytes,
             kv_event_cpu_s=self.kv_events.cpu_s,
             kv_snapshots=self.kv_events.num_snapshots,
         )
+
+    def _transports(self, sent: TransferStats | None) -> set[str]:
+        """The transports this worker sends KV over, and the one it receives KV by."""
+        names = set(sent.transports) if sent is not None else set()
+        if self.receiver is not None:
+            names.add(self.receiver.descriptor().transport)
+        return names
 
     # -- loop ----------------------------------------------------------------------------
 
@@ -323,14 +330,18 @@ class Worker:
             request = self.engine.make_request(
                 m.prompt_token_ids, m.params.to_params(), m.request_id, m.output_token_ids
             )
-            if self.role is Role.PREFILL:
-                if m.decode_worker_id is None or m.decode_kv is None or self.pusher is None:
+            if self.role is Role.PREFILL or m.decode_worker_id is not None:  # a hand-off
+                if m.decode_worker_id is None or m.decode_kv is None:
                     raise PDServeError("a prefill worker needs a decode worker to hand the KV to")
+                if self.pusher is None:
+                    raise PDServeError(f"a {self.role.value} worker cannot hand KV to another worker")
+                request.prefill_only = True  # (always so on a prefill worker)
                 self.pusher.track(m.request_id, m.decode_worker_id, m.decode_kv)
             # A decode worker takes a whole request when the router prefills it here
-            # (conditional disaggregation) or as the fallback. A prefill worker computes
-            # nothing before the decode worker reserved a home for the KV (``Blocks``).
-            self.engine.enqueue(request, gated=self.role is Role.PREFILL)
+            # (conditional disaggregation) or as the fallback; a mixed worker, its own requests.
+            # A hand-off (prefill worker, or mixed worker computing for another) computes
+            # nothing before the decode side reserved a home for the KV (``Blocks``).
+            self.engine.enqueue(request, gated=request.prefill_only)
             self.timer.received(m.request_id, received_s)
         except (PDServeError, ValueError) as exc:
             if self.pusher is not None:
@@ -338,10 +349,11 @@ class Worker:
             self.send(p.RequestFailed(m.request_id, str(exc), 503 if self._draining else 400))
 
     def _on_decode(self, m: p.DecodeRequest) -> None:
-        assert self.intake is not None
         try:
             if self._draining:
                 raise PDServeError(f"worker {self.worker_id} is shutting down")
+            if self.intake is None:
+                raise PDServeError(f"a {self.role.value} worker cannot take KV from another worker")
             request = self.engine.make_request(
                 m.prompt_token_ids, m.params.to_params(), m.request_id, m.output_token_ids
             )
@@ -372,11 +384,11 @@ class Worker:
     def _abort(self, rid: str) -> None:
         self._held_since_s.pop(rid, None)
         self.timer.forget(rid)
-        if self.intake is not None:
+        if self.pusher is not None and self.pusher.is_tracked(rid):  # this worker computes its KV for another
+            self.pusher.abort(rid)
+        elif self.intake is not None:  # its KV may still be arriving: the intake decides when to free it
             self.intake.abort(rid)
             return
-        if self.pusher is not None:
-            self.pusher.abort(rid)
         self.engine.abort_request(rid)
 
     def _take_kv(self) -> None:
