@@ -85,7 +85,8 @@ def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_p
     one, two = profiles[1], profiles[2]
     pools = {
         "agg": (PoolSpec(Role.MIXED, 1, two.step_model, blocks),),
-        "agg2": (PoolSpec(Role.MIXED, 2, one.step_model, blocks),),
+        # real mixed workers may hand KV to each other (the router's cost model decides): so may these
+        "agg2": (PoolSpec(Role.MIXED, 2, one.step_model, blocks, link=one.link("shm")),),
         "disagg": (PoolSpec(Role.PREFILL, 1, one.step_model, blocks, link=one.link("shm")),
                    PoolSpec(Role.DECODE, 1, one.step_model, blocks)),
     }[key]

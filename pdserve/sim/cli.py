@@ -170,8 +170,9 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
             {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype])
         blocks = profile_num_blocks(arch, args.dtype, args.block_size, args.kv_cache_mib << 20,
                                     args.num_blocks)
-        link = profile.link(args.kv_transport) if disagg else None
-        pools = tuple(profile_pool(role, n, profile, blocks, link if role is Role.PREFILL else None)
+        # senders: prefill workers, and mixed ones (they hand KV off both ways, as real ones do)
+        link = profile.link(args.kv_transport) if disagg or profile.links else None
+        pools = tuple(profile_pool(role, n, profile, blocks, link if role is not Role.DECODE else None)
                       for role, n in counts.items())
     else:
         arch = paper_model(args.model)
@@ -180,9 +181,10 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
                                    args.decode_tp or args.tp, args.precision)
         kv_bytes = first.kv_bytes_per_token
         models = {Role.MIXED: first, Role.PREFILL: first, Role.DECODE: second}
-        link = kv_link(first, second) if disagg else None
-        pools = tuple(paper_pool(role, n, models[role], args.block_size,
-                                 link if role is Role.PREFILL else None, args.num_blocks)
+        # senders: prefill workers, and mixed ones (they hand KV off both ways, as real ones do)
+        links = {Role.PREFILL: kv_link(first, second),
+                 Role.MIXED: kv_link(first, second if disagg else first)}
+        pools = tuple(paper_pool(role, n, models[role], args.block_size, links.get(role), args.num_blocks)
                       for role, n in counts.items())
     max_model_len = min(args.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
     config = SimConfig(pools=pools, scheduler=sched, block_size=args.block_size,

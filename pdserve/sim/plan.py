@@ -148,16 +148,18 @@ class Planner:
     def config(self, shape: Shape) -> SimConfig:
         """The simulator's deployment for a shape."""
         pools = []
-        link = None
         if shape.disaggregated:
             assert shape.prefill is not None and shape.decode is not None
             link = kv_link(self.step_model(shape.prefill[0]), self.step_model(shape.decode[0]))
+        else:  # mixed workers hand KV off to each other when the router finds it cheaper
+            assert shape.mixed is not None
+            link = kv_link(self.step_model(shape.mixed[0]), self.step_model(shape.mixed[0]))
         roles = ((Role.MIXED, shape.mixed), (Role.PREFILL, shape.prefill), (Role.DECODE, shape.decode))
         for role, pool in roles:
             if pool is not None:
                 kind, count = pool
                 spec = paper_pool(role, count, self.step_model(kind), self.block_size,
-                                  link if role is Role.PREFILL else None)
+                                  link if role is not Role.DECODE else None)
                 if role is Role.PREFILL:
                     # no decodes to protect on a prefill worker: whole prompts up to the step budget
                     spec = replace(spec, scheduler=replace(

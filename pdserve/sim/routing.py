@@ -7,14 +7,18 @@ dispatcher makes, in the dispatcher's order, at the simulated instant the
 router would make them:
 
 * start: every :class:`SimWorker` registers (``Placer.on_register``, then
-  ``Registry.add``); the cost model's KV bytes per token are set from the
-  deployment, as ``on_register`` sets them from a worker's KV layout; the
-  snapshot each registration asks for is answered by the worker one hop
+  ``Registry.add``), decode workers and mixed ones that take part in
+  hand-offs with a stand-in KV descriptor (its layout gives the cost model
+  the deployment's KV bytes per token, as ``on_register`` reads them from a
+  real layout; they are set directly when no layout writes them exactly);
+  the snapshot each registration asks for is answered by the worker one hop
   later, between its steps;
 * a request: ``Placer.place`` over the registry's pools
-  (``local_candidates``: mixed workers, and decode workers for local
-  prefill), then ``Placer.charge`` of the computing worker for the prompt's
-  uncached tokens and ``num_inflight`` of each chosen worker (``route``);
+  (``prefill_candidates``: prefill workers and mixed ones with a KV
+  descriptor; ``local_candidates``: mixed workers, and decode workers for
+  local prefill), then ``Placer.charge`` of the computing worker for the
+  prompt's uncached tokens and ``num_inflight`` of each chosen worker
+  (``route``);
 * the first token reaches the router: ``Placer.credit``
   (``first_token``); the last one: ``num_inflight`` back (``finished``);
 * a decode worker's ``KVReceived``: ``Placer.on_transfer`` (its link rate);
@@ -36,7 +40,7 @@ from typing import Protocol
 
 from pdserve.config import Role
 from pdserve.router.dispatch_config import DispatcherConfig
-from pdserve.router.placement import Placer, local_candidates
+from pdserve.router.placement import Placer, local_candidates, prefill_candidates
 from pdserve.router.registry import Registry, WorkerInfo
 from pdserve.sim.worker import SimWorker
 from pdserve.worker import protocol as p
@@ -86,7 +90,11 @@ class SimRouter:
         hop_s: float,
         heartbeat_interval_s: float = 0.5,
         seed: int = 0,
+        receivers: frozenset[str] = frozenset(),
+        num_layers: int = 1,
     ) -> None:
+        """``receivers``: the workers that register a KV receiver (decode workers, and mixed ones
+        that take part in hand-offs); ``num_layers``: the model's, for their descriptors."""
         self.loop = loop
         self.config = config
         self.hop_s = hop_s
@@ -100,14 +108,14 @@ class SimRouter:
         self._charges: dict[str, tuple[str, int] | None] = {}
         self._heartbeat_due: set[str] = set()
         for w in workers:
-            m = w.register_message()
+            kv = w.descriptor(num_layers, kv_bytes_per_token) if w.worker_id in receivers else None
+            m = w.register_message(kv)
             refusal = self.placer.on_register(m)
             if refusal is not None:
                 raise ValueError(f"the router refuses {w.worker_id}: {refusal}")
-            if kv_bytes_per_token and not self.placer.cost_params.kv_bytes_per_token:
-                params = replace(self.placer.cost_params, kv_bytes_per_token=kv_bytes_per_token)
-                self.placer.cost_params = params
             self.registry.add(WorkerInfo.from_register(m))
+        if self.placer.cost_params.kv_bytes_per_token != kv_bytes_per_token:  # no layout wrote it exactly
+            self.placer.cost_params = replace(self.placer.cost_params, kv_bytes_per_token=kv_bytes_per_token)
 
     def info(self, worker_id: str) -> WorkerInfo:
         """The router's entry of a worker."""
@@ -121,7 +129,8 @@ class SimRouter:
         """Place a request (``Dispatcher._place``); None when no worker can take it."""
         pools = {role: self.registry.by_role(role) for role in Role}
         local = local_candidates(pools, self.config.prefill_fallback)
-        placement = self.placer.place(token_ids, max_tokens, pools[Role.PREFILL], local)
+        prefill = prefill_candidates(pools)  # prefill workers, and mixed ones
+        placement = self.placer.place(token_ids, max_tokens, prefill, local)
         if placement is None:
             return None
         computing = placement.prefill_id or placement.decode_id

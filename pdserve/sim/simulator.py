@@ -16,10 +16,11 @@ What is real and what is modelled:
 Lifecycle of one request:
 
 1. it arrives; after ``request_overhead_s`` the router places it: a prefill
-   worker P and a decode worker D (remote prefill), or one worker that
-   computes the prompt itself (a decode worker with ``--disagg-policy``
-   ``auto``/``never``, or a mixed worker); the workers get it one hop later.
-   A local prompt then runs like a mixed worker's (steps 2–4 skipped).
+   side P and a decode side D (remote prefill: P a prefill or mixed worker,
+   D a decode or mixed worker, P ≠ D), or one worker that computes the
+   prompt itself (a decode worker with ``--disagg-policy`` ``auto``/``never``,
+   or a mixed worker); the workers get it one hop later. A local prompt then
+   runs like a mixed worker's own (steps 2–4 skipped).
 2. D reserves blocks (or queues the reservation until blocks free up); the
    block ids reach P two hops later (D → router → P) and open P's prefill
    gate (P queued the request gated: it computes nothing of it before then);
@@ -99,8 +100,12 @@ class Simulator:
         self._kick_due: set[str] = set()
         self.now_s = 0.0
         self._end_s = 0.0
+        # decode workers take KV in; mixed ones too when they can send it (both sides, or neither)
+        receivers = frozenset(wid for wid, w in self.by_id.items()
+                              if w.role is Role.DECODE or (w.role is Role.MIXED and wid in self.links))
         self.router = SimRouter(self, list(self.by_id.values()), config.routing, config.kv_bytes_per_token,
-                                config.hop_s, config.heartbeat_interval_s, config.seed)
+                                config.hop_s, config.heartbeat_interval_s, config.seed, receivers,
+                                config.num_layers)
 
     # -- event loop (the router's EventLoop) ------------------------------------------------
 
@@ -165,14 +170,13 @@ class Simulator:
         inbox = self._inbox[worker.worker_id]
         while inbox:
             inbox.pop(0)()
-        if worker.role is Role.DECODE:
-            for request in worker.retry_pending():
-                self._reserved(worker, request.request_id)
+        for request in worker.retry_pending():  # a decode (or mixed) worker's deferred reservations
+            self._reserved(worker, request.request_id)
         duration_s = worker.begin_step(self.now_s, self._steps)
         if duration_s is None:
             self.router.after_iteration(worker)
             return
-        if worker.role is Role.PREFILL:
+        if worker.worker_id in self.links:  # a prefill (or mixed) worker may be computing for another
             self._push_step(worker, duration_s)
         self.at(self.now_s + duration_s, lambda: self._step_done(worker))
 
@@ -204,6 +208,7 @@ class Simulator:
         prefill = self.by_id[route.prefill_id]
         self._handoffs[rid] = _Handoff(prefill, decode)
         p_request, d_request = self._make_request(rid, req), self._make_request(rid, req)
+        p_request.prefill_only = True  # held for the hand-off after its first token (a mixed P too)
 
         def admit() -> None:
             if decode.admit_remote(d_request) is not None:
@@ -274,7 +279,7 @@ class Simulator:
         link = self.links[prefill.worker_id]
         for item in prefill.current.scheduled:
             h = self._handoffs.get(item.request.request_id)
-            if h is None or not h.dst_known:
+            if h is None or h.prefill is not prefill or not h.dst_known:
                 continue
             end = item.num_computed_tokens + item.num_new_tokens
             if end > h.num_pushed_tokens:

@@ -22,7 +22,9 @@ class PoolSpec:
         count: workers in the pool.
         step_model: step durations of one worker.
         num_blocks: KV blocks of one worker.
-        link: the outgoing KV link of one worker (prefill pools).
+        link: the outgoing KV link of one worker (prefill pools; a mixed pool with one takes part
+            in hand-offs on both sides, as real mixed workers do, and without one only serves whole
+            requests).
         num_gpus: accelerators per worker (TP degree), for costs.
         price_per_hour: cost of one worker per hour.
         label: what the pool runs on (hardware and TP, or this machine).
@@ -75,8 +77,10 @@ class SimConfig:
             raise ValueError(f"one pool per role, got {sorted(r.value for r in roles)}")
         if Role.MIXED not in roles and Role.DECODE not in roles:
             raise ValueError("a deployment needs a mixed or a decode pool")
-        if Role.PREFILL in roles and Role.DECODE not in roles:
-            raise ValueError("a prefill pool needs a decode pool to hand its KV to")
+        takers = [p for p in self.pools if p.role is Role.DECODE or (p.role is Role.MIXED and p.link)]
+        if Role.PREFILL in roles and not takers:
+            raise ValueError("a prefill pool needs a decode pool (or a mixed pool with a KV link) to hand "
+                             "its KV to")
         DispatcherConfig(policy=self.policy, disagg_policy=self.disagg_policy)  # unknown names: an error
 
     @property

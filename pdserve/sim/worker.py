@@ -38,6 +38,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.request import Request, TokenLogprobs
 from pdserve.sim.step_model import StepModel, step_shape
+from pdserve.transfer.descriptor import KVDescriptor, KVLayout
 from pdserve.worker import protocol as p
 from pdserve.worker.kv_events import KVEventPublisher
 
@@ -166,14 +167,23 @@ class SimWorker:
 
     # -- what the router hears -------------------------------------------------------------
 
-    def register_message(self) -> p.Register:
-        """The registration a real worker of this shape sends."""
+    def register_message(self, kv: KVDescriptor | None = None) -> p.Register:
+        """The registration a real worker of this shape sends (``kv``: its KV receiver's descriptor)."""
         bm = self.block_manager
         return p.Register(
             worker_id=self.worker_id, role=self.role.value, model="sim", pid=0, host_id="sim",
-            max_model_len=self.max_model_len, block_size=bm.block_size, num_blocks=bm.num_blocks,
+            max_model_len=self.max_model_len, block_size=bm.block_size, num_blocks=bm.num_blocks, kv=kv,
             hash_scheme=HASH_SCHEME, prefix_caching=bm.enable_prefix_caching, kv_epoch=self.kv_events.epoch,
         )
+
+    def descriptor(self, num_layers: int, kv_bytes_per_token: int) -> KVDescriptor:
+        """A stand-in for its KV receiver's descriptor: a layout of ``kv_bytes_per_token`` when it can
+        be written as one (fp16, one KV head), else a nominal one."""
+        per_head_dim = 2 * num_layers * 2  # K and V, every layer, 2 bytes
+        head_dim = kv_bytes_per_token // per_head_dim if kv_bytes_per_token % per_head_dim == 0 else 0
+        bm = self.block_manager
+        layout = KVLayout(num_layers, bm.num_blocks, bm.block_size, 1, max(head_dim, 1), "float16")
+        return KVDescriptor("sim", f"sim://{self.worker_id}", "sim", layout)
 
     def load(self) -> p.WorkerLoad:
         """The load a heartbeat reports (as :meth:`pdserve.worker.worker.Worker.load` builds it)."""

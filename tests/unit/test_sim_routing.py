@@ -143,8 +143,9 @@ def test_a_prefill_waits_at_the_gate_until_its_decode_worker_reserved_blocks() -
 
 
 def pdm_config(seed: int = 0) -> SimConfig:
+    # the mixed worker has a KV link: it takes part in hand-offs on both sides, as a real one does
     return config(PoolSpec(Role.PREFILL, 1, STEP, 400, link=LINK), PoolSpec(Role.DECODE, 1, STEP, 400),
-                  PoolSpec(Role.MIXED, 1, STEP, 400), seed=seed)
+                  PoolSpec(Role.MIXED, 1, STEP, 400, link=LINK), seed=seed)
 
 
 def pdm_requests() -> list[SimRequest]:
@@ -158,9 +159,25 @@ def test_prefill_decode_and_mixed_pools_together_run_to_completion() -> None:
     result = sim.run(pdm_requests())
     all_clean(sim, result)
     assert sum(result.decisions.values()) == 40
-    used = {w for r in result.routes for w in (r.prefill_id, r.decode_id) if w}
-    assert used == {"prefill-0", "decode-0", "mixed-0"}
+    pairs = {(r.prefill_id, r.decode_id) for r in result.routes}
+    # every kind of placement: local on D and on M, P→D, and M on either side of a hand-off
+    assert {(None, "decode-0"), (None, "mixed-0"), ("prefill-0", "decode-0"), ("mixed-0", "decode-0"),
+            ("prefill-0", "mixed-0")} <= pairs
     assert result.decisions.get("aggregated", 0) > 0
+    assert all(r.kv_bytes > 0 for r in result.routes if r.prefill_id is not None)
+
+
+def test_mixed_workers_hand_kv_to_each_other_only_with_a_link() -> None:
+    requests = pdm_requests()
+    sim = Simulator(config(PoolSpec(Role.MIXED, 2, STEP, 400, link=LINK)))
+    result = sim.run(requests)
+    all_clean(sim, result)
+    pairs = {(r.prefill_id, r.decode_id) for r in result.routes if r.prefill_id is not None}
+    assert pairs == {("mixed-0", "mixed-1"), ("mixed-1", "mixed-0")} and result.kv_bytes > 0
+    sim = Simulator(config(PoolSpec(Role.MIXED, 2, STEP, 400)))  # no link: whole requests only
+    result = sim.run(requests)
+    all_clean(sim, result)
+    assert result.decisions == {"aggregated": len(requests)} and result.kv_bytes == 0
 
 
 def test_the_computing_worker_is_charged_until_its_first_token() -> None:
