@@ -11,7 +11,8 @@
    was written and a rate took 6 minutes; S3's SLO derived the same way) —
    real router and worker processes driven over HTTP.
 3. Simulate: the same configurations from the profiles (the real scheduler
-   and block manager, the router's least-loaded policy, the shm link as
+   and block manager, the router's placement as S3's router runs it:
+   ``kv_aware``, S3's ``--disagg-policy`` (``always``), the shm link as
    profiled), the same seeded requests (the bench's workload and arrival
    generators with the same token counter), judged by the same SLO.
 4. Compare per configuration and rate: TTFT and TPOT p50 and p90, simulated
@@ -76,27 +77,30 @@ def take_profile(threads: int, chunk_size: int, out: Path) -> Profile:
     return load_profile(out, MODEL, threads)
 
 
-def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int) -> SimConfig:
+def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_policy: str = "always"
+               ) -> SimConfig:
     """The simulated twin of one of S3's configurations."""
     arch = load_arch_config(MODEL)
     blocks = profile_num_blocks(arch, "float32", 16, KV_CACHE_BYTES, None)
     one, two = profiles[1], profiles[2]
     pools = {
         "agg": (PoolSpec(Role.MIXED, 1, two.step_model, blocks),),
-        "agg2": (PoolSpec(Role.MIXED, 2, one.step_model, blocks),),
+        # real mixed workers may hand KV to each other (the router's cost model decides): so may these
+        "agg2": (PoolSpec(Role.MIXED, 2, one.step_model, blocks, link=one.link("shm")),),
         "disagg": (PoolSpec(Role.PREFILL, 1, one.step_model, blocks, link=one.link("shm")),
                    PoolSpec(Role.DECODE, 1, one.step_model, blocks)),
     }[key]
     return SimConfig(pools=pools, scheduler=SchedulerConfig(chunk_size=chunk_size), block_size=16,
                      enable_prefix_caching=False, max_model_len=arch.max_position_embeddings,
-                     num_layers=arch.num_layers, kv_bytes_per_token=arch.kv_bytes_per_token(4))
+                     num_layers=arch.num_layers, kv_bytes_per_token=arch.kv_bytes_per_token(4),
+                     disagg_policy=disagg_policy)
 
 
 def simulate(key: str, profiles: dict[int, Profile], args: argparse.Namespace, workload: WorkloadConfig,
              rate: float, slo: SLO) -> RunResult:
     """The seeded requests S3 sends at ``rate``, through the simulated configuration."""
     counter = make_counter(MODEL)
-    config = sim_config(key, profiles, args.chunk_size)
+    config = sim_config(key, profiles, args.chunk_size, args.s3.disagg_policy)
     encoder = PromptEncoder(MODEL, "completions", load_arch_config(MODEL).vocab_size)
     arrivals = ArrivalConfig(rate=rate, seed=args.seed)
     planned = make_requests(make_workload(workload, counter), arrivals, encoder, config.max_model_len,

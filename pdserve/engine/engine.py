@@ -213,10 +213,7 @@ class LLMEngine:
         if hooks is not None:
             hooks.on_schedule(out)
         self.num_steps += 1
-        num_prompt = sum(
-            min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.num_computed_tokens, 0))
-            for s in out.scheduled
-        )
+        num_prompt = out.num_prompt_tokens
         self.num_prompt_tokens_computed += num_prompt
         started_s = time.perf_counter()
         sampled = self.runner.execute(out, hooks.on_layer_done if hooks is not None else None)

@@ -87,6 +87,14 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens computed this step (the rest are decode or recomputed output tokens)."""
+        return sum(
+            min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.num_computed_tokens, 0))
+            for s in self.scheduled
+        )
+
+    @property
     def is_empty(self) -> bool:
         """True when there is nothing to run."""
         return not self.scheduled

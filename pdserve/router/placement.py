@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,12 +71,16 @@ class Placer:
         registry: Registry,
         send: Callable[[str, p.Message], object],
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: the time speculative entries and resyncs are judged by (the simulator's own)."""
         self.config = config
         self.registry = registry
         self.send = send
         self.rng = rng or random.Random()
-        self.index = KVIndex(block_size=config.kv_block_size, speculative_ttl_s=config.speculative_ttl_s)
+        self.index = KVIndex(
+            block_size=config.kv_block_size, speculative_ttl_s=config.speculative_ttl_s, clock=clock
+        )
         self.cost_params = cm.CostParams()
         self.kv_aware = config.policy == KV_AWARE
         if not self.kv_aware:

@@ -22,7 +22,8 @@ from typing import Any
 from pdserve.config import Role, SchedulerConfig
 from pdserve.errors import ConfigError, PDServeError
 from pdserve.modelspec.arch import ArchConfig
-from pdserve.sim.simulator import SimConfig
+from pdserve.router.dispatch_config import DISAGG_POLICIES, ROUTING_POLICIES
+from pdserve.sim.simulator import SimConfig, SimResult
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,12 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--mode", default="disaggregated", choices=["disaggregated", "aggregated"])
     d.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
     d.add_argument("--decode", type=int, default=1, help="decode workers (disaggregated)")
-    d.add_argument("--mixed", type=int, default=1, help="mixed workers (aggregated)")
-    d.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"])
+    d.add_argument("--mixed", type=int, default=None,
+                   help="mixed workers (aggregated: default 1; disaggregated: beside P and D, default 0)")
+    d.add_argument("--policy", default="kv_aware", choices=list(ROUTING_POLICIES))
+    d.add_argument("--disagg-policy", default="auto", choices=list(DISAGG_POLICIES),
+                   help="prefill on a prefill worker: per request by cost (auto), always, "
+                   "or never (decode worker)")
     d.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="profile link to use")
     d.add_argument("--threads-per-worker", type=int, default=None,
                    help="threads of each simulated worker (checked against the profile's)")
@@ -145,7 +150,12 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
     from pdserve.sim.roofline import RooflineStepModel, kv_link
 
     disagg = args.mode == "disaggregated"
-    counts = {Role.PREFILL: args.prefill, Role.DECODE: args.decode} if disagg else {Role.MIXED: args.mixed}
+    if disagg:
+        counts = {Role.PREFILL: args.prefill, Role.DECODE: args.decode}
+        if args.mixed:  # mixed workers beside P and D (the router's local candidates too)
+            counts[Role.MIXED] = args.mixed
+    else:
+        counts = {Role.MIXED: 1 if args.mixed is None else args.mixed}
     for role, n in counts.items():
         if n < 1:
             raise ConfigError(f"the {role.value} pool needs ≥ 1 worker, got {n}")
@@ -160,8 +170,9 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
             {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype])
         blocks = profile_num_blocks(arch, args.dtype, args.block_size, args.kv_cache_mib << 20,
                                     args.num_blocks)
-        link = profile.link(args.kv_transport) if disagg else None
-        pools = tuple(profile_pool(role, n, profile, blocks, link if role is Role.PREFILL else None)
+        # senders: prefill workers, and mixed ones (they hand KV off both ways, as real ones do)
+        link = profile.link(args.kv_transport) if disagg or profile.links else None
+        pools = tuple(profile_pool(role, n, profile, blocks, link if role is not Role.DECODE else None)
                       for role, n in counts.items())
     else:
         arch = paper_model(args.model)
@@ -170,16 +181,33 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
                                    args.decode_tp or args.tp, args.precision)
         kv_bytes = first.kv_bytes_per_token
         models = {Role.MIXED: first, Role.PREFILL: first, Role.DECODE: second}
-        link = kv_link(first, second) if disagg else None
-        pools = tuple(paper_pool(role, n, models[role], args.block_size,
-                                 link if role is Role.PREFILL else None, args.num_blocks)
+        # senders: prefill workers, and mixed ones (they hand KV off both ways, as real ones do)
+        links = {Role.PREFILL: kv_link(first, second),
+                 Role.MIXED: kv_link(first, second if disagg else first)}
+        pools = tuple(paper_pool(role, n, models[role], args.block_size, links.get(role), args.num_blocks)
                       for role, n in counts.items())
     max_model_len = min(args.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
     config = SimConfig(pools=pools, scheduler=sched, block_size=args.block_size,
                        enable_prefix_caching=not args.no_prefix_caching, max_model_len=max_model_len,
                        num_layers=arch.num_layers, kv_bytes_per_token=kv_bytes, policy=args.policy,
-                       hop_s=args.hop_ms / 1e3, request_overhead_s=args.request_overhead_ms / 1e3)
+                       disagg_policy=args.disagg_policy, hop_s=args.hop_ms / 1e3,
+                       request_overhead_s=args.request_overhead_ms / 1e3, seed=getattr(args, "seed", 0))
     return config, arch
+
+
+def routing_summary(config: SimConfig, rate: float, sim: SimResult) -> dict[str, Any]:
+    """The router's decisions of one simulated run (for the summary and ``--output``)."""
+    return {"rate": rate, "policy": config.policy, "disagg_policy": config.disagg_policy,
+            "decisions": sim.decisions, "kv_bytes": sim.kv_bytes,
+            "num_remote": sum(r.prefill_id is not None for r in sim.routes),
+            "num_local": sum(r.prefill_id is None for r in sim.routes)}
+
+
+def format_routing(summary: dict[str, Any]) -> str:
+    """One line: policies, placements by reason, KV moved."""
+    decisions = ", ".join(f"{k} {v}" for k, v in summary["decisions"].items()) or "none"
+    return (f"routing ({summary['policy']}, disagg {summary['disagg_policy']}): {decisions}; "
+            f"KV moved {summary['kv_bytes'] / 1e6:.1f} MB")
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -213,7 +241,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if num_requests is None and args.duration is None:
         num_requests = DEFAULT_NUM_REQUESTS
     rates = _parse_rates(args.sweep) if args.sweep else [args.request_rate]
-    runs = []
+    runs, routing = [], []
     for rate in rates:
         arrivals = ArrivalConfig(rate=rate, kind=args.arrival, burstiness=args.burstiness, seed=args.seed)
         planned = make_requests(make_workload(workload, counter), arrivals, encoder, config.max_model_len,
@@ -222,6 +250,8 @@ def _simulate(args: argparse.Namespace) -> int:
         runs.append(run)
         title = f"simulated {args.model} {args.workload} ({sim.num_steps} steps in {sim.wall_s:.1f} s)"
         print(format_summary(run, title=title), flush=True)
+        routing.append(routing_summary(config, rate, sim))
+        print(format_routing(routing[-1]), flush=True)
     sweep = None
     if args.sweep:
         sweep = SweepResult(runs=runs, target=args.attainment_target)
@@ -236,6 +266,7 @@ def _simulate(args: argparse.Namespace) -> int:
         cfg["pools"] = [{"role": p.role.value, "count": p.count, "label": p.label, "num_blocks": p.num_blocks,
                          "price_per_hour": p.price_per_hour} for p in config.pools]
         result = result_json(cfg, runs, sweep, not args.no_request_records)
+        result["routing"] = routing  # per run: placements by reason, KV moved
         print(f"results written to {write_json(args.output, result)}")
     if args.plots:
         from pdserve.bench.plots import MISSING_MESSAGE, have_matplotlib, write_plots

@@ -108,6 +108,7 @@ class Verdict:
     tpot_p90_ms: float
     cost_per_hour: float
     cost_per_m_output_tokens: float
+    decisions: dict[str, int] = field(default_factory=dict)  # the router's placements by reason
 
     def meets(self, target: float) -> bool:
         """Every SLO at ≥ ``target`` attainment."""
@@ -147,16 +148,18 @@ class Planner:
     def config(self, shape: Shape) -> SimConfig:
         """The simulator's deployment for a shape."""
         pools = []
-        link = None
         if shape.disaggregated:
             assert shape.prefill is not None and shape.decode is not None
             link = kv_link(self.step_model(shape.prefill[0]), self.step_model(shape.decode[0]))
+        else:  # mixed workers hand KV off to each other when the router finds it cheaper
+            assert shape.mixed is not None
+            link = kv_link(self.step_model(shape.mixed[0]), self.step_model(shape.mixed[0]))
         roles = ((Role.MIXED, shape.mixed), (Role.PREFILL, shape.prefill), (Role.DECODE, shape.decode))
         for role, pool in roles:
             if pool is not None:
                 kind, count = pool
                 spec = paper_pool(role, count, self.step_model(kind), self.block_size,
-                                  link if role is Role.PREFILL else None)
+                                  link if role is not Role.DECODE else None)
                 if role is Role.PREFILL:
                     # no decodes to protect on a prefill worker: whole prompts up to the step budget
                     spec = replace(spec, scheduler=replace(
@@ -170,7 +173,7 @@ class Planner:
         """Simulate a shape (once; later calls reuse the verdict)."""
         if shape in self.verdicts:
             return self.verdicts[shape]
-        run, _ = simulate_run(self.config(shape), self.requests, self.rate, self.slo)
+        run, sim = simulate_run(self.config(shape), self.requests, self.rate, self.slo)
         s = run.summary
         measured = [r for r in run.records if not r.warmup]
         ttft_only = SLO(ttft_ms=self.slo.ttft_ms)
@@ -184,6 +187,7 @@ class Planner:
             attainment_rest=share(rest) if rest.given else 1.0,
             ttft_p90_ms=s.ttft_ms["p90"], tpot_p90_ms=s.tpot_ms["p90"],
             cost_per_hour=cost, cost_per_m_output_tokens=cost / tokens_per_hour * 1e6,
+            decisions=sim.decisions,
         )
         self.verdicts[shape] = verdict
         logger.info("%s: attainment %.3f, $%.2f/h", shape.describe(), verdict.attainment, cost)

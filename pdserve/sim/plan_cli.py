@@ -172,7 +172,8 @@ def _plan(args: argparse.Namespace) -> int:
             "args": {k: v for k, v in vars(args).items() if not callable(v)},
             "verdicts": [{"shape": v.shape.describe(), "cost_per_hour": v.cost_per_hour,
                           "cost_per_m_output_tokens": v.cost_per_m_output_tokens, "attainment": v.attainment,
-                          "ttft_p90_ms": v.ttft_p90_ms, "tpot_p90_ms": v.tpot_p90_ms}
+                          "ttft_p90_ms": v.ttft_p90_ms, "tpot_p90_ms": v.tpot_p90_ms,
+                          "decisions": v.decisions}
                          for v in planner.verdicts.values()],
             "best": None if result.best is None else result.best.shape.describe(),
         }, indent=1, default=str) + "\n")

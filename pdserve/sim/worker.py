@@ -18,6 +18,13 @@ Lifecycle of one step (driven by :class:`pdserve.sim.simulator.Simulator`):
 A decode worker's reservations that found no room wait in ``pending``
 (as :class:`pdserve.worker.decode.KVIntake` queues them) and are retried,
 first come first served, whenever blocks may have been freed.
+
+What the router learns of the worker is what a real worker tells it: the
+block manager records its prefix-cache events, batched by the real
+:class:`KVEventPublisher` (``kv_events``), and ``load()`` is the heartbeat's
+:class:`WorkerLoad` with the cumulative step counters the real engine keeps
+(prompt tokens computed and time in steps that computed any; decode-only
+steps, their time and their batch), from which the router learns its rates.
 """
 
 from __future__ import annotations
@@ -25,13 +32,15 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, replace
 
+from pdserve.block_hash import HASH_SCHEME
 from pdserve.config import Role, SchedulerConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.request import Request, TokenLogprobs
-from pdserve.router.registry import WorkerInfo
 from pdserve.sim.step_model import StepModel, step_shape
-from pdserve.worker.protocol import WorkerLoad
+from pdserve.transfer.descriptor import KVDescriptor, KVLayout
+from pdserve.worker import protocol as p
+from pdserve.worker.kv_events import KVEventPublisher
 
 #: The placeholder token a simulated step "samples" (requests ignore EOS, so its value is irrelevant).
 SIM_TOKEN_ID = 1
@@ -75,16 +84,23 @@ class SimWorker:
     ) -> None:
         self.worker_id = worker_id
         self.role = role
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.max_model_len = max_model_len
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching, record_events=True)
         self.scheduler = Scheduler(replace(scheduler_config, role=role), self.block_manager, max_model_len)
+        self.kv_events = KVEventPublisher(self.block_manager, worker_id)
         self.step_model = step_model
         self.pending: deque[Request] = deque()
+        self.num_deferred = 0  # reservations that found no room (KVIntake.num_deferred)
         self.busy = False
         self.num_steps = 0
         self.busy_s = 0.0
+        # the engine's cumulative counters (LLMEngine.step), reported in every heartbeat
+        self.num_prefill_tokens = 0
+        self.prefill_busy_s = 0.0
+        self.num_decode_steps = 0
+        self.decode_busy_s = 0.0
+        self.num_decode_seqs = 0
         self._out: SchedulerOutput | None = None
-        self.info = WorkerInfo(worker_id, role, "sim", 0, "sim", max_model_len, block_size, num_blocks, None)
-        self.refresh_load()
 
     # -- the step ----------------------------------------------------------------------
 
@@ -105,6 +121,15 @@ class SimWorker:
         self.busy = True
         self.num_steps += 1
         self.busy_s += duration_s
+        if not out.is_empty:  # counted as LLMEngine.step counts them
+            num_prompt = out.num_prompt_tokens
+            self.num_prefill_tokens += num_prompt
+            if num_prompt:
+                self.prefill_busy_s += duration_s
+            else:
+                self.num_decode_steps += 1
+                self.decode_busy_s += duration_s
+                self.num_decode_seqs += len(out.scheduled)
         return duration_s
 
     @property
@@ -119,9 +144,7 @@ class SimWorker:
         self._out = None
         self.busy = False
         sampled = [_TOKEN if s.samples else None for s in out.scheduled]
-        changed = self.scheduler.update(out, sampled)
-        self.refresh_load()
-        return changed
+        return self.scheduler.update(out, sampled)
 
     # -- decode side: reservations --------------------------------------------------------
 
@@ -132,6 +155,7 @@ class SimWorker:
             if block_ids is not None:
                 return block_ids
         self.pending.append(request)
+        self.num_deferred += 1
         return None
 
     def retry_pending(self) -> list[Request]:
@@ -141,12 +165,37 @@ class SimWorker:
             done.append(self.pending.popleft())
         return done
 
-    def refresh_load(self) -> None:
-        """The load a heartbeat would report (the router's policies read it)."""
-        s = self.scheduler
-        self.info.load = WorkerLoad(
+    # -- what the router hears -------------------------------------------------------------
+
+    def register_message(self, kv: KVDescriptor | None = None) -> p.Register:
+        """The registration a real worker of this shape sends (``kv``: its KV receiver's descriptor)."""
+        bm = self.block_manager
+        return p.Register(
+            worker_id=self.worker_id, role=self.role.value, model="sim", pid=0, host_id="sim",
+            max_model_len=self.max_model_len, block_size=bm.block_size, num_blocks=bm.num_blocks, kv=kv,
+            hash_scheme=HASH_SCHEME, prefix_caching=bm.enable_prefix_caching, kv_epoch=self.kv_events.epoch,
+        )
+
+    def descriptor(self, num_layers: int, kv_bytes_per_token: int) -> KVDescriptor:
+        """A stand-in for its KV receiver's descriptor: a layout of ``kv_bytes_per_token`` when it can
+        be written as one (fp16, one KV head), else a nominal one."""
+        per_head_dim = 2 * num_layers * 2  # K and V, every layer, 2 bytes
+        head_dim = kv_bytes_per_token // per_head_dim if kv_bytes_per_token % per_head_dim == 0 else 0
+        bm = self.block_manager
+        layout = KVLayout(num_layers, bm.num_blocks, bm.block_size, 1, max(head_dim, 1), "float16")
+        return KVDescriptor("sim", f"sim://{self.worker_id}", "sim", layout)
+
+    def load(self) -> p.WorkerLoad:
+        """The load a heartbeat reports (as :meth:`pdserve.worker.worker.Worker.load` builds it)."""
+        s, stats = self.scheduler, self.block_manager.stats()
+        return p.WorkerLoad(
             num_running=len(s.running), num_waiting=len(s.waiting) + len(self.pending),
             num_waiting_for_kv=len(s.waiting_for_kv), num_held=len(s.held),
-            num_free_blocks=self.block_manager.num_free_blocks,
-            num_total_blocks=self.block_manager.num_blocks,
+            num_free_blocks=stats.num_free_blocks, num_total_blocks=stats.num_blocks,
+            num_cached_blocks=stats.num_cached_blocks,
+            num_prefill_tokens=self.num_prefill_tokens, prefill_busy_s=self.prefill_busy_s,
+            num_decode_steps=self.num_decode_steps, decode_busy_s=self.decode_busy_s,
+            num_decode_seqs=self.num_decode_seqs,
+            prefix_query_tokens=stats.prefix_query_tokens, prefix_hit_tokens=stats.prefix_hit_tokens,
+            num_deferred_reservations=self.num_deferred, num_gate_waits=s.num_gate_waits,
         )

@@ -48,25 +48,37 @@ class KVEventPublisher:
 
     def collect(self) -> bytes | None:
         """The encoded ``KVEvents`` batch of the changes since the last call, or None."""
-        if not self.block_manager.events:
-            return None
         started_s = time.thread_time()
-        events = [p.KVEvent(int(kind), h, parent) for kind, h, parent in self.block_manager.take_events()]
-        self.seq += 1
-        data = p.encode(p.KVEvents(self.worker_id, self.epoch, self.seq, events))
-        self.num_events += len(events)
-        self.num_batches += 1
+        batch = self.take()
+        if batch is None:
+            return None
+        data = p.encode(batch)
         self.num_bytes += len(data)
         self.cpu_s += time.thread_time() - started_s
         return data
 
+    def take(self) -> p.KVEvents | None:
+        """The ``KVEvents`` batch of the changes since the last call (not encoded), or None.
+
+        ``collect`` sends it over the wire; the simulator hands it to the router as it is.
+        """
+        if not self.block_manager.events:
+            return None
+        events = [p.KVEvent(int(kind), h, parent) for kind, h, parent in self.block_manager.take_events()]
+        self.seq += 1
+        self.num_events += len(events)
+        self.num_batches += 1
+        return p.KVEvents(self.worker_id, self.epoch, self.seq, events)
+
+    def snapshot_message(self) -> p.KVSnapshot:
+        """The ``KVSnapshot`` of every cached hash, as of the last batch taken (not encoded)."""
+        self.num_snapshots += 1
+        return p.KVSnapshot(self.worker_id, self.epoch, self.seq, self.block_manager.cached_blocks())
+
     def snapshot(self) -> bytes:
         """The encoded ``KVSnapshot`` of every cached hash (after pending events are collected)."""
         started_s = time.thread_time()
-        data = p.encode(
-            p.KVSnapshot(self.worker_id, self.epoch, self.seq, self.block_manager.cached_blocks())
-        )
-        self.num_snapshots += 1
+        data = p.encode(self.snapshot_message())
         self.num_bytes += len(data)
         self.cpu_s += time.thread_time() - started_s
         return data

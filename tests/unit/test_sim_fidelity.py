@@ -72,17 +72,20 @@ def test_simulator_reproduces_the_real_engine_step_sequence() -> None:
     assert all(r.ok for r in result.records)
 
 
-def disagg(num_prefill: int = 1, num_decode: int = 2, decode_blocks: int = 40) -> SimConfig:
+def disagg(num_prefill: int = 1, num_decode: int = 2, decode_blocks: int = 40,
+           disagg_policy: str = "auto") -> SimConfig:
     link = LinkModel(1e8, 1e-4)
     return replace(sim_config((
         PoolSpec(Role.PREFILL, num_prefill, STEP, 64, link=link),
         PoolSpec(Role.DECODE, num_decode, STEP, decode_blocks),
-    )))
+    )), disagg_policy=disagg_policy)
 
 
+@pytest.mark.parametrize("disagg_policy", ["auto", "always"])
 @pytest.mark.parametrize("decode_blocks", [40, 17])
-def test_disaggregated_run_finishes_everything_and_frees_all_blocks(decode_blocks: int) -> None:
-    sim = Simulator(disagg(decode_blocks=decode_blocks))
+def test_disaggregated_run_finishes_everything_and_frees_all_blocks(decode_blocks: int, disagg_policy: str
+                                                                    ) -> None:
+    sim = Simulator(disagg(decode_blocks=decode_blocks, disagg_policy=disagg_policy))
     requests = [SimRequest(0.01 * i, tuple(prompt(i, n)), m) for i, (n, m) in enumerate(WORKLOAD)]
     result = sim.run(requests)
     assert all(r.ok for r in result.records)
@@ -91,7 +94,8 @@ def test_disaggregated_run_finishes_everything_and_frees_all_blocks(decode_block
         for w in workers:
             assert w.block_manager.stats().num_used_blocks == 0, w.worker_id
             assert not w.scheduler.held and not w.scheduler.has_unfinished_requests()
-            assert w.info.num_inflight == 0
+            info = sim.router.info(w.worker_id)  # the router's account: nothing in flight, nothing queued
+            assert info.num_inflight == 0 and info.perf.queued_prefill_tokens == 0
     # TTFT includes the prefill; tokens come in order
     for r in result.records:
         assert r.ttft_s is not None and r.ttft_s > 0
@@ -99,12 +103,13 @@ def test_disaggregated_run_finishes_everything_and_frees_all_blocks(decode_block
 
 
 def test_kv_transfer_delays_decode_but_not_the_first_token() -> None:
-    slow = replace(disagg(), pools=(
+    # every prompt remote (``always``): with ``auto`` this 40-token prompt is computed on D (no transfer)
+    slow = replace(disagg(disagg_policy="always"), pools=(
         PoolSpec(Role.PREFILL, 1, STEP, 64, link=LinkModel(1e4, 0.0)),  # 10 kB/s: a crawl
         PoolSpec(Role.DECODE, 1, STEP, 64),
     ))
     requests = [SimRequest(0.0, tuple(prompt(0, 40)), 4)]
-    fast_rec = Simulator(disagg()).run(requests).records[0]
+    fast_rec = Simulator(disagg(disagg_policy="always")).run(requests).records[0]
     slow_rec = Simulator(slow).run(requests).records[0]
     assert slow_rec.ttft_s == pytest.approx(fast_rec.ttft_s)
     # 40 tokens × 1 kB over 10 kB/s: the second token waits ~4 s for the KV
@@ -112,8 +117,9 @@ def test_kv_transfer_delays_decode_but_not_the_first_token() -> None:
 
 
 def test_a_request_that_can_never_get_decode_blocks_is_reported_not_lost() -> None:
-    result = Simulator(disagg(decode_blocks=8)).run([SimRequest(0.0, tuple(prompt(0, 60)), 2),
-                                                     SimRequest(0.0, tuple(prompt(1, 4)), 2)])
+    # remote prefill: D must reserve the whole prompt (computed on D it would never fit either)
+    sim = Simulator(disagg(decode_blocks=8, disagg_policy="always"))
+    result = sim.run([SimRequest(0.0, tuple(prompt(0, 60)), 2), SimRequest(0.0, tuple(prompt(1, 4)), 2)])
     bad, good = result.records
     assert bad.error_type == "sim_stalled" and not bad.ok
     assert good.ok and good.num_output_tokens == 2

@@ -13,6 +13,7 @@ from pdserve.bench.workload import WorkloadConfig, make_workload
 from pdserve.cli import main
 from pdserve.config import SchedulerConfig
 from pdserve.errors import ConfigError
+from pdserve.router.cost_model import REASONS
 from pdserve.sim.deploy import PlannedRequest
 from pdserve.sim.hardware import accelerator, paper_model
 from pdserve.sim.link import Link, LinkModel
@@ -57,6 +58,20 @@ def test_simulate_disaggregated_heterogeneous_and_sweep(tmp_path: Path) -> None:
     assert out["sweep"]["max_rate"] == 8.0
     labels = [p["label"] for p in out["config"]["pools"]]
     assert labels == ["h100×1", "a100×1"]
+
+
+def test_simulate_takes_the_router_options_and_reports_decisions(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_json(tmp_path, "--prefill", "1", "--decode", "1", "--mixed", "1", name="pdm.json")
+    assert [p["role"] for p in out["config"]["pools"]] == ["prefill", "decode", "mixed"]
+    routing = out["routing"][0]
+    assert routing["policy"] == "kv_aware" and routing["disagg_policy"] == "auto"  # pdserve serve's defaults
+    assert sum(routing["decisions"].values()) == 60 == routing["num_local"] + routing["num_remote"]
+    assert "routing (kv_aware, disagg auto): " in capsys.readouterr().out
+    out = run_json(tmp_path, "--policy", "round_robin", "--disagg-policy", "always", name="always.json")
+    routing = out["routing"][0]
+    assert routing["decisions"] == {"forced_remote": 60} and routing["kv_bytes"] > 0
+    assert [p["role"] for p in out["config"]["pools"]] == ["prefill", "decode"]  # no mixed unless asked
 
 
 @pytest.mark.parametrize(
@@ -178,6 +193,10 @@ def test_plan_picks_the_cheaper_shape() -> None:
     assert kind is slow and count == 2
     assert result.best.cost_per_hour < fast.price_per_hour
     assert planner.evaluate(Shape(mixed=(fast, 1))).meets(0.9)
+    # shapes are judged with the router's placement: every request's decision is counted
+    disagg = planner.evaluate(Shape(prefill=(fast, 1), decode=(slow, 1)))
+    assert sum(disagg.decisions.values()) == 60 and set(disagg.decisions) <= set(REASONS)
+    assert planner.evaluate(Shape(mixed=(fast, 1))).decisions == {"aggregated": 60}
 
 
 def test_plan_says_when_no_shape_meets_the_slo() -> None:
