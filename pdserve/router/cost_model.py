@@ -18,10 +18,10 @@ planner and the simulator call the same code:
   interference + outputs · itl_s(D)``, where the interference charges the
   stall of D's running streams while it computes the prompt.
 * Mixed workers take part on both sides of a hand-off: a mixed worker is a
-  prefill candidate (P→D, M→D, M→M') charged, besides ``prefill_s``, the
-  interference of the prompt with its own running streams, and a decode
-  candidate (P→M, M→M') charged like a decode worker. P = D is never a pair:
-  that is the local option.
+  prefill candidate (M→D) charged, besides ``prefill_s``, the interference
+  of the prompt with its own running streams, and a decode candidate (P→M)
+  charged like a decode worker. P = D is never a pair (that is the local
+  option), nor mixed → mixed (see :func:`plan`).
 * :func:`plan` searches the candidates, keeps the lowest cost, and breaks
   near-ties (within ``tie_rel``/``tie_abs_s``) by the power of two random
   choices, so a burst of equal requests does not herd onto one worker.
@@ -220,6 +220,10 @@ def plan(
     decoders = [w for w in local if w.receives_kv]
     if senders and decoders and disagg_policy != "never":
         reason = REMOTE if disagg_policy == "auto" else FORCED_REMOTE
+        # A mixed worker hands prompts to, or takes them from, dedicated prefill and decode
+        # workers only: mixed workers passing KV to each other could fill each other's caches
+        # with reservations that wait on each other's prefills (a cycle no block frees), and
+        # a pool of mixed workers alone is what users run as an aggregated deployment.
         itl = {d.worker_id: itl_s(d, params) for d in decoders}
         for p in senders:
             uncached_p = num_tokens - cached(p)
@@ -229,6 +233,8 @@ def plan(
             for d in decoders:
                 if d.worker_id == p.worker_id:
                     continue  # that is the local option
+                if p.role == "mixed" and d.role == "mixed":
+                    continue  # never mixed to mixed (see below)
                 moved = num_tokens - cached(d)
                 ttft = ttft_p + transfer_s(moved, d.link_bytes_per_s, params)
                 cost = ttft + stall_p + outputs * itl[d.worker_id]

@@ -2,8 +2,9 @@
 
 A mixed worker computes and decodes its own requests, and can also be the
 prefill side for a decode worker (M→D), the decode side for a prefill worker
-(P→M) or either side for another mixed worker (M→M'); a worker is never
-paired with itself (that is the local option).
+(P→M); a worker is never paired with itself (that is the local option), and
+two mixed workers never with each other (their reservations could wait on
+each other's prefills for ever).
 """
 
 from __future__ import annotations
@@ -70,14 +71,19 @@ def test_a_worker_is_never_paired_with_itself() -> None:
         assert chosen.prefill_id is None and chosen.decode_id == "m" and chosen.reason == cm.AGGREGATED
 
 
-def test_always_with_only_mixed_workers_hands_off_between_them() -> None:
+def test_mixed_workers_never_hand_off_to_each_other() -> None:
     m0, m1 = w("m0", "mixed"), w("m1", "mixed")
-    pairs = Counter()
-    for seed in range(40):
-        chosen = plan([m0, m1], [m0, m1], num_tokens=64, policy="always", seed=seed)
-        assert chosen.reason == cm.FORCED_REMOTE and chosen.prefill_id != chosen.decode_id
-        pairs[(chosen.prefill_id, chosen.decode_id)] += 1
-    assert set(pairs) == {("m0", "m1"), ("m1", "m0")}  # equal workers share the burst
+    homes = Counter()
+    for policy in ("auto", "always"):
+        for seed in range(40):
+            chosen = plan([m0, m1], [m0, m1], num_tokens=64, policy=policy, seed=seed)
+            assert chosen.prefill_id is None and chosen.reason == cm.AGGREGATED
+            homes[chosen.decode_id] += 1
+    assert set(homes) == {"m0", "m1"}  # equal workers share the burst
+    # beside a dedicated decode worker, always pairs a mixed worker with it, not with the other one
+    d = w("d", "decode")
+    chosen = plan([m0, m1], [m0, m1, d], num_tokens=64, policy="always")
+    assert chosen.decode_id == "d" and chosen.prefill_id in ("m0", "m1")
 
 
 def test_never_keeps_mixed_workers_local() -> None:
@@ -138,13 +144,13 @@ def test_mixed_workers_are_candidates_for_both_stages() -> None:
     assert ids(local_candidates(pools(reg), prefill_fallback=False)) == ["old"]
 
 
-def test_round_robin_pairs_mixed_workers_with_each_other_not_themselves() -> None:
+def test_round_robin_with_only_mixed_workers_cycles_them_aggregated() -> None:
     placer, reg = registry_of(("m0", Role.MIXED, True), ("m1", Role.MIXED, True))
-    pairs = []
+    homes = []
     for _ in range(4):
         placement = placer.place(list(range(40)), 8, prefill_candidates(pools(reg)),
                                  local_candidates(pools(reg), True))
-        assert placement is not None and placement.reason == cm.FORCED_REMOTE
-        pairs.append((placement.prefill_id, placement.decode_id))
-    assert pairs == [("m1", "m0"), ("m0", "m1")] * 2
-    assert placer.decisions == Counter({cm.FORCED_REMOTE: 4})
+        assert placement is not None and placement.reason == cm.AGGREGATED and placement.prefill_id is None
+        homes.append(placement.decode_id)
+    assert sorted(homes) == ["m0", "m0", "m1", "m1"]
+    assert placer.decisions == Counter({cm.AGGREGATED: 4})
