@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
+import pytest
+
+from pdserve.cli import main
 from pdserve.config import Role, SchedulerConfig
 from pdserve.planner.planner import PlannerConfig
-from pdserve.sim.elastic import ElasticConfig, PlannedResult, PlannedSimulator
+from pdserve.sim.elastic import START_S, ElasticConfig, PlannedResult, PlannedSimulator
 from pdserve.sim.link import LinkModel
 from pdserve.sim.simulator import PoolSpec, SimConfig, SimRequest
 from pdserve.sim.step_model import LinearStepModel
@@ -158,3 +162,40 @@ def test_a_scale_down_drains_the_worker_before_it_leaves() -> None:
     assert in_flight, "nothing was in flight on the removed worker"
     assert all(end <= left_at for _, end in in_flight)  # it left only once they had finished
     assert all(start < drain_at for start, _ in on_it)  # and got nothing new while draining
+
+
+SIMULATE = ["simulate", "--model", "llama-3-8b", "--hardware", "h100", "--mode", "aggregated",
+            "--workload", "summarization", "--request-rate", "12", "--num-requests", "600", "--no-progress"]
+PLANNER = ["--planner", "slo", "--ttft-ms", "500", "--itl-ms", "30", "--max-workers", "4", "--interval", "5"]
+
+
+def test_simulate_with_the_planner_writes_its_history_and_pools(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sim.json"
+    assert main([*SIMULATE, *PLANNER, "--output", str(out)]) == 0
+    assert "planner: " in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    (run,) = data["planner"]
+    history, pools = run["history"], run["pools"]
+    keys = {"at_unix_s", "action", "current", "target", "shape", "reason", "inputs", "predicted",
+            "candidates", "over_capacity", "given_up"}
+    assert history and all(keys <= set(d) for d in history)
+    assert [d["at_unix_s"] for d in history[:3]] == [5.0, 10.0, 15.0]
+    assert any(d["action"] == "scale_up" for d in history)  # one H100 does not prefill 12 summaries/s
+    assert pools[0]["ready"] == {"prefill": 0, "decode": 0, "mixed": 1}
+    assert max(sum(p["ready"].values()) for p in pools) >= 2
+    assert data["config"]["planner"] == "slo" and data["config"]["worker_start_s"] == START_S
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--planner", "slo", "--itl-ms", "30"], "--planner slo needs --ttft-ms and --itl-ms"),
+        ([*PLANNER, "--mixed", "5"], "more than the budget of 4"),
+        ([*PLANNER, "--flip-s", "-1"], "must be ≥ 0"),
+    ],
+)
+def test_simulate_planner_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    assert main([*SIMULATE, *argv]) == 2
+    assert message in capsys.readouterr().err
