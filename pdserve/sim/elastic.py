@@ -229,6 +229,11 @@ class PlannedSimulator(Simulator):
         self.at(0.0, self._sync, background=True)
         self.at(self.elastic.interval_s, self._plan, background=True)
         result = super().run(requests)
+        for w in self.retired:  # workers that left (or flipped: their old self) count too
+            result.num_steps += w.num_steps
+            result.num_preemptions += w.scheduler.num_preemptions
+            busy = result.busy_s_by_worker
+            busy[w.worker_id] = busy.get(w.worker_id, 0.0) + w.busy_s
         return PlannedResult(**vars(result), planner=self.history, pools=self.pools)
 
     def _sync(self) -> None:

@@ -162,6 +162,7 @@ def test_a_scale_down_drains_the_worker_before_it_leaves() -> None:
     assert in_flight, "nothing was in flight on the removed worker"
     assert all(end <= left_at for _, end in in_flight)  # it left only once they had finished
     assert all(start < drain_at for start, _ in on_it)  # and got nothing new while draining
+    assert result.busy_s_by_worker[gone.worker_id] == gone.busy_s > 0  # its work is in the totals
 
 
 SIMULATE = ["simulate", "--model", "llama-3-8b", "--hardware", "h100", "--mode", "aggregated",
