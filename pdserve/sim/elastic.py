@@ -48,7 +48,7 @@ from typing import Any
 
 from pdserve.bench.metrics import RequestRecord
 from pdserve.config import Role
-from pdserve.launch.base import Placement, WorkerSpec
+from pdserve.launch.base import WorkerSpec
 from pdserve.launch.supervisor import Supervisor, SupervisorConfig
 from pdserve.planner.planner import Decision, PlannerConfig, PlannerState, decide
 from pdserve.planner.runner import shed_limit
@@ -58,12 +58,12 @@ from pdserve.router.admission import Admission, Ticket
 from pdserve.router.deployment import Deployment
 from pdserve.router.errors import APIError
 from pdserve.router.planner_board import PlannerBoard
-from pdserve.router.registry import Registry, WorkerInfo
+from pdserve.router.registry import WorkerInfo
 from pdserve.sim.link import Link
+from pdserve.sim.sim_processes import DispatcherStandIn, SimBackend, SimChannel, SimProcess
 from pdserve.sim.simulator import Simulator
 from pdserve.sim.spec import PoolSpec, SimConfig, SimRequest, SimResult
 from pdserve.sim.worker import SimWorker
-from pdserve.worker import protocol as p
 
 #: ``benchmarks/results/s9_elasticity.json`` (tiny, local launcher, this 2-core machine): median
 #: seconds from ``pdserve scale`` to the first request served by a new process, and by a flipped worker.
@@ -114,86 +114,6 @@ class PlannedResult(SimResult):
     pools: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Process:
-    """A simulated worker process (the supervisor's :class:`~pdserve.launch.base.ProcessHandle`)."""
-
-    def __init__(self, sim: PlannedSimulator, worker_id: str, role: str) -> None:
-        self.sim, self.name, self.role = sim, worker_id, role
-        self.up = False  # registered
-        self.stopping = False  # terminated: drains, then exits
-        self.flip_to: str | None = None  # received a Flip: drains, then changes role
-        self.flip_done_at: float | None = None
-        self.exit_code: int | None = None
-
-    def poll(self) -> int | None:
-        return self.exit_code
-
-    def terminate(self) -> None:
-        if self.exit_code is None:
-            self.stopping = True
-            if not self.up:
-                self.exit_code = 0  # not loaded yet: it just stops
-            else:
-                self.sim.check_drained(self)
-
-    def kill(self) -> None:
-        if self.exit_code is None:
-            self.exit_code = -9
-            self.sim.leave(self)
-
-    def placement(self) -> Placement:
-        return Placement("sim")
-
-
-class _RouterProcess:
-    name, url, control_endpoint = "router", "sim://router", "sim://control"
-
-    def poll(self) -> int | None:
-        return None
-
-    def terminate(self) -> None:
-        pass
-
-    def kill(self) -> None:
-        pass
-
-    def placement(self) -> Placement:
-        return Placement("sim")
-
-
-class _Backend:
-    def __init__(self, sim: PlannedSimulator) -> None:
-        self.sim = sim
-
-    def start_router(self, args: list[str], env: dict[str, str]) -> _RouterProcess:
-        return _RouterProcess()
-
-    def start_worker(self, spec: WorkerSpec) -> _Process:
-        return self.sim.start_process(spec.worker_id, spec.role)
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class _Channel:
-    sim: PlannedSimulator
-
-    def send(self, worker_id: str, message: p.Message) -> bool:
-        if isinstance(message, p.Flip):  # reaches the worker one hop later, read between its steps
-            self.sim.flip(worker_id, message.role)
-            return True
-        return False
-
-
-@dataclass
-class _Dispatcher:
-    """What :class:`Deployment` uses of the router's dispatcher."""
-
-    registry: Registry
-    channel: _Channel
-
-
 class PlannedSimulator(Simulator):
     """A :class:`Simulator` whose shape the SLO planner changes (see the module docstring)."""
 
@@ -203,12 +123,12 @@ class PlannedSimulator(Simulator):
         self.state = PlannerState()
         self.admission = Admission(None, is_draining=lambda: False)
         self.board = PlannerBoard(self.admission)
-        stand_in = _Dispatcher(self.router.registry, _Channel(self))  # all Deployment uses of one
+        stand_in = DispatcherStandIn(self.router.registry, SimChannel(self))  # all Deployment uses of one
         self.deployment = Deployment(stand_in, clock=lambda: self.now_s)  # type: ignore[arg-type]
         self.history: list[dict[str, Any]] = []
         self.decisions: list[Decision] = []
         self.pools: list[dict[str, Any]] = []
-        self.processes: dict[str, _Process] = {}
+        self.processes: dict[str, SimProcess] = {}
         self.retired: list[SimWorker] = []
         self._tickets: dict[str, Ticket] = {}
         self._ends: list[tuple[float, str]] = []  # (when the router saw it end, request id)
@@ -216,7 +136,7 @@ class PlannedSimulator(Simulator):
         self._prefill_s: dict[str, float] = {}
         targets = {role.value: len(ws) for role, ws in self.workers.items()}
         sup = SupervisorConfig(targets=targets, launcher="sim", sync_interval_s=elastic.sync_interval_s)
-        self.supervisor = Supervisor(sup, _Backend(self), lambda wid, role, _: WorkerSpec(wid, role, []),
+        self.supervisor = Supervisor(sup, SimBackend(self), lambda wid, role, _: WorkerSpec(wid, role, []),
                                      link=lambda _url, body: self.deployment.sync(body))
         self._launching = True
         self.supervisor.launch(0.0)  # slots for the workers that are up at the start
@@ -370,9 +290,9 @@ class PlannedSimulator(Simulator):
 
     # -- processes -------------------------------------------------------------------------------
 
-    def start_process(self, worker_id: str, role: str) -> _Process:
+    def start_process(self, worker_id: str, role: str) -> SimProcess:
         """The backend starts a worker: up at once at launch, else ``start_s`` later."""
-        proc = _Process(self, worker_id, role)
+        proc = SimProcess(self, worker_id, role)
         self.processes[worker_id] = proc
         if self._launching and worker_id in self.by_id:
             proc.up = True
@@ -380,7 +300,7 @@ class PlannedSimulator(Simulator):
             self.at(self.now_s + self.elastic.start_s, lambda: self._register(proc), background=True)
         return proc
 
-    def _register(self, proc: _Process) -> None:
+    def _register(self, proc: SimProcess) -> None:
         if proc.exit_code is not None or self.processes.get(proc.name) is not proc:
             return  # stopped before it was up
         self._add_worker(proc.name, Role(proc.role))
@@ -428,7 +348,7 @@ class PlannedSimulator(Simulator):
         return (not w.busy and not s.has_unfinished_requests() and not s.held and not w.pending
                 and not self._inbox[worker_id] and (info is None or info.num_inflight == 0))
 
-    def check_drained(self, proc: _Process) -> None:
+    def check_drained(self, proc: SimProcess) -> None:
         """A draining process that has finished: it exits, or (a flip) comes back in its new role."""
         if proc.exit_code is not None or not proc.up or not self.drained(proc.name):
             return
@@ -439,7 +359,7 @@ class PlannedSimulator(Simulator):
             proc.flip_done_at = self.now_s + self.elastic.flip_s
             self.at(proc.flip_done_at, lambda: self._flipped(proc), background=True)
 
-    def _flipped(self, proc: _Process) -> None:
+    def _flipped(self, proc: SimProcess) -> None:
         if proc.exit_code is not None or proc.flip_to is None:
             return
         role, proc.flip_to, proc.flip_done_at = proc.flip_to, None, None
@@ -447,7 +367,7 @@ class PlannedSimulator(Simulator):
         proc.role = role
         self._add_worker(proc.name, Role(role))
 
-    def leave(self, proc: _Process) -> None:
+    def leave(self, proc: SimProcess) -> None:
         """The process exited: the router forgets the worker."""
         self._retire(proc.name)
 
