@@ -143,11 +143,7 @@ class Supervisor:
         worker of a needed pool failed), TimeoutError past ``ready_timeout_s``.
         """
         c = self.config
-        self.router = self.backend.start_router([*c.router_args, "--port", str(c.port),
-                                                 "--control-port", "0"], c.env)
-        for role in ROLES:
-            for _ in range(self.targets[role]):
-                self._add_slot(role)
+        self.launch()
         deadline = time.monotonic() + c.ready_timeout_s
         while not self._stop.is_set():
             self.step()
@@ -165,6 +161,15 @@ class Supervisor:
             raise RuntimeError(f"no complete serving path came up ({reasons})")
         for s in failed:
             logger.error("%s could not start: %s (serving without it)", s.worker_id, s.message)
+
+    def launch(self, now: float | None = None) -> None:
+        """Start the router and a slot per initial worker, without waiting (:meth:`start` waits)."""
+        c = self.config
+        self.router = self.backend.start_router([*c.router_args, "--port", str(c.port),
+                                                 "--control-port", "0"], c.env)
+        for role in ROLES:
+            for _ in range(self.targets[role]):
+                self._add_slot(role, now)
 
     def stop_on_signals(self) -> None:
         """From now on SIGINT/SIGTERM make :meth:`start` and :meth:`run` return (main thread only)."""
@@ -362,6 +367,7 @@ class Supervisor:
                 if victim.state == "ready" and short and self.config.allow_flips:
                     self._flip(victim, short[0], now)
                     surplus[short[0]] += 1
+                    busy = True  # a stop in this pass would break before the flip makes
                 elif victim.state in ("restarting", "failed"):
                     self.slots.remove(victim)
                 elif victim.state == "starting" or not busy:
@@ -371,7 +377,7 @@ class Supervisor:
                 surplus[role] -= 1
         for role in ROLES:
             for _ in range(-surplus[role]):
-                self._add_slot(role)
+                self._add_slot(role, now)
 
     def _pick_victim(self, role: str) -> Slot | None:
         """Who leaves a pool: a dead or failed slot, else a starting one, else the least loaded."""
@@ -391,14 +397,14 @@ class Supervisor:
         slot.state, slot.flip_to, slot.flip_started_s = "flipping", role, now
         self._pending_flip[slot.worker_id] = role
 
-    def _add_slot(self, role: str) -> Slot:
+    def _add_slot(self, role: str, now: float | None = None) -> Slot:
         taken = {s.worker_id for s in self.slots}
         while (wid := f"{role}-{self._next_ids[role]}") in taken:
             self._next_ids[role] += 1
         self._next_ids[role] += 1
         slot = Slot(wid, role)
         self.slots.append(slot)
-        self._start(slot, time.monotonic())
+        self._start(slot, time.monotonic() if now is None else now)
         return slot
 
     def _start(self, slot: Slot, now: float) -> None:

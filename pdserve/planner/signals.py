@@ -13,7 +13,8 @@ Everything here is read from what the router already exposes to anyone:
   rate when the router exports it (``pdserve_worker_prefill_rate_tokens_per_second``).
 
 :func:`parse` turns the three documents into a :class:`Signals` (pure: the
-unit tests feed it recorded snapshots); :func:`read` fetches them.
+unit tests feed it recorded snapshots); :func:`read` fetches them;
+:func:`assemble` builds one from plain data (the simulator's own records).
 """
 
 from __future__ import annotations
@@ -205,10 +206,6 @@ def parse(
 ) -> Signals:
     """A :class:`Signals` from the three documents (pure; see the module docstring)."""
     every = [s for s in (sample_of(t) for t in traces) if s is not None]
-    if len(every) >= FULL_TRACES and min(s.arrived_s for s in every) > now_s - window_s:
-        # the router keeps only its most recent traces: they cover less than the window
-        window_s = max(now_s - min(s.arrived_s for s in every), 1e-3)
-    samples = [s for s in every if s.arrived_s >= now_s - window_s]
     gauges = _gauges(metrics_text)
     workers: list[WorkerSignal] = []
     for w in workers_view.get("workers", []):
@@ -227,7 +224,24 @@ def parse(
                 draining=bool(w.get("draining")),
             )
         )
-    deployment = workers_view.get("deployment") or {}
+    return assemble(every, workers, workers_view.get("deployment") or {}, now_s=now_s, window_s=window_s)
+
+
+def assemble(
+    samples: Sequence[RequestSample],
+    workers: Sequence[WorkerSignal],
+    deployment: Mapping[str, Any],
+    *,
+    now_s: float,
+    window_s: float,
+) -> Signals:
+    """A :class:`Signals` from plain data: the router's recent ended requests, its workers and
+    its deployment view (``/pdserve/workers``' ``deployment``). :func:`parse` calls it on the
+    router's answers; the simulator (:mod:`pdserve.sim.elastic`) on its own records."""
+    if len(samples) >= FULL_TRACES and min(s.arrived_s for s in samples) > now_s - window_s:
+        # the router keeps only its most recent traces: they cover less than the window
+        window_s = max(now_s - min(s.arrived_s for s in samples), 1e-3)
+    recent = [s for s in samples if s.arrived_s >= now_s - window_s]
     pools = deployment.get("pools") or {}
     actual = (
         Shape.of({p: (pools.get(p) or {}).get("actual", 0) for p in POOLS})
@@ -242,7 +256,7 @@ def parse(
     return Signals(
         taken_s=now_s,
         window_s=window_s,
-        requests=tuple(samples),
+        requests=tuple(recent),
         workers=tuple(workers),
         targets=targets,
         actual=actual,

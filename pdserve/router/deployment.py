@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -45,8 +46,12 @@ SUPERVISOR_STALE_S = 10.0
 class Deployment:
     """Targets and the supervisor's last report; applies its drains and flips to the dispatcher."""
 
-    def __init__(self, dispatcher: Dispatcher, secret: str = "") -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, secret: str = "", clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """``clock``: when syncs happen (the simulator's time in :mod:`pdserve.sim.elastic`)."""
         self.dispatcher = dispatcher
+        self.clock = clock
         self.secret = secret
         self.targets: dict[str, int] | None = None
         self.generation = 0
@@ -57,13 +62,13 @@ class Deployment:
     @property
     def supervised(self) -> bool:
         """A supervisor synced recently."""
-        return self.last_sync_s is not None and time.monotonic() - self.last_sync_s < SUPERVISOR_STALE_S
+        return self.last_sync_s is not None and self.clock() - self.last_sync_s < SUPERVISOR_STALE_S
 
     # -- supervisor sync -----------------------------------------------------------------
 
     def sync(self, body: dict[str, Any]) -> dict[str, Any]:
         """Apply one supervisor report (see the module docstring); returns the reply."""
-        self.last_sync_s = time.monotonic()
+        self.last_sync_s = self.clock()
         self.launcher = str(body.get("launcher", ""))
         self.slots = list(body.get("slots", []))
         if self.targets is None:

@@ -12,6 +12,7 @@ It writes ``--output`` in the bench's result format.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -139,6 +140,9 @@ def add_simulate_parser(sub: Any) -> None:
     add_workload_args(p)
     add_load_args(p)
     add_results_args(p)
+    from pdserve.sim.planner_cli import add_sim_planner_args
+
+    add_sim_planner_args(p)  # serve's --planner slo options, and simulated start/flip times
 
 
 def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
@@ -227,11 +231,16 @@ def _simulate(args: argparse.Namespace) -> int:
     from pdserve.bench.runner import SweepResult
     from pdserve.bench.workload import make_counter, make_workload
     from pdserve.sim.deploy import PromptEncoder, make_requests
+    from pdserve.sim.elastic import PlannedResult, PlannedSimulator
+    from pdserve.sim.planner_cli import elastic_config, format_planner, planner_summary, plot_planner
     from pdserve.sim.results import simulate_run
+    from pdserve.sim.simulator import Simulator
 
     if getattr(args, "max_concurrency", None):
         raise ConfigError("--max-concurrency is not simulated (open-loop arrivals only)")
     config, arch = build_config(args)
+    elastic = elastic_config(args, build_config)
+    simulator = Simulator if elastic is None else functools.partial(PlannedSimulator, elastic=elastic)
     workload = workload_config(args)
     counter = make_counter(args.tokenizer)
     encoder = PromptEncoder(args.model, args.endpoint, arch.vocab_size)
@@ -241,17 +250,20 @@ def _simulate(args: argparse.Namespace) -> int:
     if num_requests is None and args.duration is None:
         num_requests = DEFAULT_NUM_REQUESTS
     rates = _parse_rates(args.sweep) if args.sweep else [args.request_rate]
-    runs, routing = [], []
+    runs, routing, planner = [], [], []
     for rate in rates:
         arrivals = ArrivalConfig(rate=rate, kind=args.arrival, burstiness=args.burstiness, seed=args.seed)
         planned = make_requests(make_workload(workload, counter), arrivals, encoder, config.max_model_len,
                                 num_requests, args.duration, warmup_requests, warmup_s)
-        run, sim = simulate_run(config, planned, rate, slo)
+        run, sim = simulate_run(config, planned, rate, slo, simulator)
         runs.append(run)
         title = f"simulated {args.model} {args.workload} ({sim.num_steps} steps in {sim.wall_s:.1f} s)"
         print(format_summary(run, title=title), flush=True)
         routing.append(routing_summary(config, rate, sim))
         print(format_routing(routing[-1]), flush=True)
+        if isinstance(sim, PlannedResult):
+            planner.append(planner_summary(rate, sim))
+            print(format_planner(planner[-1]), flush=True)
     sweep = None
     if args.sweep:
         sweep = SweepResult(runs=runs, target=args.attainment_target)
@@ -267,6 +279,8 @@ def _simulate(args: argparse.Namespace) -> int:
                          "price_per_hour": p.price_per_hour} for p in config.pools]
         result = result_json(cfg, runs, sweep, not args.no_request_records)
         result["routing"] = routing  # per run: placements by reason, KV moved
+        if planner:
+            result["planner"] = planner  # per run: the decisions and the pool sizes over time
         print(f"results written to {write_json(args.output, result)}")
     if args.plots:
         from pdserve.bench.plots import MISSING_MESSAGE, have_matplotlib, write_plots
@@ -274,6 +288,6 @@ def _simulate(args: argparse.Namespace) -> int:
         if not have_matplotlib():
             print(f"warning: {MISSING_MESSAGE}; no plots will be written", file=sys.stderr)
         else:
-            for path in write_plots(args.plots, runs, sweep):
+            for path in [*write_plots(args.plots, runs, sweep), *plot_planner(args.plots, planner)]:
                 print(f"plot written to {path}")
     return 1 if all(r.summary.num_ok == 0 for r in runs) else 0

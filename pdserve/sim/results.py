@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pdserve.bench.metrics import SLO, RequestRecord, summarize
 from pdserve.bench.runner import RunResult
@@ -10,11 +10,12 @@ from pdserve.sim.deploy import PlannedRequest
 from pdserve.sim.simulator import SimConfig, SimResult, Simulator
 
 
-def simulate_run(config: SimConfig, planned: Sequence[PlannedRequest], rate: float, slo: SLO | None = None
-                 ) -> tuple[RunResult, SimResult]:
-    """Simulate the requests (those the server would refuse get the refusal as their record)."""
+def simulate_run(config: SimConfig, planned: Sequence[PlannedRequest], rate: float, slo: SLO | None = None,
+                 simulator: Callable[[SimConfig], Simulator] = Simulator) -> tuple[RunResult, SimResult]:
+    """Simulate the requests (those the server would refuse get the refusal as their record);
+    ``simulator`` builds the simulator (a :class:`~pdserve.sim.elastic.PlannedSimulator` with a planner)."""
     valid = [p for p in planned if p.error is None]
-    sim = Simulator(config).run([p.request for p in valid])
+    sim = simulator(config).run([p.request for p in valid])
     by_valid = iter(sim.records)
     records: list[RequestRecord] = []
     for index, p in enumerate(planned):

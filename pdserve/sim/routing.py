@@ -107,15 +107,28 @@ class SimRouter:
         self.kv_bytes = 0
         self._charges: dict[str, tuple[str, int] | None] = {}
         self._heartbeat_due: set[str] = set()
+        self.num_layers, self.kv_bytes_per_token = num_layers, kv_bytes_per_token
         for w in workers:
-            kv = w.descriptor(num_layers, kv_bytes_per_token) if w.worker_id in receivers else None
-            m = w.register_message(kv)
-            refusal = self.placer.on_register(m)
-            if refusal is not None:
-                raise ValueError(f"the router refuses {w.worker_id}: {refusal}")
-            self.registry.add(WorkerInfo.from_register(m))
+            self.register(w, w.worker_id in receivers)
         if self.placer.cost_params.kv_bytes_per_token != kv_bytes_per_token:  # no layout wrote it exactly
             self.placer.cost_params = replace(self.placer.cost_params, kv_bytes_per_token=kv_bytes_per_token)
+
+    def register(self, w: SimWorker, receiver: bool) -> None:
+        """``w`` registers (``receiver``: with a KV receiver's descriptor); at start, and for a worker
+        started or flipped later (:mod:`pdserve.sim.elastic`): its entry replaces an earlier one."""
+        kv = w.descriptor(self.num_layers, self.kv_bytes_per_token) if receiver else None
+        m = w.register_message(kv)
+        refusal = self.placer.on_register(m)
+        if refusal is not None:
+            raise ValueError(f"the router refuses {w.worker_id}: {refusal}")
+        self.workers[w.worker_id] = w
+        self.registry.add(WorkerInfo.from_register(m))
+
+    def remove(self, worker_id: str) -> None:
+        """A worker left (``Dispatcher._worker_lost`` after a drain): its entry and cache entries go."""
+        self.workers.pop(worker_id, None)
+        if self.registry.remove(worker_id) is not None:
+            self.placer.worker_removed(worker_id)
 
     def info(self, worker_id: str) -> WorkerInfo:
         """The router's entry of a worker."""
@@ -161,9 +174,9 @@ class SimRouter:
 
     # -- worker → router -------------------------------------------------------------------------
 
-    def start_heartbeats(self) -> None:
-        """Every worker's first heartbeat now, then one every interval (between its steps)."""
-        for w in self.workers.values():
+    def start_heartbeats(self, workers: list[SimWorker] | None = None) -> None:
+        """Every worker's (or these ones') first heartbeat now, then one every interval (between steps)."""
+        for w in self.workers.values() if workers is None else workers:
             self.loop.at(self.loop.now_s, lambda w=w: self._heartbeat_timer(w), background=True)  # type: ignore[misc]
 
     def after_iteration(self, worker: SimWorker) -> None:
@@ -180,8 +193,8 @@ class SimRouter:
             self._to_router(lambda: self.placer.on_events(batch))
 
     def _heartbeat_timer(self, worker: SimWorker) -> None:
-        if self.loop.idle:
-            return  # the run is over
+        if self.loop.idle or self.workers.get(worker.worker_id) is not worker:
+            return  # the run is over, or the worker left (or flipped: its new self has its own timer)
         if worker.busy:
             self._heartbeat_due.add(worker.worker_id)  # sent when its step ends
         else:

@@ -138,7 +138,7 @@ class Simulator:
             fn()
         records = [self._records[f"sim-{i}"] for i in range(len(requests))]
         for r in records:
-            if r.e2e_s is None:
+            if r.e2e_s is None and r.error_type is None:
                 r.error_type, r.error = "sim_stalled", "the deployment never finished this request"
         all_workers = list(self.by_id.values())
         routes = self.router.routes

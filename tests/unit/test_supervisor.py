@@ -279,3 +279,18 @@ def test_the_local_backend_knows_the_shm_segment_names() -> None:
     from pdserve.transfer import shm
 
     assert local.SEGMENT_PREFIX == shm.SEGMENT_PREFIX
+
+
+def test_a_stop_waits_for_a_flip_of_the_same_pass() -> None:
+    """1P+1D → 1M: the prefill worker flips to mixed and the decode worker is drained only once the
+    flip is done (found by the simulated planner: both at once left no worker to serve, so 503s)."""
+    sup, _, link = started({"prefill": 1, "decode": 1})
+    link.scale(prefill=0, decode=0, mixed=1)
+    sup.step(now=1.0)
+    sup.step(now=1.25)
+    assert link.flipped == {"prefill-0": "mixed"} and link.drained == []
+    assert states(sup) == {"prefill-0": "flipping", "decode-0": "ready"}
+    link.register_all()
+    sup.step(now=2.0)  # the flip is done: now the decode worker goes
+    sup.step(now=2.25)
+    assert link.drained == ["decode-0"] and states(sup)["prefill-0"] == "ready"
