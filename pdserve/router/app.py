@@ -122,7 +122,7 @@ class _Server:
         ticket: Ticket | None = None  # released in `finally` unless a stream took it over
         try:
             self.admission.check()  # draining / full: refuse before reading anything
-            if not self.gate.open:  # start-up: wait for the first complete serving path
+            if self.gate.must_wait:  # start-up, or a reshape in progress: wait for a serving path
                 await self.gate.wait()
             body = await read_body(request, self.max_body_bytes)
             model: type[GenerationRequest] = ChatCompletionRequest if chat else CompletionRequest

@@ -129,6 +129,12 @@ class Deployment:
         logger.info("router: targets %s -> %s", previous, new)
         return {"targets": new, "previous": previous, "generation": self.generation}
 
+    def changing(self) -> bool:
+        """True while a supervised worker is flipping its role or starting (a reshape under way)."""
+        return self.supervised and any(
+            slot.get("state") in ("flipping", "starting") for slot in self.slots
+        )
+
     # -- view ----------------------------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:

@@ -106,6 +106,7 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
     )
     deployment = Deployment(dispatcher, secret=config.dispatch.secret)
     add_deployment_routes(app, deployment)
+    app.state.gate.is_changing = deployment.changing
     add_planner_routes(app, PlannerBoard(app.state.admission, tracer), config.dispatch.secret,
                        dispatcher.metrics.registry)
 

@@ -72,6 +72,38 @@ async def test_start_up_wait_is_bounded_and_later_outages_do_not_wait() -> None:
         assert time.monotonic() - start < 0.2 and len(backend.calls) == 2
 
 
+async def test_a_request_during_a_reshape_waits_for_the_path_instead_of_failing() -> None:
+    """2 mixed → 1 prefill + 1 decode flips both workers: no path for a moment, and no 503 for it."""
+    backend = FakeBackend(ready=True)
+    changing = {"now": False}
+    async for c in client_for(backend, startup_wait_s=30.0):
+        c._transport.app.state.gate.is_changing = lambda: changing["now"]  # type: ignore[attr-defined]
+        assert (await c.post("/v1/completions", json=BODY)).status_code == 200
+        backend.ready, changing["now"] = False, True  # both workers flipping
+        pending = asyncio.create_task(c.post("/v1/completions", json=BODY))
+        await asyncio.sleep(0.3)
+        assert not pending.done() and len(backend.calls) == 1
+        backend.ready = True  # the flipped pair registered
+        assert (await pending).status_code == 200 and len(backend.calls) == 2
+        changing["now"] = False
+        backend.ready = False  # an outage with no reshape under way: the backend answers at once
+        start = time.monotonic()
+        await c.post("/v1/completions", json=BODY)
+        assert time.monotonic() - start < 0.2 and len(backend.calls) == 3
+
+
+def test_a_deployment_is_changing_while_a_slot_flips_or_starts() -> None:
+    d = deployment(mixed=2)
+    assert not d.changing()
+    slots = [{"worker_id": "mixed-0", "role": "mixed", "state": "ready"},
+             {"worker_id": "mixed-1", "role": "mixed", "state": "flipping", "flip_to": "decode"}]
+    d.sync({"launcher": "local", "targets": {"prefill": 1, "decode": 1, "mixed": 0}, "slots": slots})
+    assert d.changing()
+    slots[1]["state"] = "ready"
+    d.sync({"launcher": "local", "targets": {"prefill": 1, "decode": 1, "mixed": 0}, "slots": slots})
+    assert not d.changing()
+
+
 DISPATCHERS: list[Dispatcher] = []
 
 
