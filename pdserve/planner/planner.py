@@ -15,7 +15,9 @@
    or, when none does, the most attaining one at the budget (``over_capacity``:
    the router sheds early then);
 4. acts at once when that needs more workers, or when the current shape is
-   predicted to miss the SLOs; a smaller shape is taken only when it meets
+   predicted to miss the SLOs; a smaller shape is taken only while the
+   current one *measures* its attainment target (ended requests, and those in
+   flight already past the TTFT SLO), when it meets
    the SLOs with ``down_margin`` for ``down_intervals`` intervals in a row
    *and* passes the N−1 absorb check (it still meets them, without margin,
    at the peak arrival rate of the recent intervals × ``absorb_headroom``).
@@ -154,10 +156,11 @@ def _inputs(sig: Signals, speeds: Speeds, cfg: PlannerConfig) -> dict[str, Any]:
     def mean(xs: list[int]) -> float:
         return round(sum(xs) / len(xs), 1) if xs else 0.0
 
-    ttft90, itl90 = sig.measured_p90()
+    ttft90, itl90 = sig.measured_p90(cfg.ttft_slo_s)
     return {
         "arrival_rate": round(sig.arrival_rate, 4),
         "num_requests": len(sig.requests),
+        "num_inflight": len(sig.inflight),
         "prompt_mean": mean(lengths),
         "prompt_p90": sorted(lengths)[int(0.9 * (len(lengths) - 1))] if lengths else 0,
         "output_mean": mean(outputs),
@@ -276,7 +279,12 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     if best.shape.workers == current.workers:
         state.down_streak = 0
         return make(HOLD, current, f"{current} meets the SLOs; {best.shape} costs the same", now_pred, shown)
-    # Smaller: hysteresis, then the N-1 absorb check.
+    # Smaller: never while the current shape measures misses, then hysteresis, then the N-1 check.
+    measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s)
+    if measured is not None and measured < cfg.attainment_target:
+        state.down_streak = 0
+        return make(HOLD, current, f"{best.shape} is predicted to meet the SLOs, but {current} measures "
+                    f"{measured:.0%} attainment: no removal while it misses them", now_pred, shown)
     with_margin = run(best.shape, margin=cfg.down_margin)
     peak = max([*list(state.arrivals)[-cfg.peak_intervals :], sig.arrival_rate])
     factor = cfg.absorb_headroom * (peak / sig.arrival_rate if sig.arrival_rate > 0 else 1.0)

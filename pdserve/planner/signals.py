@@ -2,11 +2,14 @@
 
 Everything here is read from what the router already exposes to anyone:
 
-* ``GET /pdserve/traces`` — the recent ended generations: arrival time,
-  prompt and output lengths, time to first token and its breakdown, end.
-  From them: the arrival rate, the length distributions, the measured SLO
-  attainment, and the measured speeds (prefill tokens/s from the breakdown's
-  prefill part; inter-token latency against the decode batch it ran in).
+* ``GET /pdserve/traces?inflight=true`` — the recent ended generations:
+  arrival time, prompt and output lengths, time to first token and its
+  breakdown, end; and the generations still in flight. From them: the
+  arrival rate (ended and in flight: a backlog is load, not idleness), the
+  length distributions, the measured SLO attainment (an in-flight request
+  already past the TTFT SLO is a miss), and the measured speeds (prefill
+  tokens/s from the breakdown's prefill part; inter-token latency against
+  the decode batch it ran in).
 * ``GET /pdserve/workers?stats=false`` — the deployment: targets, the pools'
   registered workers, the supervisor's slots (a worker still ``starting``).
 * ``GET /metrics`` — per-worker queues and KV usage, and the measured prefill
@@ -112,18 +115,30 @@ class Signals:
     failed: tuple[str, ...] = ()  # slots the supervisor gave up on
     supervised: bool = True
     prefill_rate_tps: float | None = field(default=None)  # the router's measure, if exported
+    #: Requests that arrived within the window and have not ended: a backlog (a queue behind a
+    #: full cache, long outputs) must not look like an idle deployment.
+    inflight: tuple[RequestSample, ...] = ()
 
     @property
     def arrival_rate(self) -> float:
-        """Requests per second over the window (0 with no traffic: never NaN)."""
+        """Requests per second over the window, ended and in flight (0 with no traffic: never NaN)."""
         if self.window_s <= 0:
             return 0.0
-        return len(self.requests) / self.window_s
+        return (len(self.requests) + len(self.inflight)) / self.window_s
 
     @property
     def prompt_lengths(self) -> list[int]:
-        """Prompt tokens of the window's requests."""
-        return [r.prompt_tokens for r in self.requests]
+        """Prompt tokens of the window's requests, ended and in flight."""
+        return [r.prompt_tokens for r in (*self.requests, *self.inflight)]
+
+    def _overdue(self, ttft_slo_s: float) -> list[float]:
+        """In-flight requests past the TTFT SLO: their TTFT, or how long they have waited for it."""
+        out = []
+        for r in self.inflight:
+            ttft = r.ttft_s if r.ttft_s is not None else self.taken_s - r.arrived_s
+            if ttft > ttft_slo_s:
+                out.append(ttft)
+        return out
 
     @property
     def output_lengths(self) -> list[int]:
@@ -131,20 +146,24 @@ class Signals:
         return [r.output_tokens for r in self.requests]
 
     def attainment(self, ttft_slo_s: float, itl_slo_s: float) -> float | None:
-        """Share of the window's requests that finished within both SLOs (None: no request)."""
-        if not self.requests:
+        """Share of the window's requests that finished within both SLOs, in-flight requests
+        already past the TTFT SLO counted as misses (None: no request)."""
+        overdue = len(self._overdue(ttft_slo_s))
+        if not self.requests and not overdue:
             return None
         good = sum(
             1
             for r in self.requests
             if r.ok and r.ttft_s is not None and r.ttft_s <= ttft_slo_s and (r.itl_s or 0.0) <= itl_slo_s
         )
-        return good / len(self.requests)
+        return good / (len(self.requests) + overdue)
 
-    def measured_p90(self) -> tuple[float | None, float | None]:
-        """The window's TTFT and mean-ITL 90th percentiles (None when not measured)."""
+    def measured_p90(self, ttft_slo_s: float = math.inf) -> tuple[float | None, float | None]:
+        """The window's TTFT and mean-ITL 90th percentiles (None when not measured); in-flight
+        requests past ``ttft_slo_s`` join the TTFTs with their wait so far (a lower bound)."""
+        ttfts = [r.ttft_s for r in self.requests if r.ttft_s is not None] + self._overdue(ttft_slo_s)
         return (
-            percentile([r.ttft_s for r in self.requests if r.ttft_s is not None], 0.9),
+            percentile(ttfts, 0.9),
             percentile([r.itl_s for r in self.requests if r.itl_s is not None], 0.9),
         )
 
@@ -203,9 +222,12 @@ def parse(
     *,
     now_s: float,
     window_s: float,
+    inflight: Sequence[Mapping[str, Any]] = (),
 ) -> Signals:
-    """A :class:`Signals` from the three documents (pure; see the module docstring)."""
+    """A :class:`Signals` from the three documents (pure; see the module docstring);
+    ``inflight``: the traces of the generations not ended yet."""
     every = [s for s in (sample_of(t) for t in traces) if s is not None]
+    running = [s for s in (sample_of(t) for t in inflight) if s is not None]
     gauges = _gauges(metrics_text)
     workers: list[WorkerSignal] = []
     for w in workers_view.get("workers", []):
@@ -224,7 +246,8 @@ def parse(
                 draining=bool(w.get("draining")),
             )
         )
-    return assemble(every, workers, workers_view.get("deployment") or {}, now_s=now_s, window_s=window_s)
+    return assemble(every, workers, workers_view.get("deployment") or {}, now_s=now_s, window_s=window_s,
+                    inflight=running)
 
 
 def assemble(
@@ -234,6 +257,7 @@ def assemble(
     *,
     now_s: float,
     window_s: float,
+    inflight: Sequence[RequestSample] = (),
 ) -> Signals:
     """A :class:`Signals` from plain data: the router's recent ended requests, its workers and
     its deployment view (``/pdserve/workers``' ``deployment``). :func:`parse` calls it on the
@@ -266,6 +290,7 @@ def assemble(
         failed=tuple(str(s.get("worker_id")) for s in slots if s.get("state") == "failed"),
         supervised=bool(deployment.get("supervised", True)),
         prefill_rate_tps=statistics.median(rates) if rates else None,
+        inflight=tuple(s for s in inflight if s.arrived_s >= now_s - window_s),
     )
 
 
@@ -275,11 +300,12 @@ def read(
     """Fetch the three documents from the router at ``url`` and :func:`parse` them."""
     http = client or httpx.Client(timeout=5.0)
     try:
-        reply = http.get(f"{url}/pdserve/traces", params={"limit": MAX_TRACES}, headers=headers)
-        traces = reply.json()["traces"]
+        reply = http.get(f"{url}/pdserve/traces", params={"limit": MAX_TRACES, "inflight": "true"},
+                         headers=headers).json()
+        traces, inflight = reply["traces"], reply.get("inflight", [])
         view = http.get(f"{url}/pdserve/workers", params={"stats": "false"}, headers=headers).json()
         text = http.get(f"{url}/metrics", headers=headers).text
     finally:
         if client is None:
             http.close()
-    return parse(traces, view, text, now_s=time.time(), window_s=window_s)
+    return parse(traces, view, text, now_s=time.time(), window_s=window_s, inflight=inflight)

@@ -129,9 +129,14 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
         return Response(dispatcher.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/pdserve/traces")
-    async def traces(limit: int = 50) -> dict[str, object]:
-        """The most recent ended generations' traces (at most ``limit``, newest last)."""
-        return {"traces": tracer.recent(max(0, min(limit, 1000)))}
+    async def traces(limit: int = 50, inflight: bool = False) -> dict[str, object]:
+        """The most recent ended generations' traces (at most ``limit``, newest last); with
+        ``?inflight=true`` also those of the generations in flight (``inflight``, oldest first)."""
+        limit = max(0, min(limit, 1000))
+        reply: dict[str, object] = {"traces": tracer.recent(limit)}
+        if inflight:
+            reply["inflight"] = tracer.inflight(limit)
+        return reply
 
     @app.get("/pdserve/workers")
     async def workers(stats: bool = True) -> dict[str, object]:

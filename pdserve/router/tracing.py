@@ -39,6 +39,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import IO, Any
@@ -293,6 +294,8 @@ class Tracer:
         self.in_responses = in_responses
         self.clock = clock
         self._recent: collections.deque[RequestTrace] = collections.deque(maxlen=keep)
+        # started, not ended (by id()); weak: a trace dropped without ending does not stay here
+        self._active: weakref.WeakValueDictionary[int, RequestTrace] = weakref.WeakValueDictionary()
         self._log: IO[str] | None = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115
         self._log_lock = threading.Lock()
         self.ttft: Histogram | None = None
@@ -323,7 +326,15 @@ class Tracer:
         """A new trace whose end reaches this tracer (``arrived_s`` on its clock; None: now)."""
         trace = RequestTrace(request_id, arrived_s, self.clock)
         trace.on_end = self._ended
+        self._active[id(trace)] = trace
         return trace
+
+    def inflight(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The traces of generations not ended yet, oldest first (``limit``: the newest ones)."""
+        traces = sorted(list(self._active.values()), key=lambda t: t.arrived_unix_s)
+        if limit is not None:
+            traces = traces[-limit:] if limit > 0 else []
+        return [t.to_dict() for t in traces]
 
     def recent(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The most recent ended traces, newest last."""
@@ -348,6 +359,7 @@ class Tracer:
             self._log = None
 
     def _ended(self, trace: RequestTrace) -> None:
+        self._active.pop(id(trace), None)
         self._recent.append(trace)
         for listener in self.listeners:
             listener(trace)

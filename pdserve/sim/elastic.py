@@ -8,7 +8,7 @@ the way a ``pdserve serve --planner slo`` deployment does, by the same code:
   on a :class:`~pdserve.planner.signals.Signals` assembled
   (:func:`~pdserve.planner.signals.assemble`) from what the router would
   answer: its most recent ended requests (arrival, lengths, TTFT with its
-  breakdown, ITL), its registered workers' heartbeat load and measured
+  breakdown, ITL) and those in flight, its registered workers' heartbeat load and measured
   rates, and the deployment view of the router's real
   :class:`~pdserve.router.deployment.Deployment`;
 * a target that changes is set with ``Deployment.scale`` (what
@@ -208,7 +208,13 @@ class PlannedSimulator(Simulator):
                 break
         ended.reverse()
         workers = [self._worker_signal(w) for w in self.router.registry.all()]
-        return assemble(ended, workers, self.deployment.view(), now_s=now, window_s=self.elastic.window_s)
+        inflight = [  # arrived, not ended: what ``/pdserve/traces?inflight=true`` adds
+            RequestSample(rec.sent_s, rec.num_prompt_tokens, rec.num_output_tokens, rec.ttft_s, None, None,
+                          0.0, None, False)
+            for rec in self._records.values() if rec.e2e_s is None and rec.error_type is None
+        ]
+        return assemble(ended, workers, self.deployment.view(), now_s=now, window_s=self.elastic.window_s,
+                        inflight=inflight)
 
     def _sample(self, rid: str) -> RequestSample:
         """One ended request as the router traces it (``signals.sample_of``'s figures)."""

@@ -227,3 +227,34 @@ def test_a_cut_trace_buffer_does_not_understate_the_arrival_rate() -> None:
     assert sig.arrival_rate == pytest.approx(60.0, rel=0.05)
     few = parse(traces[-20:], view(Shape(mixed=1)), "", now_s=NOW, window_s=30.0)
     assert few.arrival_rate == pytest.approx(20 / 30.0)  # a short list is the whole window
+
+
+def inflight(arrived: float, prompt: int, ttft: float | None = None) -> dict:
+    """A ``/pdserve/traces?inflight=true`` entry: no end yet (a first token or not)."""
+    return {"request_id": f"f{arrived}", "arrived_unix_s": arrived, "outcome": None,
+            "num_prompt_tokens": prompt, "num_tokens": 0 if ttft is None else 1, "ttft_s": ttft,
+            "ttft_breakdown": None, "e2e_s": None}
+
+
+def test_requests_in_flight_are_load_and_overdue_ones_are_misses() -> None:
+    ended = [trace(NOW - 15 + i, 100, 20) for i in range(4)]  # fast, within the SLO
+    waiting = [inflight(NOW - 10 + i, 800) for i in range(6)]  # no first token for 5-10 s
+    sig = parse(ended, view(Shape(mixed=1)), "", now_s=NOW, window_s=WINDOW, inflight=waiting)
+    assert len(sig.inflight) == 6 and sig.arrival_rate == pytest.approx(10 / WINDOW)
+    assert sorted(sig.prompt_lengths)[-1] == 800 and set(sig.output_lengths) == {20}
+    assert sig.attainment(1.5, 0.05) == pytest.approx(4 / 10)  # six overdue misses
+    ttft90, _ = sig.measured_p90(1.5)
+    assert ttft90 is not None and ttft90 >= 5.0  # their waits so far, a lower bound
+    assert sig.attainment(20.0, 0.05) == 1.0  # not overdue yet under a looser SLO: not judged
+
+
+def test_a_backlog_with_nothing_ended_is_not_taken_for_zero_traffic() -> None:
+    """Long requests queued behind a full cache end nothing for a while: the planner must not
+    scale down under them (it saw an arrival rate of 0 before it counted requests in flight)."""
+    state, c = pl.PlannerState(), cfg(down_intervals=1)
+    waiting = [inflight(NOW - 12 + 0.5 * i, 600) for i in range(20)]
+    for i in range(3):
+        sig = parse([], view(Shape(mixed=2)), "", now_s=NOW + i, window_s=WINDOW, inflight=waiting)
+        d = pl.decide(sig, state, c)
+        assert d.action != pl.SCALE_DOWN and d.target.workers == 2, d.reason
+        assert d.inputs["arrival_rate"] > 0 and d.inputs["num_inflight"] == 20

@@ -94,3 +94,16 @@ async def test_a_stream_carries_each_trace_in_the_chunk_that_finishes_its_choice
         (trace,) = chunk["pdserve_trace"]
         assert choice["finish_reason"] == "length" and trace["index"] == choice["index"]
         assert trace["outcome"] == "finished"
+
+
+def test_the_tracer_lists_generations_in_flight_until_they_end() -> None:
+    tracer = Tracer()
+    a, b = tracer.start("a"), tracer.start("b")
+    b.tokens(1)
+    assert [t["request_id"] for t in tracer.inflight()] == ["a", "b"]
+    assert tracer.inflight()[0]["outcome"] is None and tracer.inflight()[0]["e2e_s"] is None
+    a.end("finished")
+    assert [t["request_id"] for t in tracer.inflight()] == ["b"]
+    assert [t["request_id"] for t in tracer.recent()] == ["a"]
+    del b  # dropped without ending (a bug elsewhere): not kept alive by the tracer
+    assert tracer.inflight() == [] and tracer.inflight(limit=0) == []

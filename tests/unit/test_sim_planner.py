@@ -114,7 +114,7 @@ def test_zero_traffic_goes_to_the_floor_without_nans() -> None:
         pools = (PoolSpec(Role.MIXED, 3, STEP, 400, link=LINK),)
         sim, result = simulate(pools, burst + late, max_workers=3, min_workers=floor)
         no_request_lost(sim, result)
-        quiet = [d for d in result.planner if d["inputs"]["num_requests"] == 0]
+        quiet = [d for d in result.planner if d["inputs"]["num_requests"] == d["inputs"]["num_inflight"] == 0]
         assert quiet and all(d["inputs"]["arrival_rate"] == 0 for d in quiet)
         json.dumps(result.planner, allow_nan=False)  # no NaN or infinity anywhere
         assert quiet[-1]["target"] == {"prefill": 0, "decode": 0, "mixed": floor}
