@@ -101,7 +101,11 @@ class CostParams:
         link_bytes_per_s: KV link rate not measured yet.
         kv_bytes_per_token: KV bytes of one token (all layers, K and V).
         handoff_s: fixed cost of a remote prefill (reservation round trip, done notice, messages).
-        interference_weight: share of a local prefill's compute time charged per running stream on D.
+        interference_weight: share of a local prefill's compute time charged per running stream on D:
+            1, every stream in D's batch waits that long for its next tokens (a step that also
+            computes a prompt chunk is longer by the chunk's time). S3 measured 0.25 wrong: on a
+            decode-bound 1P+1D deployment it sent 60 % of the chat prompts to D's own prefill while
+            P idled, and cut goodput below that of ``always``.
         num_outputs_cap: output tokens counted in the decode term (max_tokens, capped).
         pressure_knee: KV usage above which the decode term grows steeply (preemptions).
         tie_rel, tie_abs_s: costs within ``max(tie_abs_s, tie_rel · best)`` of the best are ties.
@@ -112,7 +116,7 @@ class CostParams:
     link_bytes_per_s: float = 1e9
     kv_bytes_per_token: int = 0
     handoff_s: float = 0.01
-    interference_weight: float = 0.25
+    interference_weight: float = 1.0
     num_outputs_cap: int = 64
     pressure_knee: float = 0.85
     tie_rel: float = 0.05

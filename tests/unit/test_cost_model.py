@@ -72,7 +72,7 @@ def test_decode_worker_holding_the_conversation_moves_less() -> None:
 
 
 def test_auto_prefills_short_prompts_locally() -> None:
-    placement = plan({}, [p("p0")], [d("d", running=2)], num_tokens=12, policy="auto")
+    placement = plan({}, [p("p0")], [d("d", running=0)], num_tokens=12, policy="auto")
     assert placement.prefill_id is None and placement.reason == cm.LOCAL_SHORT
     assert placement.num_moved_tokens == 0
 
@@ -111,3 +111,13 @@ def test_terms_are_in_seconds() -> None:
     assert cm.itl_s(
         cm.WorkerSnapshot("d", "decode", decode_step_s=0.01, decode_batch=4, num_running=7), PARAMS
     ) == (pytest.approx(0.02))
+
+
+def test_a_decoding_worker_does_not_take_a_chat_prompt_from_an_idle_prefill_worker() -> None:
+    """S3's 1P+1D chat: D decodes a few streams and P is idle. Computing a 200-token prompt on D
+    stalls every stream of its batch as long as the prompt takes: P computes it (with a 0.25
+    interference weight D took 60 % of the prompts and goodput fell below ``always``'s)."""
+    for running in (1, 3, 8):
+        placement = plan({}, [p("p0")], [d("d", running=running)], num_tokens=200, policy="auto")
+        assert placement.prefill_id == "p0" and placement.reason == cm.REMOTE, running
+    assert plan({}, [p("p0")], [d("d", running=0)], num_tokens=200, policy="auto").prefill_id is None
