@@ -62,6 +62,9 @@ class PlannerConfig:
         absorb_headroom: the N−1 check's load: the recent peak arrival rate × this.
         peak_intervals: how many intervals the peak is taken over.
         ready_timeout_s: a decision not carried out by then is given up.
+        revisit_s: a shape left (measuring attainment ``a``) is not gone back to by a reshape or a
+            scale-down for this long, at a similar arrival rate (±25 %), unless the current shape
+            measures below ``a`` (scale-ups are never held back).
         allow_aggregated, allow_disaggregated: which shapes are candidates.
     """
 
@@ -76,6 +79,7 @@ class PlannerConfig:
     absorb_headroom: float = 1.1
     peak_intervals: int = 6
     ready_timeout_s: float = 120.0
+    revisit_s: float = 300.0
     allow_aggregated: bool = True
     allow_disaggregated: bool = True
 
@@ -100,6 +104,8 @@ class PlannerState:
     pending: Shape | None = None  # a target set, not reached yet
     pending_since_s: float = 0.0
     arrivals: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=64))
+    #: shapes left: when, their measured attainment then, the arrival rate then
+    left: dict[Shape, tuple[float, float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -262,6 +268,9 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
             )
         state.down_streak = 0
         action = SCALE_UP if best.shape.workers > current.workers else RESHAPE
+        veto = _revisit_veto(state, sig, cfg, best.shape) if action == RESHAPE else None
+        if veto is not None:
+            return make(HOLD, current, f"no reshape: {veto}", now_pred, shown, over)
         why = "predicted to miss the SLOs" if not current_meets else "needs more capacity"
         return _act(
             state,
@@ -285,6 +294,10 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         state.down_streak = 0
         return make(HOLD, current, f"{best.shape} is predicted to meet the SLOs, but {current} measures "
                     f"{measured:.0%} attainment: no removal while it misses them", now_pred, shown)
+    veto = _revisit_veto(state, sig, cfg, best.shape)
+    if veto is not None:
+        state.down_streak = 0
+        return make(HOLD, current, f"no scale-down: {veto}", now_pred, shown)
     with_margin = run(best.shape, margin=cfg.down_margin)
     peak = max([*list(state.arrivals)[-cfg.peak_intervals :], sig.arrival_rate])
     factor = cfg.absorb_headroom * (peak / sig.arrival_rate if sig.arrival_rate > 0 else 1.0)
@@ -320,7 +333,30 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
 def _act(state: PlannerState, d: Decision) -> Decision:
     state.pending = d.target
     state.pending_since_s = d.at_s
+    measured = d.inputs.get("attainment")
+    if measured is not None and d.changes:
+        state.left[d.current] = (d.at_s, float(measured), float(d.inputs.get("arrival_rate") or 0.0))
     return d
+
+
+def _revisit_veto(state: PlannerState, sig: Signals, cfg: PlannerConfig, shape: Shape) -> str | None:
+    """Why going back to ``shape`` now would repeat a move that measured worse (None: it would not).
+
+    Against oscillation (2 mixed ↔ 1 prefill + 1 decode, 2 ↔ 1): a shape left measuring
+    attainment ``a`` is not gone back to within ``revisit_s`` at a similar arrival rate unless the
+    current shape measures below ``a``.
+    """
+    left = state.left.get(shape)
+    if left is None:
+        return None
+    at_s, attainment, rate = left
+    measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s)
+    similar = abs(sig.arrival_rate - rate) <= 0.25 * max(rate, 1e-9)
+    if sig.taken_s - at_s >= cfg.revisit_s or not similar or (measured is not None and measured < attainment):
+        return None
+    now = "not measured yet" if measured is None else f"{measured:.0%}"
+    return (f"{shape} was left {sig.taken_s - at_s:.0f} s ago measuring {attainment:.0%} at a similar load; "
+            f"the current shape measures {now}")
 
 
 def finite_or_none(x: float | None) -> float | None:

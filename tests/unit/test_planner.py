@@ -258,3 +258,36 @@ def test_a_backlog_with_nothing_ended_is_not_taken_for_zero_traffic() -> None:
         d = pl.decide(sig, state, c)
         assert d.action != pl.SCALE_DOWN and d.target.workers == 2, d.reason
         assert d.inputs["arrival_rate"] > 0 and d.inputs["num_inflight"] == 20
+
+
+def test_a_shape_left_is_not_gone_back_to_unless_the_current_one_measures_worse() -> None:
+    """S3 saw 2M → 1P+1D → 2M → 1P+1D … every few intervals, each move predicted to meet the SLOs
+    and measured not to. A shape left measuring ``a`` is gone back to, at a similar load, only while
+    the current shape measures below ``a``."""
+    c = cfg(ttft_slo_s=1.0)
+    state = pl.PlannerState()
+    state.left[Shape(prefill=1, decode=1)] = (NOW - 30, 0.5, 1.0)  # 1P+1D measured 50 % at 1 req/s
+    good = [trace(NOW - 19 + i, 100, 20) for i in range(20)]  # 1 req/s, all within the SLOs
+    bad = [trace(NOW - 19 + i, 100, 20, queue=2.0 if i % 2 else 0.0) for i in range(20)]  # 50 % miss
+    worse = [trace(NOW - 19 + i, 100, 20, queue=2.0 if i % 4 else 0.0) for i in range(20)]  # 75 % miss
+
+    def veto(traces: list[dict], now: float = NOW) -> str | None:
+        sig = parse(traces, view(Shape(mixed=2)), "", now_s=now, window_s=WINDOW)
+        return pl._revisit_veto(state, sig, c, Shape(prefill=1, decode=1))
+
+    assert veto(good) is not None and "left 30 s ago measuring 50%" in str(veto(good))
+    assert veto(bad) is not None  # 50 % now as then: no better reason to go back
+    assert veto(worse) is None  # 25 %: worse than 1P+1D measured
+    assert veto(good, now=NOW + c.revisit_s) is None  # long ago: try again
+    busier = [trace(NOW - 19 + 0.5 * i, 100, 20) for i in range(40)]  # 2 req/s: another load
+    assert veto(busier) is None
+    assert pl._revisit_veto(state, parse(good, view(Shape(mixed=2)), "", now_s=NOW, window_s=WINDOW), c,
+                            Shape(mixed=1)) is None  # never left
+
+
+def test_acting_records_the_shape_left_with_its_measured_attainment() -> None:
+    state, c = pl.PlannerState(), cfg()
+    d = pl.decide(snapshot(1.6, 500, 20, Shape(mixed=1)), state, c)
+    assert d.action == pl.SCALE_UP
+    at_s, attainment, rate = state.left[Shape(mixed=1)]
+    assert at_s == d.at_s and attainment == d.inputs["attainment"] and rate == d.inputs["arrival_rate"]

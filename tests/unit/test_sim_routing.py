@@ -166,7 +166,8 @@ def test_prefill_decode_and_mixed_pools_together_run_to_completion() -> None:
     pairs = {(r.prefill_id, r.decode_id) for r in result.routes}
     # local on D and on M, P→D, and M as the decode side (M→D, which stalls M's own streams, is left to
     # test_mixed_placement's hand-built loads: on this one P is always the cheaper prefill side)
-    assert {(None, "decode-0"), (None, "mixed-0"), ("prefill-0", "decode-0"), ("prefill-0", "mixed-0")} <= pairs
+    expected = {(None, "decode-0"), (None, "mixed-0"), ("prefill-0", "decode-0"), ("prefill-0", "mixed-0")}
+    assert expected <= pairs
     assert result.decisions.get("aggregated", 0) > 0
     assert all(r.kv_bytes > 0 for r in result.routes if r.prefill_id is not None)
 
