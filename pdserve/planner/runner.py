@@ -31,8 +31,13 @@ from pdserve.planner.planner import Decision, PlannerConfig, PlannerState, decid
 logger = logging.getLogger(__name__)
 
 
-def shed_limit(d: Decision) -> int | None:
+def shed_limit(d: Decision, attainment_target: float = 0.9) -> int | None:
     """Generations in flight above which the router refuses early (None: not over capacity).
+
+    Only when the prediction says over capacity *and* the window measured the
+    SLO attainment below ``attainment_target``: S3 measured the planner refusing
+    requests (429) at loads a static shape of the same budget served within the
+    SLOs, on a pessimistic prediction alone.
 
     The chosen shape's sustainable arrival rate (the observed one scaled down
     to ``max_utilization``) times a request's predicted latency (Little's law),
@@ -40,6 +45,9 @@ def shed_limit(d: Decision) -> int | None:
     """
     p = d.chosen
     if not d.over_capacity or p is None:
+        return None
+    measured = d.inputs.get("attainment")
+    if measured is None or measured >= attainment_target:
         return None
     lam = float(d.inputs.get("arrival_rate") or 0.0)
     outputs = float(d.inputs.get("output_mean") or 0.0)
@@ -110,7 +118,7 @@ class PlannerRunner:
                 self.state.pending = None
             else:
                 logger.info("planner: %s %s -> %s: %s", d.action, d.current, d.target, d.reason)
-        body = {"decision": d.as_dict(), "shed_above_inflight": shed_limit(d)}
+        body = {"decision": d.as_dict(), "shed_above_inflight": shed_limit(d, self.config.attainment_target)}
         self._client.post(f"{url}/pdserve/planner", json=body, headers=self._secret_headers)
         self.last = d
         return d

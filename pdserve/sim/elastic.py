@@ -176,7 +176,8 @@ class PlannedSimulator(Simulator):
                 self.deployment.scale(d.target.targets())
             except APIError:
                 self.state.pending = None
-        self.board.report({"decision": d.as_dict(), "shed_above_inflight": shed_limit(d)})
+        limit = shed_limit(d, self.elastic.planner.attainment_target)
+        self.board.report({"decision": d.as_dict(), "shed_above_inflight": limit})
         self.history.append(self.board.history[-1])  # the board's copy: it gets ``measured_after``
         self.decisions.append(d)
         self.at(self.now_s + self.elastic.interval_s, self._plan, background=True)

@@ -93,6 +93,10 @@ def test_shed_limit_only_past_capacity() -> None:
     assert d.over_capacity
     limit = shed_limit(d)
     assert limit is not None and limit >= 4
+    # over capacity on the prediction, but the window measured the SLOs met: nothing is refused
+    met = [{**t, "ttft_s": 0.1} for t in traces]
+    d_met = decide(parse(met, {"workers": []}, "", now_s=100.0, window_s=2.0), PlannerState(), cfg)
+    assert d_met.over_capacity and d_met.inputs["attainment"] == 1.0 and shed_limit(d_met) is None
     calm = parse(traces[:2], {"workers": []}, "", now_s=100.0, window_s=60.0)
     assert shed_limit(decide(calm, PlannerState(), PlannerConfig(ttft_slo_s=5, itl_slo_s=1))) is None
     assert d.target.workers <= 2 and Shape.of(d.target.targets()) == d.target
