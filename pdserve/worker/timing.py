@@ -30,6 +30,7 @@ from pdserve.worker.protocol import PrefillTiming
 @dataclass
 class _Record:
     received_s: float
+    handoff: bool = False  # its KV is pushed to another worker (only then is push time its own)
     started_s: float | None = None
     push_s: float = 0.0
 
@@ -45,9 +46,11 @@ class PrefillTimer:
         self._records: dict[str, _Record] = {}
         self._in_step: list[_Record] = []  # records of requests the running step prefills
 
-    def received(self, request_id: str, at_s: float | None = None) -> None:
-        """A request to prefill arrived (at ``at_s`` on this timer's clock; None: now)."""
-        self._records[request_id] = _Record(self.clock() if at_s is None else at_s)
+    def received(self, request_id: str, at_s: float | None = None, handoff: bool = True) -> None:
+        """A request to prefill arrived (at ``at_s`` on this timer's clock; None: now); ``handoff``:
+        its KV goes to another worker (a request served here has no transfer time: the pusher's
+        time in a step it shares with a hand-off is compute time to it)."""
+        self._records[request_id] = _Record(self.clock() if at_s is None else at_s, handoff)
 
     def forget(self, request_id: str) -> None:
         """Drop a record without reporting it."""
@@ -101,4 +104,5 @@ class PrefillTimer:
         if self._in_step:
             spent = self.clock() - start
             for record in self._in_step:
-                record.push_s += spent
+                if record.handoff:
+                    record.push_s += spent

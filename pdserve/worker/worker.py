@@ -342,7 +342,7 @@ class Worker:
             # A hand-off (prefill worker, or mixed worker computing for another) computes
             # nothing before the decode side reserved a home for the KV (``Blocks``).
             self.engine.enqueue(request, gated=request.prefill_only)
-            self.timer.received(m.request_id, received_s)
+            self.timer.received(m.request_id, received_s, handoff=request.prefill_only)
         except (PDServeError, ValueError) as exc:
             if self.pusher is not None:
                 self.pusher.forget(m.request_id)

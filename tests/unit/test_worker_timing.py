@@ -95,3 +95,17 @@ def test_setup_before_queueing_counts_as_queue() -> None:
     timing = timer.finish("s")
     assert timing is not None
     assert timing.queue_s == pytest.approx(0.020) and timing.span_s == pytest.approx(0.030)
+
+
+def test_a_request_served_here_is_charged_no_push_time() -> None:
+    """A mixed worker pushes a hand-off's KV in a step that also computes its own request: the push
+    is the hand-off's transfer time, and compute time to the local request (its transfer stays 0)."""
+    clock = Clock()
+    timer = PrefillTimer(SlowPusher(clock, push_s=0.001), clock)
+    timer.received("mine", handoff=False)
+    timer.received("theirs")
+    step(timer, clock, batch("mine", "theirs"), compute_s=0.010)
+    mine, theirs = timer.finish("mine"), timer.finish("theirs")
+    assert mine is not None and theirs is not None
+    assert mine.kv_push_s == 0 and theirs.kv_push_s == pytest.approx(0.002)
+    assert mine.prefill_s == pytest.approx(0.012)  # the push slowed its step: compute to it
