@@ -62,6 +62,15 @@ class WorkerCacheView:
     queued_prefill_tokens: int
 
 
+@dataclass(frozen=True)
+class _PeerMeans:
+    """Means over the measured workers, for pricing one not measured yet (None: nobody measured)."""
+
+    prefill_rate_tps: float | None
+    decode_step_s: float | None
+    decode_batch: float
+
+
 class Placer:
     """Chooses workers for an attempt and keeps the cache index current."""
 
@@ -107,14 +116,14 @@ class Placer:
         hashes = self.index.hash_prompt(token_ids)
         ids = [w.worker_id for w in (*prefill, *local)]
         cached = self.index.match(hashes, ids) if hashes else dict.fromkeys(ids, 0)
-        default_rate = self._mean_prefill_rate()
+        peers = self._peer_means()
         placement = cm.plan(
             num_tokens=len(token_ids),
             num_outputs=num_outputs,
             cached_blocks=cached,
             block_size=self.index.block_size or 1,
-            prefill=[self._snapshot(w, default_rate) for w in prefill],
-            local=[self._snapshot(w, default_rate) for w in local],
+            prefill=[self._snapshot(w, peers) for w in prefill],
+            local=[self._snapshot(w, peers) for w in local],
             params=self.cost_params,
             rng=self.rng,
             disagg_policy=self.config.disagg_policy,
@@ -143,25 +152,38 @@ class Placer:
         if info is not None:
             info.perf.queued_prefill_tokens = max(info.perf.queued_prefill_tokens - charge[1], 0)
 
-    def _mean_prefill_rate(self) -> float | None:
-        rates = [w.perf.prefill_rate_tps for w in self.registry.all() if w.perf.prefill_rate_tps]
-        return sum(rates) / len(rates) if rates else None
+    def _peer_means(self) -> _PeerMeans:
+        """What the measured workers average: a worker not measured yet is priced like its peers.
+
+        Without this a new worker (just started, or a replacement) was priced at
+        ``CostParams``' defaults, and where the measured workers are faster than
+        those, it got no traffic until it was measured, which it never was.
+        """
+        perfs = [w.perf for w in self.registry.all()]
+        rates = [p.prefill_rate_tps for p in perfs if p.prefill_rate_tps]
+        steps = [(p.decode_step_s, p.decode_batch) for p in perfs if p.decode_step_s is not None]
+        return _PeerMeans(
+            prefill_rate_tps=sum(rates) / len(rates) if rates else None,
+            decode_step_s=sum(s for s, _ in steps) / len(steps) if steps else None,
+            decode_batch=sum(b for _, b in steps) / len(steps) if steps else 1.0,
+        )
 
     @staticmethod
-    def _snapshot(w: WorkerInfo, default_rate: float | None) -> cm.WorkerSnapshot:
+    def _snapshot(w: WorkerInfo, peers: _PeerMeans) -> cm.WorkerSnapshot:
         load, perf = w.load, w.perf
+        measured = perf.decode_step_s is not None
         used = load.num_total_blocks - load.num_free_blocks  # cached free blocks can be evicted
         usage = min(max(used / load.num_total_blocks, 0.0), 1.0) if load.num_total_blocks else 0.0
         return cm.WorkerSnapshot(
             worker_id=w.worker_id,
             role=w.role.value,
             queued_prefill_tokens=perf.queued_prefill_tokens,
-            prefill_rate_tps=perf.prefill_rate_tps or default_rate,
+            prefill_rate_tps=perf.prefill_rate_tps or peers.prefill_rate_tps,
             num_running=max(load.num_running, w.num_inflight - load.num_waiting),
             num_waiting=load.num_waiting + load.num_waiting_for_kv,
             kv_usage=usage,
-            decode_step_s=perf.decode_step_s,
-            decode_batch=perf.decode_batch,
+            decode_step_s=perf.decode_step_s if measured else peers.decode_step_s,
+            decode_batch=perf.decode_batch if measured else peers.decode_batch,
             link_bytes_per_s=perf.link_bytes_per_s,
             kv_handoff=w.kv is not None,
         )

@@ -83,3 +83,28 @@ def test_round_robin_still_cycles_and_auto_decides_the_site() -> None:
     prefill, decode = registry.by_role(Role.PREFILL), registry.by_role(Role.DECODE)
     short = [placer.place([5, 6, 7], 4, prefill, decode) for _ in range(3)]
     assert all(pl is not None and pl.prefill_id is None and pl.reason == "local_short" for pl in short)
+
+
+def test_a_worker_not_measured_yet_is_priced_like_its_measured_peers() -> None:
+    """A fast measured decode worker must not keep every stream from a new one.
+
+    Priced at the defaults (20 ms a step), a new worker lost to a measured 3 ms
+    worker until that one ran seven streams, and so was never measured.
+    """
+    placer, registry, _ = setup()
+    m = register("d1", Role.DECODE)
+    assert placer.on_register(m) is None
+    registry.add(WorkerInfo.from_register(m))
+    placer.on_snapshot(p.KVSnapshot("d1", 7, 0, []))
+    d0, d1 = registry.get("d0"), registry.get("d1")
+    assert d0 is not None and d1 is not None
+    d0.perf.decode_step_s, d0.perf.decode_batch = 0.003, 1.0  # measured; d1 not yet
+    prefill, decode = registry.by_role(Role.PREFILL), registry.by_role(Role.DECODE)
+    seen: set[str] = set()
+    for _ in range(4):  # four concurrent streams: each dispatch counts as in flight
+        placement = placer.place([1, 2, 3], 64, prefill, decode)
+        assert placement is not None
+        seen.add(placement.decode_id)
+        registry.get(placement.decode_id).num_inflight += 1  # type: ignore[union-attr]
+    assert seen == {"d0", "d1"}
+    assert placer._peer_means().decode_step_s == 0.003

@@ -233,12 +233,13 @@ def test_a_decision_is_cost_model_plan_on_the_workers_true_caches() -> None:
     # rates learned from the heartbeats' counters (and D's link rate from its hand-offs)
     assert all(info.perf.prefill_rate_tps is not None for info in prefill)
     assert local[0].perf.decode_step_s is not None and local[0].perf.link_bytes_per_s is not None
-    default_rate = sum(i.perf.prefill_rate_tps or 0 for i in prefill) / len(prefill)
+    peers = placer._peer_means()
+    assert peers.prefill_rate_tps == sum(i.perf.prefill_rate_tps or 0 for i in prefill) / len(prefill)
     for policy in ("auto", "always"):
         sim.now_s += 60.0  # the previous probe's speculative entries expire too
         placer.config = replace(placer.config, disagg_policy=policy)
-        expected = cm.plan(len(probe), 8, truth, BS, [placer._snapshot(w, default_rate) for w in prefill],
-                           [placer._snapshot(w, default_rate) for w in local], placer.cost_params,
+        expected = cm.plan(len(probe), 8, truth, BS, [placer._snapshot(w, peers) for w in prefill],
+                           [placer._snapshot(w, peers) for w in local], placer.cost_params,
                            random.Random(5), policy)
         placer.rng = random.Random(5)
         got = placer.place(probe, 8, prefill, local)
