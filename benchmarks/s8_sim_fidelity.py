@@ -83,17 +83,20 @@ def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_p
     arch = load_arch_config(MODEL)
     blocks = profile_num_blocks(arch, "float32", 16, KV_CACHE_BYTES, None)
     one, two = profiles[1], profiles[2]
+    # step times with the profile's per-token serving overhead (pdserve.sim.serving)
     pools = {
-        "agg": (PoolSpec(Role.MIXED, 1, two.step_model, blocks),),
+        "agg": (PoolSpec(Role.MIXED, 1, two.sim_step_model, blocks),),
         # real mixed workers may hand KV to each other (the router's cost model decides): so may these
-        "agg2": (PoolSpec(Role.MIXED, 2, one.step_model, blocks, link=one.link("shm")),),
-        "disagg": (PoolSpec(Role.PREFILL, 1, one.step_model, blocks, link=one.link("shm")),
-                   PoolSpec(Role.DECODE, 1, one.step_model, blocks)),
+        "agg2": (PoolSpec(Role.MIXED, 2, one.sim_step_model, blocks, link=one.link("shm")),),
+        "disagg": (PoolSpec(Role.PREFILL, 1, one.sim_step_model, blocks, link=one.link("shm")),
+                   PoolSpec(Role.DECODE, 1, one.sim_step_model, blocks)),
     }[key]
+    measured = (two if key == "agg" else one).request_overhead_s  # before the first token; None: not measured
+    overhead_s = SimConfig.request_overhead_s if measured is None else measured
     return SimConfig(pools=pools, scheduler=SchedulerConfig(chunk_size=chunk_size), block_size=16,
                      enable_prefix_caching=False, max_model_len=arch.max_position_embeddings,
                      num_layers=arch.num_layers, kv_bytes_per_token=arch.kv_bytes_per_token(4),
-                     disagg_policy=disagg_policy)
+                     disagg_policy=disagg_policy, request_overhead_s=overhead_s)
 
 
 def simulate(key: str, profiles: dict[int, Profile], args: argparse.Namespace, workload: WorkloadConfig,
@@ -169,10 +172,12 @@ def render_doc(out: dict[str, Any]) -> str:
              "(a machine shared with other developers' jobs: the measured runs and the profile ran under "
              "that load).", ""]
     for key, p in out["profiles"].items():
-        fit = p["fit"]
+        fit, so = p["fit"], p.get("serving_overhead")
         lines.append(f"- profile, {key.replace('_', ' ')}: fit error median "
                      f"{fit['median_abs_rel_error']:.0%}, p90 {fit['p90_abs_rel_error']:.0%} over "
-                     f"{fit['num_samples']} step shapes")
+                     f"{fit['num_samples']} step shapes"
+                     + (f"; serving overhead {so['first_token_s'] * 1e3:.1f} ms before the first token, "
+                        f"{so['per_token_s'] * 1e3:.2f} ms per token" if so else ""))
     if not out["cells"]:
         lines += ["", "**The measured half did not run** in this result file "
                   f"(configurations done: {', '.join(out.get('configs_done', [])) or 'none'}): "
@@ -272,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                          for k, v in vars(args).items() if k != "s3"},
             "s3_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args.s3).items()},
             "profiles": {f"{t}_thread": {"fit": p.fit, "coefficients_s": p.step_model.to_json(),
+                                         "serving_overhead": p.serving.to_json() if p.serving else None,
                                          "links": {k: vars(v) for k, v in p.links.items()},
                                          "machine": p.machine, "reused": args.reuse_profiles}
                          for t, p in profiles.items()},

@@ -42,6 +42,8 @@ def add_profile_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (about a minute)")
     p.add_argument("--transports", default="shm,tcp", help="KV transports to time (comma-separated, or none)")
     p.add_argument("--output", default="profile.json", help="where to write the profile")
+    p.add_argument("--no-serving", action="store_true",
+                   help="skip measuring the serving overhead (a router + worker serving a few requests)")
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -72,6 +74,10 @@ def run_profile(args: argparse.Namespace) -> int:
         say(f"timing the {transport} KV link")
         links[transport] = measure_link(transport, arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                         config.cache.block_size, config.model.dtype)
+    serving = None
+    if not args.no_serving:
+        say("serving a few requests through a router + worker (serving overhead)")
+        serving = _measure_serving(args, config, fit.model, threads, arch.vocab_size)
     profile = Profile(
         model=args.model, arch=arch.as_dict(), machine=machine_identity(threads),
         engine={"dtype": config.model.dtype, "block_size": config.cache.block_size,
@@ -82,6 +88,7 @@ def run_profile(args: argparse.Namespace) -> int:
              "p90_abs_rel_error": fit.p90_abs_rel_error},
         links=links,
         samples=[{"shape": s.__dict__, "time_s": t} for s, t in zip(shapes, times, strict=True)],
+        serving=serving,
     )
     Path(args.output).write_text(json.dumps(profile.to_json(), indent=1) + "\n")
     print(f"step model (seconds): {json.dumps(fit.model.to_json())}")
@@ -89,8 +96,38 @@ def run_profile(args: argparse.Namespace) -> int:
           f"p90 {fit.p90_abs_rel_error:.1%}")
     for name, link in links.items():
         print(f"{name}: {link.bandwidth_bytes_per_s / 1e9:.2f} GB/s, latency {link.latency_s * 1e3:.2f} ms")
+    if serving is not None:
+        print(f"serving overhead: {serving.first_token_s * 1e3:.1f} ms before the first token, "
+              f"{serving.per_token_s * 1e3:.2f} ms per token ({serving.num_requests} requests)")
     print(f"profile written to {args.output}")
     return 0
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine options of ``args`` that differ from their defaults, as ``pdserve worker`` arguments."""
+    from pdserve.cli import add_engine_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_engine_args(parser)
+    argv: list[str] = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest == "model" or value == action.default:
+            continue
+        argv += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], str(value)]
+    return argv
+
+
+def _measure_serving(args: argparse.Namespace, config: Any, step_model: Any, threads: int, vocab: int) -> Any:
+    from pdserve.engine.engine import resolve_max_model_len
+    from pdserve.modelspec.arch import load_arch_config
+    from pdserve.sim.deploy import profile_num_blocks
+    from pdserve.sim.serving import measure_serving
+
+    arch = load_arch_config(args.model)
+    blocks = profile_num_blocks(arch, args.dtype, args.block_size, args.kv_cache_mib << 20, args.num_blocks)
+    return measure_serving(args.model, engine_argv(args), threads, step_model, config.scheduler,
+                           args.block_size, blocks, resolve_max_model_len(config, arch), vocab)
 
 
 # ----------------------------------------------------------------------------- simulate
@@ -124,7 +161,9 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--decode-tp", type=int, default=None, help="decode pool's TP (default --tp)")
     t.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="weights, compute")
     t.add_argument("--hop-ms", type=float, default=0.2, help="one router↔worker message")
-    t.add_argument("--request-overhead-ms", type=float, default=1.0, help="router's work per request")
+    t.add_argument("--request-overhead-ms", type=float, default=None,
+                   help="work per request before placement (default: the profile's measured serving "
+                        "overhead, else 1 ms)")
 
 
 def add_simulate_parser(sub: Any) -> None:
@@ -166,10 +205,12 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
     sched = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                             max_num_seqs=args.max_num_seqs, chunk_size=args.chunk_size,
                             enable_chunked_prefill=not args.no_chunked_prefill)
+    measured_overhead_s: float | None = None
     if args.profile:
         arch = load_arch_config(args.model)
         profile = load_profile(args.profile, args.model, args.threads_per_worker,
                                warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+        measured_overhead_s = profile.request_overhead_s
         kv_bytes = arch.kv_bytes_per_token(
             {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype])
         blocks = profile_num_blocks(arch, args.dtype, args.block_size, args.kv_cache_mib << 20,
@@ -191,11 +232,14 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
         pools = tuple(paper_pool(role, n, models[role], args.block_size, links.get(role), args.num_blocks)
                       for role, n in counts.items())
     max_model_len = min(args.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+    overhead_s = 1e-3 if args.request_overhead_ms is None else args.request_overhead_ms / 1e3
+    if args.request_overhead_ms is None and measured_overhead_s is not None:
+        overhead_s = measured_overhead_s  # measured by `pdserve profile` (pdserve.sim.serving)
     config = SimConfig(pools=pools, scheduler=sched, block_size=args.block_size,
                        enable_prefix_caching=not args.no_prefix_caching, max_model_len=max_model_len,
                        num_layers=arch.num_layers, kv_bytes_per_token=kv_bytes, policy=args.policy,
                        disagg_policy=args.disagg_policy, hop_s=args.hop_ms / 1e3,
-                       request_overhead_s=args.request_overhead_ms / 1e3, seed=getattr(args, "seed", 0))
+                       request_overhead_s=overhead_s, seed=getattr(args, "seed", 0))
     return config, arch
 
 

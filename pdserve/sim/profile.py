@@ -13,8 +13,12 @@
    sizes to a receiver in another process: the seconds for a notice alone
    (latency) and the slope over the bytes (bandwidth) make a
    :class:`LinkModel`.
-5. Write it all with the model's and the machine's identity; :func:`load_profile`
-   refuses a profile of another model and warns about another machine.
+5. Unless ``--no-serving``: serve a few requests through a real router and
+   worker and record what they cost beyond their steps
+   (:mod:`pdserve.sim.serving`).
+6. Write it all with the model's and the machine's identity; :func:`load_profile`
+   refuses a profile of another model and warns about another machine (and
+   about an older profile without the later terms: those are 0).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from pdserve.config import EngineConfig
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.errors import ConfigError
 from pdserve.sim.link import LinkModel
-from pdserve.sim.step_model import LinearStepModel, StepShape, step_shape
+from pdserve.sim.serving import ServingOverhead, apply_serving
+from pdserve.sim.step_model import LinearStepModel, StepModel, StepShape, missing_later_features, step_shape
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +121,7 @@ def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], N
     samples.clear()
     repeats = 3
     prefill_lens = [32, 128, 512, 1024] if quick else [16, 32, 64, 128, 256, 512, 1024, 2048]
-    decode_batches = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 64]
+    decode_batches = [1, 2, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 64]
     contexts = [64, 512] if quick else [32, 256, 1024]
     for rep in range(repeats):
         progress(f"round {rep + 1}/{repeats}: prompts")
@@ -127,8 +132,8 @@ def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], N
             for c in contexts:
                 run([c] * b, 6, shared=True)
         progress(f"round {rep + 1}/{repeats}: mixed steps")
-        for b in decode_batches[1:]:
-            run([64] * b, 12, join_after=b + 2, join_len=256)
+        for b in decode_batches[1:]:  # a prompt of a few chunks joins b running decodes
+            run([64] * b, 12, join_after=2, join_len=2 * config.scheduler.chunk_size)
     shapes = list(samples)
     return shapes, [statistics.median(samples[s]) for s in shapes]
 
@@ -205,16 +210,29 @@ class Profile:
     fit: dict[str, Any]
     links: dict[str, LinkModel]
     samples: list[dict[str, Any]]
+    serving: ServingOverhead | None = None
+
+    @property
+    def sim_step_model(self) -> StepModel:
+        """What a simulated worker's step takes: the fitted model plus the per-token serving overhead."""
+        return apply_serving(self.step_model, self.serving)
+
+    @property
+    def request_overhead_s(self) -> float | None:
+        """The measured cost before a request's first token (None: not measured)."""
+        return self.serving.first_token_s if self.serving is not None else None
 
     def to_json(self) -> dict[str, Any]:
         """The profile file's content."""
         return {
             "format": FORMAT, "model": self.model, "arch": self.arch, "machine": self.machine,
             "engine": self.engine,
-            "step_model": {"form": "t = const + tokens·a + prefill_pairs·b + decode_context·c + sampled·d",
+            "step_model": {"form": "t = const + tokens·a + prefill_pairs·b + decode_context·c + sampled·d"
+                                   " + multi_row·e (multi_row: 1 when the step computes > 1 token)",
                            "coefficients_s": self.step_model.to_json(), **self.fit},
             "links": {k: {"bandwidth_bytes_per_s": v.bandwidth_bytes_per_s, "latency_s": v.latency_s}
                       for k, v in self.links.items()},
+            **({"serving_overhead": self.serving.to_json()} if self.serving is not None else {}),
             "samples": self.samples,
         }
 
@@ -231,6 +249,8 @@ class Profile:
             links={k: LinkModel(v["bandwidth_bytes_per_s"], v["latency_s"])
                    for k, v in data["links"].items()},
             samples=data.get("samples", []),
+            serving=(ServingOverhead.from_json(data["serving_overhead"])
+                     if "serving_overhead" in data else None),
         )
 
     def link(self, transport: str | None = None) -> LinkModel:
@@ -255,6 +275,13 @@ def load_profile(path: str | Path, model: str, threads: int | None = None,
         profile = Profile.from_json(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"profile {path} is malformed: {exc}") from exc
+    missing = missing_later_features(data["step_model"]["coefficients_s"])
+    if missing:
+        warn(f"profile {path} is older than the step model's {', '.join(missing)} term: taken as 0 "
+             f"(rerun `pdserve profile` for the current form)")
+    if profile.serving is None:
+        warn(f"profile {path} has no serving overhead (HTTP, router, per-token streaming): simulated as 0 "
+             f"beyond --request-overhead-ms (rerun `pdserve profile` without --no-serving to measure it)")
     if profile.model != model:
         raise ConfigError(f"profile {path} was taken with model {profile.model!r}, not {model!r}: "
                           f"run `pdserve profile --model {model}`")

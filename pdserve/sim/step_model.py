@@ -5,11 +5,13 @@
 2. A :class:`StepModel` turns a shape into seconds. Two kinds:
 
    - :class:`LinearStepModel`, fitted by ``pdserve profile`` on this machine:
-     ``t = a + b·tokens + c·prefill_pairs + d·decode_context + e·sampled``
+     ``t = a + b·tokens + c·prefill_pairs + d·decode_context + e·sampled + f·multi_row``
      (``tokens``: all tokens computed in the step; ``prefill_pairs``: query ×
      key pairs of the prompt chunks, the quadratic part of attention;
      ``decode_context``: keys read by the decoding requests; ``sampled``: rows
-     that go through the LM head and the sampler).
+     that go through the LM head and the sampler; ``multi_row``: 1 when the
+     step computes more than one token — a matrix-matrix instead of a
+     matrix-vector product, a step cost on CPUs that a single decode does not pay).
    - :class:`RooflineStepModel` (in :mod:`pdserve.sim.roofline`), from an
      accelerator's datasheet and a model's shape.
 """
@@ -24,7 +26,10 @@ import numpy as np
 from pdserve.engine.scheduler import SchedulerOutput
 
 #: Names of the linear model's coefficients, in order (the first multiplies 1).
-FEATURES = ("const", "tokens", "prefill_pairs", "decode_context", "sampled")
+FEATURES = ("const", "tokens", "prefill_pairs", "decode_context", "sampled", "multi_row")
+
+#: Coefficients added after the first profiles: a profile without one loads with it at 0 (its old form).
+LATER_FEATURES = ("multi_row",)
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class StepShape:
     def features(self) -> list[float]:
         """The linear model's regressors, in :data:`FEATURES` order."""
         return [1.0, float(self.num_tokens), self.prefill_pairs, float(self.decode_context),
-                float(self.num_sampled)]
+                float(self.num_sampled), 1.0 if self.num_tokens > 1 else 0.0]
 
 
 def step_shape(out: SchedulerOutput) -> StepShape:
@@ -84,19 +89,25 @@ class StepModel(Protocol):
 
 @dataclass(frozen=True)
 class LinearStepModel:
-    """``t = Σ coef_i · feature_i`` over :data:`FEATURES` (seconds)."""
+    """``t = Σ coef_i · feature_i`` over :data:`FEATURES` (seconds).
+
+    Coefficients of the first form (without :data:`LATER_FEATURES`) are accepted: those are 0.
+    """
 
     coefficients: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        if len(self.coefficients) != len(FEATURES):
+        n, old = len(self.coefficients), len(FEATURES) - len(LATER_FEATURES)
+        if n == old:
+            object.__setattr__(self, "coefficients", (*self.coefficients, *([0.0] * len(LATER_FEATURES))))
+        elif n != len(FEATURES):
             raise ValueError(f"a linear step model has {len(FEATURES)} coefficients ({', '.join(FEATURES)})")
 
     def step_time_s(self, shape: StepShape) -> float:
         """Predicted wall time of the step."""
         c = self.coefficients
         return (c[0] + c[1] * shape.num_tokens + c[2] * shape.prefill_pairs + c[3] * shape.decode_context
-                + c[4] * shape.num_sampled)
+                + c[4] * shape.num_sampled + (c[5] if shape.num_tokens > 1 else 0.0))
 
     def to_json(self) -> dict[str, Any]:
         """The coefficients by name (seconds per unit)."""
@@ -104,11 +115,18 @@ class LinearStepModel:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LinearStepModel:
-        """Inverse of :meth:`to_json`; names the missing coefficient."""
+        """Inverse of :meth:`to_json`; names the missing coefficient (one of :data:`LATER_FEATURES`
+        missing is 0: see :func:`missing_later_features`)."""
+        data = {**{f: 0.0 for f in LATER_FEATURES}, **data}
         missing = [f for f in FEATURES if f not in data]
         if missing:
             raise ValueError(f"step model misses coefficient(s) {', '.join(missing)}")
         return cls(tuple(float(data[f]) for f in FEATURES))
+
+
+def missing_later_features(data: dict[str, Any]) -> list[str]:
+    """The coefficients of :data:`LATER_FEATURES` a profile's ``coefficients_s`` lacks (an older profile)."""
+    return [f for f in LATER_FEATURES if f not in data]
 
 
 @dataclass(frozen=True)

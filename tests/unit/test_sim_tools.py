@@ -20,6 +20,7 @@ from pdserve.sim.link import Link, LinkModel
 from pdserve.sim.plan import Kind, Planner, Shape, search
 from pdserve.sim.profile import Profile, load_profile, machine_identity
 from pdserve.sim.roofline import RooflineStepModel
+from pdserve.sim.serving import ServingOverhead
 from pdserve.sim.simulator import SimRequest
 from pdserve.sim.step_model import FEATURES, LinearStepModel, StepShape, fit_linear
 
@@ -95,7 +96,8 @@ def test_simulate_bad_input_is_a_clear_error(argv: list[str], message: str, caps
 def make_profile(model: str = "tiny") -> Profile:
     return Profile(model=model, arch={}, machine=machine_identity(1), engine={},
                    step_model=LinearStepModel((0.01, 1e-4, 0.0, 1e-6, 1e-4)),
-                   fit={}, links={"shm": LinkModel(5e9, 1e-4)}, samples=[])
+                   fit={}, links={"shm": LinkModel(5e9, 1e-4)}, samples=[],
+                   serving=ServingOverhead(0.0, 0.0, 1, "test"))
 
 
 def test_profile_of_another_model_is_refused_and_another_machine_warned(tmp_path: Path) -> None:
@@ -229,6 +231,8 @@ def test_profile_measures_this_machine_and_simulate_uses_it(tmp_path: Path) -> N
     assert data["step_model"]["num_samples"] >= len(FEATURES)
     assert data["links"]["shm"]["bandwidth_bytes_per_s"] > 0
     assert data["machine"]["threads"] == 1 and data["model"] == "tiny"
+    serving = data["serving_overhead"]  # served through a real router + worker
+    assert serving["num_requests"] >= 1 and serving["first_token_s"] >= 0 and serving["per_token_s"] >= 0
     out = tmp_path / "sim.json"
     assert main(["simulate", "--model", "tiny", "--profile", str(path), "--num-requests", "4",
                  "--input-len", "30", "--output-len", "4", "--output", str(out)]) == 0

@@ -1,0 +1,176 @@
+"""Serving overhead: what a served request costs beyond its engine steps (measured by ``pdserve profile``).
+
+The step model times ``LLMEngine.step()`` alone. A request served through
+``pdserve serve`` also pays the client's HTTP request, the router's
+tokenisation and placement, the router↔worker messages, the worker loop's
+per-output work (a ``Tokens`` message per request and step) and the
+router's streaming of each token back (detokenisation, an SSE event) — on a
+small CPU machine the last two compete with the worker's own threads.
+
+How it is measured (:func:`measure_serving`): a real deployment (router + one
+mixed worker with the profile's engine options and threads, started as
+``pdserve serve`` starts them) serves a few requests one at a time on the
+otherwise idle machine, through the bench's HTTP client. The same requests
+(prompt and output lengths from the server's usage) are simulated alone on
+one worker with the fitted step model and no overhead. Then
+(:func:`derive_overhead`):
+
+- ``per_token_s`` = median over requests of (measured − simulated) mean
+  inter-token time: the cost of one sampled token beyond its step;
+- ``first_token_s`` = median of (measured − simulated) TTFT, less
+  ``per_token_s`` (the first token pays that too): the cost before the first
+  token.
+
+Both are clamped at 0. Where the simulator puts them
+(:func:`apply_serving`): ``first_token_s`` is the router's per-request work
+(``SimConfig.request_overhead_s``, before placement) and ``per_token_s`` is
+added to a step for every row it samples (:class:`ServedStepModel`), so it
+grows with the batch as the per-output work does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.bench.metrics import RequestRecord
+from pdserve.config import Role, SchedulerConfig
+from pdserve.sim.step_model import StepModel, StepShape
+
+#: Requests served to measure the overhead (after one warm-up), and their lengths.
+NUM_REQUESTS = 6
+PROMPT_TOKENS = (48, 160, 400)
+OUTPUT_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class ServingOverhead:
+    """Per-request costs of serving beyond the engine's steps (seconds).
+
+    Attributes:
+        first_token_s: before the first token (HTTP, router, messages, delivery).
+        per_token_s: per sampled token, added to the step that samples it.
+        num_requests: requests the figures come from.
+        method: how they were measured (one line, for the profile's reader).
+    """
+
+    first_token_s: float
+    per_token_s: float
+    num_requests: int = 0
+    method: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The profile's ``serving_overhead`` entry."""
+        return {"first_token_s": self.first_token_s, "per_token_s": self.per_token_s,
+                "num_requests": self.num_requests, "method": self.method}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServingOverhead:
+        """Inverse of :meth:`to_json`."""
+        return cls(float(data["first_token_s"]), float(data["per_token_s"]), int(data.get("num_requests", 0)),
+                   str(data.get("method", "")))
+
+
+@dataclass(frozen=True)
+class ServedStepModel:
+    """A step model plus ``per_token_s`` for every row the step samples (each one a token sent)."""
+
+    inner: StepModel
+    per_token_s: float
+
+    def step_time_s(self, shape: StepShape) -> float:
+        """The engine step's time and the serving work of its tokens."""
+        return self.inner.step_time_s(shape) + self.per_token_s * shape.num_sampled
+
+
+def apply_serving(step_model: StepModel, overhead: ServingOverhead | None) -> StepModel:
+    """The step model a simulated worker uses: with the per-token overhead when one was measured."""
+    if overhead is None or overhead.per_token_s <= 0:
+        return step_model
+    return ServedStepModel(step_model, overhead.per_token_s)
+
+
+def _itl_s(r: RequestRecord) -> float | None:
+    if r.ttft_s is None or r.e2e_s is None or r.num_output_tokens < 2:
+        return None
+    return (r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1)
+
+
+def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[RequestRecord],
+                    method: str = "") -> ServingOverhead:
+    """The overhead from the same requests served (``measured``) and simulated without overhead, pairwise."""
+    if len(measured) != len(simulated):
+        raise ValueError(f"{len(measured)} measured records but {len(simulated)} simulated ones")
+    token_gaps, ttft_gaps = [], []
+    for m, s in zip(measured, simulated, strict=True):
+        if m.ttft_s is None or s.ttft_s is None:
+            continue
+        ttft_gaps.append(m.ttft_s - s.ttft_s)
+        mi, si = _itl_s(m), _itl_s(s)
+        if mi is not None and si is not None:
+            token_gaps.append(mi - si)
+    if not ttft_gaps:
+        raise ValueError("no request was served: no overhead can be measured")
+    per_token = max(statistics.median(token_gaps), 0.0) if token_gaps else 0.0
+    first = max(statistics.median(ttft_gaps) - per_token, 0.0)
+    return ServingOverhead(first, per_token, len(ttft_gaps), method)
+
+
+def simulate_alone(records: Sequence[RequestRecord], step_model: StepModel, scheduler: SchedulerConfig,
+                   block_size: int, num_blocks: int, max_model_len: int, vocab_size: int
+                   ) -> list[RequestRecord]:
+    """The served requests (their usage's lengths) one at a time on one simulated worker, no overhead."""
+    from pdserve.sim.simulator import PoolSpec, SimConfig, SimRequest, Simulator
+
+    rng = random.Random(0)
+    def prompt(n: int) -> tuple[int, ...]:
+        return tuple(rng.randrange(3, vocab_size) for _ in range(n))
+
+    requests = [SimRequest(1000.0 * i, prompt(r.num_prompt_tokens), max(r.num_output_tokens, 1))
+                for i, r in enumerate(records)]
+    config = SimConfig(pools=(PoolSpec(Role.MIXED, 1, step_model, num_blocks),), scheduler=scheduler,
+                       block_size=block_size, enable_prefix_caching=False, max_model_len=max_model_len,
+                       hop_s=0.0, request_overhead_s=0.0)
+    return Simulator(config).run(requests).records
+
+
+def measure_serving(model: str, worker_args: list[str], threads: int, step_model: StepModel,
+                    scheduler: SchedulerConfig, block_size: int, num_blocks: int, max_model_len: int,
+                    vocab_size: int) -> ServingOverhead:
+    """Serve a few requests through a real router + mixed worker, one at a time; see the module doc."""
+    from pdserve.bench.arrivals import ArrivalConfig
+    from pdserve.bench.client import ClientConfig
+    from pdserve.bench.runner import LoadConfig, run_load
+    from pdserve.bench.workload import WorkloadConfig, make_counter, make_workload
+    from pdserve.launch.local import LaunchConfig, LocalLauncher
+
+    launcher = LocalLauncher(LaunchConfig(
+        mode="aggregated", num_mixed=1, port=0, router_args=["--model", model],
+        worker_args=["--model", model, *worker_args], threads_per_worker=threads, ready_timeout_s=300))
+    counter = make_counter(model)
+    records: list[RequestRecord] = []
+    try:
+        launcher.start()
+        client = ClientConfig(base_url=launcher.url, model=model, extra_body={"temperature": 0.0})
+        for i, n in enumerate(PROMPT_TOKENS):
+            workload = WorkloadConfig(kind="synthetic", input_len=str(n), output_len=str(OUTPUT_TOKENS),
+                                      seed=i)
+            load = LoadConfig(arrivals=ArrivalConfig(rate=math.inf),
+                              num_requests=NUM_REQUESTS // len(PROMPT_TOKENS), max_concurrency=1,
+                              warmup_requests=1, progress=False)
+            run = asyncio.run(run_load(client, load, make_workload(workload, counter), None, counter))
+            records += [r for r in run.records if not r.warmup and r.error_type is None]
+    finally:
+        launcher.stop()
+    simulated = simulate_alone(records, step_model, scheduler, block_size, num_blocks, max_model_len,
+                               vocab_size)
+    lengths = "/".join(map(str, PROMPT_TOKENS))
+    method = (f"{len(records)} requests ({lengths} prompt tokens, {OUTPUT_TOKENS} out) "
+              f"one at a time through a router + 1 mixed worker × {threads} threads on this machine, minus "
+              f"the same requests simulated with the fitted step model; medians")
+    return derive_overhead(records, simulated, method)

@@ -1,0 +1,136 @@
+"""The simulator's calibrated terms: the multi-row step cost and the measured serving overhead."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from pdserve.bench.metrics import RequestRecord
+from pdserve.config import Role, SchedulerConfig
+from pdserve.sim.cli import add_profile_parser, engine_argv
+from pdserve.sim.link import LinkModel
+from pdserve.sim.profile import Profile, load_profile, machine_identity
+from pdserve.sim.serving import (
+    ServedStepModel,
+    ServingOverhead,
+    apply_serving,
+    derive_overhead,
+    simulate_alone,
+)
+from pdserve.sim.simulator import PoolSpec, SimConfig, SimRequest, Simulator
+from pdserve.sim.step_model import LinearStepModel, StepShape, fit_linear
+
+OLD = LinearStepModel((0.01, 1e-4, 0.0, 1e-6, 1e-4))  # a profile of the first form (5 coefficients)
+
+
+def decode(batch: int, context: int = 100) -> StepShape:
+    return StepShape(batch, 0, batch, 0.0, batch * context, 0, batch)
+
+
+def prefill(n: int) -> StepShape:
+    return StepShape(n, n, 0, n * (n + 1) / 2, 0, 0, 1)
+
+
+def test_multi_row_cost_is_paid_by_every_step_but_a_single_decode() -> None:
+    model = LinearStepModel((0.01, 1e-4, 0.0, 1e-6, 1e-4, 0.007))
+    base = LinearStepModel(model.coefficients[:5])
+    assert base.coefficients[5] == 0.0  # the first form: the term is 0
+    assert model.step_time_s(decode(1)) == pytest.approx(base.step_time_s(decode(1)))
+    for shape in (decode(2), decode(16), prefill(64)):
+        assert model.step_time_s(shape) == pytest.approx(base.step_time_s(shape) + 0.007)
+    with pytest.raises(ValueError, match="6 coefficients"):
+        LinearStepModel((1.0, 2.0))
+
+
+def test_fit_recovers_a_jump_between_one_row_and_several() -> None:
+    true = LinearStepModel((0.014, 4e-4, 1e-7, 3e-6, 5e-4, 0.007))
+    shapes = [decode(b, c) for b in (1, 2, 4, 16) for c in (64, 512)] + [prefill(n) for n in (32, 128, 512)]
+    fit = fit_linear(shapes, [true.step_time_s(s) for s in shapes])
+    assert fit.median_abs_rel_error < 1e-6
+    assert fit.model.coefficients[5] == pytest.approx(0.007, rel=1e-4)
+
+
+def test_an_older_profile_loads_with_warnings_and_no_new_terms(tmp_path: Path) -> None:
+    profile = Profile(model="tiny", arch={}, machine=machine_identity(1), engine={}, step_model=OLD, fit={},
+                      links={"shm": LinkModel(5e9, 1e-4)}, samples=[])
+    data = profile.to_json()
+    del data["step_model"]["coefficients_s"]["multi_row"]  # as written before the term existed
+    assert "serving_overhead" not in data
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    warnings: list[str] = []
+    loaded = load_profile(path, "tiny", warn=warnings.append)
+    assert loaded.step_model == OLD and loaded.step_model.coefficients[5] == 0.0
+    assert loaded.serving is None and loaded.request_overhead_s is None
+    assert loaded.sim_step_model is loaded.step_model
+    assert any("multi_row" in w and "taken as 0" in w for w in warnings)
+    assert any("no serving overhead" in w for w in warnings)
+
+
+def test_a_profile_with_serving_overhead_round_trips(tmp_path: Path) -> None:
+    serving = ServingOverhead(0.025, 0.002, 6, "how")
+    profile = Profile(model="tiny", arch={}, machine=machine_identity(1), engine={}, step_model=OLD, fit={},
+                      links={}, samples=[], serving=serving)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile.to_json()))
+    warnings: list[str] = []
+    loaded = load_profile(path, "tiny", warn=warnings.append)
+    assert loaded.serving == serving and loaded.request_overhead_s == 0.025 and not warnings
+    assert loaded.sim_step_model == ServedStepModel(OLD, 0.002)
+
+
+def test_served_step_model_adds_the_per_token_cost_of_each_sampled_row() -> None:
+    served = apply_serving(OLD, ServingOverhead(0.0, 0.002))
+    assert served.step_time_s(decode(4)) == pytest.approx(OLD.step_time_s(decode(4)) + 4 * 0.002)
+    assert served.step_time_s(StepShape(64, 64, 0, 0.0, 0, 0, 0)) == OLD.step_time_s(
+        StepShape(64, 64, 0, 0.0, 0, 0, 0))  # a prompt chunk that samples nothing
+    assert apply_serving(OLD, None) is OLD and apply_serving(OLD, ServingOverhead(0.01, 0.0)) is OLD
+
+
+def record(ttft_s: float, itl_s: float, n: int = 11) -> RequestRecord:
+    return RequestRecord(index=0, ttft_s=ttft_s, e2e_s=ttft_s + itl_s * (n - 1), num_output_tokens=n,
+                         num_prompt_tokens=50)
+
+
+def test_overhead_is_the_median_gap_between_served_and_simulated() -> None:
+    simulated = [record(0.10, 0.015), record(0.20, 0.016), record(0.30, 0.017)]
+    measured = [record(0.13, 0.017), record(0.23, 0.018), record(0.50, 0.030)]  # one outlier
+    got = derive_overhead(measured, simulated)
+    assert got.per_token_s == pytest.approx(0.002)
+    assert got.first_token_s == pytest.approx(0.03 - 0.002)  # the first token pays per_token too
+    assert got.num_requests == 3
+    faster = derive_overhead(simulated, measured)  # served faster than simulated: clamped at 0
+    assert faster.first_token_s == 0.0 and faster.per_token_s == 0.0
+    with pytest.raises(ValueError, match="measured records"):
+        derive_overhead(measured[:1], simulated)
+    with pytest.raises(ValueError, match="no request"):
+        derive_overhead([RequestRecord(index=0)], [RequestRecord(index=0)])
+
+
+def test_simulated_alone_and_with_overhead_differ_by_exactly_the_overhead() -> None:
+    sched = SchedulerConfig(chunk_size=64)
+    served = [record(0.0, 0.0, 8), record(0.0, 0.0, 5)]
+    served[1].num_prompt_tokens = 150
+    alone = simulate_alone(served, OLD, sched, 16, 256, 2048, 256)
+    assert [r.num_output_tokens for r in alone] == [8, 5]
+    overhead = ServingOverhead(0.02, 0.003)
+    pools = (PoolSpec(Role.MIXED, 1, apply_serving(OLD, overhead), 256),)
+    config = SimConfig(pools=pools, scheduler=sched, enable_prefix_caching=False, max_model_len=2048,
+                       hop_s=0.0, request_overhead_s=overhead.first_token_s)
+    requests = [SimRequest(1000.0 * i, tuple(range(3, 3 + r.num_prompt_tokens)), r.num_output_tokens)
+                for i, r in enumerate(served)]
+    with_overhead = Simulator(config).run(requests).records
+    # the derivation inverts the simulator: the overhead it finds is the one put in
+    got = derive_overhead(with_overhead, alone)
+    assert got.first_token_s == pytest.approx(0.02) and got.per_token_s == pytest.approx(0.003)
+
+
+def test_profile_engine_options_become_worker_arguments() -> None:
+    parser = argparse.ArgumentParser()
+    add_profile_parser(parser.add_subparsers())
+    args = parser.parse_args(["profile", "--model", "bench-50m", "--chunk-size", "256", "--no-prefix-caching",
+                              "--threads", "2"])
+    assert engine_argv(args) == ["--no-prefix-caching", "--chunk-size", "256"]  # the parser's order
