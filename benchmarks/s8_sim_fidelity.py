@@ -89,14 +89,15 @@ def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_p
         # real mixed workers may hand KV to each other (the router's cost model decides): so may these
         "agg2": (PoolSpec(Role.MIXED, 2, one.sim_step_model, blocks, link=one.link("shm")),),
         "disagg": (PoolSpec(Role.PREFILL, 1, one.sim_step_model, blocks, link=one.link("shm")),
-                   PoolSpec(Role.DECODE, 1, one.sim_step_model, blocks)),
+                   PoolSpec(Role.DECODE, 1, one.pool_step_model(Role.DECODE), blocks)),
     }[key]
     measured = (two if key == "agg" else one).request_overhead_s  # before the first token; None: not measured
     overhead_s = SimConfig.request_overhead_s if measured is None else measured
     return SimConfig(pools=pools, scheduler=SchedulerConfig(chunk_size=chunk_size), block_size=16,
                      enable_prefix_caching=False, max_model_len=arch.max_position_embeddings,
                      num_layers=arch.num_layers, kv_bytes_per_token=arch.kv_bytes_per_token(4),
-                     disagg_policy=disagg_policy, request_overhead_s=overhead_s)
+                     disagg_policy=disagg_policy, request_overhead_s=overhead_s,
+                     handoff_overhead_s=(two if key == "agg" else one).handoff_overhead_s)
 
 
 def simulate(key: str, profiles: dict[int, Profile], args: argparse.Namespace, workload: WorkloadConfig,
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
             "s3_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args.s3).items()},
             "profiles": {f"{t}_thread": {"fit": p.fit, "coefficients_s": p.step_model.to_json(),
                                          "serving_overhead": p.serving.to_json() if p.serving else None,
+                                         "serving_overhead_handoff":
+                                             p.serving_handoff.to_json() if p.serving_handoff else None,
                                          "links": {k: vars(v) for k, v in p.links.items()},
                                          "machine": p.machine, "reused": args.reuse_profiles}
                          for t, p in profiles.items()},

@@ -74,10 +74,10 @@ def run_profile(args: argparse.Namespace) -> int:
         say(f"timing the {transport} KV link")
         links[transport] = measure_link(transport, arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                         config.cache.block_size, config.model.dtype)
-    serving = None
+    serving = serving_handoff = None
     if not args.no_serving:
-        say("serving a few requests through a router + worker (serving overhead)")
-        serving = _measure_serving(args, config, fit.model, threads, arch.vocab_size)
+        say("serving a few requests through a router + worker(s) (serving overhead)")
+        serving, serving_handoff = _measure_serving(args, config, fit.model, threads, links)
     profile = Profile(
         model=args.model, arch=arch.as_dict(), machine=machine_identity(threads),
         engine={"dtype": config.model.dtype, "block_size": config.cache.block_size,
@@ -89,6 +89,7 @@ def run_profile(args: argparse.Namespace) -> int:
         links=links,
         samples=[{"shape": s.__dict__, "time_s": t} for s, t in zip(shapes, times, strict=True)],
         serving=serving,
+        serving_handoff=serving_handoff,
     )
     Path(args.output).write_text(json.dumps(profile.to_json(), indent=1) + "\n")
     print(f"step model (seconds): {json.dumps(fit.model.to_json())}")
@@ -96,9 +97,10 @@ def run_profile(args: argparse.Namespace) -> int:
           f"p90 {fit.p90_abs_rel_error:.1%}")
     for name, link in links.items():
         print(f"{name}: {link.bandwidth_bytes_per_s / 1e9:.2f} GB/s, latency {link.latency_s * 1e3:.2f} ms")
-    if serving is not None:
-        print(f"serving overhead: {serving.first_token_s * 1e3:.1f} ms before the first token, "
-              f"{serving.per_token_s * 1e3:.2f} ms per token ({serving.num_requests} requests)")
+    for what, so in (("", serving), (" (hand-offs)", serving_handoff)):
+        if so is not None:
+            print(f"serving overhead{what}: {so.first_token_s * 1e3:.1f} ms before the first token, "
+                  f"{so.per_token_s * 1e3:.2f} ms per token ({so.num_requests} requests)")
     print(f"profile written to {args.output}")
     return 0
 
@@ -118,16 +120,20 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _measure_serving(args: argparse.Namespace, config: Any, step_model: Any, threads: int, vocab: int) -> Any:
+def _measure_serving(args: argparse.Namespace, config: Any, step_model: Any, threads: int,
+                     links: dict[str, Any]) -> tuple[Any, Any]:
     from pdserve.engine.engine import resolve_max_model_len
     from pdserve.modelspec.arch import load_arch_config
-    from pdserve.sim.deploy import profile_num_blocks
-    from pdserve.sim.serving import measure_serving
+    from pdserve.sim.deploy import DTYPE_BYTES, profile_num_blocks
+    from pdserve.sim.serving import ServedModel, measure_serving
 
     arch = load_arch_config(args.model)
     blocks = profile_num_blocks(arch, args.dtype, args.block_size, args.kv_cache_mib << 20, args.num_blocks)
-    return measure_serving(args.model, engine_argv(args), threads, step_model, config.scheduler,
-                           args.block_size, blocks, resolve_max_model_len(config, arch), vocab)
+    served = ServedModel(args.model, engine_argv(args), threads, step_model, config.scheduler,
+                         args.block_size, blocks, resolve_max_model_len(config, arch), arch.vocab_size,
+                         arch.num_layers, arch.kv_bytes_per_token(DTYPE_BYTES[args.dtype]))
+    # hand-offs go over shm between workers of one host (the launcher's default), when it was timed
+    return measure_serving(served, links.get("shm"))
 
 
 # ----------------------------------------------------------------------------- simulate
@@ -233,13 +239,16 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
                       for role, n in counts.items())
     max_model_len = min(args.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
     overhead_s = 1e-3 if args.request_overhead_ms is None else args.request_overhead_ms / 1e3
+    handoff_s = 0.0
     if args.request_overhead_ms is None and measured_overhead_s is not None:
         overhead_s = measured_overhead_s  # measured by `pdserve profile` (pdserve.sim.serving)
+        handoff_s = profile.handoff_overhead_s
     config = SimConfig(pools=pools, scheduler=sched, block_size=args.block_size,
                        enable_prefix_caching=not args.no_prefix_caching, max_model_len=max_model_len,
                        num_layers=arch.num_layers, kv_bytes_per_token=kv_bytes, policy=args.policy,
                        disagg_policy=args.disagg_policy, hop_s=args.hop_ms / 1e3,
-                       request_overhead_s=overhead_s, seed=getattr(args, "seed", 0))
+                       request_overhead_s=overhead_s, handoff_overhead_s=handoff_s,
+                       seed=getattr(args, "seed", 0))
     return config, arch
 
 

@@ -41,7 +41,7 @@ def profile_num_blocks(arch: ArchConfig, dtype: str, block_size: int, kv_cache_b
 def profile_pool(role: Role, count: int, profile: Profile, num_blocks: int, link: LinkModel | None
                  ) -> PoolSpec:
     """A pool of workers like the profiled one (no price: this machine)."""
-    return PoolSpec(role, count, profile.sim_step_model, num_blocks, link=link,
+    return PoolSpec(role, count, profile.pool_step_model(role), num_blocks, link=link,
                     label=f"this machine ({profile.machine.get('threads')} threads)")
 
 

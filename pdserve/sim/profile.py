@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pdserve.config import EngineConfig
+from pdserve.config import EngineConfig, Role
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.errors import ConfigError
 from pdserve.sim.link import LinkModel
@@ -211,16 +211,30 @@ class Profile:
     links: dict[str, LinkModel]
     samples: list[dict[str, Any]]
     serving: ServingOverhead | None = None
+    serving_handoff: ServingOverhead | None = None
 
     @property
     def sim_step_model(self) -> StepModel:
         """What a simulated worker's step takes: the fitted model plus the per-token serving overhead."""
         return apply_serving(self.step_model, self.serving)
 
+    def pool_step_model(self, role: Role) -> StepModel:
+        """:attr:`sim_step_model`; on a decode worker with the hand-offs' per-token overhead (if measured)."""
+        if role is Role.DECODE and self.serving_handoff is not None:
+            return apply_serving(self.step_model, self.serving_handoff)
+        return self.sim_step_model
+
     @property
     def request_overhead_s(self) -> float | None:
         """The measured cost before a request's first token (None: not measured)."""
         return self.serving.first_token_s if self.serving is not None else None
+
+    @property
+    def handoff_overhead_s(self) -> float:
+        """What a handed-off request's first token costs beyond a local one's (0: not measured)."""
+        if self.serving_handoff is None:
+            return 0.0
+        return max(self.serving_handoff.first_token_s - (self.request_overhead_s or 0.0), 0.0)
 
     def to_json(self) -> dict[str, Any]:
         """The profile file's content."""
@@ -233,6 +247,8 @@ class Profile:
             "links": {k: {"bandwidth_bytes_per_s": v.bandwidth_bytes_per_s, "latency_s": v.latency_s}
                       for k, v in self.links.items()},
             **({"serving_overhead": self.serving.to_json()} if self.serving is not None else {}),
+            **({"serving_overhead_handoff": self.serving_handoff.to_json()}
+               if self.serving_handoff is not None else {}),
             "samples": self.samples,
         }
 
@@ -251,6 +267,8 @@ class Profile:
             samples=data.get("samples", []),
             serving=(ServingOverhead.from_json(data["serving_overhead"])
                      if "serving_overhead" in data else None),
+            serving_handoff=(ServingOverhead.from_json(data["serving_overhead_handoff"])
+                             if "serving_overhead_handoff" in data else None),
         )
 
     def link(self, transport: str | None = None) -> LinkModel:

@@ -21,11 +21,19 @@ one worker with the fitted step model and no overhead. Then
   ``per_token_s`` (the first token pays that too): the cost before the first
   token.
 
-Both are clamped at 0. Where the simulator puts them
-(:func:`apply_serving`): ``first_token_s`` is the router's per-request work
-(``SimConfig.request_overhead_s``, before placement) and ``per_token_s`` is
-added to a step for every row it samples (:class:`ServedStepModel`), so it
-grows with the batch as the per-output work does.
+Both are clamped at 0. With a KV link profiled, the same is done on a
+router + 1 prefill + 1 decode worker with every request handed off: the
+hand-off overhead (the reservation round trip, the gate, the "done" notice,
+the decode worker's loop).
+
+Where the simulator puts them: ``first_token_s`` of the mixed worker is the
+router's per-request work (``SimConfig.request_overhead_s``, before
+placement); what a hand-off's costs more is added to hand-offs only
+(``SimConfig.handoff_overhead_s``); ``per_token_s`` is added to a step for
+every row it samples (:class:`ServedStepModel`, :func:`apply_serving`), so it
+grows with the batch as the per-output work does — a decode worker's with
+the hand-off figure, every other worker's with the mixed worker's
+(:meth:`pdserve.sim.profile.Profile.pool_step_model`).
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from typing import Any
 
 from pdserve.bench.metrics import RequestRecord
 from pdserve.config import Role, SchedulerConfig
+from pdserve.sim.link import LinkModel
+from pdserve.sim.spec import PoolSpec
 from pdserve.sim.step_model import StepModel, StepShape
 
 #: Requests served to measure the overhead (after one warm-up), and their lengths.
@@ -121,42 +131,65 @@ def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[Reque
     return ServingOverhead(first, per_token, len(ttft_gaps), method)
 
 
-def simulate_alone(records: Sequence[RequestRecord], step_model: StepModel, scheduler: SchedulerConfig,
-                   block_size: int, num_blocks: int, max_model_len: int, vocab_size: int
-                   ) -> list[RequestRecord]:
-    """The served requests (their usage's lengths) one at a time on one simulated worker, no overhead."""
-    from pdserve.sim.simulator import PoolSpec, SimConfig, SimRequest, Simulator
+def simulate_alone(records: Sequence[RequestRecord], pools: tuple[PoolSpec, ...], scheduler: SchedulerConfig,
+                   block_size: int, max_model_len: int, vocab_size: int, num_layers: int = 1,
+                   kv_bytes_per_token: int = 0) -> list[RequestRecord]:
+    """The served requests (their usage's lengths) one at a time on ``pools``, no overhead (every
+    request handed off when there is a prefill pool, as ``--disagg-policy always`` does)."""
+    from pdserve.sim.simulator import SimConfig, SimRequest, Simulator
 
     rng = random.Random(0)
+
     def prompt(n: int) -> tuple[int, ...]:
         return tuple(rng.randrange(3, vocab_size) for _ in range(n))
 
     requests = [SimRequest(1000.0 * i, prompt(r.num_prompt_tokens), max(r.num_output_tokens, 1))
                 for i, r in enumerate(records)]
-    config = SimConfig(pools=(PoolSpec(Role.MIXED, 1, step_model, num_blocks),), scheduler=scheduler,
-                       block_size=block_size, enable_prefix_caching=False, max_model_len=max_model_len,
-                       hop_s=0.0, request_overhead_s=0.0)
+    disagg = any(p.role is Role.PREFILL for p in pools)
+    config = SimConfig(pools=pools, scheduler=scheduler, block_size=block_size, enable_prefix_caching=False,
+                       max_model_len=max_model_len, num_layers=num_layers,
+                       kv_bytes_per_token=kv_bytes_per_token,
+                       disagg_policy="always" if disagg else "auto", hop_s=0.0, request_overhead_s=0.0)
     return Simulator(config).run(requests).records
 
 
-def measure_serving(model: str, worker_args: list[str], threads: int, step_model: StepModel,
-                    scheduler: SchedulerConfig, block_size: int, num_blocks: int, max_model_len: int,
-                    vocab_size: int) -> ServingOverhead:
-    """Serve a few requests through a real router + mixed worker, one at a time; see the module doc."""
+@dataclass(frozen=True)
+class ServedModel:
+    """What :func:`measure_serving` needs to know of the profiled worker."""
+
+    model: str
+    worker_args: list[str]
+    threads: int
+    step_model: StepModel
+    scheduler: SchedulerConfig
+    block_size: int
+    num_blocks: int
+    max_model_len: int
+    vocab_size: int
+    num_layers: int = 1
+    kv_bytes_per_token: int = 0
+
+
+def serve_one_at_a_time(w: ServedModel, disaggregated: bool) -> list[RequestRecord]:
+    """Requests of :data:`PROMPT_TOKENS` × :data:`OUTPUT_TOKENS`, one at a time, through a real
+    deployment (router + 1 mixed worker, or router + 1 prefill + 1 decode worker with every request
+    handed off) started as ``pdserve serve`` starts one; the ended requests' records."""
     from pdserve.bench.arrivals import ArrivalConfig
     from pdserve.bench.client import ClientConfig
     from pdserve.bench.runner import LoadConfig, run_load
     from pdserve.bench.workload import WorkloadConfig, make_counter, make_workload
     from pdserve.launch.local import LaunchConfig, LocalLauncher
 
+    router = ["--model", w.model, *(["--disagg-policy", "always"] if disaggregated else [])]
     launcher = LocalLauncher(LaunchConfig(
-        mode="aggregated", num_mixed=1, port=0, router_args=["--model", model],
-        worker_args=["--model", model, *worker_args], threads_per_worker=threads, ready_timeout_s=300))
-    counter = make_counter(model)
+        mode="disaggregated" if disaggregated else "aggregated", num_prefill=1, num_decode=1, num_mixed=1,
+        port=0, router_args=router, worker_args=["--model", w.model, *w.worker_args],
+        threads_per_worker=w.threads, ready_timeout_s=300))
+    counter = make_counter(w.model)
     records: list[RequestRecord] = []
     try:
         launcher.start()
-        client = ClientConfig(base_url=launcher.url, model=model, extra_body={"temperature": 0.0})
+        client = ClientConfig(base_url=launcher.url, model=w.model, extra_body={"temperature": 0.0})
         for i, n in enumerate(PROMPT_TOKENS):
             workload = WorkloadConfig(kind="synthetic", input_len=str(n), output_len=str(OUTPUT_TOKENS),
                                       seed=i)
@@ -167,10 +200,25 @@ def measure_serving(model: str, worker_args: list[str], threads: int, step_model
             records += [r for r in run.records if not r.warmup and r.error_type is None]
     finally:
         launcher.stop()
-    simulated = simulate_alone(records, step_model, scheduler, block_size, num_blocks, max_model_len,
-                               vocab_size)
+    return records
+
+
+def measure_serving(w: ServedModel, link: LinkModel | None = None
+                    ) -> tuple[ServingOverhead, ServingOverhead | None]:
+    """The overhead of a mixed worker's own requests, and (with ``link``, the profiled KV link) that of
+    hand-offs from a prefill worker to a decode worker; see the module doc."""
     lengths = "/".join(map(str, PROMPT_TOKENS))
-    method = (f"{len(records)} requests ({lengths} prompt tokens, {OUTPUT_TOKENS} out) "
-              f"one at a time through a router + 1 mixed worker × {threads} threads on this machine, minus "
-              f"the same requests simulated with the fitted step model; medians")
-    return derive_overhead(records, simulated, method)
+    results: list[ServingOverhead] = []
+    for disagg in (False, True) if link is not None else (False,):
+        records = serve_one_at_a_time(w, disagg)
+        pools = ((PoolSpec(Role.PREFILL, 1, w.step_model, w.num_blocks, link=link),
+                  PoolSpec(Role.DECODE, 1, w.step_model, w.num_blocks)) if disagg
+                 else (PoolSpec(Role.MIXED, 1, w.step_model, w.num_blocks),))
+        simulated = simulate_alone(records, pools, w.scheduler, w.block_size, w.max_model_len, w.vocab_size,
+                                   w.num_layers, w.kv_bytes_per_token)
+        shape = "1 prefill + 1 decode worker, every request handed off" if disagg else "1 mixed worker"
+        method = (f"{len(records)} requests ({lengths} prompt tokens, {OUTPUT_TOKENS} out) one at a time "
+                  f"through a router + {shape} (× {w.threads} threads) on this machine, minus the same "
+                  f"requests simulated with the fitted step model; medians")
+        results.append(derive_overhead(records, simulated, method))
+    return results[0], results[1] if len(results) > 1 else None

@@ -11,7 +11,10 @@ What is real and what is modelled:
 - modelled: a step's duration (a :class:`StepModel`), the KV push
   (:class:`Link`: bandwidth, latency, layer-wise overlap), one router↔worker
   message (``hop_s``: requests, reservations, tokens, cache events,
-  heartbeats) and the router's own per-request work (``request_overhead_s``).
+  heartbeats), the router's own per-request work (``request_overhead_s``)
+  and what a hand-off costs more before its first token
+  (``handoff_overhead_s``; both measured by ``pdserve profile``, see
+  :mod:`pdserve.sim.serving`).
 
 Lifecycle of one request:
 
@@ -206,6 +209,7 @@ class Simulator:
             self.deliver(decode, t, lambda: decode.scheduler.add_request(local))
             return
         prefill = self.by_id[route.prefill_id]
+        t += self.config.handoff_overhead_s  # measured by `pdserve profile` (pdserve.sim.serving)
         self._handoffs[rid] = _Handoff(prefill, decode)
         p_request, d_request = self._make_request(rid, req), self._make_request(rid, req)
         p_request.prefill_only = True  # held for the hand-off after its first token (a mixed P too)

@@ -68,6 +68,7 @@ class SimConfig:
     disagg_policy: str = "auto"
     hop_s: float = 0.0002
     request_overhead_s: float = 0.001
+    handoff_overhead_s: float = 0.0  # a hand-off's extra cost before its first token (pdserve.sim.serving)
     heartbeat_interval_s: float = 0.5
     seed: int = 0
 

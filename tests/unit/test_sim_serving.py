@@ -114,7 +114,7 @@ def test_simulated_alone_and_with_overhead_differ_by_exactly_the_overhead() -> N
     sched = SchedulerConfig(chunk_size=64)
     served = [record(0.0, 0.0, 8), record(0.0, 0.0, 5)]
     served[1].num_prompt_tokens = 150
-    alone = simulate_alone(served, OLD, sched, 16, 256, 2048, 256)
+    alone = simulate_alone(served, (PoolSpec(Role.MIXED, 1, OLD, 256),), sched, 16, 2048, 256)
     assert [r.num_output_tokens for r in alone] == [8, 5]
     overhead = ServingOverhead(0.02, 0.003)
     pools = (PoolSpec(Role.MIXED, 1, apply_serving(OLD, overhead), 256),)
@@ -134,3 +134,31 @@ def test_profile_engine_options_become_worker_arguments() -> None:
     args = parser.parse_args(["profile", "--model", "bench-50m", "--chunk-size", "256", "--no-prefix-caching",
                               "--threads", "2"])
     assert engine_argv(args) == ["--no-prefix-caching", "--chunk-size", "256"]  # the parser's order
+
+
+def test_hand_off_overheads_land_on_decode_workers_and_hand_offs_only(tmp_path: Path) -> None:
+    local, handoff = ServingOverhead(0.01, 0.001), ServingOverhead(0.05, 0.004)
+    profile = Profile(model="tiny", arch={}, machine=machine_identity(1), engine={}, step_model=OLD, fit={},
+                      links={}, samples=[], serving=local, serving_handoff=handoff)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile.to_json()))
+    loaded = load_profile(path, "tiny", warn=lambda m: None)
+    assert loaded.serving_handoff == handoff
+    assert loaded.handoff_overhead_s == pytest.approx(0.04)  # beyond a local request's 10 ms
+    assert loaded.pool_step_model(Role.DECODE) == ServedStepModel(OLD, 0.004)
+    local_model = ServedStepModel(OLD, 0.001)
+    assert loaded.pool_step_model(Role.PREFILL) == loaded.pool_step_model(Role.MIXED) == local_model
+
+
+def test_a_hand_off_waits_the_hand_off_overhead_before_its_first_token() -> None:
+    pools = (PoolSpec(Role.PREFILL, 1, OLD, 256, link=LinkModel(1e9, 1e-4)),
+             PoolSpec(Role.DECODE, 1, OLD, 256))
+
+    def ttft(extra_s: float) -> float:
+        config = SimConfig(pools=pools, enable_prefix_caching=False, max_model_len=2048,
+                           disagg_policy="always", num_layers=2, kv_bytes_per_token=64, handoff_overhead_s=extra_s)
+        rec = Simulator(config).run([SimRequest(0.0, tuple(range(3, 103)), 4)]).records[0]
+        assert rec.ttft_s is not None
+        return rec.ttft_s
+
+    assert ttft(0.03) - ttft(0.0) == pytest.approx(0.03)
