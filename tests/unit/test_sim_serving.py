@@ -156,7 +156,8 @@ def test_a_hand_off_waits_the_hand_off_overhead_before_its_first_token() -> None
 
     def ttft(extra_s: float) -> float:
         config = SimConfig(pools=pools, enable_prefix_caching=False, max_model_len=2048,
-                           disagg_policy="always", num_layers=2, kv_bytes_per_token=64, handoff_overhead_s=extra_s)
+                           disagg_policy="always", num_layers=2, kv_bytes_per_token=64,
+                           handoff_overhead_s=extra_s)
         rec = Simulator(config).run([SimRequest(0.0, tuple(range(3, 103)), 4)]).records[0]
         assert rec.ttft_s is not None
         return rec.ttft_s
