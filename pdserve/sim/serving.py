@@ -29,11 +29,10 @@ the decode worker's loop).
 Where the simulator puts them: ``first_token_s`` of the mixed worker is the
 router's per-request work (``SimConfig.request_overhead_s``, before
 placement); what a hand-off's costs more is added to hand-offs only
-(``SimConfig.handoff_overhead_s``); ``per_token_s`` is added to a step for
-every row it samples (:class:`ServedStepModel`, :func:`apply_serving`), so it
-grows with the batch as the per-output work does — a decode worker's with
-the hand-off figure, every other worker's with the mixed worker's
-(:meth:`pdserve.sim.profile.Profile.pool_step_model`).
+(``SimConfig.handoff_overhead_s``); ``per_token_s`` is added once to every
+step that samples a token (:class:`ServedStepModel`, :func:`apply_serving`)
+— a decode worker's with the hand-off figure, every other worker's with the
+mixed worker's (:meth:`pdserve.sim.profile.Profile.pool_step_model`).
 """
 
 from __future__ import annotations
@@ -88,14 +87,19 @@ class ServingOverhead:
 
 @dataclass(frozen=True)
 class ServedStepModel:
-    """A step model plus ``per_token_s`` for every row the step samples (each one a token sent)."""
+    """A step model plus ``per_token_s`` for a step that samples (a token sent to each of its requests).
+
+    Measured one request at a time, the cost per token is the cost per sampling step; it is added once
+    per step, not per row: a decode worker's extra (its loop, not its rows) made a per-row term put
+    4 × the cost on a batch of 4 — far beyond what served batches show.
+    """
 
     inner: StepModel
     per_token_s: float
 
     def step_time_s(self, shape: StepShape) -> float:
         """The engine step's time and the serving work of its tokens."""
-        return self.inner.step_time_s(shape) + self.per_token_s * shape.num_sampled
+        return self.inner.step_time_s(shape) + (self.per_token_s if shape.num_sampled else 0.0)
 
 
 def apply_serving(step_model: StepModel, overhead: ServingOverhead | None) -> StepModel:

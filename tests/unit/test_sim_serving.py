@@ -82,9 +82,10 @@ def test_a_profile_with_serving_overhead_round_trips(tmp_path: Path) -> None:
     assert loaded.sim_step_model == ServedStepModel(OLD, 0.002)
 
 
-def test_served_step_model_adds_the_per_token_cost_of_each_sampled_row() -> None:
+def test_served_step_model_adds_the_per_token_cost_once_per_sampling_step() -> None:
     served = apply_serving(OLD, ServingOverhead(0.0, 0.002))
-    assert served.step_time_s(decode(4)) == pytest.approx(OLD.step_time_s(decode(4)) + 4 * 0.002)
+    assert served.step_time_s(decode(1)) == pytest.approx(OLD.step_time_s(decode(1)) + 0.002)
+    assert served.step_time_s(decode(4)) == pytest.approx(OLD.step_time_s(decode(4)) + 0.002)
     assert served.step_time_s(StepShape(64, 64, 0, 0.0, 0, 0, 0)) == OLD.step_time_s(
         StepShape(64, 64, 0, 0.0, 0, 0, 0))  # a prompt chunk that samples nothing
     assert apply_serving(OLD, None) is OLD and apply_serving(OLD, ServingOverhead(0.01, 0.0)) is OLD
