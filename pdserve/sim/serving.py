@@ -19,9 +19,12 @@ one worker with the fitted step model and no overhead. Then
   inter-token time: the cost of one sampled token beyond its step;
 - ``first_token_s`` = median of (measured − simulated) TTFT, less
   ``per_token_s`` (the first token pays that too): the cost before the first
-  token.
+  token;
+- then :data:`BATCH` requests are sent together (they decode as one batch):
+  ``per_row_s`` = (their median inter-token gap − ``per_token_s``) /
+  (batch − 1), the cost of each further row a step samples.
 
-Both are clamped at 0. With a KV link profiled, the same is done on a
+All are clamped at 0. With a KV link profiled, the same is done on a
 router + 1 prefill + 1 decode worker with every request handed off: the
 hand-off overhead (the reservation round trip, the gate, the "done" notice,
 the decode worker's loop).
@@ -29,10 +32,11 @@ the decode worker's loop).
 Where the simulator puts them: ``first_token_s`` of the mixed worker is the
 router's per-request work (``SimConfig.request_overhead_s``, before
 placement); what a hand-off's costs more is added to hand-offs only
-(``SimConfig.handoff_overhead_s``); ``per_token_s`` is added once to every
-step that samples a token (:class:`ServedStepModel`, :func:`apply_serving`)
-— a decode worker's with the hand-off figure, every other worker's with the
-mixed worker's (:meth:`pdserve.sim.profile.Profile.pool_step_model`).
+(``SimConfig.handoff_overhead_s``); a step that samples ``n`` tokens takes
+``per_token_s + (n − 1)·per_row_s`` more (:class:`ServedStepModel`,
+:func:`apply_serving`) — a decode worker's with the hand-off figures, every
+other worker's with the mixed worker's
+(:meth:`pdserve.sim.profile.Profile.pool_step_model`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ from pdserve.sim.step_model import StepModel, StepShape
 NUM_REQUESTS = 6
 PROMPT_TOKENS = (48, 160, 400)
 OUTPUT_TOKENS = 24
+#: Then this many requests of 160 prompt tokens sent together: they decode as one batch.
+BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -63,50 +69,51 @@ class ServingOverhead:
 
     Attributes:
         first_token_s: before the first token (HTTP, router, messages, delivery).
-        per_token_s: per sampled token, added to the step that samples it.
+        per_token_s: added to a step that samples a token (one request's token at batch 1).
+        per_row_s: added for every further row the step samples (the batch's other requests).
         num_requests: requests the figures come from.
         method: how they were measured (one line, for the profile's reader).
     """
 
     first_token_s: float
     per_token_s: float
+    per_row_s: float = 0.0
     num_requests: int = 0
     method: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The profile's ``serving_overhead`` entry."""
         return {"first_token_s": self.first_token_s, "per_token_s": self.per_token_s,
-                "num_requests": self.num_requests, "method": self.method}
+                "per_row_s": self.per_row_s, "num_requests": self.num_requests, "method": self.method}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServingOverhead:
         """Inverse of :meth:`to_json`."""
-        return cls(float(data["first_token_s"]), float(data["per_token_s"]), int(data.get("num_requests", 0)),
+        return cls(float(data["first_token_s"]), float(data["per_token_s"]),
+                   float(data.get("per_row_s", 0.0)), int(data.get("num_requests", 0)),
                    str(data.get("method", "")))
 
 
 @dataclass(frozen=True)
 class ServedStepModel:
-    """A step model plus ``per_token_s`` for a step that samples (a token sent to each of its requests).
-
-    Measured one request at a time, the cost per token is the cost per sampling step; it is added once
-    per step, not per row: a decode worker's extra (its loop, not its rows) made a per-row term put
-    4 × the cost on a batch of 4 — far beyond what served batches show.
-    """
+    """A step model plus the serving work of the tokens a step samples:
+    ``per_token_s`` once and ``per_row_s`` for every row beyond the first."""
 
     inner: StepModel
     per_token_s: float
+    per_row_s: float = 0.0
 
     def step_time_s(self, shape: StepShape) -> float:
         """The engine step's time and the serving work of its tokens."""
-        return self.inner.step_time_s(shape) + (self.per_token_s if shape.num_sampled else 0.0)
+        n = shape.num_sampled
+        return self.inner.step_time_s(shape) + (self.per_token_s + self.per_row_s * (n - 1) if n else 0.0)
 
 
 def apply_serving(step_model: StepModel, overhead: ServingOverhead | None) -> StepModel:
     """The step model a simulated worker uses: with the per-token overhead when one was measured."""
-    if overhead is None or overhead.per_token_s <= 0:
+    if overhead is None or (overhead.per_token_s <= 0 and overhead.per_row_s <= 0):
         return step_model
-    return ServedStepModel(step_model, overhead.per_token_s)
+    return ServedStepModel(step_model, overhead.per_token_s, overhead.per_row_s)
 
 
 def _itl_s(r: RequestRecord) -> float | None:
@@ -115,12 +122,12 @@ def _itl_s(r: RequestRecord) -> float | None:
     return (r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1)
 
 
-def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[RequestRecord],
-                    method: str = "") -> ServingOverhead:
-    """The overhead from the same requests served (``measured``) and simulated without overhead, pairwise."""
+def _gaps(measured: Sequence[RequestRecord], simulated: Sequence[RequestRecord]
+          ) -> tuple[list[float], list[float]]:
+    """(TTFT gaps, mean inter-token gaps), served − simulated, pairwise."""
     if len(measured) != len(simulated):
         raise ValueError(f"{len(measured)} measured records but {len(simulated)} simulated ones")
-    token_gaps, ttft_gaps = [], []
+    ttft_gaps, token_gaps = [], []
     for m, s in zip(measured, simulated, strict=True):
         if m.ttft_s is None or s.ttft_s is None:
             continue
@@ -128,18 +135,36 @@ def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[Reque
         mi, si = _itl_s(m), _itl_s(s)
         if mi is not None and si is not None:
             token_gaps.append(mi - si)
+    return ttft_gaps, token_gaps
+
+
+def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[RequestRecord], method: str = "",
+                    measured_batch: Sequence[RequestRecord] = (),
+                    simulated_batch: Sequence[RequestRecord] = (), batch: int = BATCH) -> ServingOverhead:
+    """The overhead from the same requests served (``measured``: one at a time; ``measured_batch``:
+    ``batch`` sent together) and simulated without overhead (pairwise, in the same order).
+
+    ``per_token_s``: the median inter-token gap alone; ``per_row_s``: what the batch's median gap adds
+    over it, per further row; ``first_token_s``: the median TTFT gap alone, less ``per_token_s``.
+    """
+    ttft_gaps, token_gaps = _gaps(measured, simulated)
     if not ttft_gaps:
         raise ValueError("no request was served: no overhead can be measured")
     per_token = max(statistics.median(token_gaps), 0.0) if token_gaps else 0.0
+    per_row = 0.0
+    _, batch_gaps = _gaps(measured_batch, simulated_batch)
+    if batch_gaps and batch > 1:
+        per_row = max((statistics.median(batch_gaps) - per_token) / (batch - 1), 0.0)
     first = max(statistics.median(ttft_gaps) - per_token, 0.0)
-    return ServingOverhead(first, per_token, len(ttft_gaps), method)
+    return ServingOverhead(first, per_token, per_row, len(ttft_gaps) + len(batch_gaps), method)
 
 
 def simulate_alone(records: Sequence[RequestRecord], pools: tuple[PoolSpec, ...], scheduler: SchedulerConfig,
                    block_size: int, max_model_len: int, vocab_size: int, num_layers: int = 1,
-                   kv_bytes_per_token: int = 0) -> list[RequestRecord]:
-    """The served requests (their usage's lengths) one at a time on ``pools``, no overhead (every
-    request handed off when there is a prefill pool, as ``--disagg-policy always`` does)."""
+                   kv_bytes_per_token: int = 0, together: bool = False) -> list[RequestRecord]:
+    """The served requests (their usage's lengths) one at a time (``together``: all at once) on
+    ``pools``, no overhead (every request handed off when there is a prefill pool, as
+    ``--disagg-policy always`` does)."""
     from pdserve.sim.simulator import SimConfig, SimRequest, Simulator
 
     rng = random.Random(0)
@@ -147,8 +172,8 @@ def simulate_alone(records: Sequence[RequestRecord], pools: tuple[PoolSpec, ...]
     def prompt(n: int) -> tuple[int, ...]:
         return tuple(rng.randrange(3, vocab_size) for _ in range(n))
 
-    requests = [SimRequest(1000.0 * i, prompt(r.num_prompt_tokens), max(r.num_output_tokens, 1))
-                for i, r in enumerate(records)]
+    requests = [SimRequest(0.0 if together else 1000.0 * i, prompt(r.num_prompt_tokens),
+                           max(r.num_output_tokens, 1)) for i, r in enumerate(records)]
     disagg = any(p.role is Role.PREFILL for p in pools)
     config = SimConfig(pools=pools, scheduler=scheduler, block_size=block_size, enable_prefix_caching=False,
                        max_model_len=max_model_len, num_layers=num_layers,
@@ -174,10 +199,11 @@ class ServedModel:
     kv_bytes_per_token: int = 0
 
 
-def serve_one_at_a_time(w: ServedModel, disaggregated: bool) -> list[RequestRecord]:
-    """Requests of :data:`PROMPT_TOKENS` × :data:`OUTPUT_TOKENS`, one at a time, through a real
-    deployment (router + 1 mixed worker, or router + 1 prefill + 1 decode worker with every request
-    handed off) started as ``pdserve serve`` starts one; the ended requests' records."""
+def serve(w: ServedModel, disaggregated: bool) -> tuple[list[RequestRecord], list[RequestRecord]]:
+    """Through a real deployment (router + 1 mixed worker, or router + 1 prefill + 1 decode worker
+    with every request handed off) started as ``pdserve serve`` starts one: requests of
+    :data:`PROMPT_TOKENS` × :data:`OUTPUT_TOKENS` one at a time, then :data:`BATCH` sent together;
+    the ended requests' records of each part."""
     from pdserve.bench.arrivals import ArrivalConfig
     from pdserve.bench.client import ClientConfig
     from pdserve.bench.runner import LoadConfig, run_load
@@ -202,9 +228,15 @@ def serve_one_at_a_time(w: ServedModel, disaggregated: bool) -> list[RequestReco
                               warmup_requests=1, progress=False)
             run = asyncio.run(run_load(client, load, make_workload(workload, counter), None, counter))
             records += [r for r in run.records if not r.warmup and r.error_type is None]
+        workload = WorkloadConfig(kind="synthetic", input_len=str(PROMPT_TOKENS[1]),
+                                  output_len=str(OUTPUT_TOKENS), seed=len(PROMPT_TOKENS))
+        load = LoadConfig(arrivals=ArrivalConfig(rate=math.inf), num_requests=BATCH, max_concurrency=BATCH,
+                          progress=False)
+        run = asyncio.run(run_load(client, load, make_workload(workload, counter), None, counter))
+        batch = [r for r in run.records if r.error_type is None]
     finally:
         launcher.stop()
-    return records
+    return records, batch
 
 
 def measure_serving(w: ServedModel, link: LinkModel | None = None
@@ -214,15 +246,19 @@ def measure_serving(w: ServedModel, link: LinkModel | None = None
     lengths = "/".join(map(str, PROMPT_TOKENS))
     results: list[ServingOverhead] = []
     for disagg in (False, True) if link is not None else (False,):
-        records = serve_one_at_a_time(w, disagg)
+        records, batch = serve(w, disagg)
         pools = ((PoolSpec(Role.PREFILL, 1, w.step_model, w.num_blocks, link=link),
                   PoolSpec(Role.DECODE, 1, w.step_model, w.num_blocks)) if disagg
                  else (PoolSpec(Role.MIXED, 1, w.step_model, w.num_blocks),))
-        simulated = simulate_alone(records, pools, w.scheduler, w.block_size, w.max_model_len, w.vocab_size,
-                                   w.num_layers, w.kv_bytes_per_token)
+        args = (pools, w.scheduler, w.block_size, w.max_model_len, w.vocab_size, w.num_layers,
+                w.kv_bytes_per_token)
+        simulated = simulate_alone(records, *args)
+        simulated_batch = simulate_alone(batch, *args, together=True)
         shape = "1 prefill + 1 decode worker, every request handed off" if disagg else "1 mixed worker"
-        method = (f"{len(records)} requests ({lengths} prompt tokens, {OUTPUT_TOKENS} out) one at a time "
-                  f"through a router + {shape} (× {w.threads} threads) on this machine, minus the same "
-                  f"requests simulated with the fitted step model; medians")
-        results.append(derive_overhead(records, simulated, method))
+        method = (f"{len(records)} requests ({lengths} prompt tokens, {OUTPUT_TOKENS} out) one at a time, "
+                  f"then {len(batch)} together ({PROMPT_TOKENS[1]} prompt tokens), through a router + "
+                  f"{shape} "
+                  f"(× {w.threads} threads) on this machine, minus the same requests simulated with the "
+                  f"fitted step model; medians")
+        results.append(derive_overhead(records, simulated, method, batch, simulated_batch, len(batch)))
     return results[0], results[1] if len(results) > 1 else None

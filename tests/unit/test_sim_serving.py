@@ -71,7 +71,7 @@ def test_an_older_profile_loads_with_warnings_and_no_new_terms(tmp_path: Path) -
 
 
 def test_a_profile_with_serving_overhead_round_trips(tmp_path: Path) -> None:
-    serving = ServingOverhead(0.025, 0.002, 6, "how")
+    serving = ServingOverhead(0.025, 0.002, 0.0005, num_requests=10, method="how")
     profile = Profile(model="tiny", arch={}, machine=machine_identity(1), engine={}, step_model=OLD, fit={},
                       links={}, samples=[], serving=serving)
     path = tmp_path / "p.json"
@@ -79,16 +79,17 @@ def test_a_profile_with_serving_overhead_round_trips(tmp_path: Path) -> None:
     warnings: list[str] = []
     loaded = load_profile(path, "tiny", warn=warnings.append)
     assert loaded.serving == serving and loaded.request_overhead_s == 0.025 and not warnings
-    assert loaded.sim_step_model == ServedStepModel(OLD, 0.002)
+    assert loaded.sim_step_model == ServedStepModel(OLD, 0.002, 0.0005)
 
 
-def test_served_step_model_adds_the_per_token_cost_once_per_sampling_step() -> None:
-    served = apply_serving(OLD, ServingOverhead(0.0, 0.002))
+def test_served_step_model_adds_per_token_once_and_per_row_for_every_further_row() -> None:
+    served = apply_serving(OLD, ServingOverhead(0.0, 0.002, 0.0005))
     assert served.step_time_s(decode(1)) == pytest.approx(OLD.step_time_s(decode(1)) + 0.002)
-    assert served.step_time_s(decode(4)) == pytest.approx(OLD.step_time_s(decode(4)) + 0.002)
+    assert served.step_time_s(decode(4)) == pytest.approx(OLD.step_time_s(decode(4)) + 0.002 + 3 * 0.0005)
     assert served.step_time_s(StepShape(64, 64, 0, 0.0, 0, 0, 0)) == OLD.step_time_s(
         StepShape(64, 64, 0, 0.0, 0, 0, 0))  # a prompt chunk that samples nothing
     assert apply_serving(OLD, None) is OLD and apply_serving(OLD, ServingOverhead(0.01, 0.0)) is OLD
+    assert apply_serving(OLD, ServingOverhead(0.0, 0.0, 0.001)) == ServedStepModel(OLD, 0.0, 0.001)
 
 
 def record(ttft_s: float, itl_s: float, n: int = 11) -> RequestRecord:
@@ -102,7 +103,12 @@ def test_overhead_is_the_median_gap_between_served_and_simulated() -> None:
     got = derive_overhead(measured, simulated)
     assert got.per_token_s == pytest.approx(0.002)
     assert got.first_token_s == pytest.approx(0.03 - 0.002)  # the first token pays per_token too
-    assert got.num_requests == 3
+    assert got.num_requests == 3 and got.per_row_s == 0.0  # no batch served
+    batch_sim = [record(0.4, 0.020)] * 4
+    batch = [record(0.45, 0.020 + 0.002 + 3 * 0.001)] * 4  # each further row of 4 adds 1 ms
+    with_batch = derive_overhead(measured, simulated, "", batch, batch_sim, 4)
+    assert with_batch.per_row_s == pytest.approx(0.001) and with_batch.per_token_s == pytest.approx(0.002)
+    assert with_batch.num_requests == 7
     faster = derive_overhead(simulated, measured)  # served faster than simulated: clamped at 0
     assert faster.first_token_s == 0.0 and faster.per_token_s == 0.0
     with pytest.raises(ValueError, match="measured records"):
@@ -117,16 +123,21 @@ def test_simulated_alone_and_with_overhead_differ_by_exactly_the_overhead() -> N
     served[1].num_prompt_tokens = 150
     alone = simulate_alone(served, (PoolSpec(Role.MIXED, 1, OLD, 256),), sched, 16, 2048, 256)
     assert [r.num_output_tokens for r in alone] == [8, 5]
-    overhead = ServingOverhead(0.02, 0.003)
+    overhead = ServingOverhead(0.02, 0.003, 0.001)
     pools = (PoolSpec(Role.MIXED, 1, apply_serving(OLD, overhead), 256),)
     config = SimConfig(pools=pools, scheduler=sched, enable_prefix_caching=False, max_model_len=2048,
                        hop_s=0.0, request_overhead_s=overhead.first_token_s)
     requests = [SimRequest(1000.0 * i, tuple(range(3, 3 + r.num_prompt_tokens)), r.num_output_tokens)
                 for i, r in enumerate(served)]
     with_overhead = Simulator(config).run(requests).records
+    batch = [record(0.0, 0.0, 6) for _ in range(4)]
+    plain = (PoolSpec(Role.MIXED, 1, OLD, 256),)
+    batch_alone = simulate_alone(batch, plain, sched, 16, 2048, 256, together=True)
+    batch_with = simulate_alone(batch, pools, sched, 16, 2048, 256, together=True)  # (no request overhead)
     # the derivation inverts the simulator: the overhead it finds is the one put in
-    got = derive_overhead(with_overhead, alone)
+    got = derive_overhead(with_overhead, alone, "", batch_with, batch_alone, 4)
     assert got.first_token_s == pytest.approx(0.02) and got.per_token_s == pytest.approx(0.003)
+    assert got.per_row_s == pytest.approx(0.001)
 
 
 def test_profile_engine_options_become_worker_arguments() -> None:
