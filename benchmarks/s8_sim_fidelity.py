@@ -178,7 +178,8 @@ def render_doc(out: dict[str, Any]) -> str:
                      f"{fit['median_abs_rel_error']:.0%}, p90 {fit['p90_abs_rel_error']:.0%} over "
                      f"{fit['num_samples']} step shapes"
                      + (f"; serving overhead {so['first_token_s'] * 1e3:.1f} ms before the first token, "
-                        f"{so['per_token_s'] * 1e3:.2f} ms per token" if so else ""))
+                        f"{so['per_token_s'] * 1e3:.2f} ms per token, "
+                        f"{so.get('per_row_s', 0.0) * 1e3:.2f} ms per further row" if so else ""))
     if not out["cells"]:
         lines += ["", "**The measured half did not run** in this result file "
                   f"(configurations done: {', '.join(out.get('configs_done', [])) or 'none'}): "

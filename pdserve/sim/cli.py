@@ -100,7 +100,8 @@ def run_profile(args: argparse.Namespace) -> int:
     for what, so in (("", serving), (" (hand-offs)", serving_handoff)):
         if so is not None:
             print(f"serving overhead{what}: {so.first_token_s * 1e3:.1f} ms before the first token, "
-                  f"{so.per_token_s * 1e3:.2f} ms per token ({so.num_requests} requests)")
+                  f"{so.per_token_s * 1e3:.2f} ms per token, {so.per_row_s * 1e3:.2f} ms per further row "
+                  f"({so.num_requests} requests)")
     print(f"profile written to {args.output}")
     return 0
 
