@@ -77,7 +77,11 @@ def run_profile(args: argparse.Namespace) -> int:
     serving = serving_handoff = None
     if not args.no_serving:
         say("serving a few requests through a router + worker(s) (serving overhead)")
-        serving, serving_handoff = _measure_serving(args, config, fit.model, threads, links)
+        try:
+            serving, serving_handoff = _measure_serving(args, config, fit.model, threads, links)
+        except Exception as exc:  # optional: the step model and links are still worth writing
+            say(f"warning: serving overhead not measured ({type(exc).__name__}: {exc}); the profile has "
+                f"none (simulated as 0)")
     profile = Profile(
         model=args.model, arch=arch.as_dict(), machine=machine_identity(threads),
         engine={"dtype": config.model.dtype, "block_size": config.cache.block_size,
