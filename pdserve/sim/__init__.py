@@ -5,6 +5,7 @@ Modules: :mod:`~pdserve.sim.step_model` (step times), :mod:`~pdserve.sim.link` (
 :mod:`~pdserve.sim.routing` (the router's placement in simulated time), :mod:`~pdserve.sim.spec`
 (deployments, requests, results),
 :mod:`~pdserve.sim.hardware` and :mod:`~pdserve.sim.roofline` (accelerators and models on
-paper), :mod:`~pdserve.sim.profile` (``pdserve profile``), :mod:`~pdserve.sim.cli`
+paper), :mod:`~pdserve.sim.profile` (``pdserve profile``), :mod:`~pdserve.sim.serving` (what serving costs
+beyond the steps, measured by it), :mod:`~pdserve.sim.cli`
 (``pdserve simulate``) and :mod:`~pdserve.sim.plan` (``pdserve plan``).
 """
