@@ -9,11 +9,16 @@ from dataclasses import replace
 import pytest
 
 from pdserve.block_hash import HASH_SCHEME
+from pdserve.cli import _build_parser
 from pdserve.config import Role
+from pdserve.launch.serve import router_args
 from pdserve.router import cost_model as cm
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.placement import Placer
 from pdserve.router.registry import Registry, WorkerInfo
+from pdserve.sim.simulator import PoolSpec, SimConfig
+from pdserve.sim.step_model import LinearStepModel
+from pdserve.transfer.descriptor import KVDescriptor, KVLayout
 from pdserve.worker import protocol as p
 
 BS = 16
@@ -140,3 +145,25 @@ def test_the_placer_feeds_the_rule_with_its_in_flight_counts() -> None:
     home.num_inflight, second.num_inflight = 1, 3
     stays = placer.place([*doc, 3], 8, prefill, decode)
     assert stays is not None and stays.prefill_id == home.worker_id and stays.num_cached_tokens == 160
+
+
+def test_the_factor_reaches_the_placer_and_survives_registration() -> None:
+    for factor in (None, 2.0):
+        placer = Placer(DispatcherConfig(balance_factor=factor), Registry(), lambda wid, m: None)
+        kv = KVDescriptor("shm", "tcp://127.0.0.1:1", "h", KVLayout(2, 100, BS, 2, 32, "float32"), "seg", "t")
+        m = p.Register("d0", "decode", "tiny", 1, "h", 4096, BS, 100, kv=kv, hash_scheme=HASH_SCHEME,
+                       kv_epoch=7)
+        assert placer.on_register(m) is None
+        assert placer.cost_params.kv_bytes_per_token > 0  # the layout wrote it...
+        assert placer.cost_params.balance_factor == factor  # ...and kept the factor
+    with pytest.raises(ValueError, match="balance_factor"):
+        DispatcherConfig(balance_factor=0.5)
+    pools = (PoolSpec(Role.MIXED, 3, LinearStepModel((2e-3, 1e-4, 0.0, 1e-7, 1e-5)), 110),)
+    assert SimConfig(pools=pools).routing.balance_factor == 1.25  # the router's default
+    assert SimConfig(pools=pools, balance_factor=None).routing.balance_factor is None
+    parser, _ = _build_parser()
+    out = router_args(parser.parse_args(["serve", "--balance-factor", "1.5"]))
+    assert out[out.index("--balance-factor") + 1] == "1.5"  # serve hands it to its router
+    assert parser.parse_args(["router", "--balance-factor", "0"]).balance_factor == 0  # off
+    with pytest.raises(SystemExit):
+        parser.parse_args(["router", "--balance-factor", "0.5"])
