@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,10 +15,12 @@ from pdserve.config import Role
 from pdserve.launch.serve import router_args
 from pdserve.router import cost_model as cm
 from pdserve.router.dispatch_config import DispatcherConfig
+from pdserve.router.metrics import _routing_metrics
 from pdserve.router.placement import Placer
 from pdserve.router.registry import Registry, WorkerInfo
 from pdserve.sim.simulator import PoolSpec, SimConfig
 from pdserve.sim.step_model import LinearStepModel
+from pdserve.status import _routing_line
 from pdserve.transfer.descriptor import KVDescriptor, KVLayout
 from pdserve.worker import protocol as p
 
@@ -140,6 +143,10 @@ def test_the_placer_feeds_the_rule_with_its_in_flight_counts() -> None:
     moved = placer.place([*doc, 2], 8, prefill, decode)
     assert moved is not None and moved.prefill_id != home.worker_id and moved.balanced
     assert placer.summary()["balanced"] == 1
+    # visible: /metrics and pdserve status's routing line
+    families = {f.name: f for f in _routing_metrics(SimpleNamespace(placer=placer, registry=registry))}  # type: ignore[arg-type]
+    assert families["pdserve_placements_balanced"].samples[0].value == 1
+    assert "moved by the load bound 1" in _routing_line(placer.summary())
     second = registry.get(moved.prefill_id or "")
     assert second is not None  # a second home now (its speculative entry): loaded, it spills back
     home.num_inflight, second.num_inflight = 1, 3
