@@ -92,6 +92,10 @@ class ProcessHandle(Protocol):
         """Where it runs."""
         ...
 
+
+class WaitableHandle(ProcessHandle, Protocol):
+    """A handle whose process can be waited for (real processes; not the simulator's)."""
+
     def wait(self, timeout_s: float) -> int | None:
         """Wait up to ``timeout_s`` for it to end: its exit code, or None if it still runs."""
         ...
@@ -120,7 +124,7 @@ class Backend(Protocol):
         ...
 
 
-def stop_all(handles: Sequence[ProcessHandle], grace_s: float, kill_wait_s: float = 10.0) -> None:
+def stop_all(handles: Sequence[WaitableHandle], grace_s: float, kill_wait_s: float = 10.0) -> None:
     """Stop every handle: SIGTERM all (the last started first), SIGKILL what outlives ``grace_s``.
 
     Started order puts the router first, so workers get their SIGTERM before it

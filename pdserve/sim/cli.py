@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.config import Role, SchedulerConfig
+from pdserve.engine.engine import cap_to_kv_capacity
 from pdserve.errors import ConfigError, PDServeError
 from pdserve.modelspec.arch import ArchConfig
 from pdserve.router.dispatch_config import DISAGG_POLICIES, ROUTING_POLICIES
@@ -193,6 +194,9 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
         pools = tuple(paper_pool(role, n, models[role], args.block_size, links.get(role), args.num_blocks)
                       for role, n in counts.items())
     max_model_len = min(args.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+    # as the workers do (and the router, from their registrations): no longer than the smallest cache
+    max_model_len = cap_to_kv_capacity(max_model_len, args.max_model_len is not None,
+                                       min(pool.num_blocks for pool in pools), args.block_size)
     config = SimConfig(pools=pools, scheduler=sched, block_size=args.block_size,
                        enable_prefix_caching=not args.no_prefix_caching, max_model_len=max_model_len,
                        num_layers=arch.num_layers, kv_bytes_per_token=kv_bytes, policy=args.policy,
