@@ -106,9 +106,16 @@ def routed_counts(metrics_text: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def balance(key: str, routed: dict[str, dict[str, float]], decisions: dict[str, int]) -> dict[str, Any]:
-    """Requests per worker of the pool that computes the prompts, and max/mean over it."""
-    pool = routed.get("mixed", {}) if key.startswith("agg") else dict(routed.get("prefill", {}))
+def balance(key: str, routed: dict[str, dict[str, float]], decisions: dict[str, int],
+            workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Requests per worker of the pool that computes the prompts, and max/mean over it.
+
+    A worker of the pool that got no request counts as 0 (the router's metric
+    has no sample for it).
+    """
+    role = "mixed" if key.startswith("agg") else "prefill"
+    pool = {w["worker_id"]: 0.0 for w in workers if w.get("role") == role}
+    pool.update(routed.get(role, {}))
     num_local = sum(v for k, v in decisions.items() if k.startswith("local") or k == "forced_local")
     counts = list(pool.values())
     mean = sum(counts) / len(counts) if counts else math.nan
@@ -150,7 +157,7 @@ def report(key: str, out: dict[str, Any], ideal: int) -> dict[str, Any]:
         "ttft_ms": {"p50": s.ttft_ms.get("p50"), "p99": s.ttft_ms.get("p99"), "mean": s.ttft_ms.get("mean")},
         "prompt_tokens": s.num_prompt_tokens, "cached_tokens": s.num_cached_tokens,
         "ideal_cached_tokens": ideal, "cached_vs_ideal": ratio(s.num_cached_tokens, ideal),
-        "balance": balance(key, out["routed"], decisions),
+        "balance": balance(key, out["routed"], decisions, workers["workers"]),
         "kv_bytes_per_request": ratio(workers["recovery"]["kv_bytes"], s.num_ok),
         "router_cpu_ms_per_request": ratio(1e3 * out["router_cpu_s"], s.num_requests),
         "placements": decisions,
