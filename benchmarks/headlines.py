@@ -172,10 +172,13 @@ def s6(d: dict[str, Any]) -> list[Headline]:
     """KV-aware routing: cache reuse vs the ideal, TTFT against round robin, balance; each kv_aware run."""
     figures = []
     comparisons = d.get("comparisons", {})
-    for key, r in d.get("results", {}).items():
-        if not key.endswith("kv_aware"):
+    w = d.get("workload", {})
+    load = (f" [{w.get('num_prefixes')} prefixes × {w.get('prefix_len')} tokens, "
+            f"{w.get('kv_cache_mib_per_worker', 256)} MiB KV/worker]")
+    for name, r in d.get("results", {}).items():
+        if not name.endswith("kv_aware"):
             continue
-        mode = key.split("-")[0]
+        mode, key = name.split("-")[0], name + load
         cached = r.get("cached_vs_ideal")
         figures.append((f"{key}: prompt tokens from cache / ideal", number(cached, ".0%"), "≥ 90%",
                         verdict(None if cached is None else cached >= 0.9)))
@@ -316,6 +319,7 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s4_kv_transfer.json": s4,
     "s5_router_overhead.json": s5,
     "s6_kv_routing.json": s6,
+    "s6_kv_routing_pressure.json": s6,
     "s7_planner.json": s7,
     "s8_sim_fidelity.json": s8,
     "s9_elasticity.json": s9,

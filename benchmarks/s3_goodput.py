@@ -99,6 +99,7 @@ from typing import Any, TypeAlias
 import httpx
 from common import RESULTS_DIR, Setup, machine_info, ratio, write_json
 from cpu_meter import CpuMeter
+from merge_runs import earlier_configs, provenance
 from s3_report import (
     PLANNER_NOTE,
     goodput_rate,
@@ -371,6 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--merge", type=Path, default=None, metavar="EARLIER.json",
+                   help="take the configurations not in --configs from this earlier run (same workload, "
+                        "rates, requests and seed; give its SLO with --slo); each row keeps its commit")
     args = p.parse_args(argv)
     for name, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -427,7 +431,13 @@ def main(argv: list[str] | None = None) -> None:
             "skipped_rates": o.skipped_rates,
             "slo_sensitivity": sensitivity(o.runs, slo, args.attainment_target),
             "valid": not o.problems, "problems": o.problems, "workers": o.workers,
+            "measured_in": provenance(machine),
         }
+    if args.merge:
+        same = ("workload", "input_len", "output_len", "rates", "num_requests", "warmup_requests", "seed",
+                "chunk_size", "attainment_target")
+        results = {**earlier_configs(args.merge, vars(args), slo_info, same, set(results)), **results}
+        args.configs = [k for k in ("agg", "agg2", "disagg", "planner") if k in results]
     print_table(results, slo, args.attainment_target)
     goodput = {key: res["goodput_rate_per_s"] for key, res in results.items()}
     # None where a goodput is below the sweep's lowest rate

@@ -109,6 +109,22 @@ def _add_trace_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-itl-ms", type=float, default=None, help="ITL objective the dashboard draws")
 
 
+def _balance_factor(text: str) -> float:
+    value = float(text)
+    if value != 0 and not value >= 1:
+        raise argparse.ArgumentTypeError(f"{text}: use a factor >= 1, or 0 for no bound")
+    return value
+
+
+def add_balance_arg(parser: argparse.ArgumentParser) -> None:
+    """``--balance-factor``: the router's bounded-loads rule (docs/routing.md)."""
+    parser.add_argument(
+        "--balance-factor", type=_balance_factor, default=1.25,
+        help="kv_aware: a worker with more than this x its pool's mean in-flight requests (+1) "
+        "does not take a request for its cache alone (0: no bound)",
+    )
+
+
 def _router(args: argparse.Namespace) -> int:
     from pdserve.router.dispatch_config import DispatcherConfig
     from pdserve.router.server import RouterConfig, run_router
@@ -117,6 +133,7 @@ def _router(args: argparse.Namespace) -> int:
         policy=args.policy,
         disagg_policy=args.disagg_policy,
         kv_block_size=args.kv_block_size,
+        balance_factor=args.balance_factor or None,
         lease_s=args.lease,
         kv_timeout_s=args.kv_timeout,
         prefill_timeout_s=args.prefill_timeout,
@@ -236,6 +253,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         choices=["auto", "always", "never"],
         help="prefill on a prefill worker: per request by cost (auto), always, or never (decode worker)",
     )
+    add_balance_arg(serve)
     serve.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument(
@@ -283,6 +301,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         default=None,
         help="block size of the cache index; workers with another are refused (default: the first worker's)",
     )
+    add_balance_arg(router)
     router.add_argument("--max-model-len", type=int, default=None)
     router.add_argument("--lease", type=float, default=30.0, help="heartbeat lease of workers, seconds")
     router.add_argument("--kv-timeout", type=float, default=10.0, help="first token → KV at decode, s")

@@ -142,6 +142,7 @@ def _routing_line(routing: dict | None) -> str:
         f"routing: {routing.get('policy')}, disagg {routing.get('disagg_policy')}; index "
         f"{routing.get('index_blocks', 0)} blocks (+{routing.get('speculative_blocks', 0)} speculative), "
         f"resyncs {routing.get('resyncs', 0)}; placements: {decisions}"
+        + (f"; moved by the load bound {routing['balanced']}" if routing.get("balanced") else "")
     )
 
 

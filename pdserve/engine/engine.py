@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pdserve.config import EngineConfig, Role
+from pdserve.config import ConfigError, EngineConfig, Role
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -69,6 +69,27 @@ def resolve_max_model_len(config: EngineConfig, arch: ArchConfig) -> int:
     return wanted
 
 
+def cap_to_kv_capacity(max_model_len: int, explicit: bool, num_blocks: int, block_size: int) -> int:
+    """The context limit, no longer than the KV cache holds.
+
+    A request longer than the whole cache would wait for blocks forever, and
+    hold up every request queued behind it. An explicit ``--max-model-len``
+    the cache cannot hold is a configuration error; the model's own limit is
+    lowered to the cache's capacity, with a warning.
+    """
+    capacity = num_blocks * block_size
+    if max_model_len <= capacity:
+        return max_model_len
+    if explicit:
+        raise ConfigError(
+            f"max_model_len={max_model_len} does not fit the KV cache: it holds {capacity} tokens "
+            f"({num_blocks} blocks of {block_size}); give the cache more memory or lower max_model_len"
+        )
+    logger.warning("the KV cache holds %d tokens (%d blocks of %d): max_model_len lowered from %d to %d",
+                   capacity, num_blocks, block_size, max_model_len, capacity)
+    return capacity
+
+
 class LLMEngine:
     """Single-process engine for one role (mixed, prefill or decode).
 
@@ -102,6 +123,8 @@ class LLMEngine:
         if config.model.quantization != "none" and model is None:
             calibration = self.tokenizer.encode(CALIBRATION_TEXT)
         self.runner = ModelRunner(config.model, config.cache, self.arch, kv_allocator, model, calibration)
+        self.max_model_len = cap_to_kv_capacity(self.max_model_len, config.model.max_model_len is not None,
+                                                self.runner.num_blocks, config.cache.block_size)
         self.block_manager = BlockManager(
             self.runner.num_blocks,
             config.cache.block_size,

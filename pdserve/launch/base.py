@@ -25,8 +25,13 @@ Contract:
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,14 @@ class ProcessHandle(Protocol):
         ...
 
 
+class WaitableHandle(ProcessHandle, Protocol):
+    """A handle whose process can be waited for (real processes; not the simulator's)."""
+
+    def wait(self, timeout_s: float) -> int | None:
+        """Wait up to ``timeout_s`` for it to end: its exit code, or None if it still runs."""
+        ...
+
+
 class RouterHandle(ProcessHandle, Protocol):
     """A started router, with the addresses it bound."""
 
@@ -109,3 +122,21 @@ class Backend(Protocol):
     def close(self) -> None:
         """Stop everything still running and free what the backend holds."""
         ...
+
+
+def stop_all(handles: Sequence[WaitableHandle], grace_s: float, kill_wait_s: float = 10.0) -> None:
+    """Stop every handle: SIGTERM all (the last started first), SIGKILL what outlives ``grace_s``.
+
+    Started order puts the router first, so workers get their SIGTERM before it
+    and drain while it still routes. ``poll()`` at the end lets a handle free
+    what its process left behind.
+    """
+    for handle in reversed(handles):
+        handle.terminate()
+    deadline = time.monotonic() + grace_s
+    for handle in handles:
+        if handle.wait(max(deadline - time.monotonic(), 0.1)) is None:
+            logger.warning("%s did not stop in %.0f s; killing it", handle.name, grace_s)
+            handle.kill()
+            handle.wait(kill_wait_s)
+        handle.poll()

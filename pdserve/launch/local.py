@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from pdserve.launch.base import Placement, WorkerSpec
+from pdserve.launch.base import Placement, WorkerSpec, stop_all
 
 logger = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness poll is not news
@@ -392,15 +392,7 @@ class LocalBackend:
 
     def close(self, grace_s: float = 10.0) -> None:
         """SIGTERM every child still running (workers first), SIGKILL what outlives ``grace_s``."""
-        for child in reversed(self._children):
-            child.terminate()
-        deadline = time.monotonic() + grace_s
-        for child in self._children:
-            if child.wait(max(deadline - time.monotonic(), 0.1)) is None:
-                logger.warning("%s did not stop in %.0f s; killing it", child.name, grace_s)
-                child.kill()
-                child.wait(10.0)
-            child.poll()  # unlink what it left behind
+        stop_all(self._children, grace_s)  # poll() unlinks what each left behind
         self._children = []
         self._rundir.cleanup()
 

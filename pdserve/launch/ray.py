@@ -50,7 +50,7 @@ import time
 from typing import Any
 
 from pdserve.errors import ConfigError, PDServeError
-from pdserve.launch.base import Placement, WorkerSpec
+from pdserve.launch.base import Placement, WorkerSpec, stop_all
 from pdserve.launch.ray_resources import actor_options, check_feasible
 
 try:
@@ -356,14 +356,7 @@ class RayBackend:
 
     def close(self, grace_s: float = 20.0) -> None:
         """SIGTERM every process (workers first), kill the actors of what outlives ``grace_s``."""
-        for process in reversed(self._processes):
-            process.terminate()
-        deadline = time.monotonic() + grace_s
-        for process in self._processes:
-            if process.wait(deadline - time.monotonic()) is None:
-                logger.warning("%s did not stop in %.0f s; killing its actor", process.name, grace_s)
-                process.kill()
-                process.wait(5.0)
+        stop_all(self._processes, grace_s, kill_wait_s=5.0)  # kill() ends the actor
         self._processes = []
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()

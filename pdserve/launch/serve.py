@@ -28,6 +28,8 @@ def router_args(args: argparse.Namespace) -> list[str]:
            "--disagg-policy", args.disagg_policy, "--startup-wait", str(args.startup_wait)]
     if args.max_model_len:
         out += ["--max-model-len", str(args.max_model_len)]
+    if (factor := getattr(args, "balance_factor", None)) is not None:
+        out += ["--balance-factor", f"{factor:g}"]
     if getattr(args, "served_model_name", None):
         out += ["--served-model-name", args.served_model_name]
     if args.trace_responses:

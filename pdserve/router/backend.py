@@ -83,7 +83,11 @@ class Backend(Protocol):
     """What the HTTP front end needs from the serving side."""
 
     model_name: str
-    max_model_len: int
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + output a request may have, in tokens."""
+        ...
 
     def is_ready(self) -> bool:
         """True when a request sent now can be served (workers registered and up)."""

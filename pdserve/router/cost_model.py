@@ -22,6 +22,12 @@ planner and the simulator call the same code:
   of the prompt with its own running streams, and a decode candidate (P→M)
   charged like a decode worker. P = D is never a pair (that is the local
   option), nor mixed → mixed (see :func:`plan`).
+* Bounded loads (:func:`over_bound`): a candidate whose in-flight requests
+  would exceed ``balance_factor`` × its pool's mean (plus ``balance_slack``)
+  is left out of the search for this request, so cache affinity cannot pile
+  a popular prefix's users onto the worker that holds it: the request goes
+  to the best candidate within the bound, which computes the prefix and
+  becomes a second home for it.
 * :func:`plan` searches the candidates, keeps the lowest cost, and breaks
   near-ties (within ``tie_rel``/``tie_abs_s``) by the power of two random
   choices, so a burst of equal requests does not herd onto one worker.
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DISAGG_POLICIES = ("auto", "always", "never")
 
@@ -66,6 +72,8 @@ class WorkerSnapshot:
         link_bytes_per_s: measured KV link rate into it (decode side; None: not measured).
         kv_handoff: a mixed worker that can be either side of a KV hand-off (it has a KV sender and
             receiver); False keeps it to local placements. Prefill and decode workers ignore it.
+        num_inflight: requests the router dispatched to it and has not seen end (its load for the
+            bounded-loads rule: the router's own count, current at once, unlike heartbeats).
     """
 
     worker_id: str
@@ -79,6 +87,7 @@ class WorkerSnapshot:
     decode_batch: float = 1.0
     link_bytes_per_s: float | None = None
     kv_handoff: bool = True
+    num_inflight: int = 0
 
     @property
     def sends_kv(self) -> bool:
@@ -109,6 +118,11 @@ class CostParams:
         num_outputs_cap: output tokens counted in the decode term (max_tokens, capped).
         pressure_knee: KV usage above which the decode term grows steeply (preemptions).
         tie_rel, tie_abs_s: costs within ``max(tie_abs_s, tie_rel · best)`` of the best are ties.
+        balance_factor: the bounded-loads factor c: a candidate whose in-flight requests, this one
+            included, would exceed c × its pool's mean (this request counted) + ``balance_slack``
+            is not a candidate for this request (see :func:`over_bound`). None: no bound.
+        balance_slack: requests a worker may take beyond c × the mean, so a lightly loaded pool
+            keeps its cache affinity (with 1, an idle pool is never bounded).
     """
 
     prefill_rate_tps: float = 2000.0
@@ -121,10 +135,16 @@ class CostParams:
     pressure_knee: float = 0.85
     tie_rel: float = 0.05
     tie_abs_s: float = 0.002
+    balance_factor: float | None = 1.25
+    balance_slack: float = 1.0
 
     def __post_init__(self) -> None:
         if self.prefill_rate_tps <= 0 or self.decode_step_s <= 0 or self.link_bytes_per_s <= 0:
             raise ValueError("prefill_rate_tps, decode_step_s and link_bytes_per_s must be > 0")
+        if self.balance_factor is not None and self.balance_factor < 1:
+            raise ValueError(f"balance_factor={self.balance_factor} must be >= 1 (None: no bound)")
+        if self.balance_slack < 0:
+            raise ValueError(f"balance_slack={self.balance_slack} must be >= 0")
         if not 0 < self.pressure_knee < 1:
             raise ValueError(f"pressure_knee={self.pressure_knee} must be in (0, 1)")
 
@@ -140,6 +160,7 @@ class Placement:
     ttft_s: float  # the predicted time to first token part of the cost
     num_cached_tokens: int  # prompt tokens the computing worker holds (predicted from the index)
     num_moved_tokens: int  # tokens whose KV moves P → D (0 when local)
+    balanced: bool = False  # the bound left out a candidate that held more of the prompt cached
 
 
 # -- the terms ------------------------------------------------------------------------------------
@@ -173,6 +194,24 @@ def interference_s(w: WorkerSnapshot, num_uncached_tokens: int, params: CostPara
 
 
 # -- the search -----------------------------------------------------------------------------------
+
+
+def over_bound(pool: Sequence[WorkerSnapshot], params: CostParams) -> frozenset[str]:
+    """Workers of ``pool`` that may not take this request under the bounded-loads rule.
+
+    A worker is over the bound when its in-flight requests, this one added,
+    would exceed ``balance_factor`` × the pool's mean in-flight requests (this
+    one counted) + ``balance_slack``. With a slack of at least 1 − 1/n the
+    least loaded worker of a pool of n is always within it; if none is, no
+    one is left out. A pool of one, and ``balance_factor`` None, are never bounded.
+    """
+    c = params.balance_factor
+    if c is None or len(pool) < 2:
+        return frozenset()
+    bound = c * (sum(w.num_inflight for w in pool) + 1) / len(pool) + params.balance_slack
+    over = frozenset(w.worker_id for w in pool if w.num_inflight + 1 > bound)
+    return over if len(over) < len(pool) else frozenset()
+
 
 
 def pick_lowest(
@@ -210,6 +249,11 @@ def plan(
     mixed workers), which may also compute the prompt themselves.
     ``cached_blocks``: leading blocks of the prompt each worker holds (from the
     cache index). None when there is no candidate at all.
+
+    Candidates over their pool's load bound (:func:`over_bound`, the prefill
+    side over ``prefill``, the local side over ``local``) are left out; the
+    decode side of a hand-off is not bounded (its cost already grows with its
+    batch).
     """
     if disagg_policy not in DISAGG_POLICIES:
         raise ValueError(f"disagg_policy={disagg_policy!r}: use one of {', '.join(DISAGG_POLICIES)}")
@@ -222,14 +266,19 @@ def plan(
     options: list[tuple[float, Placement]] = []
     senders = [w for w in prefill if w.sends_kv]
     decoders = [w for w in local if w.receives_kv]
-    if senders and decoders and disagg_policy != "never":
+    over = over_bound(senders, params)
+    within = [w for w in senders if w.worker_id not in over]
+    over_local = over_bound(local, params)
+    held = 0  # the most of the prompt a candidate left out by the bound holds
+    if within and decoders and disagg_policy != "never":
+        held = max((cached(w) for w in senders if w.worker_id in over), default=0)
         reason = REMOTE if disagg_policy == "auto" else FORCED_REMOTE
         # A mixed worker hands prompts to, or takes them from, dedicated prefill and decode
         # workers only: mixed workers passing KV to each other could fill each other's caches
         # with reservations that wait on each other's prefills (a cycle no block frees), and
         # a pool of mixed workers alone is what users run as an aggregated deployment.
         itl = {d.worker_id: itl_s(d, params) for d in decoders}
-        for p in senders:
+        for p in within:
             uncached_p = num_tokens - cached(p)
             ttft_p = prefill_s(p, uncached_p, params)
             # A mixed worker's own streams stall while it computes the prompt for another.
@@ -246,7 +295,10 @@ def plan(
                     (cost, Placement(p.worker_id, d.worker_id, reason, cost, ttft, cached(p), moved))
                 )
     if not options or disagg_policy == "auto":
+        held = max([held, *(cached(w) for w in local if w.worker_id in over_local)])
         for w in local:
+            if w.worker_id in over_local:
+                continue
             uncached = num_tokens - cached(w)
             ttft = prefill_s(w, uncached, params) + interference_s(w, uncached, params)
             cost = ttft + outputs * itl_s(w, params)
@@ -258,6 +310,8 @@ def plan(
     chosen = options[pick_lowest([(c, i) for i, (c, _) in enumerate(options)], params, rng, scale_s)][1]
     if chosen.prefill_id is None and chosen.reason == LOCAL_SHORT:
         chosen = _explain_local(chosen, num_tokens, senders, params)
+    if held > chosen.num_cached_tokens:
+        chosen = replace(chosen, balanced=True)
     return chosen
 
 

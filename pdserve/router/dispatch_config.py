@@ -22,6 +22,9 @@ class DispatcherConfig:
             decode worker).
         kv_block_size: block size the cache index hashes prompts with; workers with
             another one are refused (None: the first worker registered sets it).
+        balance_factor: the cost model's bounded-loads factor: a worker whose in-flight requests
+            would exceed this × its pool's mean (+ 1) does not take the request, whatever it
+            has cached (None: no bound; see docs/routing.md).
         speculative_ttl_s: how long the router assumes a worker holds a prompt it
             just sent there, before the worker's events confirm it.
         lease_s: a worker whose heartbeats stop for this long is removed. Its
@@ -44,6 +47,7 @@ class DispatcherConfig:
     policy: str = "kv_aware"
     disagg_policy: str = "auto"
     kv_block_size: int | None = None
+    balance_factor: float | None = 1.25
     speculative_ttl_s: float = 5.0
     lease_s: float = 30.0
     probe_interval_s: float = 0.25
@@ -60,6 +64,8 @@ class DispatcherConfig:
             raise ValueError(f"policy={self.policy!r}: use one of {', '.join(ROUTING_POLICIES)}")
         if self.disagg_policy not in DISAGG_POLICIES:
             raise ValueError(f"disagg_policy={self.disagg_policy!r}: use one of {', '.join(DISAGG_POLICIES)}")
+        if self.balance_factor is not None and self.balance_factor < 1:
+            raise ValueError(f"balance_factor={self.balance_factor} must be >= 1 (None: no bound)")
         if self.kv_failure_policy not in KV_FAILURE_POLICIES:
             raise ValueError(
                 f"kv_failure_policy={self.kv_failure_policy!r}: use one of {', '.join(KV_FAILURE_POLICIES)}"

@@ -50,7 +50,7 @@ class Dispatcher:
     def __init__(self, config: DispatcherConfig, model_name: str, max_model_len: int) -> None:
         self.config = config
         self.model_name = model_name
-        self.max_model_len = max_model_len
+        self._max_model_len = max_model_len
         self.registry = Registry(config.lease_s)
         self.counters = DispatchCounters()
         self.metrics = RouterMetrics()
@@ -83,6 +83,11 @@ class Dispatcher:
     def is_ready(self) -> bool:
         """True when a prefill+decode pair or a mixed worker is registered."""
         return self.registry.ready
+
+    @property
+    def max_model_len(self) -> int:
+        """The context limit: the router's, or less where a registered worker's KV cache holds less."""
+        return min([self._max_model_len, *(w.max_model_len for w in self.registry.all())])
 
     @property
     def num_inflight(self) -> int:

@@ -134,6 +134,11 @@ def _routing_metrics(d: Dispatcher) -> Iterator[Metric]:
     for reason, count in sorted(placer.decisions.items()):
         decisions.add_metric([reason], count)
     yield decisions
+    yield CounterMetricFamily(
+        "pdserve_placements_balanced",
+        "Placements the load bound moved off a worker holding more of the prompt (--balance-factor)",
+        value=placer.num_balanced,
+    )
     yield GaugeMetricFamily(
         "pdserve_kv_index_blocks", "Confirmed (worker, block) entries", value=placer.index.size
     )

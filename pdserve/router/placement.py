@@ -30,7 +30,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdserve.config import Role
 from pdserve.router import cost_model as cm
@@ -90,12 +90,13 @@ class Placer:
         self.index = KVIndex(
             block_size=config.kv_block_size, speculative_ttl_s=config.speculative_ttl_s, clock=clock
         )
-        self.cost_params = cm.CostParams()
+        self.cost_params = cm.CostParams(balance_factor=config.balance_factor)
         self.kv_aware = config.policy == KV_AWARE
         if not self.kv_aware:
             self.prefill_policy: RoutingPolicy = make_policy(config.policy)
             self.decode_policy: RoutingPolicy = make_policy(config.policy)
         self.decisions: Counter[str] = Counter()
+        self.num_balanced = 0  # placements the load bound moved off a worker holding more of the prompt
 
     # -- placement ------------------------------------------------------------------------
 
@@ -131,6 +132,7 @@ class Placer:
         if placement is None:
             return None
         self.decisions[placement.reason] += 1
+        self.num_balanced += placement.balanced
         for wid in (placement.prefill_id, placement.decode_id):
             if wid is not None:
                 self.index.add_speculative(wid, hashes)
@@ -186,6 +188,7 @@ class Placer:
             decode_batch=perf.decode_batch if measured else peers.decode_batch,
             link_bytes_per_s=perf.link_bytes_per_s,
             kv_handoff=w.kv is not None,
+            num_inflight=w.num_inflight,
         )
 
     # -- KV messages ---------------------------------------------------------------------------
@@ -202,7 +205,7 @@ class Placer:
             per_token = (
                 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * ITEMSIZES[layout.dtype]
             )
-            self.cost_params = cm.CostParams(kv_bytes_per_token=per_token)
+            self.cost_params = replace(self.cost_params, kv_bytes_per_token=per_token)
         if m.prefix_caching:
             self.index.add_worker(m.worker_id, m.block_size, m.kv_epoch)
             self.send(m.worker_id, p.KVSnapshotRequest())
@@ -245,6 +248,8 @@ class Placer:
             "speculative_blocks": self.index.num_speculative,
             "resyncs": self.index.num_resyncs,
             "decisions": dict(self.decisions),
+            "balance_factor": self.cost_params.balance_factor,
+            "balanced": self.num_balanced,
         }
 
     def worker_view(self, w: WorkerInfo) -> WorkerCacheView:

@@ -53,7 +53,7 @@ class StartupGate:
     @property
     def must_wait(self) -> bool:
         """True at start-up, and while a reshape has left no complete serving path."""
-        return not self.open or (not self._is_ready() and self.is_changing())
+        return not self.open or (self.is_changing() and not self._is_ready())  # steady state: one check
 
     async def wait(self) -> None:
         """Return once a request can be placed (or no reshape is under way any more); raise a 503

@@ -17,10 +17,12 @@ import json
 import logging
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pdserve.config import Role, SchedulerConfig
+from pdserve.engine.engine import cap_to_kv_capacity
 from pdserve.errors import ConfigError, PDServeError
 from pdserve.modelspec.arch import ArchConfig
 from pdserve.router.dispatch_config import DISAGG_POLICIES, ROUTING_POLICIES
@@ -146,7 +148,7 @@ def _measure_serving(args: argparse.Namespace, config: Any, step_model: Any, thr
 
 def add_deployment_args(p: argparse.ArgumentParser) -> None:
     """``pdserve serve``'s deployment options and where step times come from."""
-    from pdserve.cli import add_engine_args
+    from pdserve.cli import add_balance_arg, add_engine_args
 
     d = p.add_argument_group("deployment (as pdserve serve)")
     d.add_argument("--mode", default="disaggregated", choices=["disaggregated", "aggregated"])
@@ -158,6 +160,7 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--disagg-policy", default="auto", choices=list(DISAGG_POLICIES),
                    help="prefill on a prefill worker: per request by cost (auto), always, "
                    "or never (decode worker)")
+    add_balance_arg(d)  # type: ignore[arg-type]
     d.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="profile link to use")
     d.add_argument("--threads-per-worker", type=int, default=None,
                    help="threads of each simulated worker (checked against the profile's)")
@@ -243,6 +246,9 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
         pools = tuple(paper_pool(role, n, models[role], args.block_size, links.get(role), args.num_blocks)
                       for role, n in counts.items())
     max_model_len = min(args.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+    # as the workers do (and the router, from their registrations): no longer than the smallest cache
+    max_model_len = cap_to_kv_capacity(max_model_len, args.max_model_len is not None,
+                                       min(pool.num_blocks for pool in pools), args.block_size)
     overhead_s = 1e-3 if args.request_overhead_ms is None else args.request_overhead_ms / 1e3
     handoff_s = 0.0
     if args.request_overhead_ms is None and measured_overhead_s is not None:
@@ -251,8 +257,8 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
     config = SimConfig(pools=pools, scheduler=sched, block_size=args.block_size,
                        enable_prefix_caching=not args.no_prefix_caching, max_model_len=max_model_len,
                        num_layers=arch.num_layers, kv_bytes_per_token=kv_bytes, policy=args.policy,
-                       disagg_policy=args.disagg_policy, hop_s=args.hop_ms / 1e3,
-                       request_overhead_s=overhead_s, handoff_overhead_s=handoff_s,
+                       disagg_policy=args.disagg_policy, balance_factor=args.balance_factor or None,
+                       hop_s=args.hop_ms / 1e3, request_overhead_s=overhead_s, handoff_overhead_s=handoff_s,
                        seed=getattr(args, "seed", 0))
     return config, arch
 
@@ -262,14 +268,15 @@ def routing_summary(config: SimConfig, rate: float, sim: SimResult) -> dict[str,
     return {"rate": rate, "policy": config.policy, "disagg_policy": config.disagg_policy,
             "decisions": sim.decisions, "kv_bytes": sim.kv_bytes,
             "num_remote": sum(r.prefill_id is not None for r in sim.routes),
-            "num_local": sum(r.prefill_id is None for r in sim.routes)}
+            "num_local": sum(r.prefill_id is None for r in sim.routes),
+            "computed_by": dict(sorted(Counter(r.prefill_id or r.decode_id for r in sim.routes).items()))}
 
 
 def format_routing(summary: dict[str, Any]) -> str:
     """One line: policies, placements by reason, KV moved."""
     decisions = ", ".join(f"{k} {v}" for k, v in summary["decisions"].items()) or "none"
     return (f"routing ({summary['policy']}, disagg {summary['disagg_policy']}): {decisions}; "
-            f"KV moved {summary['kv_bytes'] / 1e6:.1f} MB")
+            f"KV moved {summary['kv_bytes'] / 1e6:.1f} MB; prompts computed by {summary['computed_by']}")
 
 
 def run_simulate(args: argparse.Namespace) -> int:

@@ -54,7 +54,8 @@ class SimConfig:
     """A deployment to simulate: pools of mixed, prefill and decode workers (one pool per role).
 
     ``policy`` and ``disagg_policy`` are the router's ``--policy`` and
-    ``--disagg-policy``; ``seed`` seeds the router's tie-breaking.
+    ``--disagg-policy``, ``balance_factor`` its ``--balance-factor`` (None: no
+    bound); ``seed`` seeds the router's tie-breaking.
     """
 
     pools: tuple[PoolSpec, ...]
@@ -66,6 +67,7 @@ class SimConfig:
     kv_bytes_per_token: int = 0
     policy: str = "kv_aware"
     disagg_policy: str = "auto"
+    balance_factor: float | None = 1.25
     hop_s: float = 0.0002
     request_overhead_s: float = 0.001
     handoff_overhead_s: float = 0.0  # a hand-off's extra cost before its first token (pdserve.sim.serving)
@@ -88,7 +90,7 @@ class SimConfig:
     def routing(self) -> DispatcherConfig:
         """The router's settings for this deployment."""
         return DispatcherConfig(policy=self.policy, disagg_policy=self.disagg_policy,
-                                kv_block_size=self.block_size)
+                                kv_block_size=self.block_size, balance_factor=self.balance_factor)
 
     @property
     def disaggregated(self) -> bool:

@@ -2,6 +2,7 @@
 for three requests at a time defers the other reservations, the prefill worker computes no prompt
 before its home is reserved (the gate), every request still completes with the offline engine's
 greedy tokens, and the throttling is counted in the workers' load, ``/metrics`` and ``pdserve status``.
+A prompt longer than a worker's whole KV cache is refused with a 400, not queued forever.
 """
 
 from __future__ import annotations
@@ -86,6 +87,16 @@ def test_full_decode_worker_throttles_prefill_and_nothing_is_lost(tmp_path: Path
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert "pdserve_kv_reservations_deferred_total{" in metrics
         assert "pdserve_prefill_gate_waits_total{" in metrics
+        # A prompt longer than a worker's whole cache (24 × 16 = 384 tokens) could never get its
+        # blocks: the router refuses it at once (it used to wait forever, holding up the queue).
+        card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+        assert card["max_model_len"] == 24 * 16
+        too_long = httpx.post(f"{url}/v1/completions", timeout=30, json={
+            "model": "tiny", "prompt": [1, *(k % 200 + 3 for k in range(400))], "max_tokens": 4})
+        assert too_long.status_code == 400, too_long.text
+        assert too_long.json()["error"]["code"] == "context_length_exceeded"
+        assert complete(0) == expected[0]  # and the deployment serves on
+
         status = subprocess.run([*pdserve_cmd(), "status", "--url", url, "--once"], capture_output=True,
                                 text=True, timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin"})
         assert status.returncode == 0, status.stderr

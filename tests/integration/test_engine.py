@@ -141,3 +141,16 @@ def test_preset_weights_are_deterministic() -> None:
     b = load_model("tiny", arch, torch.float32, torch.device("cpu"), seed=3)
     pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     assert all(torch.equal(x, y) for x, y in pairs)
+
+
+def test_context_limit_is_what_the_kv_cache_holds() -> None:
+    """A prompt longer than the whole cache is refused at once; it used to wait for blocks forever."""
+    small = LLM("tiny", block_size=16, kv_cache_bytes=1 << 20)
+    capacity = small.engine.runner.num_blocks * 16
+    assert small.engine.max_model_len == capacity < 4096  # the model allows 4096
+    with pytest.raises(InvalidRequestError, match=f"max_model_len is {capacity}"):
+        small.generate([[5] * (capacity + 40)], SamplingParams(max_tokens=4))
+    out = small.generate([[5] * (capacity - 8)], SamplingParams(max_tokens=50, ignore_eos=True))
+    assert out[0].finish_reason == "length" and len(out[0].token_ids) == 8  # stops at the cache's end
+    with pytest.raises(ConfigError, match="does not fit the KV cache"):
+        LLM("tiny", block_size=16, kv_cache_bytes=1 << 20, max_model_len=capacity + 16)

@@ -68,6 +68,7 @@ def test_simulate_takes_the_router_options_and_reports_decisions(tmp_path: Path,
     routing = out["routing"][0]
     assert routing["policy"] == "kv_aware" and routing["disagg_policy"] == "auto"  # pdserve serve's defaults
     assert sum(routing["decisions"].values()) == 60 == routing["num_local"] + routing["num_remote"]
+    assert sum(routing["computed_by"].values()) == 60  # prompts computed, per worker
     assert "routing (kv_aware, disagg auto): " in capsys.readouterr().out
     out = run_json(tmp_path, "--policy", "round_robin", "--disagg-policy", "always", name="always.json")
     routing = out["routing"][0]
