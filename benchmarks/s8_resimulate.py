@@ -1,0 +1,95 @@
+"""S8 re-simulated: a finished S8 run's measured cells against the current simulator, serving nothing.
+
+1. Read an S8 result file (``benchmarks/results/s8_sim_fidelity.json``: TTFT and
+   TPOT per configuration and rate, measured and simulated) and the two
+   profiles that run took (``s8_profile_{1,2}thread.json``).
+2. Refit each profile's step model in the current form on that profile's own
+   step samples (the engine timed alone, nothing served); keep its serving
+   overhead if it has one.
+3. Simulate the same seeded requests as S8 does (its own functions) and put
+   the new simulated percentiles beside the measured ones and the run's
+   simulated ones.
+
+Nothing is fitted to the measured cells; they are only compared with. It shows
+what a simulator change does to the last run's errors before a new run
+(which needs a quiet machine for about 15 minutes) measures it again.
+
+Usage::
+
+    python benchmarks/s8_resimulate.py [--results benchmarks/results/s8_sim_fidelity.json]
+
+Writes ``benchmarks/results/s8_resimulated.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import s3_goodput as s3
+import s8_sim_fidelity as s8
+from common import RESULTS_DIR, machine_info, ratio, write_json
+
+from pdserve.bench.metrics import SLO
+from pdserve.sim.profile import Profile, load_profile
+from pdserve.sim.step_model import StepShape, fit_linear
+
+METRICS = ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")
+
+
+def refit(profile: Profile) -> tuple[Profile, dict[str, Any]]:
+    """The profile with its step model refitted on its own samples in the current form."""
+    shapes = [StepShape(**s["shape"]) for s in profile.samples]
+    fit = fit_linear(shapes, [float(s["time_s"]) for s in profile.samples])
+    info = {"coefficients_s": fit.model.to_json(), "num_samples": fit.num_samples,
+            "median_abs_rel_error": fit.median_abs_rel_error, "p90_abs_rel_error": fit.p90_abs_rel_error,
+            "serving_overhead": profile.serving.to_json() if profile.serving else None}
+    return replace(profile, step_model=fit.model), info
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--results", type=Path, default=s8.RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "s8_resimulated.json")
+    args = p.parse_args(argv)
+    run = json.loads(args.results.read_text())
+    profiles: dict[int, Profile] = {}
+    fits: dict[str, Any] = {}
+    for threads in (1, 2):
+        path = args.results.parent / f"s8_profile_{threads}thread.json"
+        profiles[threads], fits[f"{threads}_thread"] = refit(load_profile(path, s8.MODEL, threads))
+    settings = run["settings"]
+    s8_args = s8.parse_args(["--num-requests", str(settings["num_requests"]),
+                             "--warmup-requests", str(settings["warmup_requests"])])
+    bench = s3.Bench.from_args(s8_args.s3)
+    cells = []
+    for cell in run["cells"]:
+        sim = s8.simulate(cell["config"], profiles, s8_args, bench.workload, cell["rate_per_s"], SLO())
+        row: dict[str, Any] = {"config": cell["config"], "rate_per_s": cell["rate_per_s"]}
+        for metric in METRICS:
+            name, stat = metric.rsplit("_", 1)
+            measured, before = cell[metric]["measured"], cell[metric]["simulated"]
+            now = float(getattr(sim.summary, name)[stat])
+            limit = s8.TARGETS[stat]
+            row[metric] = {"measured": measured, "simulated_in_run": before, "simulated_now": now,
+                           "error_in_run": ratio(before, measured) - 1, "error_now": ratio(now, measured) - 1,
+                           "pass_now": abs(ratio(now, measured) - 1) <= limit}
+        cells.append(row)
+        print(f"{row['config']} {row['rate_per_s']:g}/s: " + "  ".join(
+            f"{m} {r['measured']:.0f}: {r['simulated_in_run']:.0f} ({r['error_in_run']:+.0%}) → "
+            f"{r['simulated_now']:.0f} ({r['error_now']:+.0%})" for m, r in ((m, row[m]) for m in METRICS)),
+            flush=True)
+    passed = {m: f"{sum(c[m]['pass_now'] for c in cells)}/{len(cells)}" for m in METRICS}
+    print("within target now (p50 ±15%, p90 ±25%): " + ", ".join(f"{m} {v}" for m, v in passed.items()))
+    write_json(args.out, {"scenario": "S8 re-simulated", "machine": machine_info(),
+                          "source": {"results": str(args.results), "date": run["machine"]["date"],
+                                     "commit": run["machine"]["git"]["commit"]},
+                          "refits": fits, "cells": cells, "passed_now": passed})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
