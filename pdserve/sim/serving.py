@@ -15,8 +15,10 @@ otherwise idle machine, through the bench's HTTP client. The same requests
 one worker with the fitted step model and no overhead. Then
 (:func:`derive_overhead`):
 
-- ``per_token_s`` = median over requests of (measured − simulated) mean
-  inter-token time: the cost of one sampled token beyond its step;
+- ``per_token_s`` = median over requests of (measured − simulated) typical
+  inter-token time (the median gap between streamed tokens, so that a step
+  stretched by another request's prompt does not count): the cost of one
+  sampled token beyond its step;
 - ``first_token_s`` = median of (measured − simulated) TTFT, less
   ``per_token_s`` (the first token pays that too): the cost before the first
   token;
@@ -56,7 +58,7 @@ from pdserve.sim.spec import PoolSpec
 from pdserve.sim.step_model import StepModel, StepShape
 
 #: Requests served to measure the overhead (after one warm-up), and their lengths.
-NUM_REQUESTS = 6
+NUM_REQUESTS = 9
 PROMPT_TOKENS = (48, 160, 400)
 OUTPUT_TOKENS = 24
 #: Then this many requests of 160 prompt tokens sent together: they decode as one batch.
@@ -117,6 +119,13 @@ def apply_serving(step_model: StepModel, overhead: ServingOverhead | None) -> St
 
 
 def _itl_s(r: RequestRecord) -> float | None:
+    """The request's typical time between tokens: the median gap between its streamed chunks (per token),
+    so that one long step (another request's prompt computed meanwhile) does not count; the mean
+    when the chunks were not recorded."""
+    if len(r.chunk_s) >= 2 and len(r.chunk_tokens) == len(r.chunk_s):
+        times, tokens = r.chunk_s, r.chunk_tokens
+        gaps = [(b - a) / max(n, 1) for a, b, n in zip(times, times[1:], tokens[1:], strict=False)]
+        return statistics.median(gaps)
     if r.ttft_s is None or r.e2e_s is None or r.num_output_tokens < 2:
         return None
     return (r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1)

@@ -97,6 +97,15 @@ def record(ttft_s: float, itl_s: float, n: int = 11) -> RequestRecord:
                          num_prompt_tokens=50)
 
 
+def test_the_typical_gap_between_tokens_ignores_one_long_step() -> None:
+    steady = RequestRecord(index=0, ttft_s=0.1, e2e_s=0.19, num_output_tokens=4,
+                           chunk_s=[0.1, 0.12, 0.14, 0.19], chunk_tokens=[1, 1, 1, 1])
+    simulated = RequestRecord(index=0, ttft_s=0.1, e2e_s=0.13, num_output_tokens=4,
+                              chunk_s=[0.1, 0.11, 0.12, 0.13], chunk_tokens=[1, 1, 1, 1])
+    got = derive_overhead([steady], [simulated])
+    assert got.per_token_s == pytest.approx(0.01)  # gaps 20, 20, 50 ms vs 10 ms: the median, not the mean
+
+
 def test_overhead_is_the_median_gap_between_served_and_simulated() -> None:
     simulated = [record(0.10, 0.015), record(0.20, 0.016), record(0.30, 0.017)]
     measured = [record(0.13, 0.017), record(0.23, 0.018), record(0.50, 0.030)]  # one outlier
