@@ -184,6 +184,7 @@ def _inputs(sig: Signals, speeds: Speeds, cfg: PlannerConfig) -> dict[str, Any]:
         "prompt_p90": sorted(lengths)[int(0.9 * (len(lengths) - 1))] if lengths else 0,
         "output_mean": mean(outputs),
         "prefill_tps": round(speeds.prefill_tps, 1),
+        "prefill_per_pair_s": speeds.prefill_per_pair_s,
         "step_s": round(speeds.step_s, 6),
         "per_seq_s": round(speeds.per_seq_s, 6),
         "measured_ttft_p90_s": ttft90,

@@ -25,11 +25,14 @@ is the steady state a shape would settle in, from queueing:
 * **Stalls** (with a gap SLO, ``max_gap_s``). A mixed worker runs a prompt in
   chunks of ``chunk_tokens`` inside the decode steps of the streams beside it;
   a chunk of a long prompt can take longer than the gap SLO by itself (late
-  chunks most: attention grows with the position). The window's prefill
-  times are fitted as ``t(L) = a·L + k·L²`` (per token, and per pair of
-  tokens: attention); a prompt of ``L`` tokens is *stalling* when its last
-  chunk step, ``a·C + k·C·(2L − C)`` (``C = min(chunk, L)``) plus a decode
-  step, passes the gap SLO.
+  chunks most: attention grows with the position). The attention term ``k``
+  is fitted on the window's prefill times (``t(L)/L = a + k·L``); a prompt of
+  ``L`` tokens is *stalling* when its last chunk step, ``a'·C + k·C·(2L − C)``
+  (``C = min(chunk, L)``; ``a' = 1/r − k·E[L]``: the measured prefill rate
+  ``r`` less its average attention share), plus the decode tokens batched
+  with it, passes the gap SLO. (The fit's own ``a`` is not used: a prompt's
+  measured prefill time includes the other prompts batched into its steps,
+  which inflates it on a busy worker.)
   A stream on a worker receiving stalling prompts at ``λs`` per second, that
   decodes for ``D = E[O]·itl`` seconds, meets one with probability
   ``1 − exp(−λs (D + T))`` (``T``: a stalling prompt's prefill time); that
@@ -72,7 +75,6 @@ class Speeds:
         measured: False when these are the defaults.
         prefill_per_pair_s: the attention term ``k`` of a prompt's prefill time
             ``t(L) = a·L + k·L²`` (0 when not measured).
-        prefill_per_token_s: ``a`` of that fit (0: ``1/prefill_tps``).
     """
 
     prefill_tps: float = DEFAULT_PREFILL_TPS
@@ -81,7 +83,6 @@ class Speeds:
     overhead_s: float = 0.0
     measured: bool = False
     prefill_per_pair_s: float = 0.0
-    prefill_per_token_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,11 @@ def measure_speeds(sig: Signals, previous: Speeds | None = None) -> Speeds:
     overhead = sorted(overheads)[len(overheads) // 2] if overheads else base.overhead_s
     step, per_seq = _fit_decode(sig) or (base.step_s, base.per_seq_s)
     measured = base.measured or bool(rates) or sig.prefill_rate_tps is not None
-    per_token, per_pair = _fit_prefill(sig) or (base.prefill_per_token_s, base.prefill_per_pair_s)
-    return Speeds(prefill, step, per_seq, overhead, measured, per_pair, per_token)
+    # A window whose short prompts were batched with long ones can fit no slope (k = 0); a pair's
+    # cost does not change with the load, so the last slope measured stands until a new one is.
+    fit = _fit_prefill(sig)
+    per_pair = fit[1] if fit is not None and fit[1] > 0 else base.prefill_per_pair_s
+    return Speeds(prefill, step, per_seq, overhead, measured, per_pair)
 
 
 def _fit_prefill(sig: Signals) -> tuple[float, float] | None:
@@ -204,20 +208,21 @@ def stall_share(
     speeds: Speeds,
     gap_s: float,
     chunk_tokens: int,
-    step_s: float,
+    decode_part_s: float,
     decode_s: float,
 ) -> float:
     """Share of a mixed worker's streams stalled past ``gap_s`` by a prompt chunk (module docstring):
-    ``lam`` requests/s reach the worker, ``lengths`` sample their prompts, a decode step takes
-    ``step_s`` and a stream decodes for ``decode_s`` seconds."""
-    per_token = speeds.prefill_per_token_s or 1.0 / max(speeds.prefill_tps, 1e-9)
-    k = speeds.prefill_per_pair_s
+    ``lam`` requests/s reach the worker, ``lengths`` sample their prompts, the decode tokens batched
+    with a chunk add ``decode_part_s`` to its step and a stream decodes for ``decode_s`` seconds."""
     if lam <= 0 or not lengths:
         return 0.0
+    k = speeds.prefill_per_pair_s
+    rate = max(speeds.prefill_tps, 1e-9)
+    per_token = max(1.0 / rate - k * sum(lengths) / len(lengths), 0.25 / rate)
     stalling = []
     for n in lengths:
         c = min(chunk_tokens, n)
-        if per_token * c + k * c * (2 * n - c) + step_s > gap_s:
+        if per_token * c + k * c * (2 * n - c) + decode_part_s > gap_s:
             stalling.append(per_token * n + k * n * n)
     if not stalling:
         return 0.0
@@ -260,8 +265,15 @@ def predict(
         itl, rho_d = _itl(tokens_per_s, n, speeds, stretch, kv) if math.isfinite(stretch) else (math.inf, 1.0)
         transfer = 0.0
         stalled = (
-            stall_share(lam / n, lengths, speeds, max_gap_s * (1 - margin), chunk_tokens,
-                        speeds.step_s, itl * sum(outputs) / len(outputs))
+            stall_share(
+                lam / n,
+                lengths,
+                speeds,
+                max_gap_s * (1 - margin),
+                chunk_tokens,
+                speeds.per_seq_s * max(tokens_per_s / n * itl, 1.0),
+                itl * sum(outputs) / len(outputs),
+            )
             if max_gap_s is not None and math.isfinite(itl)
             else 0.0
         )
