@@ -54,7 +54,7 @@ def test_each_request_is_judged_against_its_own_ttft_and_its_longest_gap() -> No
 
 def test_the_rule() -> None:
     classic = s7.slo_rule(0.1, 0.0167, None, 1536, 200, "classic")
-    assert (classic.ttft_ms, classic.tpot_ms, classic.ttft_per_token_ms, classic.gap_ms) == (1000.0, 50.1, 0, None)
+    assert classic == s7.ServiceSLO(1000.0, 50.1, 0.0, None)
     surge = s7.slo_rule(0.1, 0.0167, 0.868, 1536, 200, "surge")
     assert surge.ttft_per_token_ms == round(3 * 0.768 / 1336 * 1e3, 4) and surge.gap_ms == 250.5
     assert s7.ServiceSLO.parse("ttft_ms=1,tpot_ms=2,gap_ms=3") == s7.ServiceSLO(1, 2, 0.0, 3)
