@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from test_planner import NOW, WINDOW, trace, view
@@ -11,7 +14,7 @@ from test_planner import NOW, WINDOW, trace, view
 from pdserve.planner import options
 from pdserve.planner import planner as pl
 from pdserve.planner.predict import Speeds, stall_share
-from pdserve.planner.signals import Shape, Signals, parse
+from pdserve.planner.signals import RequestSample, Shape, Signals, WorkerSignal, parse
 
 CHAT = (200, 100)  # prompt, output tokens
 DOCUMENT = (1536, 96)
@@ -134,3 +137,41 @@ def test_a_window_without_a_slope_keeps_the_last_one_measured() -> None:
     measured = pl.measure_speeds(surge(Shape(mixed=2), chat_rate=0.5, doc_rate=0.3))
     flat = surge(Shape(mixed=2), chat_rate=0.0, doc_rate=0.0)
     assert pl.measure_speeds(flat, measured).prefill_per_pair_s == measured.prefill_per_pair_s > 0
+
+
+def recorded(at: str) -> tuple[Signals, pl.PlannerState, pl.PlannerConfig]:
+    """A decision's inputs recorded from the simulated S7 surge run (tests/unit/data)."""
+    data = json.loads((Path(__file__).parent / "data" / "s7_planner_snapshots.json").read_text())
+    snap = data["snapshots"][at]
+    s = dict(snap["signals"])
+    sig = Signals(
+        **{
+            **s,
+            "requests": tuple(RequestSample(**r) for r in s["requests"]),
+            "inflight": tuple(RequestSample(**r) for r in s["inflight"]),
+            "workers": tuple(WorkerSignal(**w) for w in s["workers"]),
+            "targets": Shape(**s["targets"]),
+            "actual": Shape(**s["actual"]),
+            "starting": tuple(s["starting"]),
+            "failed": tuple(s["failed"]),
+        }
+    )
+    state = pl.PlannerState(speeds=Speeds(**snap["previous_speeds"]) if snap["previous_speeds"] else None)
+    state.arrivals.extend(snap["arrivals"])
+    return sig, state, pl.PlannerConfig(**snap["config"])
+
+
+def test_recorded_surge_moves_to_disaggregation_only_with_the_gap_term() -> None:
+    sig, state, config = recorded("210.0")
+    assert config.max_gap_s == pytest.approx(0.2506) and config.ttft_per_token_s == pytest.approx(0.00172)
+    d = pl.decide(sig, state, config)
+    assert d.action == pl.RESHAPE and d.target == Shape(prefill=1, decode=1), d.reason
+    sig, state, config = recorded("210.0")
+    d = pl.decide(sig, state, replace(config, max_gap_s=None))
+    assert d.target == Shape(mixed=2), d.reason
+
+
+def test_recorded_chat_stays_aggregated_under_the_gap_term() -> None:
+    sig, state, config = recorded("100.0")
+    d = pl.decide(sig, state, config)
+    assert d.target == Shape(mixed=2), d.reason
