@@ -53,7 +53,7 @@ from s7_load import ServiceSLO, add_load_args, phase_names, phases, resolve_load
 
 from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.client import ClientConfig
-from pdserve.bench.metrics import RequestRecord
+from pdserve.bench.metrics import RequestRecord, percentile
 from pdserve.bench.plots import have_matplotlib
 from pdserve.bench.runner import LoadConfig, RunResult, run_load
 from pdserve.bench.workload import WorkloadConfig, make_counter, make_workload
@@ -204,11 +204,8 @@ async def phase(url: str, index: int, slo: ServiceSLO, args: argparse.Namespace)
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:
-    """The ``q`` quantile (nearest rank) in ms; None when empty."""
-    if not values:
-        return None
-    xs = sorted(values)
-    return round(xs[min(int(q * len(xs)), len(xs) - 1)] * 1e3, 2)
+    """The ``q`` quantile in ms as the bench's summary computes it (linear); None when empty."""
+    return round(percentile(values, 100 * q) * 1e3, 2) if values else None
 
 
 def recovery_s(records: list[RequestRecord], slo: ServiceSLO, bin_s: float) -> float | None:
