@@ -9,14 +9,20 @@ HTTP by ``pdserve bench``'s load generator in this process:
   disagg:  1 prefill + 1 decode worker × 1 thread;
   planner: ``--planner slo --max-cores 2`` (one-thread workers), started as agg2.
 
-Workload (the same seeded requests for every configuration): ``chat`` →
-``summarization`` (long prompts) → ``chat``, Poisson arrivals at
-``--chat-rate`` / ``--summary-rate`` for ``--phase-s`` seconds each.
+Workload (the same seeded requests for every configuration), ``--load``
+(s7_load.py): ``classic`` (S7's first run): ``chat`` → ``summarization``
+(long prompts) → ``chat``, Poisson arrivals at ``--chat-rate`` /
+``--summary-rate`` for ``--phase-s`` seconds each; ``surge``: ``chat`` →
+chat at ``--surge-chat-rate`` plus long documents at ``--summary-rate`` →
+``chat``, with a length-aware TTFT and a stall (longest gap) term in the SLO,
+and ``--disagg-policy always`` for the shapes with a prefill pool.
 
-SLO: ``--slo`` or, by default, S3's derivation measured now on agg (best of
-``--calibration-requests`` typical chat requests one at a time: TTFT × 10,
-TPOT × 3). The planner gets the same SLO (its ITL is a request's mean gap:
-the TPOT).
+SLO: ``--slo`` or, by default, measured now on agg (best of
+``--calibration-requests`` single requests one at a time): S3's derivation
+(typical chat request: TTFT × 10, TPOT × 3); ``surge`` adds 3 × the measured
+prefill time per prompt token (from one long prompt) and a longest gap of
+15 × the TPOT (s7_load.slo_rule). The planner gets the same SLO (its ITL is
+a request's mean gap: the TPOT; ``--ttft-per-token-ms``, ``--max-gap-ms``).
 
 Per configuration and phase: SLO attainment, goodput (requests within the
 SLO per second of the phase), the planner's actions (all, and after the
@@ -37,16 +43,17 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from common import RESULTS_DIR, machine_info, write_json
+from s7_load import ServiceSLO, add_load_args, phase_names, phases, resolve_load_args, slo_rule
 
 from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.client import ClientConfig
-from pdserve.bench.metrics import SLO, RequestRecord
+from pdserve.bench.metrics import RequestRecord, percentile
 from pdserve.bench.plots import have_matplotlib
 from pdserve.bench.runner import LoadConfig, RunResult, run_load
 from pdserve.bench.workload import WorkloadConfig, make_counter, make_workload
@@ -72,10 +79,14 @@ CONFIGS: dict[str, list[str]] = {
         "2",
     ],
 }
-PHASES = ("chat", "summarization", "chat")
+#: A long prompt of the calibration (``surge``): the summarization preset's median.
+LONG_PROMPT = 1536
+CHAT_PROMPT = 200
 
 
-def start(config: str, slo: SLO, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start(
+    config: str, slo: ServiceSLO, args: argparse.Namespace, log: Path
+) -> tuple[subprocess.Popen[bytes], str]:
     """``pdserve serve`` for ``config``; returns once ``/v1/models`` answers 200."""
     port = free_port()
     cmd = [
@@ -93,6 +104,12 @@ def start(config: str, slo: SLO, args: argparse.Namespace, log: Path) -> tuple[s
     ]
     if config == "planner":
         cmd += ["--ttft-ms", str(slo.ttft_ms), "--itl-ms", str(slo.tpot_ms), "--interval", str(args.interval)]
+        if slo.ttft_per_token_ms:
+            cmd += ["--ttft-per-token-ms", str(slo.ttft_per_token_ms)]
+        if slo.gap_ms is not None:
+            cmd += ["--max-gap-ms", str(slo.gap_ms)]
+    if args.disagg_policy and config in ("disagg", "planner"):
+        cmd += ["--disagg-policy", args.disagg_policy]
     cmd += ["--worker-args", *WORKER]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -126,9 +143,11 @@ def client(url: str, args: argparse.Namespace) -> ClientConfig:
     )
 
 
-async def calibrate(url: str, args: argparse.Namespace) -> SLO:
-    """S3's derivation on agg now: typical chat request (200 in, 100 out), one at a time."""
-    typical = WorkloadConfig(kind="synthetic", input_len="200", output_len="100", seed=args.seed + 1)
+async def single(url: str, args: argparse.Namespace, input_len: int, output_len: int) -> tuple[float, float]:
+    """Best TTFT and TPOT (s) of ``--calibration-requests`` requests of these lengths, one at a time."""
+    typical = WorkloadConfig(
+        kind="synthetic", input_len=str(input_len), output_len=str(output_len), seed=args.seed + 1
+    )
     load = LoadConfig(
         arrivals=ArrivalConfig(rate=math.inf),
         num_requests=args.calibration_requests,
@@ -141,23 +160,55 @@ async def calibrate(url: str, args: argparse.Namespace) -> SLO:
     recs = [r for r in run.records if r.ok and not r.warmup]
     ttft = min(r.ttft_s for r in recs if r.ttft_s is not None)
     tpot = min(t for r in recs if (t := r.tpot_s) is not None and t > 0)
-    return SLO(ttft_ms=round(10 * ttft * 1e3, 1), tpot_ms=round(3 * tpot * 1e3, 2))
+    return ttft, tpot
 
 
-async def phase(
-    url: str, kind: str, rate: float, index: int, slo: SLO, args: argparse.Namespace
-) -> RunResult:
-    counter = make_counter(args.model)
-    workload = WorkloadConfig(kind=kind, seed=args.seed + index)
-    load = LoadConfig(
-        arrivals=ArrivalConfig(rate=rate, kind="poisson", seed=args.seed + index),
-        duration_s=args.phase_s,
-        progress=False,
-    )
-    return await run_load(client(url, args), load, make_workload(replace(workload), counter), slo, counter)
+async def calibrate(url: str, args: argparse.Namespace) -> ServiceSLO:
+    """The SLO rule (s7_load.slo_rule) on agg now: a typical chat request (200 in, 100 out), and for
+    ``surge`` a long prompt (1,536 in, 16 out), each one at a time."""
+    ttft, tpot = await single(url, args, CHAT_PROMPT, 100)
+    long_ttft = (await single(url, args, LONG_PROMPT, 16))[0] if args.load == "surge" else None
+    return slo_rule(ttft, tpot, long_ttft, LONG_PROMPT, CHAT_PROMPT, args.load)
 
 
-def recovery_s(records: list[RequestRecord], slo: SLO, bin_s: float) -> float | None:
+@dataclass
+class PhaseRun:
+    """One phase's streams run together: their records (the good ones by the service SLO)."""
+
+    records: list[RequestRecord]
+    slo: ServiceSLO
+
+    @property
+    def num_good(self) -> int:
+        """Requests within every term of the SLO."""
+        return sum(self.slo.met(r) for r in self.records)
+
+
+async def phase(url: str, index: int, slo: ServiceSLO, args: argparse.Namespace) -> PhaseRun:
+    """Phase ``index``: its streams at once (stream ``j`` seeded ``seed + index + 100 j``)."""
+
+    async def stream(j: int, kind: str, rate: float) -> RunResult:
+        counter = make_counter(args.model)
+        seed = args.seed + index + 100 * j
+        workload = WorkloadConfig(kind=kind, seed=seed)
+        load = LoadConfig(
+            arrivals=ArrivalConfig(rate=rate, kind="poisson", seed=seed),
+            duration_s=args.phase_s,
+            progress=False,
+        )
+        return await run_load(client(url, args), load, make_workload(workload, counter), slo.flat(), counter)
+
+    runs = await asyncio.gather(*(stream(j, k, r) for j, (k, r) in enumerate(phases(args)[index])))
+    records = sorted((r for run in runs for r in run.records), key=lambda r: r.scheduled_s)
+    return PhaseRun(records, slo)
+
+
+def percentile_ms(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile in ms as the bench's summary computes it (linear); None when empty."""
+    return round(percentile(values, 100 * q) * 1e3, 2) if values else None
+
+
+def recovery_s(records: list[RequestRecord], slo: ServiceSLO, bin_s: float) -> float | None:
     """Seconds from the phase start to the end of the first bin (by arrival) with attainment ≥ 90%."""
     bins: dict[int, list[bool]] = {}
     for r in records:
@@ -169,21 +220,29 @@ def recovery_s(records: list[RequestRecord], slo: SLO, bin_s: float) -> float | 
 
 
 def phase_report(
-    run: RunResult, slo: SLO, t0: float, t1: float, history: list[dict[str, Any]], args: argparse.Namespace
+    run: PhaseRun,
+    slo: ServiceSLO,
+    t0: float,
+    t1: float,
+    history: list[dict[str, Any]],
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
-    s = run.summary
+    recs = run.records
+    ok = [r for r in recs if r.ok]
+    good = run.num_good
     acts = [
         d for d in history if t0 <= d.get("at_unix_s", 0) < t1 and d.get("action") not in ("hold", "wait")
     ]
     settled = [d for d in acts if d["at_unix_s"] >= (t0 + t1) / 2]
     return {
-        "num_requests": s.num_requests,
-        "num_failed": s.num_failed,
-        "num_good": s.num_good,
-        "attainment": round(s.attainment, 4),
-        "goodput_req_s": round(s.num_good / args.phase_s, 4),
-        "ttft_p90_ms": s.ttft_ms.get("p90"),
-        "tpot_p90_ms": s.tpot_ms.get("p90"),
+        "num_requests": len(recs),
+        "num_failed": len(recs) - len(ok),
+        "num_good": good,
+        "attainment": round(good / len(recs), 4) if recs else 0.0,
+        "goodput_req_s": round(good / args.phase_s, 4),
+        "ttft_p90_ms": percentile_ms([r.ttft_s for r in ok if r.ttft_s is not None], 0.9),
+        "tpot_p90_ms": percentile_ms([t for r in ok if (t := r.tpot_s) is not None], 0.9),
+        "max_gap_p90_ms": percentile_ms([max(r.itls_s) for r in ok if r.itls_s], 0.9),
         "recovery_s": recovery_s(run.records, slo, args.bin_s),
         "planner_actions": [f"{d['action']}->{d.get('shape')}" for d in acts],
         "planner_actions_after_settling": len(settled),
@@ -191,30 +250,33 @@ def phase_report(
     }
 
 
-async def run_config(config: str, slo: SLO | None, args: argparse.Namespace) -> tuple[SLO, dict[str, Any]]:
+async def run_config(
+    config: str, slo: ServiceSLO | None, args: argparse.Namespace
+) -> tuple[ServiceSLO, dict[str, Any]]:
     log = Path(args.log_dir) / f"s7_{config}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc, url = start(config, slo or SLO(ttft_ms=1000, tpot_ms=100), args, log)
+    proc, url = start(config, slo or ServiceSLO(ttft_ms=1000, tpot_ms=100), args, log)
     try:
         if slo is None:
             slo = await calibrate(url, args)
-            print(f"SLO (measured on {config}): TTFT {slo.ttft_ms} ms, TPOT {slo.tpot_ms} ms", flush=True)
+            print(f"SLO (measured on {config}): {slo.as_dict()}", flush=True)
         runs, spans = [], []
-        for i, kind in enumerate(PHASES):
-            rate = args.summary_rate if kind == "summarization" else args.chat_rate
+        for i in range(len(phases(args))):
             t0 = time.time()
-            runs.append(await phase(url, kind, rate, i, slo, args))
+            runs.append(await phase(url, i, slo, args))
             spans.append((t0, time.time()))
         view = httpx.get(f"{url}/pdserve/planner", params={"limit": 500}, timeout=10).json()
         history = view.get("history", [])
-        phases = [phase_report(r, slo, a, b, history, args) for r, (a, b) in zip(runs, spans, strict=True)]
-        good = sum(r.summary.num_good for r in runs)
-        total = sum(r.summary.num_requests for r in runs)
+        phases_out = [
+            phase_report(r, slo, a, b, history, args) for r, (a, b) in zip(runs, spans, strict=True)
+        ]
+        good = sum(r.num_good for r in runs)
+        total = sum(len(r.records) for r in runs)
         report = {
-            "phases": phases,
+            "phases": phases_out,
             "attainment": round(good / total, 4) if total else None,
-            "goodput_req_s": round(good / (args.phase_s * len(PHASES)), 4),
-            "num_failed": sum(r.summary.num_failed for r in runs),
+            "goodput_req_s": round(good / (args.phase_s * len(runs)), 4),
+            "num_failed": sum(p["num_failed"] for p in phases_out),
             "planner_history": [
                 {k: d.get(k) for k in ("at_unix_s", "action", "shape", "reason", "over_capacity")}
                 for d in history
@@ -234,10 +296,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="agg,agg2,disagg,planner")
     p.add_argument("--model", default=MODEL, help="bench-50m (S7); tiny: a try of the script on a busy host")
-    p.add_argument("--phase-s", type=float, default=180.0, help="seconds per phase")
-    p.add_argument("--chat-rate", type=float, default=1.0, help="req/s in the chat phases")
-    p.add_argument("--summary-rate", type=float, default=0.25, help="req/s in the summarization phase")
-    p.add_argument("--slo", default=None, help="ttft_ms=...,tpot_ms=... (default: measured on agg now)")
+    add_load_args(p)
+    p.add_argument(
+        "--slo",
+        default=None,
+        help="ttft_ms=..,tpot_ms=..[,ttft_per_token_ms=..][,gap_ms=..] (default: measured on agg now)",
+    )
+    p.add_argument(
+        "--disagg-policy",
+        default=None,
+        choices=["auto", "always", "never"],
+        help="for disagg and the planner (default: serve's auto for classic, always for surge: a decode "
+        "worker that prefills stalls its streams)",
+    )
     p.add_argument("--calibration-requests", type=int, default=3)
     p.add_argument("--interval", type=float, default=10.0, help="the planner's --interval")
     p.add_argument("--bin-s", type=float, default=15.0, help="bin of the recovery time")
@@ -246,13 +317,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-dir", default="/tmp/pdserve-s7")
     p.add_argument("--plots", default=None, help="write the planner's pool plot here")
     p.add_argument("--output", default=str(RESULTS))
-    return p.parse_args(argv)
+    args = resolve_load_args(p.parse_args(argv))
+    if args.disagg_policy is None and args.load == "surge":
+        args.disagg_policy = "always"
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
-    slo = SLO.parse(args.slo) if args.slo else None
+    slo = ServiceSLO.parse(args.slo) if args.slo else None
     configs: dict[str, Any] = {}
     for config in args.configs.split(","):
         print(f"== {config}", flush=True)
@@ -268,8 +342,10 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "machine": machine_info(),
         "settings": {k: v for k, v in vars(args).items()},
-        "slo": {"ttft_ms": slo.ttft_ms if slo else None, "tpot_ms": slo.tpot_ms if slo else None},
-        "phases": list(PHASES),
+        "slo": slo.as_dict() if slo else None,
+        "slo_note": "good = TTFT <= ttft_ms + ttft_per_token_ms x prompt tokens, TPOT <= tpot_ms, "
+        "longest gap <= gap_ms (terms of 0/None not judged); one SLO for every phase",
+        "phases": phase_names(args),
         "configs": configs,
         "best_static": best,
         "planner_vs_best_static_goodput": (

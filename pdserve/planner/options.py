@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from pdserve.config import SchedulerConfig
 from pdserve.planner.planner import PlannerConfig
 
 
@@ -20,6 +21,18 @@ def add_planner_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ttft-ms", type=float, default=None, help="TTFT SLO (ms)")
     g.add_argument(
         "--itl-ms", type=float, default=None, help="inter-token latency SLO (ms; a request's mean gap)"
+    )
+    g.add_argument(
+        "--ttft-per-token-ms",
+        type=float,
+        default=0.0,
+        help="length-aware TTFT SLO: a request may take --ttft-ms + this × its prompt tokens",
+    )
+    g.add_argument(
+        "--max-gap-ms",
+        type=float,
+        default=None,
+        help="stall SLO: the longest gap between two tokens of a request (prompt chunks on mixed workers)",
     )
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--max-workers", type=int, default=None, help="budget: most workers at once")
@@ -59,6 +72,9 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig:
     if initial > max_workers:
         raise ValueError(f"the initial shape has {initial} workers, more than the budget of {max_workers}")
     return PlannerConfig(
+        ttft_per_token_s=(getattr(args, "ttft_per_token_ms", 0.0) or 0.0) / 1000,
+        max_gap_s=None if getattr(args, "max_gap_ms", None) is None else args.max_gap_ms / 1000,
+        chunk_tokens=chunk_tokens(args),
         ttft_slo_s=args.ttft_ms / 1000,
         itl_slo_s=args.itl_ms / 1000,
         max_workers=max_workers,
@@ -67,6 +83,22 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig:
         down_intervals=max(args.down_intervals, 1),
         ready_timeout_s=args.ready_timeout,
     )
+
+
+def chunk_tokens(args: argparse.Namespace) -> int:
+    """The workers' prompt tokens per step: ``--chunk-size`` (the simulator's engine option, or in
+    ``serve``'s ``--worker-args``), else the engine's default."""
+    size = getattr(args, "chunk_size", None)
+    worker_args = list(getattr(args, "worker_args", None) or [])
+    for i, arg in enumerate(worker_args):
+        if arg == "--chunk-size" and i + 1 < len(worker_args):
+            size = worker_args[i + 1]
+        elif arg.startswith("--chunk-size="):
+            size = arg.split("=", 1)[1]
+    try:
+        return int(size) if size is not None else SchedulerConfig().chunk_size
+    except ValueError:
+        return SchedulerConfig().chunk_size
 
 
 def window_s(args: argparse.Namespace) -> float:

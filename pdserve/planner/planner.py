@@ -66,6 +66,12 @@ class PlannerConfig:
             scale-down for this long, at a similar arrival rate (±25 %), unless the current shape
             measures below ``a`` (scale-ups are never held back).
         allow_aggregated, allow_disaggregated: which shapes are candidates.
+        ttft_per_token_s: a length-aware TTFT SLO: a request may take ``ttft_slo_s`` + this ×
+            its prompt tokens (0: a flat TTFT SLO).
+        max_gap_s: a stall SLO: the longest gap between two tokens of a request (None: not judged);
+            a mixed worker's prompt chunks stretch the decode steps beside them
+            (:func:`~pdserve.planner.predict.stall_share`).
+        chunk_tokens: the workers' ``--chunk-size`` (prompt tokens per step), for ``max_gap_s``.
     """
 
     ttft_slo_s: float
@@ -82,10 +88,17 @@ class PlannerConfig:
     revisit_s: float = 300.0
     allow_aggregated: bool = True
     allow_disaggregated: bool = True
+    ttft_per_token_s: float = 0.0
+    max_gap_s: float | None = None
+    chunk_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.ttft_slo_s <= 0 or self.itl_slo_s <= 0:
             raise ValueError("the TTFT and ITL SLOs must be > 0")
+        if self.ttft_per_token_s < 0 or (self.max_gap_s is not None and self.max_gap_s <= 0):
+            raise ValueError("the per-token TTFT must be ≥ 0 and the gap SLO > 0")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be ≥ 1, got {self.chunk_tokens}")
         if not 1 <= self.min_workers <= self.max_workers:
             raise ValueError(
                 f"need 1 <= min_workers ({self.min_workers}) <= max_workers ({self.max_workers})"
@@ -171,12 +184,13 @@ def _inputs(sig: Signals, speeds: Speeds, cfg: PlannerConfig) -> dict[str, Any]:
         "prompt_p90": sorted(lengths)[int(0.9 * (len(lengths) - 1))] if lengths else 0,
         "output_mean": mean(outputs),
         "prefill_tps": round(speeds.prefill_tps, 1),
+        "prefill_per_pair_s": speeds.prefill_per_pair_s,
         "step_s": round(speeds.step_s, 6),
         "per_seq_s": round(speeds.per_seq_s, 6),
         "measured_ttft_p90_s": ttft90,
         "measured_itl_p90_s": itl90,
         "queued": sum(w.waiting for w in sig.workers),
-        "attainment": sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s),
+        "attainment": sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s),
     }
 
 
@@ -226,6 +240,9 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
             cfg.itl_slo_s,
             attainment_target=cfg.attainment_target,
             max_utilization=cfg.max_utilization,
+            ttft_per_token_s=cfg.ttft_per_token_s,
+            max_gap_s=cfg.max_gap_s,
+            chunk_tokens=cfg.chunk_tokens,
             **kw,
         )
 
@@ -289,7 +306,7 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         state.down_streak = 0
         return make(HOLD, current, f"{current} meets the SLOs; {best.shape} costs the same", now_pred, shown)
     # Smaller: never while the current shape measures misses, then hysteresis, then the N-1 check.
-    measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s)
+    measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s)
     if measured is not None and measured < cfg.attainment_target:
         state.down_streak = 0
         return make(HOLD, current, f"{best.shape} is predicted to meet the SLOs, but {current} measures "
@@ -350,7 +367,7 @@ def _revisit_veto(state: PlannerState, sig: Signals, cfg: PlannerConfig, shape: 
     if left is None:
         return None
     at_s, attainment, rate = left
-    measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s)
+    measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s)
     similar = abs(sig.arrival_rate - rate) <= 0.25 * max(rate, 1e-9)
     if sig.taken_s - at_s >= cfg.revisit_s or not similar or (measured is not None and measured < attainment):
         return None

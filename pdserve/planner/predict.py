@@ -22,9 +22,29 @@ is the steady state a shape would settle in, from queueing:
   stretches every decode step (``itl / (1-ρ)``), and prefill runs at the
   rate decode leaves it.
 
-A shape meets the SLOs when the share of sampled requests predicted within
-both (the predicted attainment) reaches the target and no pool is past
-``max_utilization``.
+* **Stalls** (with a gap SLO, ``max_gap_s``). A mixed worker runs a prompt in
+  chunks of ``chunk_tokens`` inside the decode steps of the streams beside it;
+  a chunk of a long prompt can take longer than the gap SLO by itself (late
+  chunks most: attention grows with the position). The attention term ``k``
+  is fitted on the window's prefill times (``t(L)/L = a + k·L``); a prompt of
+  ``L`` tokens is *stalling* when its last chunk step, ``a'·C + k·C·(2L − C)``
+  (``C = min(chunk, L)``; ``a' = 1/r − k·E[L]``: the measured prefill rate
+  ``r`` less its average attention share), plus the decode tokens batched
+  with it, passes the gap SLO. (The fit's own ``a`` is not used: a prompt's
+  measured prefill time includes the other prompts batched into its steps,
+  which inflates it on a busy worker.)
+  A stream on a worker receiving stalling prompts at ``λs`` per second, that
+  decodes for ``D = E[O]·itl`` seconds, meets one with probability
+  ``1 − exp(−λs (D + T))`` (``T``: a stalling prompt's prefill time); that
+  share of requests misses. Split shapes do not stall: a decode worker runs
+  no prompt chunk (``--disagg-policy always``; under ``auto`` it prefills
+  only prompts cheaper there, i.e. short ones).
+
+A request is within the SLOs when its TTFT is within ``ttft_slo_s`` (plus
+``ttft_per_token_s`` × its prompt tokens: a length-aware TTFT SLO), the ITL
+within ``itl_slo_s``, and it is not stalled. A shape meets the SLOs when the
+share of sampled requests predicted within them (the predicted attainment)
+reaches the target and no pool is past ``max_utilization``.
 """
 
 from __future__ import annotations
@@ -53,6 +73,8 @@ class Speeds:
         per_seq_s: what each more sequence adds to a step (``c``).
         overhead_s: TTFT spent outside the worker queue and the prefill (router, hops).
         measured: False when these are the defaults.
+        prefill_per_pair_s: the attention term ``k`` of a prompt's prefill time
+            ``t(L) = a·L + k·L²`` (0 when not measured).
     """
 
     prefill_tps: float = DEFAULT_PREFILL_TPS
@@ -60,6 +82,7 @@ class Speeds:
     per_seq_s: float = DEFAULT_STEP_S / 4
     overhead_s: float = 0.0
     measured: bool = False
+    prefill_per_pair_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +121,30 @@ def measure_speeds(sig: Signals, previous: Speeds | None = None) -> Speeds:
     overhead = sorted(overheads)[len(overheads) // 2] if overheads else base.overhead_s
     step, per_seq = _fit_decode(sig) or (base.step_s, base.per_seq_s)
     measured = base.measured or bool(rates) or sig.prefill_rate_tps is not None
-    return Speeds(prefill, step, per_seq, overhead, measured)
+    # A window whose short prompts were batched with long ones can fit no slope (k = 0); a pair's
+    # cost does not change with the load, so the last slope measured stands until a new one is.
+    fit = _fit_prefill(sig)
+    per_pair = fit[1] if fit is not None and fit[1] > 0 else base.prefill_per_pair_s
+    return Speeds(prefill, step, per_seq, overhead, measured, per_pair)
+
+
+def _fit_prefill(sig: Signals) -> tuple[float, float] | None:
+    """Least squares ``t(L)/L = a + k·L`` over the window's timed prefills (None: too few, one length)."""
+    points = [
+        (r.prompt_tokens, r.prefill_s / r.prompt_tokens)
+        for r in sig.requests
+        if r.prefill_s and r.prompt_tokens > 0
+    ][-MAX_FIT_POINTS:]
+    if len(points) < 3:
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    var = sum((x - mx) ** 2 for x, _ in points)
+    if var < 1.0:
+        return None
+    k = max(sum((x - mx) * (y - my) for x, y in points) / var, 0.0)
+    a = max(my - k * mx, my * 0.1)
+    return a, k
 
 
 def _fit_decode(sig: Signals) -> tuple[float, float] | None:
@@ -156,6 +202,37 @@ def _itl(tokens_per_s: float, n: int, speeds: Speeds, stretch: float, kv_usage: 
     return cm.itl_s(snap, cm.CostParams()), rho
 
 
+def stall_share(
+    lam: float,
+    lengths: Sequence[int],
+    speeds: Speeds,
+    gap_s: float,
+    chunk_tokens: int,
+    decode_part_s: float,
+    decode_s: float,
+) -> float:
+    """Share of a mixed worker's streams stalled past ``gap_s`` by a prompt chunk (module docstring):
+    ``lam`` requests/s reach the worker, ``lengths`` sample their prompts, the decode tokens batched
+    with a chunk add ``decode_part_s`` to its step and a stream decodes for ``decode_s`` seconds."""
+    if lam <= 0 or not lengths:
+        return 0.0
+    k = speeds.prefill_per_pair_s
+    rate = max(speeds.prefill_tps, 1e-9)
+    per_token = max(1.0 / rate - k * sum(lengths) / len(lengths), 0.25 / rate)
+    stalling = []
+    for n in lengths:
+        c = min(chunk_tokens, n)
+        if per_token * c + k * c * (2 * n - c) + decode_part_s > gap_s:
+            stalling.append(per_token * n + k * n * n)
+    if not stalling:
+        return 0.0
+    lam_s = lam * len(stalling) / len(lengths)
+    exposure = decode_s + sum(stalling) / len(stalling)
+    if not math.isfinite(exposure):
+        return 1.0
+    return 1.0 - math.exp(-lam_s * exposure)
+
+
 def predict(
     shape: Shape,
     sig: Signals,
@@ -167,8 +244,12 @@ def predict(
     max_utilization: float = 0.9,
     margin: float = 0.0,
     load_factor: float = 1.0,
+    ttft_per_token_s: float = 0.0,
+    max_gap_s: float | None = None,
+    chunk_tokens: int = 512,
 ) -> Prediction:
-    """Predict ``shape`` under the window's load (× ``load_factor``); SLOs tightened by ``margin``."""
+    """Predict ``shape`` under the window's load (× ``load_factor``); SLOs tightened by ``margin``;
+    ``ttft_per_token_s``, ``max_gap_s`` and ``chunk_tokens``: see the module docstring."""
     lam = sig.arrival_rate * load_factor
     lengths = sig.prompt_lengths or [0]
     outputs = sig.output_lengths or [0]
@@ -183,7 +264,21 @@ def predict(
         stretch = 1 / (1 - rho_p) if rho_p < 1 else math.inf
         itl, rho_d = _itl(tokens_per_s, n, speeds, stretch, kv) if math.isfinite(stretch) else (math.inf, 1.0)
         transfer = 0.0
+        stalled = (
+            stall_share(
+                lam / n,
+                lengths,
+                speeds,
+                max_gap_s * (1 - margin),
+                chunk_tokens,
+                speeds.per_seq_s * max(tokens_per_s / n * itl, 1.0),
+                itl * sum(outputs) / len(outputs),
+            )
+            if max_gap_s is not None and math.isfinite(itl)
+            else 0.0
+        )
     else:
+        stalled = 0.0
         queued, rho_p = _wait_tokens(lam / max(shape.prefill, 1), lengths, speeds.prefill_tps)
         rate = speeds.prefill_tps
         itl, rho_d = _itl(tokens_per_s, max(shape.decode, 1), speeds, 1.0, kv)
@@ -202,8 +297,13 @@ def predict(
         ttfts.append(t)
     ttft_ok = ttft_slo_s * (1 - margin)
     itl_ok = itl_slo_s * (1 - margin)
-    within = sum(1 for t in ttfts if t <= ttft_ok) if itl <= itl_ok else 0
-    attainment = within / len(ttfts)
+    per_token_ok = ttft_per_token_s * (1 - margin)
+    within = (
+        sum(1 for t, n in zip(ttfts, lengths, strict=True) if t <= ttft_ok + per_token_ok * n)
+        if itl <= itl_ok and (max_gap_s is None or itl <= max_gap_s * (1 - margin))
+        else 0
+    )
+    attainment = within / len(ttfts) * (1.0 - stalled)
     utilization = max(rho_p, rho_d)
     p90 = percentile(ttfts, 0.9)
     return Prediction(

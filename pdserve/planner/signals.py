@@ -131,12 +131,13 @@ class Signals:
         """Prompt tokens of the window's requests, ended and in flight."""
         return [r.prompt_tokens for r in (*self.requests, *self.inflight)]
 
-    def _overdue(self, ttft_slo_s: float) -> list[float]:
-        """In-flight requests past the TTFT SLO: their TTFT, or how long they have waited for it."""
+    def _overdue(self, ttft_slo_s: float, per_token_s: float = 0.0) -> list[float]:
+        """In-flight requests past the TTFT SLO (``ttft_slo_s`` + ``per_token_s`` × prompt tokens):
+        their TTFT, or how long they have waited for it."""
         out = []
         for r in self.inflight:
             ttft = r.ttft_s if r.ttft_s is not None else self.taken_s - r.arrived_s
-            if ttft > ttft_slo_s:
+            if ttft > ttft_slo_s + per_token_s * r.prompt_tokens:
                 out.append(ttft)
         return out
 
@@ -145,16 +146,20 @@ class Signals:
         """Output tokens of the window's requests."""
         return [r.output_tokens for r in self.requests]
 
-    def attainment(self, ttft_slo_s: float, itl_slo_s: float) -> float | None:
+    def attainment(self, ttft_slo_s: float, itl_slo_s: float, per_token_s: float = 0.0) -> float | None:
         """Share of the window's requests that finished within both SLOs, in-flight requests
-        already past the TTFT SLO counted as misses (None: no request)."""
-        overdue = len(self._overdue(ttft_slo_s))
+        already past the TTFT SLO counted as misses (None: no request). A length-aware TTFT SLO
+        allows ``ttft_slo_s`` + ``per_token_s`` × the request's prompt tokens."""
+        overdue = len(self._overdue(ttft_slo_s, per_token_s))
         if not self.requests and not overdue:
             return None
         good = sum(
             1
             for r in self.requests
-            if r.ok and r.ttft_s is not None and r.ttft_s <= ttft_slo_s and (r.itl_s or 0.0) <= itl_slo_s
+            if r.ok
+            and r.ttft_s is not None
+            and r.ttft_s <= ttft_slo_s + per_token_s * r.prompt_tokens
+            and (r.itl_s or 0.0) <= itl_slo_s
         )
         return good / (len(self.requests) + overdue)
 
