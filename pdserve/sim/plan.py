@@ -16,7 +16,9 @@ Search (:func:`search`):
    workers that meet the TTFT part with a generous decode pool, then the
    fewest decode workers that meet the rest with those prefill workers
    (TTFT is made on P, TPOT on D); if the pair misses, one more of the pool
-   that misses, until it meets or hits the limit. Kinds whose cheapest
+   that misses (a TTFT miss is P's only if a generous decode pool would not
+   cure it: a full decode pool holds prompts back), until it meets or hits
+   the limit. Kinds whose cheapest
    possible shape already costs more than the best found are skipped;
 4. the answer: the cheapest shape meeting the SLO (cost per hour, then per
    million output tokens at the requested rate), the runners-up, and, when
@@ -231,12 +233,27 @@ class Planner:
             v = self.evaluate(Shape(prefill=(p_kind, p), decode=(d_kind, d)))
             if v.meets(self.target):
                 return v
-            if v.attainment_ttft < self.target and p < self.max_workers:
+            if p < self.max_workers and self._prefill_short(p_kind, p, d_kind, max(generous, d), v):
                 p += 1
             elif d < self.max_workers:
                 d += 1
+            elif p < self.max_workers:
+                p += 1
             else:
                 return None
+
+    def _prefill_short(self, p_kind: Kind, p: int, d_kind: Kind, generous: int, v: Verdict) -> bool:
+        """True when the TTFT misses are P's: with a generous decode pool these P would still miss.
+
+        A decode pool that is full delays first tokens too (no prompt is computed
+        before its KV has a reserved home), so a TTFT miss alone does not say
+        which pool is short. Growing P for D's misses once sized a 16 P + 4 D
+        deployment where 5 P + 4 D met a tighter SLO.
+        """
+        if v.attainment_ttft >= self.target:
+            return False
+        roomy = self.evaluate(Shape(prefill=(p_kind, p), decode=(d_kind, generous)))
+        return roomy.attainment_ttft < self.target
 
 
 def candidate_kinds(arch: ArchConfig, accels: Sequence[Accelerator], tps: Sequence[int], block_size: int,
