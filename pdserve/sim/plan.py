@@ -12,13 +12,13 @@ Search (:func:`search`):
    memory holds the model with room for KV;
 2. aggregated: per kind, the fewest workers that meet the SLO (doubling,
    then bisection: more workers never hurt);
-3. disaggregated: per (prefill kind, decode kind), the fewest prefill
-   workers that meet the TTFT part with a generous decode pool, then the
-   fewest decode workers that meet the rest with those prefill workers
-   (TTFT is made on P, TPOT on D); if the pair misses, one more of the pool
-   that misses (a TTFT miss is P's only if a generous decode pool would not
-   cure it: a full decode pool holds prompts back), until it meets or hits
-   the limit. Kinds whose cheapest
+3. disaggregated: per (prefill kind, decode kind), from the fewest prefill
+   workers that meet the TTFT part with a generous decode pool upward: for
+   each prefill count, the fewest decode workers meeting every SLO (doubling,
+   then bisection), until a prefill count costs more with one decode worker
+   than the best pair found. (Sizing P first and D after it is not enough:
+   a full decode pool delays first tokens too, as no prompt is computed
+   before its KV has a home, and more P can need fewer D.) Kinds whose cheapest
    possible shape already costs more than the best found are skipped;
 4. the answer: the cheapest shape meeting the SLO (cost per hour, then per
    million output tokens at the requested rate), the runners-up, and, when
@@ -219,41 +219,28 @@ class Planner:
         return None if n is None else self.evaluate(Shape(mixed=(kind, n)))
 
     def best_disaggregated(self, p_kind: Kind, d_kind: Kind) -> Verdict | None:
-        """The fewest prefill, then decode workers meeting the SLO (see the module docstring)."""
+        """The cheapest (prefill, decode) counts meeting the SLO (see the module docstring)."""
         generous = self.generous_decode or max(2, self.max_workers // 2)
-        p = self.fewest(lambda n: self.evaluate(Shape(prefill=(p_kind, n), decode=(d_kind, generous)))
-                        .attainment_ttft >= self.target)
-        if p is None:
+        p_min = self.fewest(lambda n: self.evaluate(Shape(prefill=(p_kind, n), decode=(d_kind, generous)))
+                            .attainment_ttft >= self.target)
+        if p_min is None:
             return None
-        d = self.fewest(lambda n: self.evaluate(Shape(prefill=(p_kind, p), decode=(d_kind, n)))
-                        .attainment_rest >= self.target)
-        if d is None:
-            return None
-        while True:
+        best: Verdict | None = None
+        for p in range(p_min, self.max_workers + 1):
+            floor = p * p_kind.price_per_hour + d_kind.price_per_hour  # p prefill workers and one decode
+            if best is not None and floor >= best.cost_per_hour:
+                break
+            d = self.fewest(lambda n, p=p: self.evaluate(  # type: ignore[misc]
+                Shape(prefill=(p_kind, p), decode=(d_kind, n))).meets(self.target))
+            if d is None:
+                most = self.evaluate(Shape(prefill=(p_kind, p), decode=(d_kind, self.max_workers)))
+                if most.attainment_rest < self.target:
+                    break  # the decode part misses with every decode worker: more P will not help
+                continue
             v = self.evaluate(Shape(prefill=(p_kind, p), decode=(d_kind, d)))
-            if v.meets(self.target):
-                return v
-            if p < self.max_workers and self._prefill_short(p_kind, p, d_kind, max(generous, d), v):
-                p += 1
-            elif d < self.max_workers:
-                d += 1
-            elif p < self.max_workers:
-                p += 1
-            else:
-                return None
-
-    def _prefill_short(self, p_kind: Kind, p: int, d_kind: Kind, generous: int, v: Verdict) -> bool:
-        """True when the TTFT misses are P's: with a generous decode pool these P would still miss.
-
-        A decode pool that is full delays first tokens too (no prompt is computed
-        before its KV has a reserved home), so a TTFT miss alone does not say
-        which pool is short. Growing P for D's misses once sized a 16 P + 4 D
-        deployment where 5 P + 4 D met a tighter SLO.
-        """
-        if v.attainment_ttft >= self.target:
-            return False
-        roomy = self.evaluate(Shape(prefill=(p_kind, p), decode=(d_kind, generous)))
-        return roomy.attainment_ttft < self.target
+            if best is None or v.cost_per_hour < best.cost_per_hour:
+                best = v
+        return best
 
 
 def candidate_kinds(arch: ArchConfig, accels: Sequence[Accelerator], tps: Sequence[int], block_size: int,

@@ -202,24 +202,21 @@ def test_plan_picks_the_cheaper_shape() -> None:
     assert planner.evaluate(Shape(mixed=(fast, 1))).decisions == {"aggregated": 60}
 
 
-def test_plan_grows_the_decode_pool_when_a_full_one_holds_prompts_back() -> None:
-    """A TTFT miss is P's only when a roomy decode pool would not cure it (the prefill gate)."""
+def test_plan_finds_the_cheaper_pair_when_more_prefill_needs_fewer_decode() -> None:
+    """Sizing P first, then D, is not enough: a full decode pool holds prompts back (the prefill gate)."""
     planner, fast, _ = planner_case(SLO(ttft_ms=350, tpot_ms=60))
     planner.max_workers = 16
-    evaluated: list[tuple[int, int]] = []
 
-    def evaluate(shape: Shape) -> Verdict:  # first tokens need 2 P and 3 D (D's room), TPOT 2 D
+    def evaluate(shape: Shape) -> Verdict:  # 1 P needs 4 D's room for its prompts; 2 P need 1 D
         assert shape.prefill is not None and shape.decode is not None
         p, d = shape.prefill[1], shape.decode[1]
-        evaluated.append((p, d))
-        ttft = 1.0 if p >= 2 and d >= 3 else 0.5
-        rest = 1.0 if d >= 2 else 0.5
-        return Verdict(shape, min(ttft, rest), ttft, rest, 0.0, 0.0, shape.price_per_hour, 0.0)
+        ttft = 1.0 if (p >= 1 and d >= 4) or p >= 2 else 0.5
+        return Verdict(shape, ttft, ttft, 1.0, 0.0, 0.0, shape.price_per_hour, 0.0)
 
     planner.evaluate = evaluate  # type: ignore[method-assign]
     v = planner.best_disaggregated(fast, fast)
-    assert v is not None and (v.shape.prefill[1], v.shape.decode[1]) == (2, 3)  # type: ignore[index]
-    assert max(p for p, _ in evaluated) == 2  # P never grew for D's misses (it used to reach 16)
+    assert v is not None and (v.shape.prefill[1], v.shape.decode[1]) == (2, 1)  # type: ignore[index]
+    # fewest P first (1), then fewest D for it (4), was the old answer: 5 workers for 3
 
 
 def test_plan_says_when_no_shape_meets_the_slo() -> None:
