@@ -207,6 +207,14 @@ def s7(d: dict[str, Any]) -> list[Headline]:
     planner = configs.get("planner")
     if planner:
         phases = planner.get("phases", [])
+        for i, (name, phase) in enumerate(zip(d.get("phases", []), phases, strict=False)):
+            statics = [c["phases"][i].get("goodput_req_s") or 0.0 for k, c in configs.items()
+                       if k != "planner" and len(c.get("phases", [])) > i]
+            top = max(statics, default=0.0)
+            share = (phase.get("goodput_req_s") or 0.0) / top if top else None
+            met = None if share is None else share >= 0.9
+            figures.append((f"phase {i + 1} ({name}): planner / that phase's best static goodput",
+                            number(share, ".2f") + "x", ">= 0.9x", verdict(met)))
         settled = max((p.get("planner_actions_after_settling", 0) for p in phases), default=0)
         figures.append(("planner actions per phase after settling (max)", str(settled), "<= 1",
                         verdict(settled <= 1)))
@@ -321,6 +329,7 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "s6_kv_routing.json": s6,
     "s6_kv_routing_pressure.json": s6,
     "s7_planner.json": s7,
+    "s7_planner_surge.json": s7,
     "s8_sim_fidelity.json": s8,
     "s9_elasticity.json": s9,
     "soak.json": soak,
