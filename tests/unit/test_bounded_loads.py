@@ -50,10 +50,15 @@ def plan(prefill: list[cm.WorkerSnapshot], local: list[cm.WorkerSnapshot], polic
 
 
 def test_the_bound_is_c_times_the_pool_mean_plus_slack() -> None:
-    # 3 workers, 6 in flight: with this request, mean 7/3; bound 1.25 * 7/3 + 1 = 3.92 after taking it
-    assert cm.over_bound([pw("a", 4), pw("b", 1), pw("c", 1)], PARAMS) == {"a"}  # 5 > 3.92
+    # 3 workers, 6 in flight: with this request, mean 7/3; bound 1.25 * 7/3 + 2 = 4.92 after taking it
+    assert cm.over_bound([pw("a", 4), pw("b", 1), pw("c", 1)], PARAMS) == {"a"}  # 5 > 4.92
     assert cm.over_bound([pw("a", 2), pw("b", 2), pw("c", 2)], PARAMS) == set()
-    assert cm.over_bound([pw("a", 3), pw("b", 2), pw("c", 1)], PARAMS) == {"a"}  # 4 > 3.92
+    assert cm.over_bound([pw("a", 3), pw("b", 2), pw("c", 1)], PARAMS) == set()  # 4 <= 4.92
+    assert cm.over_bound([pw("a", 5), pw("b", 1), pw("c", 1)], PARAMS) == {"a"}  # 6 > 1.25 * 8/3 + 2
+    # a prefix's home with one or two in flight while its peers idle keeps the next request
+    assert cm.over_bound([pw("a", 1), pw("b", 0), pw("c", 0)], PARAMS) == set()  # 2 <= 2.83
+    assert cm.over_bound([pw("a", 2), pw("b", 0), pw("c", 0)], PARAMS) == set()  # 3 <= 3.25
+    assert cm.over_bound([pw("a", 3), pw("b", 0), pw("c", 0)], PARAMS) == {"a"}  # 4 > 3.67
     assert cm.over_bound([pw("a", 0), pw("b", 0), pw("c", 0)], PARAMS) == set()  # idle
     assert cm.over_bound([pw("a", 50)], PARAMS) == set()  # a pool of one has no one to spill to
     assert cm.over_bound([pw("a", 9), pw("b", 0)], UNBOUNDED) == set()
