@@ -169,3 +169,23 @@ def resolve_load_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.load == "classic" and args.surge_chat_rate:
         raise SystemExit("--surge-chat-rate is for --load surge")
     return args
+
+
+#: The 2-core budget's static shapes and the planner's start, as `pdserve serve`/`simulate` options.
+SHAPES: dict[str, list[str]] = {
+    "agg": ["--mode", "aggregated", "--mixed", "1", "--threads-per-worker", "2"],
+    "agg2": ["--mode", "aggregated", "--mixed", "2", "--threads-per-worker", "1"],
+    "disagg": ["--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--threads-per-worker", "1"],
+    "planner": [
+        "--mode",
+        "aggregated",
+        "--mixed",
+        "2",
+        "--threads-per-worker",
+        "1",
+        "--planner",
+        "slo",
+        "--max-cores",
+        "2",
+    ],
+}

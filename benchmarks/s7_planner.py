@@ -49,7 +49,7 @@ from typing import Any
 
 import httpx
 from common import RESULTS_DIR, machine_info, write_json
-from s7_load import ServiceSLO, add_load_args, phase_names, phases, resolve_load_args, slo_rule
+from s7_load import SHAPES, ServiceSLO, add_load_args, phase_names, phases, resolve_load_args, slo_rule
 
 from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.client import ClientConfig
@@ -62,23 +62,6 @@ from pdserve.launch.local import free_port
 MODEL = "bench-50m"
 RESULTS = RESULTS_DIR / "s7_planner.json"
 WORKER = ["--no-prefix-caching", "--chunk-size", "256"]
-CONFIGS: dict[str, list[str]] = {
-    "agg": ["--mode", "aggregated", "--mixed", "1", "--threads-per-worker", "2"],
-    "agg2": ["--mode", "aggregated", "--mixed", "2", "--threads-per-worker", "1"],
-    "disagg": ["--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--threads-per-worker", "1"],
-    "planner": [
-        "--mode",
-        "aggregated",
-        "--mixed",
-        "2",
-        "--threads-per-worker",
-        "1",
-        "--planner",
-        "slo",
-        "--max-cores",
-        "2",
-    ],
-}
 #: A long prompt of the calibration (``surge``): the summarization preset's median.
 LONG_PROMPT = 1536
 CHAT_PROMPT = 200
@@ -100,7 +83,7 @@ def start(
         str(port),
         "--ready-timeout",
         "600",
-        *CONFIGS[config],
+        *SHAPES[config],
     ]
     if config == "planner":
         cmd += ["--ttft-ms", str(slo.ttft_ms), "--itl-ms", str(slo.tpot_ms), "--interval", str(args.interval)]

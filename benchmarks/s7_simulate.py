@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common import RESULTS_DIR, machine_info, write_json
-from s7_load import ServiceSLO, add_load_args, phase_names, phases, resolve_load_args
+from s7_load import SHAPES, ServiceSLO, add_load_args, phase_names, phases, resolve_load_args
 
 from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.workload import WorkloadConfig, make_counter, make_workload
@@ -30,23 +30,6 @@ from pdserve.sim.results import simulate_run
 from pdserve.sim.simulator import Simulator
 
 PROFILES = {1: RESULTS_DIR / "s8_profile_1thread.json", 2: RESULTS_DIR / "s8_profile_2thread.json"}
-SHAPES: dict[str, list[str]] = {
-    "agg": ["--mode", "aggregated", "--mixed", "1", "--threads-per-worker", "2"],
-    "agg2": ["--mode", "aggregated", "--mixed", "2", "--threads-per-worker", "1"],
-    "disagg": ["--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--threads-per-worker", "1"],
-    "planner": [
-        "--mode",
-        "aggregated",
-        "--mixed",
-        "2",
-        "--threads-per-worker",
-        "1",
-        "--planner",
-        "slo",
-        "--max-cores",
-        "2",
-    ],
-}
 
 
 def sim_args(config: str, slo: ServiceSLO, args: argparse.Namespace) -> argparse.Namespace:
