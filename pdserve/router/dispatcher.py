@@ -29,7 +29,6 @@ import time
 from collections.abc import AsyncIterator
 
 from pdserve.config import Role
-from pdserve.request import TokenLogprobs
 from pdserve.router.backend import BackendError, GenerationEvent
 from pdserve.router.channel import WorkerChannel
 from pdserve.router.dispatch_config import DispatchCounters, DispatcherConfig
@@ -37,6 +36,7 @@ from pdserve.router.inflight import Inflight, Stage
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.placement import Placer, local_candidates, prefill_candidates
 from pdserve.router.registry import Registry, WorkerInfo
+from pdserve.router.stats_requests import StatsRequests
 from pdserve.router.tracing import RequestTrace
 from pdserve.router.worker_perf import compute_overlap_s
 from pdserve.sampling_params import SamplingParams
@@ -60,7 +60,7 @@ class Dispatcher:
         self.placer = Placer(config, self.registry, self.channel.send)
         self._inflight: dict[str, Inflight] = {}
         self._by_worker_rid: dict[str, Inflight] = {}
-        self._stats_waiters: dict[str, list[asyncio.Future[p.WorkerStats]]] = {}
+        self.stats_requests = StatsRequests(self.channel.send)
         self._tasks: list[asyncio.Task[None]] = []
         self.endpoint = ""
 
@@ -267,8 +267,12 @@ class Dispatcher:
             if worker_id in state.worker_ids:
                 self._retry(state, f"worker {worker_id} lost ({why})", {worker_id})
         # Decode and mixed workers may hold blocks reserved for its KV: no more writes will come.
+        self._peer_lost(worker_id, (Role.DECODE, Role.MIXED))
+
+    def _peer_lost(self, worker_id: str, roles: tuple[Role, ...]) -> None:
+        """Tell the other workers of these roles that ``worker_id``'s KV endpoint is gone."""
         for w in self.registry.all():
-            if w.role in (Role.DECODE, Role.MIXED):
+            if w.role in roles and w.worker_id != worker_id:
                 self.channel.send(w.worker_id, p.PeerLost(worker_id))
 
     # -- worker messages ---------------------------------------------------------------
@@ -319,10 +323,8 @@ class Dispatcher:
                     logger.info("router: worker %s is draining", wid)
             case p.Register():
                 self._on_register(sender, message)
-            case p.WorkerStats(worker_id=wid):
-                for fut in self._stats_waiters.pop(wid, []):
-                    if not fut.done():
-                        fut.set_result(message)
+            case p.WorkerStats():
+                self.stats_requests.answer(message)
             case _:
                 logger.warning("router: unexpected %s from %s", type(message).__name__, sender)
 
@@ -340,9 +342,7 @@ class Dispatcher:
             return
         old = self.registry.get(m.worker_id)
         if old is not None and old.kv is not None and old.kv != m.kv:
-            for w in self.registry.all():  # it flipped: senders drop connections to its old cache
-                if w.role in (Role.PREFILL, Role.MIXED) and w.worker_id != m.worker_id:
-                    self.channel.send(w.worker_id, p.PeerLost(m.worker_id))
+            self._peer_lost(m.worker_id, (Role.PREFILL, Role.MIXED))  # it flipped: drop its old cache
         self.registry.add(WorkerInfo.from_register(m))
         self.channel.send(sender, p.Registered(m.worker_id, self.config.lease_s / 6))
         logger.info("router: %s worker %s registered (pid %d)", m.role, m.worker_id, m.pid)
@@ -351,11 +351,7 @@ class Dispatcher:
         state = self._by_worker_rid.get(m.request_id)
         if state is None:
             return  # an abandoned attempt
-        skip = len(state.tokens) - m.start  # tokens of this message already delivered
-        if skip < 0:
-            logger.warning("router: gap in %s (have %d, got %d)", m.request_id, len(state.tokens), m.start)
-            skip = 0
-        new_ids = m.token_ids[skip:]
+        new_ids = state.new_tokens(m)
         if state.prefill_charge is not None:
             self.placer.credit(state.prefill_charge)  # the prompt is computed
             state.prefill_charge = None
@@ -367,22 +363,7 @@ class Dispatcher:
             state.trace.first_token(sender, m.timing)
         if not new_ids and not m.finished:
             return
-        state.tokens.extend(new_ids)
-        logprobs = None
-        if m.logprobs is not None:
-            logprobs = [TokenLogprobs(t, lp, dict(top)) for t, lp, top in m.logprobs[skip:]]
-        state.finished = m.finished
-        state.queue.put_nowait(
-            GenerationEvent(
-                token_ids=new_ids,
-                logprobs=logprobs,
-                finished=m.finished,
-                finish_reason=m.finish_reason,
-                stop_reason=m.stop_reason if isinstance(m.stop_reason, int) else None,
-                num_prompt_tokens=len(state.prompt),
-                num_cached_tokens=m.num_cached_tokens,
-            )
-        )
+        state.deliver(m, new_ids)
 
     # -- watching --------------------------------------------------------------------------
 
@@ -409,35 +390,18 @@ class Dispatcher:
         for state in list(self._by_worker_rid.values()):
             if state.deadline_s is None or now < state.deadline_s:
                 continue
+            reason, suspects = state.overdue(self.config)
+            policy = self.config.kv_failure_policy if state.stage is Stage.TRANSFER else "retry"
             if state.stage is Stage.TRANSFER:
                 self.counters.num_kv_timeouts += 1
-                reason = f"KV transfer missed its {self.config.kv_timeout_s:.1f} s deadline"
-                policy = self.config.kv_failure_policy
-                if policy == "fail":
-                    self._abandon_attempt(state)
-                    self._fail(state, reason)
-                else:
-                    suspects = {state.prefill_id} if state.prefill_id else set()
-                    self._retry(state, reason, suspects, local=policy == "recompute")
-            elif state.stage is Stage.DECODE:
-                suspects = {state.decode_id} if state.decode_id else set()
-                self._retry(state, f"no token for {self.config.token_timeout_s:.1f} s", suspects)
+            if policy == "fail":
+                self._abandon_attempt(state)
+                self._fail(state, reason)
             else:
-                suspects = set(state.worker_ids)
-                self._retry(state, f"no first token within {self.config.prefill_timeout_s:.1f} s", suspects)
+                self._retry(state, reason, suspects, local=policy == "recompute")
 
     # -- admin ------------------------------------------------------------------------------
 
     async def worker_stats(self, timeout_s: float = 2.0) -> list[p.WorkerStats]:
         """Ask every registered worker for its counters."""
-        loop = asyncio.get_running_loop()
-        futures = []
-        for w in self.registry.all():
-            fut: asyncio.Future[p.WorkerStats] = loop.create_future()
-            self._stats_waiters.setdefault(w.worker_id, []).append(fut)
-            futures.append(fut)
-            self.channel.send(w.worker_id, p.GetStats())
-        if not futures:
-            return []
-        done, _ = await asyncio.wait(futures, timeout=timeout_s)
-        return [f.result() for f in futures if f in done]
+        return await self.stats_requests.ask([w.worker_id for w in self.registry.all()], timeout_s)

@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 
+from pdserve.request import TokenLogprobs
 from pdserve.router.backend import BackendError, GenerationEvent
+from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.tracing import RequestTrace
-from pdserve.worker.protocol import WireSamplingParams
+from pdserve.worker.protocol import Tokens, WireSamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class Stage(enum.Enum):
@@ -71,3 +76,41 @@ class Inflight:
         """Move to a stage with its deadline (seconds from now, None for none)."""
         self.stage = stage
         self.deadline_s = time.monotonic() + deadline_s if deadline_s is not None else None
+
+    def overdue(self, config: DispatcherConfig) -> tuple[str, set[str]]:
+        """Why the current stage ran past its deadline, and the workers suspected of it."""
+        if self.stage is Stage.TRANSFER:
+            suspects = {self.prefill_id} if self.prefill_id else set()
+            return f"KV transfer missed its {config.kv_timeout_s:.1f} s deadline", suspects
+        if self.stage is Stage.DECODE:
+            suspects = {self.decode_id} if self.decode_id else set()
+            return f"no token for {config.token_timeout_s:.1f} s", suspects
+        return f"no first token within {config.prefill_timeout_s:.1f} s", set(self.worker_ids)
+
+    def new_tokens(self, m: Tokens) -> list[int]:
+        """The tokens of ``m`` not delivered yet (a resumed attempt repeats none, skips none)."""
+        skip = len(self.tokens) - m.start  # tokens of this message already delivered
+        if skip < 0:
+            logger.warning("router: gap in %s (have %d, got %d)", m.request_id, len(self.tokens), m.start)
+            skip = 0
+        return m.token_ids[skip:]
+
+    def deliver(self, m: Tokens, new_ids: list[int]) -> None:
+        """Record ``new_ids`` (from :meth:`new_tokens`) and queue them for the client as one event."""
+        skip = len(m.token_ids) - len(new_ids)
+        self.tokens.extend(new_ids)
+        logprobs = None
+        if m.logprobs is not None:
+            logprobs = [TokenLogprobs(t, lp, dict(top)) for t, lp, top in m.logprobs[skip:]]
+        self.finished = m.finished
+        self.queue.put_nowait(
+            GenerationEvent(
+                token_ids=new_ids,
+                logprobs=logprobs,
+                finished=m.finished,
+                finish_reason=m.finish_reason,
+                stop_reason=m.stop_reason if isinstance(m.stop_reason, int) else None,
+                num_prompt_tokens=len(self.prompt),
+                num_cached_tokens=m.num_cached_tokens,
+            )
+        )
