@@ -260,8 +260,9 @@ async def run_config(
             "attainment": round(good / total, 4) if total else None,
             "goodput_req_s": round(good / (args.phase_s * len(runs)), 4),
             "num_failed": sum(p["num_failed"] for p in phases_out),
-            "planner_history": [
-                {k: d.get(k) for k in ("at_unix_s", "action", "shape", "reason", "over_capacity")}
+            "planner_history": [  # with each decision's inputs and predictions (the evidence)
+                {k: d.get(k) for k in ("at_unix_s", "action", "shape", "reason", "over_capacity", "inputs",
+                                       "predicted", "candidates", "measured_after")}
                 for d in history
             ],
             "num_shed": view.get("num_shed", 0),

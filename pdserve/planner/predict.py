@@ -54,6 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdserve.planner.signals import Shape, Signals, percentile
+from pdserve.planner.tpot import tpot_attainment
 from pdserve.router import cost_model as cm
 
 #: Speeds assumed before anything was measured (a one-thread tiny worker is far faster).
@@ -61,6 +62,8 @@ DEFAULT_PREFILL_TPS = 2000.0
 DEFAULT_STEP_S = 0.02
 #: The decode fit uses the most recent requests only (it is quadratic in them).
 MAX_FIT_POINTS = 300
+#: Weight of a window's decode fit against the speeds carried from the previous intervals.
+DECODE_SMOOTHING = 0.3
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Speeds:
         measured: False when these are the defaults.
         prefill_per_pair_s: the attention term ``k`` of a prompt's prefill time
             ``t(L) = a·L + k·L²`` (0 when not measured).
+        decode_measured: ``step_s`` and ``per_seq_s`` were fitted (later fits are smoothed into them).
     """
 
     prefill_tps: float = DEFAULT_PREFILL_TPS
@@ -83,6 +87,7 @@ class Speeds:
     overhead_s: float = 0.0
     measured: bool = False
     prefill_per_pair_s: float = 0.0
+    decode_measured: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class Prediction:
     attainment: float  # predicted share of requests within both SLOs
     utilization: float  # the busiest pool's
     meets: bool
+    itl_attainment: float = 1.0  # predicted share of requests whose own TPOT is within the SLO
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready (infinities as None)."""
@@ -104,6 +110,7 @@ class Prediction:
             "itl_s": _finite(self.itl_s),
             "attainment": round(self.attainment, 4),
             "utilization": _finite(self.utilization),
+            "itl_attainment": round(self.itl_attainment, 4),
             "meets": self.meets,
         }
 
@@ -119,13 +126,23 @@ def measure_speeds(sig: Signals, previous: Speeds | None = None) -> Speeds:
     prefill = sig.prefill_rate_tps or (sorted(rates)[len(rates) // 2] if rates else None) or base.prefill_tps
     overheads = [r.overhead_s for r in sig.requests]
     overhead = sorted(overheads)[len(overheads) // 2] if overheads else base.overhead_s
-    step, per_seq = _fit_decode(sig) or (base.step_s, base.per_seq_s)
+    fit_decode = _fit_decode(sig)
+    step, per_seq = fit_decode or (base.step_s, base.per_seq_s)
+    if fit_decode is not None and previous is not None and previous.decode_measured:
+        # the decode fit is a slope over a window's few dozen requests: it swings from one window
+        # to the next (S7 simulated: 1-11 ms per sequence on one chat load), and a slope is a
+        # property of the hardware, not of the load: smooth it
+        def smooth(new: float, old: float) -> float:
+            return DECODE_SMOOTHING * new + (1 - DECODE_SMOOTHING) * old
+
+        step, per_seq = smooth(step, previous.step_s), smooth(per_seq, previous.per_seq_s)
     measured = base.measured or bool(rates) or sig.prefill_rate_tps is not None
     # A window whose short prompts were batched with long ones can fit no slope (k = 0); a pair's
     # cost does not change with the load, so the last slope measured stands until a new one is.
     fit = _fit_prefill(sig)
     per_pair = fit[1] if fit is not None and fit[1] > 0 else base.prefill_per_pair_s
-    return Speeds(prefill, step, per_seq, overhead, measured, per_pair)
+    decode_measured = base.decode_measured or fit_decode is not None
+    return Speeds(prefill, step, per_seq, overhead, measured, per_pair, decode_measured)
 
 
 def _fit_prefill(sig: Signals) -> tuple[float, float] | None:
@@ -202,6 +219,30 @@ def _itl(tokens_per_s: float, n: int, speeds: Speeds, stretch: float, kv_usage: 
     return cm.itl_s(snap, cm.CostParams()), rho
 
 
+def _mixed_prefill(
+    n: int, lam: float, lengths: Sequence[int], tokens_per_s: float, speeds: Speeds
+) -> tuple[float, float, float]:
+    """(queued prompt tokens, prefill rate, decode stretch ``1/(1-ρ)``) of ``n`` mixed workers."""
+    decode_share = min(speeds.per_seq_s * tokens_per_s / n, 0.95)
+    rate = speeds.prefill_tps * (1 - decode_share)
+    queued, rho_p = _wait_tokens(lam / n, lengths, rate)
+    return queued, rate, 1 / (1 - rho_p) if rho_p < 1 else math.inf
+
+
+def _fitted_stretch(sig: Signals, speeds: Speeds) -> float:
+    """The prefill stretch already inside the decode fit: the window's ITLs were measured on the
+    deployment it ran on (:attr:`Signals.actual`), and on mixed workers they include their
+    prompt chunks (1 on a split deployment)."""
+    shape = sig.actual
+    if shape.mixed == 0 or shape.prefill or shape.decode:
+        return 1.0
+    outputs = sig.output_lengths or [0]
+    tokens_per_s = sig.arrival_rate * sum(outputs) / len(outputs)
+    lengths = sig.prompt_lengths or [0]
+    stretch = _mixed_prefill(shape.mixed, sig.arrival_rate, lengths, tokens_per_s, speeds)[2]
+    return stretch if math.isfinite(stretch) else 1.0
+
+
 def stall_share(
     lam: float,
     lengths: Sequence[int],
@@ -255,14 +296,16 @@ def predict(
     outputs = sig.output_lengths or [0]
     tokens_per_s = lam * sum(outputs) / len(outputs)
     kv = max((w.kv_usage for w in sig.workers), default=0.0)
+    fitted = _fitted_stretch(sig, speeds)  # the prompt chunks' stretch already in the decode fit
     params = cm.CostParams()
     if shape.mixed > 0 and shape.prefill == shape.decode == 0:  # aggregated
         n = shape.mixed
-        decode_share = min(speeds.per_seq_s * tokens_per_s / n, 0.95)
-        rate = speeds.prefill_tps * (1 - decode_share)
-        queued, rho_p = _wait_tokens(lam / n, lengths, rate)
-        stretch = 1 / (1 - rho_p) if rho_p < 1 else math.inf
-        itl, rho_d = _itl(tokens_per_s, n, speeds, stretch, kv) if math.isfinite(stretch) else (math.inf, 1.0)
+        queued, rate, stretch = _mixed_prefill(n, lam, lengths, tokens_per_s, speeds)
+        rho_p = 1 - 1 / stretch if math.isfinite(stretch) else 1.0
+        decode_stretch = stretch / fitted
+        itl, rho_d = (
+            _itl(tokens_per_s, n, speeds, decode_stretch, kv) if math.isfinite(stretch) else (math.inf, 1.0)
+        )
         transfer = 0.0
         stalled = (
             stall_share(
@@ -277,12 +320,18 @@ def predict(
             if max_gap_s is not None and math.isfinite(itl)
             else 0.0
         )
+        decode_lam = lam / n
     else:
         stalled = 0.0
         queued, rho_p = _wait_tokens(lam / max(shape.prefill, 1), lengths, speeds.prefill_tps)
         rate = speeds.prefill_tps
-        itl, rho_d = _itl(tokens_per_s, max(shape.decode, 1), speeds, 1.0, kv)
+        # The fit measured on mixed workers includes their prompt chunks, which a decode worker
+        # would not run; that speed-up is not credited (unmeasured: S7 measured 1P+1D's decode
+        # worker slower on chat than 2M's, TPOT p90 57 vs 43 ms)
+        decode_stretch = 1.0
+        itl, rho_d = _itl(tokens_per_s, max(shape.decode, 1), speeds, decode_stretch, kv)
         transfer = -1.0  # per request, below
+        decode_lam = lam / max(shape.decode, 1)
     ttfts: list[float] = []
     for n_tokens in lengths:
         if not math.isfinite(queued):
@@ -300,10 +349,15 @@ def predict(
     per_token_ok = ttft_per_token_s * (1 - margin)
     within = (
         sum(1 for t, n in zip(ttfts, lengths, strict=True) if t <= ttft_ok + per_token_ok * n)
-        if itl <= itl_ok and (max_gap_s is None or itl <= max_gap_s * (1 - margin))
+        if max_gap_s is None or itl <= max_gap_s * (1 - margin)
         else 0
     )
-    attainment = within / len(ttfts) * (1.0 - stalled)
+    # each request's own TPOT, from the batch it decodes in (pdserve.planner.tpot), not the mean
+    base = max(speeds.step_s - speeds.per_seq_s, 1e-6)
+    itl_share = tpot_attainment(
+        decode_lam, sig.output_lengths, base, speeds.per_seq_s, itl_ok, decode_stretch
+    )
+    attainment = within / len(ttfts) * itl_share * (1.0 - stalled)
     utilization = max(rho_p, rho_d)
     p90 = percentile(ttfts, 0.9)
     return Prediction(
@@ -313,4 +367,5 @@ def predict(
         attainment=attainment,
         utilization=utilization,
         meets=attainment >= attainment_target and utilization <= max_utilization,
+        itl_attainment=itl_share,
     )

@@ -173,7 +173,8 @@ PLANNER = ["--planner", "slo", "--ttft-ms", "500", "--itl-ms", "30", "--max-work
 def test_simulate_with_the_planner_writes_its_history_and_pools(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sim.json"
-    assert main([*SIMULATE, *PLANNER, "--output", str(out)]) == 0
+    # one H100 does not prefill 25 summaries/s (it does 12: measured within the SLOs)
+    assert main([*SIMULATE, *PLANNER, "--request-rate", "25", "--output", str(out)]) == 0
     assert "planner: " in capsys.readouterr().out
     data = json.loads(out.read_text())
     (run,) = data["planner"]
@@ -182,7 +183,7 @@ def test_simulate_with_the_planner_writes_its_history_and_pools(tmp_path: Path,
             "candidates", "over_capacity", "given_up"}
     assert history and all(keys <= set(d) for d in history)
     assert [d["at_unix_s"] for d in history[:3]] == [5.0, 10.0, 15.0]
-    assert any(d["action"] == "scale_up" for d in history)  # one H100 does not prefill 12 summaries/s
+    assert any(d["action"] == "scale_up" for d in history)
     assert pools[0]["ready"] == {"prefill": 0, "decode": 0, "mixed": 1}
     assert max(sum(p["ready"].values()) for p in pools) >= 2
     assert data["config"]["planner"] == "slo" and data["config"]["worker_start_s"] == START_S
