@@ -294,8 +294,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from pdserve.bench.metrics import SLO
     from pdserve.bench.report import format_summary, format_sweep, result_json, write_json
     from pdserve.bench.runner import SweepResult
-    from pdserve.bench.workload import make_counter, make_workload
-    from pdserve.sim.deploy import PromptEncoder, make_requests
+    from pdserve.bench.workload import make_workload
+    from pdserve.sim.deploy import PromptEncoder, make_requests, workload_counter
     from pdserve.sim.elastic import PlannedResult, PlannedSimulator
     from pdserve.sim.planner_cli import elastic_config, format_planner, planner_summary, plot_planner
     from pdserve.sim.results import simulate_run
@@ -307,8 +307,8 @@ def _simulate(args: argparse.Namespace) -> int:
     elastic = elastic_config(args, build_config)
     simulator = Simulator if elastic is None else functools.partial(PlannedSimulator, elastic=elastic)
     workload = workload_config(args)
-    counter = make_counter(args.tokenizer)
     encoder = PromptEncoder(args.model, args.endpoint, arch.vocab_size)
+    counter = workload_counter(args.tokenizer, encoder, args.model)
     slo = SLO.parse(args.slo)
     warmup_requests, warmup_s = _parse_warmup(args.warmup)
     num_requests = args.num_requests
