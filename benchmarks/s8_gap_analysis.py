@@ -14,7 +14,11 @@ mix and seed. This script:
    sent (from the measured records: send time to send + TTFT + TPOT × (out − 1)),
    and fits gap = a + b · simulated TTFT per configuration and load group;
 4. from S8's cells: the TTFT p50 gap per rate, and the CPU the router and the
-   client used (the share of the cores that could contend with the workers).
+   client used (the share of the cores that could contend with the workers);
+   when the S8 run kept its requests (runs after this script was written do),
+   the same per-request description of S8's own requests, and the medians of
+   the router's TTFT breakdown (queue, prefill, transfer, delivery) beside the
+   simulated TTFT.
 
 Nothing is fitted into the simulator here: it only describes the gap.
 
@@ -122,11 +126,31 @@ def main(argv: list[str] | None = None) -> None:
         print(f"S8 {c['config']:6} {c['rate_per_s']:g}/s: TTFT p50 {t['measured']:.0f} vs "
               f"{t['simulated']:.0f} ms "
               f"(gap {t['measured'] - t['simulated']:+.0f} ms); router + client used {others:.3f} cores")
+    s8_requests: dict[str, Any] = {}
+    for key in CONFIGS:
+        s8_rows: list[dict[str, Any]] = []
+        for c in (c for c in s8_run["cells"] if c["config"] == key and c.get("requests")):
+            keys = ("ttft_ms", "sim_ttft_ms", "tpot_ms", "sim_tpot_ms")
+            ok: list[dict[str, Any]] = [r for r in c["requests"] if all(r[k] is not None for k in keys)]
+            s8_rows += [{**r, "in_flight": n} for r, n in zip(ok, in_flight(ok), strict=True)]
+        if not s8_rows:
+            continue
+        parts = [r["server_ttft_parts_ms"] for r in s8_rows if r.get("server_ttft_parts_ms")]
+        s8_requests[key] = {
+            "all": describe(s8_rows),
+            "by_in_flight": {f"{lo}-{hi}" if hi < 99 else f"{lo}+": describe(g) for lo, hi in GROUPS
+                             if (g := [r for r in s8_rows if lo <= r["in_flight"] <= hi])},
+            "server_ttft_parts_ms_median": {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+            if parts else None,
+            "sim_ttft_ms_median": statistics.median(r["sim_ttft_ms"] for r in s8_rows)}
+        print(f"S8 {key} requests: {s8_requests[key]['all']}; router's TTFT parts (medians) "
+              f"{s8_requests[key]['server_ttft_parts_ms_median']}")
     sources = {name: {"path": str(path), "commit": run["machine"]["git"]["commit"],
                       "date": run["machine"]["date"]}
                for name, path, run in (("s3", opts.s3, s3_run), ("s8", opts.s8, s8_run))}
     write_json(opts.out, {"scenario": "S8 gap analysis", "machine": machine_info(), "sources": sources,
-                          "s3_per_request": per_config, "s8_cells": s8_cells})
+                          "s3_per_request": per_config, "s8_cells": s8_cells,
+                          "s8_per_request": s8_requests or None})
     print(f"wrote {opts.out}")
 
 
