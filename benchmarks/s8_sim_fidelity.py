@@ -206,7 +206,9 @@ def render_doc(out: dict[str, Any]) -> str:
         lines.append(f"- profile, {key.replace('_', ' ')}: fit error median "
                      f"{fit['median_abs_rel_error']:.0%}, p90 {fit['p90_abs_rel_error']:.0%} over "
                      f"{fit['num_samples']} step shapes"
-                     + (f"; serving overhead {so['first_token_s'] * 1e3:.1f} ms before the first token, "
+                     + (f"; serving overhead {so['first_token_s'] * 1e3:.1f} ms before the first token"
+                        + (f" ({so['first_token_loaded_s'] * 1e3:.1f} ms under load)"
+                           if so.get("first_token_loaded_s") is not None else "") + ", "
                         f"{so['per_token_s'] * 1e3:.2f} ms per token, "
                         f"{so.get('per_row_s', 0.0) * 1e3:.2f} ms per further row" if so else ""))
     if not out["cells"]:

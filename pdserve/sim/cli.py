@@ -105,7 +105,9 @@ def run_profile(args: argparse.Namespace) -> int:
         print(f"{name}: {link.bandwidth_bytes_per_s / 1e9:.2f} GB/s, latency {link.latency_s * 1e3:.2f} ms")
     for what, so in (("", serving), (" (hand-offs)", serving_handoff)):
         if so is not None:
-            print(f"serving overhead{what}: {so.first_token_s * 1e3:.1f} ms before the first token, "
+            loaded = ("" if so.first_token_loaded_s is None
+                      else f" ({so.first_token_loaded_s * 1e3:.1f} ms with requests arriving under load)")
+            print(f"serving overhead{what}: {so.first_token_s * 1e3:.1f} ms before the first token{loaded}, "
                   f"{so.per_token_s * 1e3:.2f} ms per token, {so.per_row_s * 1e3:.2f} ms per further row "
                   f"({so.num_requests} requests)")
     print(f"profile written to {args.output}")

@@ -226,15 +226,16 @@ class Profile:
 
     @property
     def request_overhead_s(self) -> float | None:
-        """The measured cost before a request's first token (None: not measured)."""
-        return self.serving.first_token_s if self.serving is not None else None
+        """The measured cost before a request's first token (None: not measured): the one measured
+        with requests arriving while others are served when the profile has it, else the idle one."""
+        return self.serving.per_request_s if self.serving is not None else None
 
     @property
     def handoff_overhead_s(self) -> float:
         """What a handed-off request's first token costs beyond a local one's (0: not measured)."""
         if self.serving_handoff is None:
             return 0.0
-        return max(self.serving_handoff.first_token_s - (self.request_overhead_s or 0.0), 0.0)
+        return max(self.serving_handoff.per_request_s - (self.request_overhead_s or 0.0), 0.0)
 
     def to_json(self) -> dict[str, Any]:
         """The profile file's content."""
@@ -300,6 +301,9 @@ def load_profile(path: str | Path, model: str, threads: int | None = None,
     if profile.serving is None:
         warn(f"profile {path} has no serving overhead (HTTP, router, per-token streaming): simulated as 0 "
              f"beyond --request-overhead-ms (rerun `pdserve profile` without --no-serving to measure it)")
+    elif profile.serving.first_token_loaded_s is None:
+        warn(f"profile {path} is older than the loaded serving overhead (requests arriving while others "
+             f"are served): its idle figure is used before each first token (rerun `pdserve profile`)")
     if profile.model != model:
         raise ConfigError(f"profile {path} was taken with model {profile.model!r}, not {model!r}: "
                           f"run `pdserve profile --model {model}`")

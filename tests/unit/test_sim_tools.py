@@ -98,7 +98,7 @@ def make_profile(model: str = "tiny") -> Profile:
     return Profile(model=model, arch={}, machine=machine_identity(1), engine={},
                    step_model=LinearStepModel((0.01, 1e-4, 0.0, 1e-6, 1e-4)),
                    fit={}, links={"shm": LinkModel(5e9, 1e-4)}, samples=[],
-                   serving=ServingOverhead(0.0, 0.0, num_requests=1, method="test"))
+                   serving=ServingOverhead(0.0, 0.0, num_requests=1, method="test", first_token_loaded_s=0.0))
 
 
 def test_profile_of_another_model_is_refused_and_another_machine_warned(tmp_path: Path) -> None:
