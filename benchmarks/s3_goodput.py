@@ -92,7 +92,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -100,6 +100,7 @@ import httpx
 from common import RESULTS_DIR, Setup, machine_info, ratio, write_json
 from cpu_meter import CpuMeter
 from merge_runs import earlier_configs, provenance
+from s3_load import Bench
 from s3_report import (
     PLANNER_NOTE,
     goodput_rate,
@@ -112,106 +113,19 @@ from s3_report import (
     sensitivity,
     unloaded_report,
 )
+from s3_setups import MODEL, PLANNER_SERVE, setups
 from serve_launcher import ServeLauncher
 
-from pdserve.bench.arrivals import ArrivalConfig
-from pdserve.bench.client import ClientConfig
 from pdserve.bench.metrics import SLO, Summary
-from pdserve.bench.runner import LoadConfig, RunResult, run_load
-from pdserve.bench.workload import LengthDist, TokenCounter, WorkloadConfig, make_counter, make_workload
-from pdserve.launch.local import LaunchConfig, LocalLauncher
+from pdserve.bench.runner import RunResult
+from pdserve.launch.local import LocalLauncher
 
-MODEL = "bench-50m"
 RESULTS = RESULTS_DIR / "s3_goodput.json"
 REFERENCE = "agg"  # the configuration whose unloaded latency sets the SLO
 DEFAULTS = {"configs": ["agg", "agg2", "disagg"], "rates": [0.5, 0.75, 1.0, 1.5, 2.0], "num_requests": 32,
             "warmup_requests": 3, "calibration_requests": 5}
 QUICK = {"configs": ["agg", "disagg"], "rates": [0.5, 1.0, 1.5], "num_requests": 24, "warmup_requests": 2,
          "calibration_requests": 3}
-
-
-# ----------------------------------------------------------------------------- configurations
-
-
-#: The planner's deployment (``pdserve serve``; the SLO of the run is appended): the 2-core budget in
-#: one-thread workers, started as agg2, re-planned every 5 s.
-PLANNER_SERVE = ["--model", MODEL, "--mode", "aggregated", "--mixed", "2", "--threads-per-worker", "1",
-                 "--planner", "slo", "--max-cores", "2", "--interval", "5", "--ready-timeout", "600"]
-PLANNER_DESCRIPTION = ("planner: pdserve serve --planner slo --max-cores 2 (one-thread workers), started as "
-                       "agg2, re-planned every 5 s against this run's SLO, kept running across the rates")
-
-
-def setups(args: argparse.Namespace) -> dict[str, Setup]:
-    """The configurations, keyed agg, agg2, disagg (``planner`` is started by ``ServeLauncher``)."""
-    worker = ["--model", MODEL, "--chunk-size", str(args.chunk_size), "--no-prefix-caching"]
-    router = ["--model", MODEL, "--lease", str(args.lease), "--disagg-policy", args.disagg_policy]
-
-    def launch(mode: str, threads: int, num_prefill: int = 0, num_decode: int = 0, num_mixed: int = 0
-               ) -> LaunchConfig:
-        return LaunchConfig(mode=mode, num_prefill=num_prefill, num_decode=num_decode, num_mixed=num_mixed,
-                            port=0, router_args=router, worker_args=worker, threads_per_worker=threads,
-                            ready_timeout_s=300)
-
-    chunk = f"chunked prefill (chunk {args.chunk_size})"
-    return {
-        "agg": Setup("agg", f"aggregated, 1 mixed worker × 2 threads, {chunk}",
-                     launch("aggregated", 2, num_mixed=1)),
-        "agg2": Setup("agg2", f"aggregated, 2 mixed workers × 1 thread, {chunk}",
-                      launch("aggregated", 1, num_mixed=2)),
-        "disagg": Setup("disagg", f"disaggregated, 1 prefill + 1 decode worker × 1 thread, {chunk}",
-                        launch("disaggregated", 1, num_prefill=1, num_decode=1)),
-        "planner": Setup("planner", PLANNER_DESCRIPTION, launch("aggregated", 1, num_mixed=2)),
-    }
-
-
-# ----------------------------------------------------------------------------- load
-
-
-def median_tokens(dist: LengthDist) -> int:
-    """A typical length: the fixed length, the middle of a uniform range or a lognormal's median."""
-    if dist.kind == "uniform":
-        return round((dist.a + dist.b) / 2)
-    return max(dist.lo, min(dist.hi, round(dist.a)))
-
-
-@dataclass(frozen=True)
-class Bench:
-    """What every configuration is sent: the workload, the typical request and the client settings."""
-
-    workload: WorkloadConfig
-    counter: TokenCounter
-    typical_prompt_tokens: int
-    typical_output_tokens: int
-    args: argparse.Namespace
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Bench:
-        workload = WorkloadConfig(kind=args.workload, input_len=args.input_len, output_len=args.output_len,
-                                  seed=args.seed)
-        prompt, output = workload.lengths()
-        # pdserve's own tokenizer: prompt lengths are exact token counts (the server adds a BOS)
-        return cls(workload, make_counter(MODEL), median_tokens(prompt), median_tokens(output), args)
-
-    def client(self, url: str) -> ClientConfig:
-        return ClientConfig(base_url=url, model=MODEL, extra_body={"temperature": 0.0},
-                            timeout_s=self.args.request_timeout)
-
-    async def unloaded(self, url: str) -> Summary:
-        """Typical requests one at a time on an idle deployment (the first is a warm-up)."""
-        typical = replace(self.workload, kind="synthetic", input_len=str(self.typical_prompt_tokens),
-                          output_len=str(self.typical_output_tokens), seed=self.args.seed + 1)
-        load = LoadConfig(arrivals=ArrivalConfig(rate=math.inf), num_requests=self.args.calibration_requests,
-                          max_concurrency=1, warmup_requests=1, progress=False)
-        run = await run_load(self.client(url), load, make_workload(typical, self.counter), None, self.counter)
-        return run.summary
-
-    async def at_rate(self, url: str, rate: float, slo: SLO) -> RunResult:
-        """The seeded workload with Poisson arrivals at ``rate``; waits for every request."""
-        load = LoadConfig(arrivals=ArrivalConfig(rate=rate, kind="poisson", seed=self.args.seed),
-                          num_requests=self.args.num_requests, warmup_requests=self.args.warmup_requests,
-                          progress=False)
-        return await run_load(self.client(url), load, make_workload(self.workload, self.counter), slo,
-                              self.counter)
 
 
 # ----------------------------------------------------------------------------- one configuration

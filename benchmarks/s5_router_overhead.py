@@ -53,42 +53,35 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import heapq
 import itertools
 import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 from common import RESULTS_DIR, machine_info, write_json
+from s5_fake_worker import MODEL, fake_worker
+from s5_report import print_report, verdicts
+from s5_stack import Stack
 
 from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.client import ClientConfig
-from pdserve.bench.fake_server import Schedule, parse_directive, with_overrides
 from pdserve.bench.runner import LoadConfig, RunResult, run_load
 from pdserve.bench.workload import RequestSpec, WorkloadConfig, make_workload
-
-MODEL = "tiny"
-TARGET_TTFT_MS = 2.0
-TARGET_ITL_MS = 0.5
-TARGET_BENCH_RPS = 500.0
-BYTE_OFFSET = 3  # the presets' byte tokenizer: token id = byte + 3
-TOKEN_ID = ord("a") + BYTE_OFFSET
 
 
 @dataclass(frozen=True)
 class Phase:
+    """One load phase: the schedule each request asks for, its lengths and concurrency."""
+
     name: str
     ttft_ms: float
     itl_ms: float
@@ -96,168 +89,6 @@ class Phase:
     concurrency: int
     num_requests: int
     warmup: int
-
-
-# -- the fake worker (a separate process) -------------------------------------------------
-
-
-def fake_worker(router: str, worker_id: str, trace_path: str | None) -> None:
-    """Register with the router as a mixed worker and stream tokens on each prompt's schedule.
-
-    With ``trace_path``, append ``tag received_s first_token_sent_s`` (``time.monotonic``) per request.
-    """
-    trace = open(trace_path, "a", buffering=1 << 16) if trace_path else None  # noqa: SIM115
-    import zmq
-
-    from pdserve.block_hash import HASH_SCHEME
-    from pdserve.worker import protocol as p
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, worker_id.encode())
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(router)
-
-    def send(message: p.Message) -> None:
-        sock.send(p.encode(message), copy=False)
-
-    def register() -> None:
-        # It has a (never changing, empty) prefix cache: the router hashes every prompt and looks
-        # it up in its cache index as with real workers, so that cost is part of what is measured.
-        send(p.Register(worker_id, "mixed", MODEL, os.getpid(), "fake-host", 4096, 16, 1 << 20,
-                        hash_scheme=HASH_SCHEME, kv_epoch=1))
-
-    # request id → (tokens asked for, prompt length, tag, received_s);
-    # the tokens to send: a heap of (due_s, seq, request id, token index)
-    requests: dict[str, tuple[int, int, str, float]] = {}
-    due: list[tuple[float, int, str, int]] = []
-    seq = itertools.count()
-    next_heartbeat_s = 0.0
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    register()
-    while True:
-        now = time.monotonic()
-        wait_s = min(next_heartbeat_s, due[0][0] if due else math.inf) - now
-        if poller.poll(max(0, math.ceil(wait_s * 1e3))):
-            while True:
-                try:
-                    data = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                m = p.decode(data)
-                if isinstance(m, p.PrefillRequest):
-                    start_s = time.monotonic()
-                    prompt = bytes(t - BYTE_OFFSET for t in m.prompt_token_ids[:80] if t >= BYTE_OFFSET)
-                    directive = parse_directive(prompt.decode("utf-8", "replace"))
-                    sched = with_overrides(Schedule(), directive)
-                    tag = directive.get("tag", "-")
-                    requests[m.request_id] = (m.params.max_tokens, len(m.prompt_token_ids), tag, start_s)
-                    for i in range(m.params.max_tokens):
-                        due_s = start_s + (sched.ttft_ms + i * sched.itl_ms) / 1e3
-                        heapq.heappush(due, (due_s, next(seq), m.request_id, i))
-                elif isinstance(m, p.Abort):
-                    requests.pop(m.request_id, None)
-                elif isinstance(m, p.GetStats):
-                    send(p.WorkerStats(worker_id, "mixed", p.WorkerLoad(num_running=len(requests)), 0, 0))
-                elif isinstance(m, p.Reregister):
-                    register()
-                elif isinstance(m, p.KVSnapshotRequest):
-                    send(p.KVSnapshot(worker_id, 1, 0, []))
-                elif isinstance(m, p.Shutdown):
-                    if trace is not None:
-                        trace.close()
-                    return
-        now = time.monotonic()
-        while due and due[0][0] <= now:
-            _, _, rid, i = heapq.heappop(due)
-            if rid not in requests:
-                continue  # aborted
-            num_tokens, num_prompt, tag, received_s = requests[rid]
-            last = i == num_tokens - 1
-            if last:
-                del requests[rid]
-            send(p.Tokens(rid, i, [TOKEN_ID], finished=last, finish_reason="length" if last else None,
-                          num_prompt_tokens=num_prompt))  # fmt: skip
-            if i == 0 and trace is not None:
-                trace.write(f"{tag} {received_s:.6f} {time.monotonic():.6f}\n")
-        if now >= next_heartbeat_s:
-            if trace is not None:
-                trace.flush()
-            send(p.Heartbeat(worker_id, p.WorkerLoad(num_running=len(requests)), kv_epoch=1, kv_seq=0))
-            next_heartbeat_s = now + 0.5
-
-
-# -- processes ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Stack:
-    """The fake server, the router and the fake worker, started once for the whole run."""
-
-    def __init__(self, router_args: list[str]) -> None:
-        self.procs: dict[str, subprocess.Popen[str]] = {}
-        self.logs = tempfile.TemporaryDirectory(prefix="s5-")
-        here = Path(__file__).resolve()
-        server = [sys.executable, "-m", "pdserve.bench.fake_server", "--port", "0", "--model", MODEL]
-        fake = self._start("fake_server", server, stdout=subprocess.PIPE)
-        assert fake.stdout is not None
-        self.direct_url = fake.stdout.readline().strip().rsplit(" ", 1)[-1]
-        port, control = free_port(), free_port()
-        router = [sys.executable, "-m", "pdserve", "router", "--model", MODEL, *router_args]
-        self._start("router", [*router, "--port", str(port), "--control-port", str(control)])
-        self.router_url = f"http://127.0.0.1:{port}"
-        self.trace_path = Path(self.logs.name) / "worker.trace"
-        self.trace_path.write_text("")
-        worker = [sys.executable, str(here), "fake-worker", "--router", f"tcp://127.0.0.1:{control}"]
-        self._start("worker", [*worker, "--trace", str(self.trace_path)])
-        self._wait_ready()
-
-    def _start(self, name: str, cmd: list[str], stdout: Any = None) -> subprocess.Popen[str]:
-        err = open(Path(self.logs.name) / f"{name}.log", "w")  # noqa: SIM115 (kept open for the process)
-        proc = subprocess.Popen(cmd, stdout=stdout or err, stderr=err, text=True)
-        self.procs[name] = proc
-        return proc
-
-    def _wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited: {self.log(name)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.router_url + "/ready", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(f"router not ready after {timeout_s} s: {self.log('router')}")
-
-    def log(self, name: str) -> str:
-        return (Path(self.logs.name) / f"{name}.log").read_text()[-2000:]
-
-    def cpu_s(self) -> dict[str, float]:
-        """CPU seconds used so far by each process and by this one."""
-        tick = os.sysconf("SC_CLK_TCK")
-        out = {}
-        for name, proc in [*self.procs.items(), ("client", None)]:
-            pid = proc.pid if proc is not None else os.getpid()
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        return out
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        self.logs.cleanup()
 
 
 # -- measurement ----------------------------------------------------------------------------
@@ -442,82 +273,6 @@ def measure(stack: Stack, phases: list[Phase], repeats: int, profile: bool) -> d
         if split is not None:
             results[phase.name]["router_ttft_split"] = split
     return results
-
-
-def verdicts(ph: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for name, label in (("low", "1 stream"), ("c256", "256 streams")):
-        if name not in ph:
-            continue
-        diff = ph[name]["router_minus_direct"]
-        out.append(_verdict(f"router adds to TTFT p50, {label} (ms)", diff["ttft_p50_ms"], TARGET_TTFT_MS))
-        # both ways: an ITL below the schedule's means tokens held back and sent in bursts
-        out.append(_verdict(f"router changes ITL p50, {label} (ms)", diff["itl_p50_ms"], TARGET_ITL_MS, True))
-    if "c256" in ph:
-        failed = ph["c256"]["router"]["num_failed"]
-        out.append(_verdict("errors at 256 streams through the router", failed, 0))
-    if "max" not in ph:
-        return out
-    out.append(
-        {
-            "check": "bench tool req/s vs an instant server",
-            "value": ph["max"]["direct"]["req_per_s_best"],
-            "target": f"≥ {TARGET_BENCH_RPS:g}",
-            "pass": ph["max"]["direct"]["req_per_s_best"] >= TARGET_BENCH_RPS,
-        }
-    )
-    out.append(
-        {
-            "check": "router req/s with an instant worker",
-            "value": ph["max"]["router"]["req_per_s_best"],
-            "target": "(reported)",
-            "pass": None,
-        }
-    )
-    return out
-
-
-def _verdict(check: str, value: float, limit: float, two_sided: bool = False) -> dict[str, Any]:
-    ok = abs(value) <= limit if two_sided else value <= limit
-    return {"check": check, "value": value, "target": f"{'|x| ' if two_sided else ''}≤ {limit:g}", "pass": ok}
-
-
-def print_report(results: dict[str, Any]) -> None:
-    ph = results["phases"]
-    print()
-    print(
-        f"{'phase':7s}{'side':8s}{'TTFT p50':>10s}{'p99':>9s}{'ITL p50':>9s}{'p99':>8s}{'late p50':>10s}"
-        f"{'req/s':>8s}{'failed':>7s}  CPU cores: router worker server client"
-    )
-    for name, phase_result in ph.items():
-        for side in ("direct", "router"):
-            r = phase_result[side]
-            c = r["cpu_cores"]
-            print(
-                f"{name:7s}{side:8s}{r['ttft_p50_ms']:10.2f}{r['ttft_p99_ms']:9.2f}{r['itl_p50_ms']:9.2f}"
-                f"{r['itl_p99_ms']:8.2f}{r['token_lateness_p50_ms']:10.2f}{r['req_per_s_best']:8.1f}"
-                f"{r['num_failed']:7d}  {c['router']:.2f} {c['worker']:.2f} {c['fake_server']:.2f} "
-                f"{c['client']:.2f}"
-            )
-    split = ph["low"].get("router_ttft_split") if "low" in ph else None
-    if split:
-        print(
-            f"\nrouter TTFT at 1 stream (first run), p50 {split['ttft_p50_ms']:.2f} ms: client → worker "
-            f"{split['client_to_worker_p50_ms']:.2f} ms, in the worker {split['in_worker_p50_ms']:.2f} ms, "
-            f"worker → client {split['worker_to_client_p50_ms']:.2f} ms"
-        )
-    if "max" in ph:
-        cpu_ms = ph["max"]["router"]["cpu_ms_per_request"]["router"]
-        print(f"router CPU per request, max phase: {cpu_ms:.2f} ms\n")
-    for v in results["verdicts"]:
-        mark = "" if v["pass"] is None else ("PASS" if v["pass"] else "MISS")
-        print(f"{mark:5s} {v['check']:45s} {v['value']:10.2f}  target {v['target']}")
-    prof = results.get("profile_router_max_phase")
-    if prof:
-        print("\nrouter profile, max phase (inclusive % of samples):")
-        for func, pct in prof["inclusive_pct"]:
-            print(f"  {pct:5.1f}%  {func}")
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

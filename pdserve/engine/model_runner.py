@@ -15,7 +15,8 @@ import torch
 from pdserve.config import CacheConfig, ModelConfig
 from pdserve.engine.sampler import SampledToken, Sampler
 from pdserve.engine.scheduler import SchedulerOutput
-from pdserve.model.attention import KVCache, SeqSpec, allocate_kv_cache, build_attention_metadata
+from pdserve.model.attention import KVCache, allocate_kv_cache
+from pdserve.model.attention_metadata import SeqSpec, build_attention_metadata
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
 from pdserve.model.quant import quantize_model

@@ -92,7 +92,7 @@ def _unlink_dead_segments(pid: int = 0) -> None:
     unlink its segment, and no one else on the node is its parent: every actor
     sweeps when its process starts and ends.
     """
-    from pdserve.launch.local import unlink_segments_of
+    from pdserve.launch.local_backend import unlink_segments_of
     from pdserve.transfer.shm import unlink_stale_segments
 
     if pid:

@@ -70,7 +70,7 @@ def make_backend(args: argparse.Namespace) -> Backend:
     from pdserve.launch import ray_resources
 
     if args.launcher == "local":
-        from pdserve.launch.local import LocalBackend
+        from pdserve.launch.local_backend import LocalBackend
 
         ray_resources.check_not_ray(args)
         return LocalBackend(log_level=args.log_level, start_timeout_s=args.ready_timeout)

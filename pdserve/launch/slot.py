@@ -1,4 +1,11 @@
-"""One worker place the supervisor keeps filled (see :mod:`pdserve.launch.supervisor`)."""
+"""One worker place the supervisor keeps filled (see :mod:`pdserve.launch.supervisor`).
+
+Slot states (shown by ``/pdserve/workers`` and ``pdserve status``):
+``starting`` (started, not registered yet), ``ready``, ``draining`` (being
+removed), ``flipping`` (changing role), ``restarting`` (exited; waiting out its
+backoff), ``failed`` (given up on; a later ``pdserve scale`` of its pool
+replaces it).
+"""
 
 from __future__ import annotations
 

@@ -11,13 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pdserve.model.attention import (
-        AttentionMetadata,
-        KVCache,
-        SeqSpec,
-        allocate_kv_cache,
-        build_attention_metadata,
-    )
+    from pdserve.model.attention import KVCache, allocate_kv_cache
+    from pdserve.model.attention_metadata import AttentionMetadata, SeqSpec, build_attention_metadata
     from pdserve.model.llama import LlamaForCausalLM
     from pdserve.model.loader import (
         dummy_weights,
@@ -28,11 +23,11 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {
-    "AttentionMetadata": "pdserve.model.attention",
+    "AttentionMetadata": "pdserve.model.attention_metadata",
     "KVCache": "pdserve.model.attention",
-    "SeqSpec": "pdserve.model.attention",
+    "SeqSpec": "pdserve.model.attention_metadata",
     "allocate_kv_cache": "pdserve.model.attention",
-    "build_attention_metadata": "pdserve.model.attention",
+    "build_attention_metadata": "pdserve.model.attention_metadata",
     "LlamaForCausalLM": "pdserve.model.llama",
     "dummy_weights": "pdserve.model.loader",
     "load_model": "pdserve.model.loader",

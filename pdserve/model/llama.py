@@ -25,13 +25,8 @@ import torch
 from torch import nn
 
 from pdserve.errors import ModelLoadError
-from pdserve.model.attention import (
-    AttentionMetadata,
-    GatherWorkspace,
-    KVCache,
-    paged_attention,
-    write_kv,
-)
+from pdserve.model.attention import GatherWorkspace, KVCache, paged_attention, write_kv
+from pdserve.model.attention_metadata import AttentionMetadata
 from pdserve.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rope
 from pdserve.modelspec.arch import ArchConfig
 

@@ -29,7 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pdserve.model.attention import SeqSpec, allocate_kv_cache, build_attention_metadata
+from pdserve.model.attention import allocate_kv_cache
+from pdserve.model.attention_metadata import SeqSpec, build_attention_metadata
 from pdserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 ALPHA = 0.5

@@ -29,8 +29,11 @@ planner and the simulator call the same code:
   to the best candidate within the bound, which computes the prefix and
   becomes a second home for it.
 * :func:`plan` searches the candidates, keeps the lowest cost, and breaks
-  near-ties (within ``tie_rel``/``tie_abs_s``) by the power of two random
-  choices, so a burst of equal requests does not herd onto one worker.
+  near-ties (within ``tie_rel``/``tie_abs_s``) first by load (fewest
+  requests in flight on the computing worker), then by the fewest blocks
+  held in its cache (a prefix nobody holds goes to the emptiest cache, so
+  homes spread instead of landing where chance put them), then by the power
+  of two random choices among what is still tied.
 
 Units: seconds, tokens, bytes, tokens/s, bytes/s.
 """
@@ -74,6 +77,8 @@ class WorkerSnapshot:
             receiver); False keeps it to local placements. Prefill and decode workers ignore it.
         num_inflight: requests the router dispatched to it and has not seen end (its load for the
             bounded-loads rule: the router's own count, current at once, unlike heartbeats).
+        held_blocks: blocks its prefix cache holds as the router's index sees them (confirmed and
+            speculative): among near-tied candidates the emptiest cache takes a new prefix.
     """
 
     worker_id: str
@@ -88,6 +93,7 @@ class WorkerSnapshot:
     link_bytes_per_s: float | None = None
     kv_handoff: bool = True
     num_inflight: int = 0
+    held_blocks: int = 0
 
     @property
     def sends_kv(self) -> bool:
@@ -118,6 +124,10 @@ class CostParams:
         num_outputs_cap: output tokens counted in the decode term (max_tokens, capped).
         pressure_knee: KV usage above which the decode term grows steeply (preemptions).
         tie_rel, tie_abs_s: costs within ``max(tie_abs_s, tie_rel · best)`` of the best are ties.
+            15 %: the measured prefill rates of equal workers differ by about 10 % (which batches
+            each happened to run); with 5 % the worker measured fastest took every new prefix
+            (the simulated S6 cache-pressure load put 7 of 12 documents' first prompts on one of
+            three prefill workers, and evictions cut its cache hits).
         balance_factor: the bounded-loads factor c: a candidate whose in-flight requests, this one
             included, would exceed c × its pool's mean (this request counted) + ``balance_slack``
             is not a candidate for this request (see :func:`over_bound`). None: no bound.
@@ -138,7 +148,7 @@ class CostParams:
     interference_weight: float = 1.0
     num_outputs_cap: int = 64
     pressure_knee: float = 0.85
-    tie_rel: float = 0.05
+    tie_rel: float = 0.15
     tie_abs_s: float = 0.002
     balance_factor: float | None = 1.25
     balance_slack: float = 2.0
@@ -220,16 +230,25 @@ def over_bound(pool: Sequence[WorkerSnapshot], params: CostParams) -> frozenset[
 
 
 def pick_lowest(
-    costs: Sequence[tuple[float, int]], params: CostParams, rng: random.Random, scale_s: float
+    costs: Sequence[tuple[float, int]],
+    params: CostParams,
+    rng: random.Random,
+    scale_s: float,
+    keys: Sequence[tuple[int, ...]] | None = None,
 ) -> int:
-    """Index (the second field) of the lowest cost; near-ties go by two random choices.
+    """Index (the second field) of the lowest cost; near-ties go by ``keys``, then two random choices.
 
     Costs within ``max(tie_abs_s, tie_rel · scale_s)`` of the lowest are ties:
     ``scale_s`` is the part of the cost that tells candidates apart (the best
     TTFT), so a large term shared by all (the decode term) does not blur it.
+    ``keys[i]`` (optional, indexed like the second fields): among ties only the
+    smallest key stays; the power of two random choices picks among those left.
     """
     best = min(c for c, _ in costs)
     ties = [(c, i) for c, i in costs if c <= best + max(params.tie_abs_s, params.tie_rel * scale_s)]
+    if keys is not None and len(ties) > 1:
+        low = min(keys[i] for _, i in ties)
+        ties = [(c, i) for c, i in ties if keys[i] == low]
     if len(ties) == 1:
         return ties[0][1]
     a, b = rng.sample(ties, 2)
@@ -269,6 +288,7 @@ def plan(
         return min(cached_blocks.get(w.worker_id, 0) * block_size, max_cached)
 
     options: list[tuple[float, Placement]] = []
+    keys: list[tuple[int, ...]] = []  # near-ties: (computing worker's load, its cache, decoder's load)
     senders = [w for w in prefill if w.sends_kv]
     decoders = [w for w in local if w.receives_kv]
     over = over_bound(senders, params)
@@ -299,6 +319,7 @@ def plan(
                 options.append(
                     (cost, Placement(p.worker_id, d.worker_id, reason, cost, ttft, cached(p), moved))
                 )
+                keys.append((p.num_inflight, p.held_blocks, d.num_inflight))
     if not options or disagg_policy == "auto":
         held = max([held, *(cached(w) for w in local if w.worker_id in over_local)])
         for w in local:
@@ -309,10 +330,12 @@ def plan(
             cost = ttft + outputs * itl_s(w, params)
             why = _local_reason(w, senders, disagg_policy)
             options.append((cost, Placement(None, w.worker_id, why, cost, ttft, cached(w), 0)))
+            keys.append((w.num_inflight, w.held_blocks, w.num_inflight))
     if not options:
         return None
     scale_s = min(pl.ttft_s for _, pl in options)
-    chosen = options[pick_lowest([(c, i) for i, (c, _) in enumerate(options)], params, rng, scale_s)][1]
+    costs = [(c, i) for i, (c, _) in enumerate(options)]
+    chosen = options[pick_lowest(costs, params, rng, scale_s, keys)][1]
     if chosen.prefill_id is None and chosen.reason == LOCAL_SHORT:
         chosen = _explain_local(chosen, num_tokens, senders, params)
     if held > chosen.num_cached_tokens:

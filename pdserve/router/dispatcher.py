@@ -38,6 +38,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.placement import Placer, local_candidates, prefill_candidates
 from pdserve.router.registry import Registry, WorkerInfo
 from pdserve.router.tracing import RequestTrace
+from pdserve.router.worker_perf import compute_overlap_s
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker import protocol as p
 
@@ -293,8 +294,9 @@ class Dispatcher:
             case p.KVReceived(request_id=rid, num_bytes=num_bytes, transfer_s=transfer_s):
                 self.counters.kv_bytes += num_bytes
                 self.metrics.kv_transfer.observe(transfer_s)
-                self.placer.on_transfer(sender, num_bytes, transfer_s)
                 state = self._by_worker_rid.get(rid)
+                timing = state.trace.timing if state is not None else None
+                self.placer.on_transfer(sender, num_bytes, transfer_s, compute_overlap_s(timing))
                 if state is not None:
                     state.trace.kv_received(num_bytes, transfer_s)
                 if state is not None and state.prefill_id is not None:

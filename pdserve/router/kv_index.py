@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -81,6 +81,7 @@ class KVIndex:
         self._holders: dict[int, set[str]] = {}
         self._speculative: dict[int, dict[str, float]] = {}
         self._expiries: deque[tuple[float, int, str]] = deque()
+        self._num_speculative: Counter[str] = Counter()  # live speculative entries per worker
         self.num_resyncs = 0
         self.num_rejected_events = 0
 
@@ -219,7 +220,10 @@ class KVIndex:
         self._expire(now)
         expiry = now + self.speculative_ttl_s
         for block_hash in hashes:
-            self._speculative.setdefault(block_hash, {})[worker_id] = expiry
+            spec = self._speculative.setdefault(block_hash, {})
+            if worker_id not in spec:
+                self._num_speculative[worker_id] += 1
+            spec[worker_id] = expiry
             self._expiries.append((expiry, block_hash, worker_id))
 
     # -- figures --------------------------------------------------------------------------------
@@ -228,6 +232,17 @@ class KVIndex:
     def size(self) -> int:
         """Confirmed (worker, block) entries."""
         return sum(len(s.hashes) for s in self.workers.values())
+
+    def held_blocks(self, worker_id: str) -> int:
+        """Blocks a worker holds as far as the index knows: confirmed plus live speculative entries.
+
+        A block both confirmed and still speculative counts twice until its
+        speculative entry expires (``speculative_ttl_s``): the figure only
+        orders near-tied candidates (the emptiest cache takes a new prefix).
+        """
+        self._expire(self.clock())
+        state = self.workers.get(worker_id)
+        return (len(state.hashes) if state else 0) + self._num_speculative.get(worker_id, 0)
 
     @property
     def num_speculative(self) -> int:
@@ -286,5 +301,8 @@ class KVIndex:
             spec = self._speculative.get(block_hash)
             if spec is not None and spec.get(worker_id) == expiry:
                 del spec[worker_id]
+                self._num_speculative[worker_id] -= 1
+                if not self._num_speculative[worker_id]:
+                    del self._num_speculative[worker_id]
                 if not spec:
                     del self._speculative[block_hash]

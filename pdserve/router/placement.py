@@ -170,8 +170,7 @@ class Placer:
             decode_batch=sum(b for _, b in steps) / len(steps) if steps else 1.0,
         )
 
-    @staticmethod
-    def _snapshot(w: WorkerInfo, peers: _PeerMeans) -> cm.WorkerSnapshot:
+    def _snapshot(self, w: WorkerInfo, peers: _PeerMeans) -> cm.WorkerSnapshot:
         load, perf = w.load, w.perf
         measured = perf.decode_step_s is not None
         used = load.num_total_blocks - load.num_free_blocks  # cached free blocks can be evicted
@@ -189,6 +188,7 @@ class Placer:
             link_bytes_per_s=perf.link_bytes_per_s,
             kv_handoff=w.kv is not None,
             num_inflight=w.num_inflight,
+            held_blocks=self.index.held_blocks(w.worker_id),
         )
 
     # -- KV messages ---------------------------------------------------------------------------
@@ -228,11 +228,13 @@ class Placer:
         if self.index.check_heartbeat(m.worker_id, m.kv_epoch, m.kv_seq):
             self.send(m.worker_id, p.KVSnapshotRequest())
 
-    def on_transfer(self, decode_id: str, num_bytes: int, transfer_s: float) -> None:
-        """A KV transfer into ``decode_id`` completed: update its link rate."""
+    def on_transfer(
+        self, decode_id: str, num_bytes: int, transfer_s: float, overlap_s: float | None = None
+    ) -> None:
+        """A KV transfer into ``decode_id`` completed: its link rate (see ``WorkerPerf.on_transfer``)."""
         info = self.registry.get(decode_id)
         if info is not None:
-            info.perf.on_transfer(num_bytes, transfer_s)
+            info.perf.on_transfer(num_bytes, transfer_s, overlap_s)
 
     def worker_removed(self, worker_id: str) -> None:
         """A worker is gone: its entries go with it."""

@@ -4,7 +4,12 @@ Rates are learned online from the cumulative counters every heartbeat
 carries (prompt tokens computed and the time spent in prefill steps; decode
 steps, their time and their batch), as exponentially weighted averages of
 each interval's figures; the link rate from each ``KVReceived`` (bytes over
-the decode worker's measured transfer time). The queued prompt tokens are the
+the decode worker's measured transfer time, first byte to done). A transfer
+streamed layer by layer behind the prompt's compute lasts as long as that
+compute, whatever the link: its bytes/time says how fast P computed. Only a
+transfer that outlasted the compute it overlapped by ``LINK_BOUND`` × (the
+cached part of a prompt moving, say) measures the link; the others only
+show that the link is at least that fast (:meth:`WorkerPerf.on_transfer`). The queued prompt tokens are the
 router's own account: charged when it dispatches a prompt, credited when the
 first token arrives or the attempt ends (one charge per attempt, credited
 once, so the count cannot drift).
@@ -14,10 +19,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.worker.protocol import WorkerLoad
+from pdserve.worker.protocol import PrefillTiming, WorkerLoad
 
 ALPHA = 0.3  # weight of the newest interval
 MIN_BUSY_S = 0.02  # intervals with less measured work than this say little
+LINK_BOUND = 2.0  # a transfer this many times longer than the compute it overlapped measures the link
+
+
+def compute_overlap_s(timing: PrefillTiming | None) -> float | None:
+    """How long the prefill worker computed after its first KV push (None: unknown, nothing pushed).
+
+    From its :class:`PrefillTiming` (durations on its own clock): request
+    received → first token sampled, less request received → first push.
+    """
+    if timing is None or timing.kv_push_start_s is None:
+        return None
+    return max(timing.queue_s + timing.prefill_s + timing.kv_push_s - timing.kv_push_start_s, 0.0)
 
 
 def _ewma(old: float | None, new: float) -> float:
@@ -52,7 +69,22 @@ class WorkerPerf:
                 self.decode_batch, (load.num_decode_seqs - last.num_decode_seqs) / steps
             )
 
-    def on_transfer(self, num_bytes: int, transfer_s: float) -> None:
-        """A KV transfer into this worker completed."""
-        if num_bytes > 0 and transfer_s > 0:
-            self.link_bytes_per_s = _ewma(self.link_bytes_per_s, num_bytes / transfer_s)
+    def on_transfer(self, num_bytes: int, transfer_s: float, overlap_s: float | None = None) -> None:
+        """A KV transfer into this worker completed.
+
+        ``transfer_s``: first byte to done; ``overlap_s``: how much of it the
+        prefill worker spent computing the prompt (its first push to its first
+        token; None: not known). When the transfer outlasted that compute by
+        ``LINK_BOUND`` ×, the link set its pace: the sample updates the rate.
+        Otherwise the compute did, and the sample is only a lower bound: it
+        can raise the rate, never lower it (S6 measured 15 MB/s "links" on
+        shared memory that way, and the cost model then computed 1,200-token
+        prompts from scratch on D rather than move a cached document's KV).
+        """
+        if num_bytes <= 0 or transfer_s <= 0:
+            return
+        sample = num_bytes / transfer_s
+        if overlap_s is not None and transfer_s >= LINK_BOUND * max(overlap_s, 0.0):
+            self.link_bytes_per_s = _ewma(self.link_bytes_per_s, sample)
+        elif self.link_bytes_per_s is not None and sample > self.link_bytes_per_s:
+            self.link_bytes_per_s = sample

@@ -165,12 +165,14 @@ class SimRouter:
         for wid in self.routes[rid].worker_ids:
             self.info(wid).num_inflight -= 1
 
-    def kv_received(self, rid: str, num_bytes: int, transfer_s: float) -> None:
-        """The decode worker's ``KVReceived`` reached the router."""
+    def kv_received(
+        self, rid: str, num_bytes: int, transfer_s: float, overlap_s: float | None = None
+    ) -> None:
+        """D's ``KVReceived`` reached the router (``overlap_s``: P's compute after its first push)."""
         route = self.routes[rid]
         route.kv_bytes += num_bytes
         self.kv_bytes += num_bytes
-        self.placer.on_transfer(route.decode_id, num_bytes, transfer_s)
+        self.placer.on_transfer(route.decode_id, num_bytes, transfer_s, overlap_s)
 
     # -- worker → router -------------------------------------------------------------------------
 

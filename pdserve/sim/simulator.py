@@ -72,6 +72,7 @@ class _Handoff:
     first_push_s: float | None = None  # when the first byte left
     num_bytes: int = 0
     first_token: bool = False
+    first_token_s: float | None = None  # when P sampled the first token (its compute ended)
     done: bool = False
 
 
@@ -247,6 +248,7 @@ class Simulator:
             if request.status is RequestStatus.FINISHED_PREFILLED:
                 h = self._handoffs[rid]
                 h.first_token = True
+                h.first_token_s = self.now_s
                 self._maybe_done(rid, h)
             elif request.finished:
                 self._finish(rid, t_out)
@@ -322,7 +324,10 @@ class Simulator:
 
     def _kv_received(self, rid: str, h: _Handoff, transfer_s: float) -> None:
         """The router gets D's ``KVReceived`` (link rate) and relays ``Release`` to P."""
-        self.router.kv_received(rid, h.num_bytes, transfer_s)
+        overlap_s = None
+        if h.first_push_s is not None and h.first_token_s is not None:
+            overlap_s = max(h.first_token_s - h.first_push_s, 0.0)
+        self.router.kv_received(rid, h.num_bytes, transfer_s, overlap_s)
         prefill = h.prefill
         self.deliver(prefill, self.now_s + self.config.hop_s, lambda: prefill.scheduler.release(rid))
 

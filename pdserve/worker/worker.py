@@ -34,22 +34,17 @@ from pdserve.block_hash import HASH_SCHEME
 from pdserve.config import Role
 from pdserve.engine.engine import RequestOutput
 from pdserve.errors import PDServeError
-from pdserve.request import TokenLogprobs
-from pdserve.transfer.base import KVReceiver, KVSender, TransferStats, host_id
+from pdserve.transfer.base import KVReceiver, KVSender, host_id
 from pdserve.worker import protocol as p
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.decode import KVIntake
 from pdserve.worker.kv_events import KVEventPublisher
 from pdserve.worker.prefill import KVPusher
+from pdserve.worker.reports import tokens_message, worker_load, worker_stats
 from pdserve.worker.roles import RoleParts, build_role
 from pdserve.worker.timing import PrefillTimer
 
 logger = logging.getLogger(__name__)
-
-
-def wire_logprobs(lps: list[TokenLogprobs]) -> list[tuple[int, float, dict[int, float]]]:
-    """Log-probabilities in their wire form."""
-    return [(lp.token_id, lp.logprob, lp.top) for lp in lps]
 
 
 class Worker:
@@ -119,53 +114,12 @@ class Worker:
 
     def load(self) -> p.WorkerLoad:
         """Current load, as heartbeats report it."""
-        sched, stats = self.engine.scheduler, self.engine.block_manager.stats()
-        return p.WorkerLoad(
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting) + (self.intake.num_pending if self.intake else 0),
-            num_waiting_for_kv=len(sched.waiting_for_kv),
-            num_held=len(sched.held),
-            num_free_blocks=stats.num_free_blocks,
-            num_total_blocks=stats.num_blocks,
-            num_cached_blocks=stats.num_cached_blocks,
-            num_prefill_tokens=self.engine.num_prompt_tokens_computed,
-            prefill_busy_s=self.engine.prefill_busy_s,
-            num_decode_steps=self.engine.num_decode_steps,
-            decode_busy_s=self.engine.decode_busy_s,
-            num_decode_seqs=self.engine.num_decode_seqs,
-            prefix_query_tokens=stats.prefix_query_tokens,
-            prefix_hit_tokens=stats.prefix_hit_tokens,
-            num_deferred_reservations=self.intake.num_deferred if self.intake else 0,
-            num_gate_waits=sched.num_gate_waits,
-        )
+        return worker_load(self.engine, self.intake)
 
     def stats(self) -> p.WorkerStats:
         """Counters for tests, metrics and ``pdserve status``."""
-        sent = self.sender.stats() if self.sender is not None else None
-        return p.WorkerStats(
-            worker_id=self.worker_id,
-            role=self.role.value,
-            load=self.load(),
-            num_prompt_tokens_computed=self.engine.num_prompt_tokens_computed,
-            num_steps=self.engine.num_steps,
-            kv_bytes_sent=sent.num_bytes if sent is not None else 0,
-            kv_bytes_received=self.intake.num_bytes_received if self.intake else 0,
-            kv_transfers=(sent.num_transfers if sent is not None else 0)
-            + (self.intake.num_transfers if self.intake else 0),
-            transports=sorted(self._transports(sent)),
-            kv_events=self.kv_events.num_events,
-            kv_event_batches=self.kv_events.num_batches,
-            kv_event_bytes=self.kv_events.num_bytes,
-            kv_event_cpu_s=self.kv_events.cpu_s,
-            kv_snapshots=self.kv_events.num_snapshots,
-        )
-
-    def _transports(self, sent: TransferStats | None) -> set[str]:
-        """The transports this worker sends KV over, and the one it receives KV by."""
-        names = set(sent.transports) if sent is not None else set()
-        if self.receiver is not None:
-            names.add(self.receiver.descriptor().transport)
-        return names
+        return worker_stats(self.worker_id, self.role.value, self.load(), self.engine, self.sender,
+                            self.receiver, self.intake, self.kv_events)
 
     # -- loop ----------------------------------------------------------------------------
 
@@ -417,24 +371,7 @@ class Worker:
     def _report(
         self, out: RequestOutput, finished: bool | None = None, timing: p.PrefillTiming | None = None
     ) -> None:
-        new = out.new_token_ids
-        start = len(out.token_ids) - len(new)
-        logprobs = wire_logprobs(out.logprobs[start:]) if out.logprobs else None
-        done = out.finished if finished is None else finished
-        self.send(
-            p.Tokens(
-                request_id=out.request_id,
-                start=start,
-                token_ids=list(new),
-                logprobs=logprobs,
-                finished=done,
-                finish_reason=out.finish_reason if done else None,
-                stop_reason=out.stop_reason if done else None,
-                num_prompt_tokens=len(out.prompt_token_ids),
-                num_cached_tokens=out.num_cached_tokens,
-                timing=timing,
-            )
-        )
+        self.send(tokens_message(out, finished, timing))
 
     def close(self) -> None:
         """Close sockets and free the KV transport's resources."""

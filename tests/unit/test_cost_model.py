@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -121,3 +122,27 @@ def test_a_decoding_worker_does_not_take_a_chat_prompt_from_an_idle_prefill_work
         placement = plan({}, [p("p0")], [d("d", running=running)], num_tokens=200, policy="auto")
         assert placement.prefill_id == "p0" and placement.reason == cm.REMOTE, running
     assert plan({}, [p("p0")], [d("d", running=0)], num_tokens=200, policy="auto").prefill_id is None
+
+
+def test_a_new_prefix_goes_to_the_emptiest_cache_among_near_ties() -> None:
+    """Nobody holds the prompt: the tie goes to the worker whose cache holds the fewest blocks, so
+    prefixes' homes spread instead of landing where the random draw put them."""
+    prefill = [replace(p(f"p{i}"), held_blocks=held) for i, held in enumerate((300, 40, 500))]
+    for seed in range(20):
+        assert plan({}, prefill, [d("d")], seed=seed).prefill_id == "p1"
+
+
+def test_near_ties_go_to_the_worker_with_fewer_requests_in_flight_first() -> None:
+    busy = replace(p("busy", rate=1050.0), num_inflight=2)  # a little faster, but busier
+    idle = replace(p("idle"), num_inflight=0, held_blocks=900)
+    for seed in range(20):
+        assert plan({}, [busy, idle], [d("d")], seed=seed).prefill_id == "idle"
+
+
+def test_rate_noise_is_a_tie_but_a_real_speed_gap_is_not() -> None:
+    """Equal workers measure prefill rates ~10 % apart: still a tie (the emptier cache wins); a worker
+    twice as fast wins whatever its cache holds."""
+    noisy = [replace(p("p0", rate=1100.0), held_blocks=500), replace(p("p1", rate=1000.0), held_blocks=0)]
+    assert plan({}, noisy, [d("d")]).prefill_id == "p1"
+    fast = [replace(p("p0", rate=2000.0), held_blocks=500), replace(p("p1", rate=1000.0), held_blocks=0)]
+    assert plan({}, fast, [d("d")]).prefill_id == "p0"

@@ -165,3 +165,16 @@ def test_block_size_and_hashing_must_agree() -> None:
     fixed = KVIndex(block_size=8)
     with pytest.raises(IndexMismatchError, match="block size 16 differs from the router's 8"):
         fixed.check_worker(16, HASH_SCHEME)
+
+
+def test_held_blocks_counts_confirmed_and_live_speculative_entries() -> None:
+    clock = Clock()
+    index = make_index(clock, speculative_ttl_s=2.0)
+    hashes = index.hash_prompt(DOC)
+    assert not index.apply_events("a", 1, 1, stored(hashes[:2]))
+    index.add_speculative("b", hashes[:3])
+    index.add_speculative("b", hashes[:3])  # sent again: still 3 entries, a later expiry
+    assert (index.held_blocks("a"), index.held_blocks("b")) == (2, 3)
+    clock.now += 2.5
+    assert (index.held_blocks("a"), index.held_blocks("b")) == (2, 0)
+    assert index.held_blocks("gone") == 0

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_router_app import MODEL, TOKENIZER, FakeBackend
+from router_fakes import MODEL, TOKENIZER, FakeBackend
 
 from pdserve.config import Role
 from pdserve.router.app import create_app

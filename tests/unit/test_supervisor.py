@@ -275,10 +275,10 @@ def test_bad_targets_are_refused() -> None:
 
 
 def test_the_local_backend_knows_the_shm_segment_names() -> None:
-    from pdserve.launch import local
+    from pdserve.launch import local_backend
     from pdserve.transfer import shm
 
-    assert local.SEGMENT_PREFIX == shm.SEGMENT_PREFIX
+    assert local_backend.SEGMENT_PREFIX == shm.SEGMENT_PREFIX
 
 
 def test_a_stop_waits_for_a_flip_of_the_same_pass() -> None:
