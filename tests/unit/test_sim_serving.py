@@ -230,3 +230,34 @@ def test_the_loaded_figure_is_the_simulated_request_overhead(tmp_path: Path) -> 
 
     idle = ttft_ms(ServingOverhead(0.01, 0.0))
     assert ttft_ms(ServingOverhead(0.01, 0.0, first_token_loaded_s=0.05)) - idle == pytest.approx(40, abs=0.5)
+
+
+def test_measure_serving_derives_the_loaded_figure_from_the_loaded_phase(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole derivation with the served deployment stood in for (``serve`` returns what a worker
+    with no idle overhead but 20 ms more per request under load would have served)."""
+    from pdserve.sim import serving
+
+    sched = SchedulerConfig(chunk_size=256)
+    w = serving.ServedModel("tiny", [], 1, OLD, sched, 16, 256, 2048, 256)
+    pools = (PoolSpec(Role.MIXED, 1, OLD, 256),)
+    one_at_a_time = [RequestRecord(index=i, num_prompt_tokens=n, num_output_tokens=serving.OUTPUT_TOKENS)
+                     for i, n in enumerate((48, 160, 400))]
+    batch = [RequestRecord(index=i, num_prompt_tokens=160, num_output_tokens=serving.OUTPUT_TOKENS)
+             for i in range(serving.BATCH)]
+    loaded = [RequestRecord(index=i, sent_s=0.2 * i, num_prompt_tokens=48 + 30 * i,
+                            num_output_tokens=serving.OUTPUT_TOKENS) for i in range(serving.LOADED_REQUESTS)]
+
+    def fake_serve(model: serving.ServedModel, disaggregated: bool) -> tuple[list[RequestRecord], ...]:
+        assert model is w and not disaggregated
+        return (simulate_alone(one_at_a_time, pools, sched, 16, 2048, 256),
+                simulate_alone(batch, pools, sched, 16, 2048, 256, together=True),
+                simulate_alone(loaded, pools, sched, 16, 2048, 256, at_sent=True, request_overhead_s=0.02))
+
+    monkeypatch.setattr(serving, "serve", fake_serve)
+    mixed, handoff = serving.measure_serving(w)
+    assert handoff is None
+    assert mixed.first_token_s == pytest.approx(0.0, abs=1e-6)
+    assert mixed.per_token_s == pytest.approx(0.0, abs=1e-6)
+    assert mixed.first_token_loaded_s == pytest.approx(0.02, abs=2e-3)
+    assert mixed.num_requests == 3 + serving.BATCH + serving.LOADED_REQUESTS and "Poisson" in mixed.method
