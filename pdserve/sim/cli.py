@@ -67,7 +67,8 @@ def run_profile(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"profile: {msg}", file=sys.stderr, flush=True)
 
-    shapes, times = measure_steps(config, args.quick, say)
+    rounds: dict[Any, list[float]] = {}
+    shapes, times = measure_steps(config, args.quick, say, rounds)
     fit = fit_linear(shapes, times)
     say(f"fitted {fit.num_samples} step shapes: median error {fit.median_abs_rel_error:.1%}, "
         f"p90 {fit.p90_abs_rel_error:.1%}")
@@ -93,7 +94,8 @@ def run_profile(args: argparse.Namespace) -> int:
         fit={"num_samples": fit.num_samples, "median_abs_rel_error": fit.median_abs_rel_error,
              "p90_abs_rel_error": fit.p90_abs_rel_error},
         links=links,
-        samples=[{"shape": s.__dict__, "time_s": t} for s, t in zip(shapes, times, strict=True)],
+        samples=[{"shape": s.__dict__, "time_s": t, "rounds_s": rounds.get(s, [])}
+                 for s, t in zip(shapes, times, strict=True)],
         serving=serving,
         serving_handoff=serving_handoff,
     )

@@ -76,9 +76,11 @@ class _Timer:
         pass
 
 
-def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], None] = lambda s: None
-                  ) -> tuple[list[StepShape], list[float]]:
-    """Time the real engine's steps over the profile's scenarios; (shape, median seconds) pairs."""
+def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], None] = lambda s: None,
+                  rounds: dict[StepShape, list[float]] | None = None) -> tuple[list[StepShape], list[float]]:
+    """Time the real engine's steps over the profile's scenarios; (shape, median seconds) pairs.
+    ``rounds`` (when given) receives every timing of each shape in order: the first is the first time
+    the engine met that shape (a cost of new shapes would show there, not in the median)."""
     from pdserve.engine.engine import LLMEngine
     from pdserve.sampling_params import SamplingParams
 
@@ -135,6 +137,8 @@ def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], N
         for b in decode_batches[1:]:  # a prompt of a few chunks joins b running decodes
             run([64] * b, 12, join_after=2, join_len=2 * config.scheduler.chunk_size)
     shapes = list(samples)
+    if rounds is not None:
+        rounds.update(samples)
     return shapes, [statistics.median(samples[s]) for s in shapes]
 
 
