@@ -14,9 +14,14 @@ Nothing is fitted to the measured cells; they are only compared with. It shows
 what a simulator change does to the last run's errors before a new run
 (which needs a quiet machine for about 15 minutes) measures it again.
 
+A what-if: ``--what-if-request-ms agg=29,agg2=35,disagg=48`` adds that much
+to each configuration's per-request overhead (before placement) — to see what a
+term of that size would do, not a measured term (the output says so).
+
 Usage::
 
     python benchmarks/s8_resimulate.py [--results benchmarks/results/s8_sim_fidelity.json]
+                                       [--what-if-request-ms CONFIG=MS,...]
 
 Writes ``benchmarks/results/s8_resimulated.json``.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +56,26 @@ def refit(profile: Profile) -> tuple[Profile, dict[str, Any]]:
     return replace(profile, step_model=fit.model), info
 
 
+def _with_extra(inner: Any, extra_s: dict[str, float], key: str, *args: Any, **kwargs: Any) -> Any:
+    """``s8.sim_config`` with ``extra_s[key]`` more per-request overhead (the what-if)."""
+    config = inner(key, *args, **kwargs)
+    return replace(config, request_overhead_s=config.request_overhead_s + extra_s.get(key, 0.0))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--results", type=Path, default=s8.RESULTS)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "s8_resimulated.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default results/s8_resimulated.json (s8_resimulated_what_if.json with a what-if)")
+    p.add_argument("--what-if-request-ms", default="",
+                   help="CONFIG=MS,... added to each configuration's per-request overhead (a what-if)")
     args = p.parse_args(argv)
+    pairs = (kv.split("=") for kv in args.what_if_request_ms.split(",") if kv)
+    what_if = {k: float(v) / 1e3 for k, v in pairs}
+    if args.out is None:
+        args.out = RESULTS_DIR / ("s8_resimulated_what_if.json" if what_if else "s8_resimulated.json")
+    if what_if:
+        s8.sim_config = partial(_with_extra, s8.sim_config, what_if)
     run = json.loads(args.results.read_text())
     profiles: dict[int, Profile] = {}
     fits: dict[str, Any] = {}
@@ -87,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.out, {"scenario": "S8 re-simulated", "machine": machine_info(),
                           "source": {"results": str(args.results), "date": run["machine"]["date"],
                                      "commit": run["machine"]["git"]["commit"]},
-                          "refits": fits, "cells": cells, "passed_now": passed})
+                          "refits": fits, "cells": cells, "passed_now": passed,
+                          "what_if_request_ms": {k: v * 1e3 for k, v in what_if.items()} or None})
     print(f"wrote {args.out}")
 
 

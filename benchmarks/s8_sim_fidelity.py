@@ -18,6 +18,11 @@
 4. Compare per configuration and rate: TTFT and TPOT p50 and p90, simulated
    / measured − 1 (targets: p50 within 15%, p90 within 25%), and the SLO
    attainment both ways.
+   Each cell keeps its requests, measured beside simulated (send time,
+   lengths, TTFT, TPOT, and the router's own TTFT breakdown — queue, prefill,
+   transfer, delivery — which the router sends with ``--trace-responses``,
+   on unless ``--no-trace``), so that a gap can be traced per request
+   (``benchmarks/s8_gap_analysis.py``).
 5. Speed: 10,000 requests of the chat mix simulated on a 16-worker
    deployment (llama-3-8b on H100 roofline: 16 mixed workers, and 8 prefill
    + 8 decode), wall seconds (target < 60 s).
@@ -40,6 +45,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +119,29 @@ def simulate(key: str, profiles: dict[int, Profile], args: argparse.Namespace, w
     return run
 
 
+def paired_requests(measured: RunResult, simulated: RunResult) -> list[dict[str, Any]]:
+    """The measured requests beside their simulated twins (same order), with the router's TTFT parts."""
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1e3, 2)
+
+    def tpot(r: Any) -> float | None:
+        if r.ttft_s is None or r.e2e_s is None or r.num_output_tokens < 2:
+            return None
+        return (r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1)
+
+    rows = []
+    for m, s in zip(measured.records, simulated.records, strict=False):
+        if m.warmup:
+            continue
+        parts = m.server_ttft_parts_s or {}
+        rows.append({"index": m.index, "sent_s": round(m.sent_s, 4), "prompt": m.num_prompt_tokens,
+                     "output": m.num_output_tokens, "error": m.error_type, "ttft_ms": ms(m.ttft_s),
+                     "tpot_ms": ms(tpot(m)), "sim_prompt": s.num_prompt_tokens, "sim_ttft_ms": ms(s.ttft_s),
+                     "sim_tpot_ms": ms(tpot(s)),
+                     "server_ttft_parts_ms": {k: ms(v) for k, v in parts.items()} or None})
+    return rows
+
+
 def compare(measured: RunResult, simulated: RunResult) -> dict[str, Any]:
     """Percentiles both ways and the relative error of each (simulated / measured − 1)."""
     out: dict[str, Any] = {}
@@ -177,7 +206,9 @@ def render_doc(out: dict[str, Any]) -> str:
         lines.append(f"- profile, {key.replace('_', ' ')}: fit error median "
                      f"{fit['median_abs_rel_error']:.0%}, p90 {fit['p90_abs_rel_error']:.0%} over "
                      f"{fit['num_samples']} step shapes"
-                     + (f"; serving overhead {so['first_token_s'] * 1e3:.1f} ms before the first token, "
+                     + (f"; serving overhead {so['first_token_s'] * 1e3:.1f} ms before the first token"
+                        + (f" ({so['first_token_loaded_s'] * 1e3:.1f} ms under load)"
+                           if so.get("first_token_loaded_s") is not None else "") + ", "
                         f"{so['per_token_s'] * 1e3:.2f} ms per token, "
                         f"{so.get('per_row_s', 0.0) * 1e3:.2f} ms per further row" if so else ""))
     if not out["cells"]:
@@ -231,6 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--render-only", action="store_true", help="only rewrite docs/cost.md's S8 section")
     p.add_argument("--speed-only", action="store_true", help="only redo the speed part of the result file")
+    p.add_argument("--no-trace", action="store_true",
+                   help="the router without --trace-responses (no per-request TTFT breakdown)")
     p.add_argument("--reuse-profiles", action="store_true",
                    help="use the profile files an earlier run left in benchmarks/results (recorded)")
     args = p.parse_args(argv)
@@ -265,6 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     speed_rows = speed(args.speed_requests) if args.speed_requests > 0 else []
     bench = s3.Bench.from_args(args.s3)
     setups = s3.setups(args.s3)
+    if not args.no_trace:  # the router's own TTFT breakdown in every answer (the bench keeps it per request)
+        setups = {k: replace(v, launch=replace(v.launch,
+                                               router_args=[*v.launch.router_args, "--trace-responses"]))
+                  for k, v in setups.items()}
     cells: list[dict[str, Any]] = []
     slo_source: s3.SloSource = lambda s: s3.derive_slo(s, args.s3)  # noqa: E731
     order = sorted(args.configs, key=lambda k: k != s3.REFERENCE)  # agg first: it sets the SLO
@@ -300,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         for run, cpu in zip(outcome.runs, outcome.cpu, strict=True):
             sim_run = simulate(key, profiles, args, bench.workload, run.rate, outcome.slo)
             cell = {"config": key, "rate_per_s": run.rate, "cpu": cpu, "valid": not outcome.problems,
-                    **compare(run, sim_run)}
+                    **compare(run, sim_run), "requests": paired_requests(run, sim_run)}
             cells.append(cell)
             print("    " + "  ".join(
                 f"{m} {cell[m]['measured']:.0f}→{cell[m]['simulated']:.0f} ms ({cell[m]['error']:+.0%})"

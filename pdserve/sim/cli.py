@@ -67,7 +67,8 @@ def run_profile(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"profile: {msg}", file=sys.stderr, flush=True)
 
-    shapes, times = measure_steps(config, args.quick, say)
+    rounds: dict[Any, list[float]] = {}
+    shapes, times = measure_steps(config, args.quick, say, rounds)
     fit = fit_linear(shapes, times)
     say(f"fitted {fit.num_samples} step shapes: median error {fit.median_abs_rel_error:.1%}, "
         f"p90 {fit.p90_abs_rel_error:.1%}")
@@ -93,7 +94,8 @@ def run_profile(args: argparse.Namespace) -> int:
         fit={"num_samples": fit.num_samples, "median_abs_rel_error": fit.median_abs_rel_error,
              "p90_abs_rel_error": fit.p90_abs_rel_error},
         links=links,
-        samples=[{"shape": s.__dict__, "time_s": t} for s, t in zip(shapes, times, strict=True)],
+        samples=[{"shape": s.__dict__, "time_s": t, "rounds_s": rounds.get(s, [])}
+                 for s, t in zip(shapes, times, strict=True)],
         serving=serving,
         serving_handoff=serving_handoff,
     )
@@ -105,7 +107,9 @@ def run_profile(args: argparse.Namespace) -> int:
         print(f"{name}: {link.bandwidth_bytes_per_s / 1e9:.2f} GB/s, latency {link.latency_s * 1e3:.2f} ms")
     for what, so in (("", serving), (" (hand-offs)", serving_handoff)):
         if so is not None:
-            print(f"serving overhead{what}: {so.first_token_s * 1e3:.1f} ms before the first token, "
+            loaded = ("" if so.first_token_loaded_s is None
+                      else f" ({so.first_token_loaded_s * 1e3:.1f} ms with requests arriving under load)")
+            print(f"serving overhead{what}: {so.first_token_s * 1e3:.1f} ms before the first token{loaded}, "
                   f"{so.per_token_s * 1e3:.2f} ms per token, {so.per_row_s * 1e3:.2f} ms per further row "
                   f"({so.num_requests} requests)")
     print(f"profile written to {args.output}")
@@ -294,8 +298,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from pdserve.bench.metrics import SLO
     from pdserve.bench.report import format_summary, format_sweep, result_json, write_json
     from pdserve.bench.runner import SweepResult
-    from pdserve.bench.workload import make_counter, make_workload
-    from pdserve.sim.deploy import PromptEncoder, make_requests
+    from pdserve.bench.workload import make_workload
+    from pdserve.sim.deploy import PromptEncoder, make_requests, workload_counter
     from pdserve.sim.elastic import PlannedResult, PlannedSimulator
     from pdserve.sim.planner_cli import elastic_config, format_planner, planner_summary, plot_planner
     from pdserve.sim.results import simulate_run
@@ -307,8 +311,8 @@ def _simulate(args: argparse.Namespace) -> int:
     elastic = elastic_config(args, build_config)
     simulator = Simulator if elastic is None else functools.partial(PlannedSimulator, elastic=elastic)
     workload = workload_config(args)
-    counter = make_counter(args.tokenizer)
     encoder = PromptEncoder(args.model, args.endpoint, arch.vocab_size)
+    counter = workload_counter(args.tokenizer, encoder, args.model)
     slo = SLO.parse(args.slo)
     warmup_requests, warmup_s = _parse_warmup(args.warmup)
     num_requests = args.num_requests

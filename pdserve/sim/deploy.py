@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pdserve.bench.arrivals import ArrivalConfig
-from pdserve.bench.workload import RequestSpec
+from pdserve.bench.workload import RequestSpec, TokenCounter, make_counter
 from pdserve.config import Role
 from pdserve.errors import ConfigError
 from pdserve.modelspec.arch import ArchConfig
@@ -86,6 +86,15 @@ class PromptEncoder:
         words = spec.prompt().split()
         # one id per word, stable across runs (crc32, not hash()), so shared prefixes stay shared
         return tuple(zlib.crc32(w.encode()) % (self.vocab_size - 3) + 3 for w in words) or (3,)
+
+
+def workload_counter(tokenizer: str | None, encoder: PromptEncoder, model: str) -> TokenCounter:
+    """How the workload counts prompt lengths: ``--tokenizer`` when given, else the model's own tokenizer
+    when it has one here (so ``--input-len 1024`` is 1,024 of the tokens the router will compute), else
+    one token per word (a model on paper)."""
+    if tokenizer is None and encoder.tokenizer is not None:
+        tokenizer = model
+    return make_counter(tokenizer)
 
 
 def make_requests(specs: Iterator[RequestSpec], arrivals: ArrivalConfig, encoder: PromptEncoder,

@@ -71,8 +71,8 @@ def planned_requests(args: argparse.Namespace, rate: float, arch: Any) -> list[A
     """The seeded requests every shape is judged on."""
     from pdserve.bench.arrivals import ArrivalConfig
     from pdserve.bench.cli import workload_config
-    from pdserve.bench.workload import make_counter, make_workload
-    from pdserve.sim.deploy import PlannedRequest, PromptEncoder, make_requests
+    from pdserve.bench.workload import make_workload
+    from pdserve.sim.deploy import PlannedRequest, PromptEncoder, make_requests, workload_counter
     from pdserve.sim.simulator import SimRequest
 
     arrivals = ArrivalConfig(rate=rate, seed=args.seed)
@@ -85,7 +85,7 @@ def planned_requests(args: argparse.Namespace, rate: float, arch: Any) -> list[A
             out.append(PlannedRequest(SimRequest(offset, ids, max(n_out, 1)), warmup=False))
         return out
     encoder = PromptEncoder(args.model, "completions", arch.vocab_size)
-    specs = make_workload(workload_config(args), make_counter(args.tokenizer))
+    specs = make_workload(workload_config(args), workload_counter(args.tokenizer, encoder, args.model))
     return make_requests(specs, arrivals, encoder, arch.max_position_embeddings, args.num_requests, None)
 
 

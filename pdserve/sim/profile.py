@@ -76,9 +76,11 @@ class _Timer:
         pass
 
 
-def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], None] = lambda s: None
-                  ) -> tuple[list[StepShape], list[float]]:
-    """Time the real engine's steps over the profile's scenarios; (shape, median seconds) pairs."""
+def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], None] = lambda s: None,
+                  rounds: dict[StepShape, list[float]] | None = None) -> tuple[list[StepShape], list[float]]:
+    """Time the real engine's steps over the profile's scenarios; (shape, median seconds) pairs.
+    ``rounds`` (when given) receives every timing of each shape in order: the first is the first time
+    the engine met that shape (a cost of new shapes would show there, not in the median)."""
     from pdserve.engine.engine import LLMEngine
     from pdserve.sampling_params import SamplingParams
 
@@ -135,6 +137,8 @@ def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], N
         for b in decode_batches[1:]:  # a prompt of a few chunks joins b running decodes
             run([64] * b, 12, join_after=2, join_len=2 * config.scheduler.chunk_size)
     shapes = list(samples)
+    if rounds is not None:
+        rounds.update(samples)
     return shapes, [statistics.median(samples[s]) for s in shapes]
 
 
@@ -226,15 +230,16 @@ class Profile:
 
     @property
     def request_overhead_s(self) -> float | None:
-        """The measured cost before a request's first token (None: not measured)."""
-        return self.serving.first_token_s if self.serving is not None else None
+        """The measured cost before a request's first token (None: not measured): the one measured
+        with requests arriving while others are served when the profile has it, else the idle one."""
+        return self.serving.per_request_s if self.serving is not None else None
 
     @property
     def handoff_overhead_s(self) -> float:
         """What a handed-off request's first token costs beyond a local one's (0: not measured)."""
         if self.serving_handoff is None:
             return 0.0
-        return max(self.serving_handoff.first_token_s - (self.request_overhead_s or 0.0), 0.0)
+        return max(self.serving_handoff.per_request_s - (self.request_overhead_s or 0.0), 0.0)
 
     def to_json(self) -> dict[str, Any]:
         """The profile file's content."""
@@ -300,6 +305,9 @@ def load_profile(path: str | Path, model: str, threads: int | None = None,
     if profile.serving is None:
         warn(f"profile {path} has no serving overhead (HTTP, router, per-token streaming): simulated as 0 "
              f"beyond --request-overhead-ms (rerun `pdserve profile` without --no-serving to measure it)")
+    elif profile.serving.first_token_loaded_s is None:
+        warn(f"profile {path} is older than the loaded serving overhead (requests arriving while others "
+             f"are served): its idle figure is used before each first token (rerun `pdserve profile`)")
     if profile.model != model:
         raise ConfigError(f"profile {path} was taken with model {profile.model!r}, not {model!r}: "
                           f"run `pdserve profile --model {model}`")

@@ -48,7 +48,7 @@ import math
 import random
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pdserve.bench.metrics import RequestRecord
@@ -63,6 +63,10 @@ PROMPT_TOKENS = (48, 160, 400)
 OUTPUT_TOKENS = 24
 #: Then this many requests of 160 prompt tokens sent together: they decode as one batch.
 BATCH = 4
+#: Last, this many requests (prompts uniform over PROMPT_TOKENS' range, OUTPUT_TOKENS out) at Poisson
+#: arrivals of this rate (seeded): about two streams in flight, prompts arriving while others decode.
+LOADED_REQUESTS = 12
+LOADED_RATE = 4.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class ServingOverhead:
         per_row_s: added for every further row the step samples (the batch's other requests).
         num_requests: requests the figures come from.
         method: how they were measured (one line, for the profile's reader).
+        first_token_loaded_s: before the first token when requests arrive while others are served
+            (Poisson arrivals, :data:`LOADED_RATE`), beyond what the simulator with the figures above
+            predicts for those arrivals; None in profiles taken before it was measured.
     """
 
     first_token_s: float
@@ -82,18 +89,27 @@ class ServingOverhead:
     per_row_s: float = 0.0
     num_requests: int = 0
     method: str = ""
+    first_token_loaded_s: float | None = None
+
+    @property
+    def per_request_s(self) -> float:
+        """What a simulated request waits before placement: the loaded figure when it was measured."""
+        return self.first_token_s if self.first_token_loaded_s is None else self.first_token_loaded_s
 
     def to_json(self) -> dict[str, Any]:
         """The profile's ``serving_overhead`` entry."""
         return {"first_token_s": self.first_token_s, "per_token_s": self.per_token_s,
-                "per_row_s": self.per_row_s, "num_requests": self.num_requests, "method": self.method}
+                "per_row_s": self.per_row_s, "num_requests": self.num_requests, "method": self.method,
+                **({"first_token_loaded_s": self.first_token_loaded_s}
+                   if self.first_token_loaded_s is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServingOverhead:
         """Inverse of :meth:`to_json`."""
+        loaded = data.get("first_token_loaded_s")
         return cls(float(data["first_token_s"]), float(data["per_token_s"]),
                    float(data.get("per_row_s", 0.0)), int(data.get("num_requests", 0)),
-                   str(data.get("method", "")))
+                   str(data.get("method", "")), None if loaded is None else float(loaded))
 
 
 @dataclass(frozen=True)
@@ -168,11 +184,23 @@ def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[Reque
     return ServingOverhead(first, per_token, per_row, len(ttft_gaps) + len(batch_gaps), method)
 
 
+def derive_loaded(measured: Sequence[RequestRecord], simulated: Sequence[RequestRecord]) -> float:
+    """``first_token_loaded_s``: the median TTFT gap, served − simulated, of requests sent at their
+    arrival times while others were served (the simulation already has the per-token figures and the
+    idle ``first_token_s``: this is what remains; at least 0)."""
+    ttft_gaps, _ = _gaps(measured, simulated)
+    if not ttft_gaps:
+        raise ValueError("no loaded request was served: no loaded overhead can be measured")
+    return max(statistics.median(ttft_gaps), 0.0)
+
+
 def simulate_alone(records: Sequence[RequestRecord], pools: tuple[PoolSpec, ...], scheduler: SchedulerConfig,
                    block_size: int, max_model_len: int, vocab_size: int, num_layers: int = 1,
-                   kv_bytes_per_token: int = 0, together: bool = False) -> list[RequestRecord]:
-    """The served requests (their usage's lengths) one at a time (``together``: all at once) on
-    ``pools``, no overhead (every request handed off when there is a prefill pool, as
+                   kv_bytes_per_token: int = 0, together: bool = False,
+                   at_sent: bool = False, request_overhead_s: float = 0.0) -> list[RequestRecord]:
+    """The served requests (their usage's lengths) one at a time (``together``: all at once;
+    ``at_sent``: each at its ``sent_s``, as it was served) on ``pools``, no overhead but
+    ``request_overhead_s`` (every request handed off when there is a prefill pool, as
     ``--disagg-policy always`` does)."""
     from pdserve.sim.simulator import SimConfig, SimRequest, Simulator
 
@@ -181,13 +209,17 @@ def simulate_alone(records: Sequence[RequestRecord], pools: tuple[PoolSpec, ...]
     def prompt(n: int) -> tuple[int, ...]:
         return tuple(rng.randrange(3, vocab_size) for _ in range(n))
 
-    requests = [SimRequest(0.0 if together else 1000.0 * i, prompt(r.num_prompt_tokens),
-                           max(r.num_output_tokens, 1)) for i, r in enumerate(records)]
+    def arrival(i: int, r: RequestRecord) -> float:
+        return r.sent_s if at_sent else 0.0 if together else 1000.0 * i
+
+    requests = [SimRequest(arrival(i, r), prompt(r.num_prompt_tokens), max(r.num_output_tokens, 1))
+                for i, r in enumerate(records)]
     disagg = any(p.role is Role.PREFILL for p in pools)
     config = SimConfig(pools=pools, scheduler=scheduler, block_size=block_size, enable_prefix_caching=False,
                        max_model_len=max_model_len, num_layers=num_layers,
                        kv_bytes_per_token=kv_bytes_per_token,
-                       disagg_policy="always" if disagg else "auto", hop_s=0.0, request_overhead_s=0.0)
+                       disagg_policy="always" if disagg else "auto", hop_s=0.0,
+                       request_overhead_s=request_overhead_s)
     return Simulator(config).run(requests).records
 
 
@@ -208,11 +240,12 @@ class ServedModel:
     kv_bytes_per_token: int = 0
 
 
-def serve(w: ServedModel, disaggregated: bool) -> tuple[list[RequestRecord], list[RequestRecord]]:
+def serve(w: ServedModel, disaggregated: bool
+          ) -> tuple[list[RequestRecord], list[RequestRecord], list[RequestRecord]]:
     """Through a real deployment (router + 1 mixed worker, or router + 1 prefill + 1 decode worker
     with every request handed off) started as ``pdserve serve`` starts one: requests of
-    :data:`PROMPT_TOKENS` × :data:`OUTPUT_TOKENS` one at a time, then :data:`BATCH` sent together;
-    the ended requests' records of each part."""
+    :data:`PROMPT_TOKENS` × :data:`OUTPUT_TOKENS` one at a time, then :data:`BATCH` sent together,
+    then :data:`LOADED_REQUESTS` at Poisson arrivals; the ended requests' records of each part."""
     from pdserve.bench.arrivals import ArrivalConfig
     from pdserve.bench.client import ClientConfig
     from pdserve.bench.runner import LoadConfig, run_load
@@ -243,9 +276,16 @@ def serve(w: ServedModel, disaggregated: bool) -> tuple[list[RequestRecord], lis
                           progress=False)
         run = asyncio.run(run_load(client, load, make_workload(workload, counter), None, counter))
         batch = [r for r in run.records if r.error_type is None]
+        spread = f"uniform:{PROMPT_TOKENS[0]}:{PROMPT_TOKENS[-1]}"
+        workload = WorkloadConfig(kind="synthetic", input_len=spread, output_len=str(OUTPUT_TOKENS),
+                                  seed=len(PROMPT_TOKENS) + 1)
+        load = LoadConfig(arrivals=ArrivalConfig(rate=LOADED_RATE, seed=0), num_requests=LOADED_REQUESTS,
+                          progress=False)
+        run = asyncio.run(run_load(client, load, make_workload(workload, counter), None, counter))
+        loaded = [r for r in run.records if r.error_type is None]
     finally:
         launcher.stop()
-    return records, batch
+    return records, batch, loaded
 
 
 def measure_serving(w: ServedModel, link: LinkModel | None = None
@@ -255,19 +295,31 @@ def measure_serving(w: ServedModel, link: LinkModel | None = None
     lengths = "/".join(map(str, PROMPT_TOKENS))
     results: list[ServingOverhead] = []
     for disagg in (False, True) if link is not None else (False,):
-        records, batch = serve(w, disagg)
-        pools = ((PoolSpec(Role.PREFILL, 1, w.step_model, w.num_blocks, link=link),
-                  PoolSpec(Role.DECODE, 1, w.step_model, w.num_blocks)) if disagg
-                 else (PoolSpec(Role.MIXED, 1, w.step_model, w.num_blocks),))
-        args = (pools, w.scheduler, w.block_size, w.max_model_len, w.vocab_size, w.num_layers,
-                w.kv_bytes_per_token)
-        simulated = simulate_alone(records, *args)
-        simulated_batch = simulate_alone(batch, *args, together=True)
+        records, batch, loaded = serve(w, disagg)
+
+        def pools_of(step: StepModel, disagg: bool = disagg) -> tuple[PoolSpec, ...]:
+            return ((PoolSpec(Role.PREFILL, 1, step, w.num_blocks, link=link),
+                     PoolSpec(Role.DECODE, 1, step, w.num_blocks)) if disagg
+                    else (PoolSpec(Role.MIXED, 1, step, w.num_blocks),))
+
+        rest = (w.scheduler, w.block_size, w.max_model_len, w.vocab_size, w.num_layers, w.kv_bytes_per_token)
+        simulated = simulate_alone(records, pools_of(w.step_model), *rest)
+        simulated_batch = simulate_alone(batch, pools_of(w.step_model), *rest, together=True)
         shape = "1 prefill + 1 decode worker, every request handed off" if disagg else "1 mixed worker"
         method = (f"{len(records)} requests ({lengths} prompt tokens, {OUTPUT_TOKENS} out) one at a time, "
                   f"then {len(batch)} together ({PROMPT_TOKENS[1]} prompt tokens), through a router + "
                   f"{shape} "
                   f"(× {w.threads} threads) on this machine, minus the same requests simulated with the "
                   f"fitted step model; medians")
-        results.append(derive_overhead(records, simulated, method, batch, simulated_batch, len(batch)))
+        idle = derive_overhead(records, simulated, method, batch, simulated_batch, len(batch))
+        # the loaded requests, simulated at their send times with the figures just derived
+        simulated_loaded = simulate_alone(loaded, pools_of(apply_serving(w.step_model, idle)), *rest,
+                                          at_sent=True, request_overhead_s=idle.first_token_s)
+        extra = derive_loaded(loaded, simulated_loaded) if loaded else None
+        total = None if extra is None else idle.first_token_s + extra
+        results.append(replace(idle, first_token_loaded_s=total,
+                               num_requests=idle.num_requests + len(loaded),
+                               method=f"{method}; then {len(loaded)} at Poisson arrivals ({LOADED_RATE:g}/s, "
+                                      f"prompts {PROMPT_TOKENS[0]}-{PROMPT_TOKENS[-1]}), simulated at their "
+                                      "send times with the figures above"))
     return results[0], results[1] if len(results) > 1 else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from pdserve.sim.serving import (
     ServedStepModel,
     ServingOverhead,
     apply_serving,
+    derive_loaded,
     derive_overhead,
     simulate_alone,
 )
@@ -78,8 +80,18 @@ def test_a_profile_with_serving_overhead_round_trips(tmp_path: Path) -> None:
     path.write_text(json.dumps(profile.to_json()))
     warnings: list[str] = []
     loaded = load_profile(path, "tiny", warn=warnings.append)
-    assert loaded.serving == serving and loaded.request_overhead_s == 0.025 and not warnings
+    # a profile taken before the loaded figure: it loads, with a warning, and uses the idle figure
+    assert loaded.serving == serving and loaded.request_overhead_s == 0.025
+    assert len(warnings) == 1 and "older than the loaded serving overhead" in warnings[0]
     assert loaded.sim_step_model == ServedStepModel(OLD, 0.002, 0.0005)
+    current = replace(serving, first_token_loaded_s=0.04)
+    handoff = ServingOverhead(0.03, 0.001, first_token_loaded_s=0.07)
+    path.write_text(json.dumps(replace(profile, serving=current, serving_handoff=handoff).to_json()))
+    warnings.clear()
+    loaded = load_profile(path, "tiny", warn=warnings.append)
+    assert loaded.serving == current and not warnings
+    assert loaded.request_overhead_s == 0.04  # the loaded figure, not the idle one
+    assert loaded.handoff_overhead_s == pytest.approx(0.03)  # 0.07 - 0.04: loaded figures both sides
 
 
 def test_served_step_model_adds_per_token_once_and_per_row_for_every_further_row() -> None:
@@ -184,3 +196,68 @@ def test_a_hand_off_waits_the_hand_off_overhead_before_its_first_token() -> None
         return rec.ttft_s
 
     assert ttft(0.03) - ttft(0.0) == pytest.approx(0.03)
+
+
+def test_loaded_overhead_is_what_requests_sent_under_load_wait_beyond_the_simulation() -> None:
+    """Served requests at their send times: 'measured' = simulated with 30 ms more per request; the
+    loaded figure recovers it (and not 0, and not the idle figure), clamped at 0 when served faster."""
+    sched = SchedulerConfig(chunk_size=256)
+    pools = (PoolSpec(Role.MIXED, 1, OLD, 256),)
+    sent = [RequestRecord(index=i, sent_s=0.15 * i, num_prompt_tokens=40 + 30 * i, num_output_tokens=8)
+            for i in range(6)]  # arrivals while earlier requests still decode
+    simulated = simulate_alone(sent, pools, sched, 16, 2048, 256, at_sent=True)
+    assert [r.sent_s for r in simulated] == pytest.approx([r.sent_s for r in sent])
+    served = simulate_alone(sent, pools, sched, 16, 2048, 256, at_sent=True, request_overhead_s=0.03)
+    assert derive_loaded(served, simulated) == pytest.approx(0.03, abs=2e-3)
+    assert derive_loaded(simulated, served) == 0.0
+    with pytest.raises(ValueError, match="no loaded request"):
+        derive_loaded([RequestRecord(index=0)], [RequestRecord(index=0)])
+
+
+def test_the_loaded_figure_is_the_simulated_request_overhead(tmp_path: Path) -> None:
+    """`simulate --profile` waits the loaded figure before each first token (an old profile: the idle one)."""
+    from pdserve.cli import main
+
+    def ttft_ms(serving: ServingOverhead) -> float:
+        profile = Profile(model="tiny", arch={}, machine=machine_identity(1), engine={}, step_model=OLD,
+                          fit={}, links={"shm": LinkModel(5e9, 1e-4)}, samples=[], serving=serving)
+        path, out = tmp_path / "p.json", tmp_path / "o.json"
+        path.write_text(json.dumps(profile.to_json()))
+        assert main(["simulate", "--model", "tiny", "--profile", str(path), "--workload", "synthetic",
+                     "--input-len", "40", "--output-len", "3", "--num-requests", "1",
+                     "--threads-per-worker", "1", "--output", str(out)]) == 0
+        return float(json.loads(out.read_text())["runs"][0]["requests"][0]["ttft_ms"])
+
+    idle = ttft_ms(ServingOverhead(0.01, 0.0))
+    assert ttft_ms(ServingOverhead(0.01, 0.0, first_token_loaded_s=0.05)) - idle == pytest.approx(40, abs=0.5)
+
+
+def test_measure_serving_derives_the_loaded_figure_from_the_loaded_phase(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole derivation with the served deployment stood in for (``serve`` returns what a worker
+    with no idle overhead but 20 ms more per request under load would have served)."""
+    from pdserve.sim import serving
+
+    sched = SchedulerConfig(chunk_size=256)
+    w = serving.ServedModel("tiny", [], 1, OLD, sched, 16, 256, 2048, 256)
+    pools = (PoolSpec(Role.MIXED, 1, OLD, 256),)
+    one_at_a_time = [RequestRecord(index=i, num_prompt_tokens=n, num_output_tokens=serving.OUTPUT_TOKENS)
+                     for i, n in enumerate((48, 160, 400))]
+    batch = [RequestRecord(index=i, num_prompt_tokens=160, num_output_tokens=serving.OUTPUT_TOKENS)
+             for i in range(serving.BATCH)]
+    loaded = [RequestRecord(index=i, sent_s=0.2 * i, num_prompt_tokens=48 + 30 * i,
+                            num_output_tokens=serving.OUTPUT_TOKENS) for i in range(serving.LOADED_REQUESTS)]
+
+    def fake_serve(model: serving.ServedModel, disaggregated: bool) -> tuple[list[RequestRecord], ...]:
+        assert model is w and not disaggregated
+        return (simulate_alone(one_at_a_time, pools, sched, 16, 2048, 256),
+                simulate_alone(batch, pools, sched, 16, 2048, 256, together=True),
+                simulate_alone(loaded, pools, sched, 16, 2048, 256, at_sent=True, request_overhead_s=0.02))
+
+    monkeypatch.setattr(serving, "serve", fake_serve)
+    mixed, handoff = serving.measure_serving(w)
+    assert handoff is None
+    assert mixed.first_token_s == pytest.approx(0.0, abs=1e-6)
+    assert mixed.per_token_s == pytest.approx(0.0, abs=1e-6)
+    assert mixed.first_token_loaded_s == pytest.approx(0.02, abs=2e-3)
+    assert mixed.num_requests == 3 + serving.BATCH + serving.LOADED_REQUESTS and "Poisson" in mixed.method

@@ -98,7 +98,7 @@ def make_profile(model: str = "tiny") -> Profile:
     return Profile(model=model, arch={}, machine=machine_identity(1), engine={},
                    step_model=LinearStepModel((0.01, 1e-4, 0.0, 1e-6, 1e-4)),
                    fit={}, links={"shm": LinkModel(5e9, 1e-4)}, samples=[],
-                   serving=ServingOverhead(0.0, 0.0, num_requests=1, method="test"))
+                   serving=ServingOverhead(0.0, 0.0, num_requests=1, method="test", first_token_loaded_s=0.0))
 
 
 def test_profile_of_another_model_is_refused_and_another_machine_warned(tmp_path: Path) -> None:
@@ -127,10 +127,31 @@ def test_simulate_with_a_profile(tmp_path: Path) -> None:
             "--threads-per-worker", "1", "--output", str(out)]
     assert main(argv) == 0
     reqs = json.loads(out.read_text())["runs"][0]["requests"]
-    # tokenised as the router does: pdserve's byte-level tokenizer (+ BOS), not words
-    assert all(r["num_prompt_tokens"] > 40 for r in reqs)
+    # --model implies the model's tokenizer: 40 of its tokens (+ BOS), not 40 words (many more tokens)
+    assert all(r["num_prompt_tokens"] in (40, 41) for r in reqs)
     # profile: 10 ms + 0.1 ms/token + 0.1 ms/sample per step; a decode step of one request ≈ 10.2 ms
     assert reqs[0]["tpot_ms"] == pytest.approx(10.2, rel=0.05)
+
+
+def test_simulate_counts_prompt_lengths_in_the_models_own_tokens(tmp_path: Path) -> None:
+    """--input-len is in the model's tokens when it has a tokenizer here (as --tokenizer MODEL would);
+    without one (a model on paper) a word is a token."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(make_profile("tiny").to_json()))
+    base = ["simulate", "--profile", str(path), "--workload", "synthetic", "--input-len", "300",
+            "--output-len", "2", "--num-requests", "3", "--request-rate", "1", "--threads-per-worker", "1"]
+    prompts = {}
+    for name, extra in (("implied", []), ("explicit", ["--tokenizer", "tiny"])):
+        out = tmp_path / f"{name}.json"
+        assert main([*base, "--model", "tiny", *extra, "--output", str(out)]) == 0
+        prompts[name] = [r["num_prompt_tokens"] for r in json.loads(out.read_text())["runs"][0]["requests"]]
+    assert prompts["implied"] == prompts["explicit"]
+    assert all(300 <= n <= 301 for n in prompts["implied"])  # + BOS
+    out = tmp_path / "paper.json"
+    assert main(["simulate", "--model", "llama-3-8b", "--hardware", "h100", "--workload", "synthetic",
+                 "--input-len", "300", "--output-len", "2", "--num-requests", "3", "--request-rate", "1",
+                 "--output", str(out)]) == 0
+    assert all(r["num_prompt_tokens"] == 300 for r in json.loads(out.read_text())["runs"][0]["requests"])
 
 
 def test_fit_recovers_a_known_linear_model() -> None:
@@ -251,6 +272,11 @@ def test_profile_measures_this_machine_and_simulate_uses_it(tmp_path: Path) -> N
     assert data["machine"]["threads"] == 1 and data["model"] == "tiny"
     serving = data["serving_overhead"]  # served through a real router + worker
     assert serving["num_requests"] >= 1 and serving["first_token_s"] >= 0 and serving["per_token_s"] >= 0
+    assert serving["first_token_loaded_s"] >= 0  # and under a Poisson load
+    assert data["serving_overhead_handoff"]["first_token_loaded_s"] >= 0
+    # every timing of a shape is kept (the first: the first time the engine met it), the median used
+    assert all(s["time_s"] in s["rounds_s"] or len(s["rounds_s"]) % 2 == 0 for s in data["samples"])
+    assert max(len(s["rounds_s"]) for s in data["samples"]) >= 3
     out = tmp_path / "sim.json"
     assert main(["simulate", "--model", "tiny", "--profile", str(path), "--num-requests", "4",
                  "--input-len", "30", "--output-len", "4", "--output", str(out)]) == 0
