@@ -14,11 +14,6 @@ from router_fakes import FakeBackend, asgi_client
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def backend() -> FakeBackend:
     return FakeBackend()
 

@@ -12,11 +12,6 @@ from router_gated import CountingTokenizer, GatedBackend
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def backend() -> GatedBackend:
     return GatedBackend()
 
