@@ -308,6 +308,10 @@ def load_profile(path: str | Path, model: str, threads: int | None = None,
     elif profile.serving.first_token_loaded_s is None:
         warn(f"profile {path} is older than the loaded serving overhead (requests arriving while others "
              f"are served): its idle figure is used before each first token (rerun `pdserve profile`)")
+    elif not profile.serving.loaded_usable:
+        warn(f"profile {path} has a loaded serving overhead of the median over every loaded request, which "
+             f"the probe's own queueing biases: not used, its idle figure is used before each first token "
+             f"(rerun `pdserve profile` for the figure of requests that waited behind none)")
     if profile.model != model:
         raise ConfigError(f"profile {path} was taken with model {profile.model!r}, not {model!r}: "
                           f"run `pdserve profile --model {model}`")

@@ -20,7 +20,7 @@ from pdserve.sim.link import Link, LinkModel
 from pdserve.sim.plan import Kind, Planner, Shape, Verdict, search
 from pdserve.sim.profile import Profile, load_profile, machine_identity
 from pdserve.sim.roofline import RooflineStepModel
-from pdserve.sim.serving import ServingOverhead
+from pdserve.sim.serving import LOADED_ESTIMATOR, ServingOverhead
 from pdserve.sim.simulator import SimRequest
 from pdserve.sim.step_model import FEATURES, LinearStepModel, StepShape, fit_linear
 
@@ -98,7 +98,8 @@ def make_profile(model: str = "tiny") -> Profile:
     return Profile(model=model, arch={}, machine=machine_identity(1), engine={},
                    step_model=LinearStepModel((0.01, 1e-4, 0.0, 1e-6, 1e-4)),
                    fit={}, links={"shm": LinkModel(5e9, 1e-4)}, samples=[],
-                   serving=ServingOverhead(0.0, 0.0, num_requests=1, method="test", first_token_loaded_s=0.0))
+                   serving=ServingOverhead(0.0, 0.0, num_requests=1, method="test", first_token_loaded_s=0.0,
+                                           loaded_estimator=LOADED_ESTIMATOR))
 
 
 def test_profile_of_another_model_is_refused_and_another_machine_warned(tmp_path: Path) -> None:
