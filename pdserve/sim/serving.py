@@ -26,7 +26,10 @@ one worker with the fitted step model and no overhead. Then
   ``per_row_s`` = (their median inter-token gap − ``per_token_s``) /
   (batch − 1), the cost of each further row a step samples.
 
-All are clamped at 0. With a KV link profiled, the same is done on a
+``first_token_s`` and ``per_row_s`` are clamped at 0; ``per_token_s`` keeps its sign:
+negative, the served worker's steps are faster than the profiled engine's
+(the step model is corrected down by it, a step's time never below 0) —
+clamped at 0 it would drop exactly that evidence. With a KV link profiled, the same is done on a
 router + 1 prefill + 1 decode worker with every request handed off: the
 hand-off overhead (the reservation round trip, the gate, the "done" notice,
 the decode worker's loop).
@@ -81,7 +84,8 @@ class ServingOverhead:
 
     Attributes:
         first_token_s: before the first token (HTTP, router, messages, delivery).
-        per_token_s: added to a step that samples a token (one request's token at batch 1).
+        per_token_s: added to a step that samples a token (one request's token at batch 1); negative
+            when the served worker's steps were faster than the profiled engine's.
         per_row_s: added for every further row the step samples (the batch's other requests).
         num_requests: requests the figures come from.
         method: how they were measured (one line, for the profile's reader).
@@ -143,12 +147,13 @@ class ServedStepModel:
     def step_time_s(self, shape: StepShape) -> float:
         """The engine step's time and the serving work of its tokens."""
         n = shape.num_sampled
-        return self.inner.step_time_s(shape) + (self.per_token_s + self.per_row_s * (n - 1) if n else 0.0)
+        extra = self.per_token_s + self.per_row_s * (n - 1) if n else 0.0
+        return max(self.inner.step_time_s(shape) + extra, 0.0)
 
 
 def apply_serving(step_model: StepModel, overhead: ServingOverhead | None) -> StepModel:
     """The step model a simulated worker uses: with the per-token overhead when one was measured."""
-    if overhead is None or (overhead.per_token_s <= 0 and overhead.per_row_s <= 0):
+    if overhead is None or (overhead.per_token_s == 0 and overhead.per_row_s <= 0):
         return step_model
     return ServedStepModel(step_model, overhead.per_token_s, overhead.per_row_s)
 
@@ -194,7 +199,7 @@ def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[Reque
     ttft_gaps, token_gaps = _gaps(measured, simulated)
     if not ttft_gaps:
         raise ValueError("no request was served: no overhead can be measured")
-    per_token = max(statistics.median(token_gaps), 0.0) if token_gaps else 0.0
+    per_token = statistics.median(token_gaps) if token_gaps else 0.0  # signed: see the module doc
     per_row = 0.0
     _, batch_gaps = _gaps(measured_batch, simulated_batch)
     if batch_gaps and batch > 1:

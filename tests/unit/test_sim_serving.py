@@ -141,8 +141,13 @@ def test_overhead_is_the_median_gap_between_served_and_simulated() -> None:
     with_batch = derive_overhead(measured, simulated, "", batch, batch_sim, 4)
     assert with_batch.per_row_s == pytest.approx(0.001) and with_batch.per_token_s == pytest.approx(0.002)
     assert with_batch.num_requests == 7
-    faster = derive_overhead(simulated, measured)  # served faster than simulated: clamped at 0
-    assert faster.first_token_s == 0.0 and faster.per_token_s == 0.0
+    # served faster than simulated: the per-token figure keeps its sign (the step model corrected down),
+    # the figure before the first token is clamped at 0
+    faster = derive_overhead(simulated, measured)
+    assert faster.per_token_s == pytest.approx(-0.002) and faster.first_token_s == 0.0
+    served = apply_serving(OLD, faster)
+    assert served.step_time_s(decode(1)) == pytest.approx(OLD.step_time_s(decode(1)) - 0.002)
+    assert apply_serving(OLD, ServingOverhead(0.0, -1.0)).step_time_s(decode(1)) == 0.0  # never below 0
     with pytest.raises(ValueError, match="measured records"):
         derive_overhead(measured[:1], simulated)
     with pytest.raises(ValueError, match="no request"):
