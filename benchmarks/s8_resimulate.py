@@ -72,11 +72,15 @@ def ttft_parts(cell: dict[str, Any], run: Any, sim: SimResult) -> dict[str, Any]
     assert sim.steps is not None
     first_step: dict[str, float] = {}
     ends: dict[str, list[float]] = {}
+    where: dict[str, str] = {}
+    busy: dict[str, list[tuple[float, float]]] = {}
     for step in sim.steps:
+        busy.setdefault(step.worker_id, []).append((step.start_s, step.start_s + step.duration_s))
         if step.worker_id.startswith("decode"):
             continue  # a hand-off's prompt is computed on the prefill side
         for rid, _ in step.batch:
             first_step.setdefault(rid, step.start_s)
+            where.setdefault(rid, step.worker_id)
             ends.setdefault(rid, []).append(step.start_s + step.duration_s)
     rows = []
     for m, r in zip(cell["requests"], (r for r in run.records if not r.warmup), strict=True):
@@ -87,14 +91,23 @@ def ttft_parts(cell: dict[str, Any], run: Any, sim: SimResult) -> dict[str, Any]
         end = max(t for t in ends[rid] if t <= r.sent_s + r.ttft_s + 1e-9)
         q, pre = (first_step[rid] - r.sent_s) * 1e3, (end - first_step[rid]) * 1e3
         ttft = r.ttft_s * 1e3
-        rows.append({"prompt": m["prompt"],
+        a, b = first_step[rid], end
+        others = sum(max(0.0, min(e, b) - max(s0, a)) for wid, spans in busy.items() if wid != where[rid]
+                     for s0, e in spans)
+        rows.append({"prompt": m["prompt"], "others_busy": round(others / max(b - a, 1e-9), 3),
                      "measured": {"queue": p["queue"], "prefill": p["prefill"] + p["transfer"],
                                   "delivery": p["delivery"], "ttft": m["ttft_ms"]},
                      "simulated": {"queue": round(q, 2), "prefill": round(pre, 2),
                                    "delivery": round(ttft - q - pre, 2), "ttft": round(ttft, 2)}})
     med = {side: {k: statistics.median(row[side][k] for row in rows) for k in PARTS}
            for side in ("measured", "simulated")} if rows else None
-    return {"medians_ms": med, "requests": rows}
+    # served prefill over simulated, when the other workers (same host) were idle or computing meanwhile
+    ratios = {k: [row["measured"]["prefill"] / row["simulated"]["prefill"] for row in rows
+                  if (row["others_busy"] >= 0.05) == (k == "others_busy") and row["simulated"]["prefill"] > 0]
+              for k in ("others_idle", "others_busy")}
+    return {"medians_ms": med, "prefill_ratio_median": {k: {"n": len(v), "median": statistics.median(v)}
+                                                        for k, v in ratios.items() if v},
+            "requests": rows}
 
 
 def _with_extra(inner: Any, extra_s: dict[str, float], key: str, *args: Any, **kwargs: Any) -> Any:
@@ -140,7 +153,10 @@ def main(argv: list[str] | None = None) -> None:
             if med:
                 print(f"{row['config']} {row['rate_per_s']:g}/s TTFT parts, medians (ms), measured | "
                       "simulated: " + "  ".join(f"{k} {med['measured'][k]:.1f} | {med['simulated'][k]:.1f}"
-                                                for k in PARTS), flush=True)
+                                                for k in PARTS)
+                      + "; served/simulated prefill, median: " + ", ".join(
+                          f"{k.replace('_', ' ')} {v['median']:.2f} (n={v['n']})"
+                          for k, v in row["ttft_parts"]["prefill_ratio_median"].items()), flush=True)
         for metric in METRICS:
             name, stat = metric.rsplit("_", 1)
             measured, before = cell[metric]["measured"], cell[metric]["simulated"]

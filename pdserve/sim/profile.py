@@ -247,7 +247,9 @@ class Profile:
             "format": FORMAT, "model": self.model, "arch": self.arch, "machine": self.machine,
             "engine": self.engine,
             "step_model": {"form": "t = const + tokens·a + prefill_pairs·b + decode_context·c + sampled·d"
-                                   " + multi_row·e (multi_row: 1 when the step computes > 1 token)",
+                                   " + multi_row·e (multi_row: 1 when the step computes > 1 token;"
+                                   " decode_context: decoding rows × the longest context, the keys the"
+                                   " padded decode attention reads)",
                            "coefficients_s": self.step_model.to_json(), **self.fit},
             "links": {k: {"bandwidth_bytes_per_s": v.bandwidth_bytes_per_s, "latency_s": v.latency_s}
                       for k, v in self.links.items()},
