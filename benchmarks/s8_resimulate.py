@@ -14,6 +14,14 @@ Nothing is fitted to the measured cells; they are only compared with. It shows
 what a simulator change does to the last run's errors before a new run
 (which needs a quiet machine for about 15 minutes) measures it again.
 
+Per request (``--parts``, with an S8 file that kept its requests): the
+simulated TTFT split as the router splits the measured one — queue (arrival →
+the first step computing the prompt, on the prefill worker of a hand-off:
+the router's work, the hand-off's set-up and waiting for a step), prefill
+(→ the end of the step that sampled the first token) and the rest (delivery)
+— beside the router's breakdown (queue, prefill + transfer, delivery), with
+the medians per cell, so a TTFT gap can be put where it is.
+
 A what-if: ``--what-if-request-ms agg=29,agg2=35,disagg=48`` adds that much
 to each configuration's per-request overhead (before placement) — to see what a
 term of that size would do, not a measured term (the output says so).
@@ -21,7 +29,7 @@ term of that size would do, not a measured term (the output says so).
 Usage::
 
     python benchmarks/s8_resimulate.py [--results benchmarks/results/s8_sim_fidelity.json]
-                                       [--what-if-request-ms CONFIG=MS,...]
+                                       [--what-if-request-ms CONFIG=MS,...] [--parts] [--out FILE]
 
 Writes ``benchmarks/results/s8_resimulated.json``.
 """
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -41,8 +50,10 @@ from common import RESULTS_DIR, machine_info, ratio, write_json
 
 from pdserve.bench.metrics import SLO
 from pdserve.sim.profile import Profile, load_profile
+from pdserve.sim.simulator import SimResult
 from pdserve.sim.step_model import StepShape, fit_linear
 
+PARTS = ("queue", "prefill", "delivery", "ttft")
 METRICS = ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")
 
 
@@ -56,6 +67,49 @@ def refit(profile: Profile) -> tuple[Profile, dict[str, Any]]:
     return replace(profile, step_model=fit.model), info
 
 
+def ttft_parts(cell: dict[str, Any], run: Any, sim: SimResult) -> dict[str, Any]:
+    """Each measured request's router TTFT parts beside the simulated twin's (ms), and the medians."""
+    assert sim.steps is not None
+    first_step: dict[str, float] = {}
+    ends: dict[str, list[float]] = {}
+    where: dict[str, str] = {}
+    busy: dict[str, list[tuple[float, float]]] = {}
+    for step in sim.steps:
+        busy.setdefault(step.worker_id, []).append((step.start_s, step.start_s + step.duration_s))
+        if step.worker_id.startswith("decode"):
+            continue  # a hand-off's prompt is computed on the prefill side
+        for rid, _ in step.batch:
+            first_step.setdefault(rid, step.start_s)
+            where.setdefault(rid, step.worker_id)
+            ends.setdefault(rid, []).append(step.start_s + step.duration_s)
+    rows = []
+    for m, r in zip(cell["requests"], (r for r in run.records if not r.warmup), strict=True):
+        p, rid = m.get("server_ttft_parts_ms"), f"sim-{r.index}"
+        if not p or r.ttft_s is None or rid not in first_step:
+            continue
+        # the step that sampled the first token: the last of the request's steps ended by then
+        end = max(t for t in ends[rid] if t <= r.sent_s + r.ttft_s + 1e-9)
+        q, pre = (first_step[rid] - r.sent_s) * 1e3, (end - first_step[rid]) * 1e3
+        ttft = r.ttft_s * 1e3
+        a, b = first_step[rid], end
+        others = sum(max(0.0, min(e, b) - max(s0, a)) for wid, spans in busy.items() if wid != where[rid]
+                     for s0, e in spans)
+        rows.append({"prompt": m["prompt"], "others_busy": round(others / max(b - a, 1e-9), 3),
+                     "measured": {"queue": p["queue"], "prefill": p["prefill"] + p["transfer"],
+                                  "delivery": p["delivery"], "ttft": m["ttft_ms"]},
+                     "simulated": {"queue": round(q, 2), "prefill": round(pre, 2),
+                                   "delivery": round(ttft - q - pre, 2), "ttft": round(ttft, 2)}})
+    med = {side: {k: statistics.median(row[side][k] for row in rows) for k in PARTS}
+           for side in ("measured", "simulated")} if rows else None
+    # served prefill over simulated, when the other workers (same host) were idle or computing meanwhile
+    ratios = {k: [row["measured"]["prefill"] / row["simulated"]["prefill"] for row in rows
+                  if (row["others_busy"] >= 0.05) == (k == "others_busy") and row["simulated"]["prefill"] > 0]
+              for k in ("others_idle", "others_busy")}
+    return {"medians_ms": med, "prefill_ratio_median": {k: {"n": len(v), "median": statistics.median(v)}
+                                                        for k, v in ratios.items() if v},
+            "requests": rows}
+
+
 def _with_extra(inner: Any, extra_s: dict[str, float], key: str, *args: Any, **kwargs: Any) -> Any:
     """``s8.sim_config`` with ``extra_s[key]`` more per-request overhead (the what-if)."""
     config = inner(key, *args, **kwargs)
@@ -67,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, default=s8.RESULTS)
     p.add_argument("--out", type=Path, default=None,
                    help="default results/s8_resimulated.json (s8_resimulated_what_if.json with a what-if)")
+    p.add_argument("--parts", action="store_true",
+                   help="per request: simulated TTFT parts beside the router's (needs S8's kept requests)")
     p.add_argument("--what-if-request-ms", default="",
                    help="CONFIG=MS,... added to each configuration's per-request overhead (a what-if)")
     args = p.parse_args(argv)
@@ -88,8 +144,19 @@ def main(argv: list[str] | None = None) -> None:
     bench = s3.Bench.from_args(s8_args.s3)
     cells = []
     for cell in run["cells"]:
-        sim = s8.simulate(cell["config"], profiles, s8_args, bench.workload, cell["rate_per_s"], SLO())
+        sim, result = s8.simulate_steps(cell["config"], profiles, s8_args, bench.workload, cell["rate_per_s"],
+                                        SLO(), record_steps=args.parts)
         row: dict[str, Any] = {"config": cell["config"], "rate_per_s": cell["rate_per_s"]}
+        if args.parts and cell.get("requests"):
+            row["ttft_parts"] = ttft_parts(cell, sim, result)
+            med = row["ttft_parts"]["medians_ms"]
+            if med:
+                print(f"{row['config']} {row['rate_per_s']:g}/s TTFT parts, medians (ms), measured | "
+                      "simulated: " + "  ".join(f"{k} {med['measured'][k]:.1f} | {med['simulated'][k]:.1f}"
+                                                for k in PARTS)
+                      + "; served/simulated prefill, median: " + ", ".join(
+                          f"{k.replace('_', ' ')} {v['median']:.2f} (n={v['n']})"
+                          for k, v in row["ttft_parts"]["prefill_ratio_median"].items()), flush=True)
         for metric in METRICS:
             name, stat = metric.rsplit("_", 1)
             measured, before = cell[metric]["measured"], cell[metric]["simulated"]

@@ -63,7 +63,7 @@ from pdserve.sim.hardware import accelerator, paper_model
 from pdserve.sim.profile import Profile, load_profile
 from pdserve.sim.results import simulate_run
 from pdserve.sim.roofline import RooflineStepModel, kv_link
-from pdserve.sim.simulator import PoolSpec, SimConfig
+from pdserve.sim.simulator import PoolSpec, SimConfig, SimResult, Simulator
 
 MODEL = s3.MODEL
 RESULTS = RESULTS_DIR / "s8_sim_fidelity.json"
@@ -109,14 +109,19 @@ def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_p
 def simulate(key: str, profiles: dict[int, Profile], args: argparse.Namespace, workload: WorkloadConfig,
              rate: float, slo: SLO) -> RunResult:
     """The seeded requests S3 sends at ``rate``, through the simulated configuration."""
+    return simulate_steps(key, profiles, args, workload, rate, slo)[0]
+
+
+def simulate_steps(key: str, profiles: dict[int, Profile], args: argparse.Namespace, workload: WorkloadConfig,
+                   rate: float, slo: SLO, record_steps: bool = False) -> tuple[RunResult, SimResult]:
+    """:func:`simulate`, and the simulator's result (with every step when ``record_steps``)."""
     counter = make_counter(MODEL)
     config = sim_config(key, profiles, args.chunk_size, args.s3.disagg_policy)
     encoder = PromptEncoder(MODEL, "completions", load_arch_config(MODEL).vocab_size)
     arrivals = ArrivalConfig(rate=rate, seed=args.seed)
     planned = make_requests(make_workload(workload, counter), arrivals, encoder, config.max_model_len,
                             args.num_requests, None, args.warmup_requests)
-    run, _ = simulate_run(config, planned, rate, slo)
-    return run
+    return simulate_run(config, planned, rate, slo, lambda c: Simulator(c, record_steps=record_steps))
 
 
 def paired_requests(measured: RunResult, simulated: RunResult) -> list[dict[str, Any]]:

@@ -247,7 +247,9 @@ class Profile:
             "format": FORMAT, "model": self.model, "arch": self.arch, "machine": self.machine,
             "engine": self.engine,
             "step_model": {"form": "t = const + tokens·a + prefill_pairs·b + decode_context·c + sampled·d"
-                                   " + multi_row·e (multi_row: 1 when the step computes > 1 token)",
+                                   " + multi_row·e (multi_row: 1 when the step computes > 1 token;"
+                                   " decode_context: decoding rows × the longest context, the keys the"
+                                   " padded decode attention reads)",
                            "coefficients_s": self.step_model.to_json(), **self.fit},
             "links": {k: {"bandwidth_bytes_per_s": v.bandwidth_bytes_per_s, "latency_s": v.latency_s}
                       for k, v in self.links.items()},
@@ -308,6 +310,10 @@ def load_profile(path: str | Path, model: str, threads: int | None = None,
     elif profile.serving.first_token_loaded_s is None:
         warn(f"profile {path} is older than the loaded serving overhead (requests arriving while others "
              f"are served): its idle figure is used before each first token (rerun `pdserve profile`)")
+    elif not profile.serving.loaded_usable:
+        warn(f"profile {path} has a loaded serving overhead of the median over every loaded request, which "
+             f"the probe's own queueing biases: not used, its idle figure is used before each first token "
+             f"(rerun `pdserve profile` for the figure of requests that waited behind none)")
     if profile.model != model:
         raise ConfigError(f"profile {path} was taken with model {profile.model!r}, not {model!r}: "
                           f"run `pdserve profile --model {model}`")

@@ -26,7 +26,10 @@ one worker with the fitted step model and no overhead. Then
   ``per_row_s`` = (their median inter-token gap − ``per_token_s``) /
   (batch − 1), the cost of each further row a step samples.
 
-All are clamped at 0. With a KV link profiled, the same is done on a
+``first_token_s`` and ``per_row_s`` are clamped at 0; ``per_token_s`` keeps its sign:
+negative, the served worker's steps are faster than the profiled engine's
+(the step model is corrected down by it, a step's time never below 0) —
+clamped at 0 it would drop exactly that evidence. With a KV link profiled, the same is done on a
 router + 1 prefill + 1 decode worker with every request handed off: the
 hand-off overhead (the reservation round trip, the gate, the "done" notice,
 the decode worker's loop).
@@ -67,6 +70,12 @@ BATCH = 4
 #: arrivals of this rate (seeded): about two streams in flight, prompts arriving while others decode.
 LOADED_REQUESTS = 12
 LOADED_RATE = 4.0
+#: The loaded figure's estimator (kept in the profile): the median TTFT gap of the loaded requests that
+#: found no other request before its first token, served and simulated. Profiles without it used the
+#: median over every loaded request, which queueing biases (see :func:`derive_loaded`): not used.
+LOADED_ESTIMATOR = "unqueued-median"
+#: Fewer unqueued loaded requests than this: no loaded figure beyond the idle one.
+MIN_UNQUEUED = 3
 
 
 @dataclass(frozen=True)
@@ -75,13 +84,16 @@ class ServingOverhead:
 
     Attributes:
         first_token_s: before the first token (HTTP, router, messages, delivery).
-        per_token_s: added to a step that samples a token (one request's token at batch 1).
+        per_token_s: added to a step that samples a token (one request's token at batch 1); negative
+            when the served worker's steps were faster than the profiled engine's.
         per_row_s: added for every further row the step samples (the batch's other requests).
         num_requests: requests the figures come from.
         method: how they were measured (one line, for the profile's reader).
         first_token_loaded_s: before the first token when requests arrive while others are served
             (Poisson arrivals, :data:`LOADED_RATE`), beyond what the simulator with the figures above
             predicts for those arrivals; None in profiles taken before it was measured.
+        loaded_estimator: how ``first_token_loaded_s`` was estimated: :data:`LOADED_ESTIMATOR`, or ""
+            for the queue-biased median of profiles taken before it (not used: see :attr:`per_request_s`).
     """
 
     first_token_s: float
@@ -90,17 +102,27 @@ class ServingOverhead:
     num_requests: int = 0
     method: str = ""
     first_token_loaded_s: float | None = None
+    loaded_estimator: str = ""
+
+    @property
+    def loaded_usable(self) -> bool:
+        """A loaded figure measured with :data:`LOADED_ESTIMATOR` (not the queue-biased one before it)."""
+        return self.first_token_loaded_s is not None and self.loaded_estimator == LOADED_ESTIMATOR
 
     @property
     def per_request_s(self) -> float:
-        """What a simulated request waits before placement: the loaded figure when it was measured."""
-        return self.first_token_s if self.first_token_loaded_s is None else self.first_token_loaded_s
+        """What a simulated request waits before placement: the loaded figure when it was measured
+        with :data:`LOADED_ESTIMATOR`, else the idle one."""
+        if self.first_token_loaded_s is None or not self.loaded_usable:
+            return self.first_token_s
+        return self.first_token_loaded_s
 
     def to_json(self) -> dict[str, Any]:
         """The profile's ``serving_overhead`` entry."""
         return {"first_token_s": self.first_token_s, "per_token_s": self.per_token_s,
                 "per_row_s": self.per_row_s, "num_requests": self.num_requests, "method": self.method,
-                **({"first_token_loaded_s": self.first_token_loaded_s}
+                **({"first_token_loaded_s": self.first_token_loaded_s,
+                    "first_token_loaded_estimator": self.loaded_estimator}
                    if self.first_token_loaded_s is not None else {})}
 
     @classmethod
@@ -109,7 +131,8 @@ class ServingOverhead:
         loaded = data.get("first_token_loaded_s")
         return cls(float(data["first_token_s"]), float(data["per_token_s"]),
                    float(data.get("per_row_s", 0.0)), int(data.get("num_requests", 0)),
-                   str(data.get("method", "")), None if loaded is None else float(loaded))
+                   str(data.get("method", "")), None if loaded is None else float(loaded),
+                   str(data.get("first_token_loaded_estimator", "")))
 
 
 @dataclass(frozen=True)
@@ -124,12 +147,13 @@ class ServedStepModel:
     def step_time_s(self, shape: StepShape) -> float:
         """The engine step's time and the serving work of its tokens."""
         n = shape.num_sampled
-        return self.inner.step_time_s(shape) + (self.per_token_s + self.per_row_s * (n - 1) if n else 0.0)
+        extra = self.per_token_s + self.per_row_s * (n - 1) if n else 0.0
+        return max(self.inner.step_time_s(shape) + extra, 0.0)
 
 
 def apply_serving(step_model: StepModel, overhead: ServingOverhead | None) -> StepModel:
     """The step model a simulated worker uses: with the per-token overhead when one was measured."""
-    if overhead is None or (overhead.per_token_s <= 0 and overhead.per_row_s <= 0):
+    if overhead is None or (overhead.per_token_s == 0 and overhead.per_row_s <= 0):
         return step_model
     return ServedStepModel(step_model, overhead.per_token_s, overhead.per_row_s)
 
@@ -175,7 +199,7 @@ def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[Reque
     ttft_gaps, token_gaps = _gaps(measured, simulated)
     if not ttft_gaps:
         raise ValueError("no request was served: no overhead can be measured")
-    per_token = max(statistics.median(token_gaps), 0.0) if token_gaps else 0.0
+    per_token = statistics.median(token_gaps) if token_gaps else 0.0  # signed: see the module doc
     per_row = 0.0
     _, batch_gaps = _gaps(measured_batch, simulated_batch)
     if batch_gaps and batch > 1:
@@ -184,14 +208,37 @@ def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[Reque
     return ServingOverhead(first, per_token, per_row, len(ttft_gaps) + len(batch_gaps), method)
 
 
-def derive_loaded(measured: Sequence[RequestRecord], simulated: Sequence[RequestRecord]) -> float:
-    """``first_token_loaded_s``: the median TTFT gap, served − simulated, of requests sent at their
-    arrival times while others were served (the simulation already has the per-token figures and the
-    idle ``first_token_s``: this is what remains; at least 0)."""
-    ttft_gaps, _ = _gaps(measured, simulated)
-    if not ttft_gaps:
+def unqueued(records: Sequence[RequestRecord]) -> list[bool]:
+    """For each request: whether it was sent when no other request was still before its first token
+    (nothing queued ahead of it, nothing whose prompt it could wait behind)."""
+    spans = [None if r.ttft_s is None else (r.sent_s, r.sent_s + r.ttft_s) for r in records]
+    return [span is not None and not any(j != i and other is not None and other[0] <= span[0] < other[1]
+                                         for j, other in enumerate(spans))
+            for i, span in enumerate(spans)]
+
+
+def derive_loaded(measured: Sequence[RequestRecord], simulated: Sequence[RequestRecord]) -> tuple[float, int]:
+    """``first_token_loaded_s`` beyond the idle figure, and how many requests it comes from: the median
+    TTFT gap, served − simulated, of the requests sent at their arrival times while others were served
+    that found no other request before its first token, in the served run and in the simulated one
+    (:func:`unqueued`; the simulation already has the per-token figures and the idle
+    ``first_token_s``: this is what remains; at least 0). Fewer than :data:`MIN_UNQUEUED` such
+    requests: 0.
+
+    Why not the median over every loaded request (the estimator before): a request that waits behind
+    others pays their shortfall too — every served step the model predicts ε too fast delays all the
+    requests queued behind it — so the gap of a queued request grows with the queue ahead of it and
+    its median measures the probe's queueing, not a per-request cost (at 4 requests/s it gave 76 ms
+    for a one-thread hand-off whose idle figure is 5 ms, 1.9 s for a two-thread one).
+    """
+    if not _gaps(measured, simulated)[0]:
         raise ValueError("no loaded request was served: no loaded overhead can be measured")
-    return max(statistics.median(ttft_gaps), 0.0)
+    alone = [a and b for a, b in zip(unqueued(measured), unqueued(simulated), strict=True)]
+    gaps, _ = _gaps([m for m, ok in zip(measured, alone, strict=True) if ok],
+                    [s for s, ok in zip(simulated, alone, strict=True) if ok])
+    if len(gaps) < MIN_UNQUEUED:
+        return 0.0, len(gaps)
+    return max(statistics.median(gaps), 0.0), len(gaps)
 
 
 def simulate_alone(records: Sequence[RequestRecord], pools: tuple[PoolSpec, ...], scheduler: SchedulerConfig,
@@ -315,11 +362,13 @@ def measure_serving(w: ServedModel, link: LinkModel | None = None
         # the loaded requests, simulated at their send times with the figures just derived
         simulated_loaded = simulate_alone(loaded, pools_of(apply_serving(w.step_model, idle)), *rest,
                                           at_sent=True, request_overhead_s=idle.first_token_s)
-        extra = derive_loaded(loaded, simulated_loaded) if loaded else None
+        extra, used = derive_loaded(loaded, simulated_loaded) if loaded else (None, 0)
         total = None if extra is None else idle.first_token_s + extra
-        results.append(replace(idle, first_token_loaded_s=total,
+        results.append(replace(idle, first_token_loaded_s=total, loaded_estimator=LOADED_ESTIMATOR,
                                num_requests=idle.num_requests + len(loaded),
                                method=f"{method}; then {len(loaded)} at Poisson arrivals ({LOADED_RATE:g}/s, "
                                       f"prompts {PROMPT_TOKENS[0]}-{PROMPT_TOKENS[-1]}), simulated at their "
-                                      "send times with the figures above"))
+                                      f"send times with the figures above; the loaded figure from the "
+                                      f"{used} of them that found no other request before its first token "
+                                      f"(served and simulated; at least {MIN_UNQUEUED}, else none)"))
     return results[0], results[1] if len(results) > 1 else None

@@ -8,7 +8,10 @@
      ``t = a + b·tokens + c·prefill_pairs + d·decode_context + e·sampled + f·multi_row``
      (``tokens``: all tokens computed in the step; ``prefill_pairs``: query ×
      key pairs of the prompt chunks, the quadratic part of attention;
-     ``decode_context``: keys read by the decoding requests; ``sampled``: rows
+     ``decode_context``: keys read by the decoding requests — the batched
+     decode attention pads every row to the batch's longest context, so this
+     is rows × the longest context (:attr:`StepShape.decode_padded_context`),
+     not the sum of the contexts; ``sampled``: rows
      that go through the LM head and the sampler; ``multi_row``: 1 when the
      step computes more than one token — a matrix-matrix instead of a
      matrix-vector product, a step cost on CPUs that a single decode does not pay).
@@ -44,6 +47,11 @@ class StepShape:
         decode_context: Σ over decoding requests of the keys they attend to.
         prefill_context: Σ over prompt chunks of the keys already cached before the chunk.
         num_sampled: requests that sample a token this step.
+        decode_padded_context: keys the decode attention reads: decoding requests × the longest
+            context among them (``pdserve.model.attention`` gathers every row's context padded to the
+            longest and masks the tail, so one long request makes every row of the batch read that
+            many keys); -1 when unknown (shapes recorded before it was: then ``decode_context``,
+            exact for the profile's uniform decode batches).
     """
 
     num_tokens: int
@@ -53,16 +61,23 @@ class StepShape:
     decode_context: int
     prefill_context: int
     num_sampled: int
+    decode_padded_context: int = -1
+
+    @property
+    def decode_keys(self) -> int:
+        """Keys the decode attention reads (the padded context when known, else the sum)."""
+        return self.decode_context if self.decode_padded_context < 0 else self.decode_padded_context
 
     def features(self) -> list[float]:
-        """The linear model's regressors, in :data:`FEATURES` order."""
-        return [1.0, float(self.num_tokens), self.prefill_pairs, float(self.decode_context),
+        """The linear model's regressors, in :data:`FEATURES` order (``decode_context``: the keys the
+        decode attention reads, :attr:`decode_keys`)."""
+        return [1.0, float(self.num_tokens), self.prefill_pairs, float(self.decode_keys),
                 float(self.num_sampled), 1.0 if self.num_tokens > 1 else 0.0]
 
 
 def step_shape(out: SchedulerOutput) -> StepShape:
     """The shape of one scheduled step (before ``Scheduler.update`` advances the requests)."""
-    num_tokens = num_prefill = num_decode = decode_ctx = prefill_ctx = num_sampled = 0
+    num_tokens = num_prefill = num_decode = decode_ctx = prefill_ctx = num_sampled = longest = 0
     pairs = 0.0
     for item in out.scheduled:
         new, done = item.num_new_tokens, item.request.num_computed_tokens
@@ -71,13 +86,15 @@ def step_shape(out: SchedulerOutput) -> StepShape:
         if is_decode:
             num_decode += 1
             decode_ctx += done + 1
+            longest = max(longest, done + 1)
         else:
             num_prefill += new
             prefill_ctx += done
             pairs += new * (done + (new + 1) / 2)
         if done + new == item.request.num_tokens:
             num_sampled += 1
-    return StepShape(num_tokens, num_prefill, num_decode, pairs, decode_ctx, prefill_ctx, num_sampled)
+    return StepShape(num_tokens, num_prefill, num_decode, pairs, decode_ctx, prefill_ctx, num_sampled,
+                     num_decode * longest)
 
 
 class StepModel(Protocol):
@@ -106,7 +123,7 @@ class LinearStepModel:
     def step_time_s(self, shape: StepShape) -> float:
         """Predicted wall time of the step."""
         c = self.coefficients
-        return (c[0] + c[1] * shape.num_tokens + c[2] * shape.prefill_pairs + c[3] * shape.decode_context
+        return (c[0] + c[1] * shape.num_tokens + c[2] * shape.prefill_pairs + c[3] * shape.decode_keys
                 + c[4] * shape.num_sampled + (c[5] if shape.num_tokens > 1 else 0.0))
 
     def to_json(self) -> dict[str, Any]:

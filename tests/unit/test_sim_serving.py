@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from pdserve.sim.cli import add_profile_parser, engine_argv
 from pdserve.sim.link import LinkModel
 from pdserve.sim.profile import Profile, load_profile, machine_identity
 from pdserve.sim.serving import (
+    LOADED_ESTIMATOR,
+    MIN_UNQUEUED,
     ServedStepModel,
     ServingOverhead,
     apply_serving,
@@ -84,8 +87,16 @@ def test_a_profile_with_serving_overhead_round_trips(tmp_path: Path) -> None:
     assert loaded.serving == serving and loaded.request_overhead_s == 0.025
     assert len(warnings) == 1 and "older than the loaded serving overhead" in warnings[0]
     assert loaded.sim_step_model == ServedStepModel(OLD, 0.002, 0.0005)
-    current = replace(serving, first_token_loaded_s=0.04)
-    handoff = ServingOverhead(0.03, 0.001, first_token_loaded_s=0.07)
+    # a loaded figure of the queue-biased estimator before LOADED_ESTIMATOR: warned about, not used
+    biased = replace(serving, first_token_loaded_s=0.09)
+    path.write_text(json.dumps(replace(profile, serving=biased).to_json()))
+    warnings.clear()
+    loaded = load_profile(path, "tiny", warn=warnings.append)
+    assert loaded.serving == biased and not loaded.serving.loaded_usable
+    assert loaded.request_overhead_s == 0.025  # the idle figure
+    assert len(warnings) == 1 and "queueing biases" in warnings[0]
+    current = replace(serving, first_token_loaded_s=0.04, loaded_estimator=LOADED_ESTIMATOR)
+    handoff = ServingOverhead(0.03, 0.001, first_token_loaded_s=0.07, loaded_estimator=LOADED_ESTIMATOR)
     path.write_text(json.dumps(replace(profile, serving=current, serving_handoff=handoff).to_json()))
     warnings.clear()
     loaded = load_profile(path, "tiny", warn=warnings.append)
@@ -130,8 +141,13 @@ def test_overhead_is_the_median_gap_between_served_and_simulated() -> None:
     with_batch = derive_overhead(measured, simulated, "", batch, batch_sim, 4)
     assert with_batch.per_row_s == pytest.approx(0.001) and with_batch.per_token_s == pytest.approx(0.002)
     assert with_batch.num_requests == 7
-    faster = derive_overhead(simulated, measured)  # served faster than simulated: clamped at 0
-    assert faster.first_token_s == 0.0 and faster.per_token_s == 0.0
+    # served faster than simulated: the per-token figure keeps its sign (the step model corrected down),
+    # the figure before the first token is clamped at 0
+    faster = derive_overhead(simulated, measured)
+    assert faster.per_token_s == pytest.approx(-0.002) and faster.first_token_s == 0.0
+    served = apply_serving(OLD, faster)
+    assert served.step_time_s(decode(1)) == pytest.approx(OLD.step_time_s(decode(1)) - 0.002)
+    assert apply_serving(OLD, ServingOverhead(0.0, -1.0)).step_time_s(decode(1)) == 0.0  # never below 0
     with pytest.raises(ValueError, match="measured records"):
         derive_overhead(measured[:1], simulated)
     with pytest.raises(ValueError, match="no request"):
@@ -208,8 +224,9 @@ def test_loaded_overhead_is_what_requests_sent_under_load_wait_beyond_the_simula
     simulated = simulate_alone(sent, pools, sched, 16, 2048, 256, at_sent=True)
     assert [r.sent_s for r in simulated] == pytest.approx([r.sent_s for r in sent])
     served = simulate_alone(sent, pools, sched, 16, 2048, 256, at_sent=True, request_overhead_s=0.03)
-    assert derive_loaded(served, simulated) == pytest.approx(0.03, abs=2e-3)
-    assert derive_loaded(simulated, served) == 0.0
+    extra, used = derive_loaded(served, simulated)
+    assert extra == pytest.approx(0.03, abs=2e-3) and used >= MIN_UNQUEUED
+    assert derive_loaded(simulated, served)[0] == 0.0
     with pytest.raises(ValueError, match="no loaded request"):
         derive_loaded([RequestRecord(index=0)], [RequestRecord(index=0)])
 
@@ -229,7 +246,10 @@ def test_the_loaded_figure_is_the_simulated_request_overhead(tmp_path: Path) -> 
         return float(json.loads(out.read_text())["runs"][0]["requests"][0]["ttft_ms"])
 
     idle = ttft_ms(ServingOverhead(0.01, 0.0))
-    assert ttft_ms(ServingOverhead(0.01, 0.0, first_token_loaded_s=0.05)) - idle == pytest.approx(40, abs=0.5)
+    assert ttft_ms(ServingOverhead(0.01, 0.0, first_token_loaded_s=0.05,
+                                   loaded_estimator=LOADED_ESTIMATOR)) - idle == pytest.approx(40, abs=0.5)
+    # the queue-biased figure of older profiles is not waited
+    assert ttft_ms(ServingOverhead(0.01, 0.0, first_token_loaded_s=0.05)) == pytest.approx(idle, abs=0.01)
 
 
 def test_measure_serving_derives_the_loaded_figure_from_the_loaded_phase(
@@ -260,4 +280,26 @@ def test_measure_serving_derives_the_loaded_figure_from_the_loaded_phase(
     assert mixed.first_token_s == pytest.approx(0.0, abs=1e-6)
     assert mixed.per_token_s == pytest.approx(0.0, abs=1e-6)
     assert mixed.first_token_loaded_s == pytest.approx(0.02, abs=2e-3)
+    assert mixed.loaded_usable and mixed.per_request_s == mixed.first_token_loaded_s
     assert mixed.num_requests == 3 + serving.BATCH + serving.LOADED_REQUESTS and "Poisson" in mixed.method
+
+
+def test_the_loaded_figure_is_not_the_queue_the_probe_built() -> None:
+    """Served steps 20% slower than the model, requests in bursts: a request queued behind others pays
+    their shortfall too, so the median gap over every request grows with the queue (the estimator
+    before); the figure counts only the requests that waited behind none, in both runs."""
+    sched = SchedulerConfig(chunk_size=256, max_num_batched_tokens=256)  # one prompt after another
+    slow = LinearStepModel(tuple(1.2 * c for c in OLD.coefficients))
+    sent = [RequestRecord(index=i, sent_s=2.0 * (i // 4) + 0.001 * (i % 4), num_prompt_tokens=300,
+                          num_output_tokens=8) for i in range(12)]  # 3 bursts of 4
+    simulated = simulate_alone(sent, (PoolSpec(Role.MIXED, 1, OLD, 256),), sched, 16, 2048, 256, at_sent=True)
+    served = simulate_alone(sent, (PoolSpec(Role.MIXED, 1, slow, 256),), sched, 16, 2048, 256, at_sent=True)
+    gaps = sorted(m.ttft_s - s.ttft_s for m, s in zip(served, simulated, strict=True)
+                  if m.ttft_s is not None and s.ttft_s is not None)
+    one_prompt = gaps[0]  # the first of a burst: its own step's 20% only
+    assert statistics.median(gaps) > 1.5 * one_prompt  # the old estimator: the queue's
+    extra, used = derive_loaded(served, simulated)
+    assert used == 3  # the first request of each burst
+    assert extra == pytest.approx(one_prompt, rel=1e-6)
+    # fewer than MIN_UNQUEUED requests that waited behind none: no loaded figure beyond the idle one
+    assert derive_loaded(served[:4], simulated[:4]) == (0.0, 1)

@@ -20,7 +20,7 @@ from pdserve.sim.link import Link, LinkModel
 from pdserve.sim.plan import Kind, Planner, Shape, Verdict, search
 from pdserve.sim.profile import Profile, load_profile, machine_identity
 from pdserve.sim.roofline import RooflineStepModel
-from pdserve.sim.serving import ServingOverhead
+from pdserve.sim.serving import LOADED_ESTIMATOR, ServingOverhead
 from pdserve.sim.simulator import SimRequest
 from pdserve.sim.step_model import FEATURES, LinearStepModel, StepShape, fit_linear
 
@@ -98,7 +98,8 @@ def make_profile(model: str = "tiny") -> Profile:
     return Profile(model=model, arch={}, machine=machine_identity(1), engine={},
                    step_model=LinearStepModel((0.01, 1e-4, 0.0, 1e-6, 1e-4)),
                    fit={}, links={"shm": LinkModel(5e9, 1e-4)}, samples=[],
-                   serving=ServingOverhead(0.0, 0.0, num_requests=1, method="test", first_token_loaded_s=0.0))
+                   serving=ServingOverhead(0.0, 0.0, num_requests=1, method="test", first_token_loaded_s=0.0,
+                                           loaded_estimator=LOADED_ESTIMATOR))
 
 
 def test_profile_of_another_model_is_refused_and_another_machine_warned(tmp_path: Path) -> None:
@@ -271,8 +272,10 @@ def test_profile_measures_this_machine_and_simulate_uses_it(tmp_path: Path) -> N
     assert data["links"]["shm"]["bandwidth_bytes_per_s"] > 0
     assert data["machine"]["threads"] == 1 and data["model"] == "tiny"
     serving = data["serving_overhead"]  # served through a real router + worker
-    assert serving["num_requests"] >= 1 and serving["first_token_s"] >= 0 and serving["per_token_s"] >= 0
+    # per_token_s keeps its sign (served steps faster than the profiled engine's: negative)
+    assert serving["num_requests"] >= 1 and serving["first_token_s"] >= 0 and serving["per_row_s"] >= 0
     assert serving["first_token_loaded_s"] >= 0  # and under a Poisson load
+    assert serving["first_token_loaded_estimator"] == LOADED_ESTIMATOR
     assert data["serving_overhead_handoff"]["first_token_loaded_s"] >= 0
     # every timing of a shape is kept (the first: the first time the engine met it), the median used
     assert all(s["time_s"] in s["rounds_s"] or len(s["rounds_s"]) % 2 == 0 for s in data["samples"])
