@@ -26,10 +26,18 @@ A what-if: ``--what-if-request-ms agg=29,agg2=35,disagg=48`` adds that much
 to each configuration's per-request overhead (before placement) — to see what a
 term of that size would do, not a measured term (the output says so).
 
+Co-location: the one-thread profile's co-location slowdown (a step while the
+host's other worker computes, :mod:`pdserve.sim.colocation`) is the
+recorded profile's own, or none when it predates the figure;
+``--co-located-from PROFILE`` takes it from another profile (one measured
+later), ``--co-located prefill=F,decode=F`` sets it. The output records
+which figure was used and where it came from.
+
 Usage::
 
     python benchmarks/s8_resimulate.py [--results benchmarks/results/s8_sim_fidelity.json]
                                        [--what-if-request-ms CONFIG=MS,...] [--parts] [--out FILE]
+                                       [--co-located-from PROFILE | --co-located prefill=F,decode=F]
 
 Writes ``benchmarks/results/s8_resimulated.json``.
 """
@@ -49,6 +57,7 @@ import s8_sim_fidelity as s8
 from common import RESULTS_DIR, machine_info, ratio, write_json
 
 from pdserve.bench.metrics import SLO
+from pdserve.sim.colocation import CoLocation
 from pdserve.sim.profile import Profile, load_profile
 from pdserve.sim.simulator import SimResult
 from pdserve.sim.step_model import StepShape, fit_linear
@@ -116,6 +125,20 @@ def _with_extra(inner: Any, extra_s: dict[str, float], key: str, *args: Any, **k
     return replace(config, request_overhead_s=config.request_overhead_s + extra_s.get(key, 0.0))
 
 
+def injected_co_location(path: Path | None, spec: str) -> CoLocation | None:
+    """The co-location figure to use instead of the recorded profile's (None: keep the profile's)."""
+    if spec:
+        given = {k: float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+        return CoLocation(given.get("prefill", 1.0), given.get("decode", 1.0), 1, {},
+                          "given on the command line")
+    if path is not None:
+        co = load_profile(path, s8.MODEL, 1).co_located
+        if co is None:
+            raise SystemExit(f"{path} has no co-location figure")
+        return co
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--results", type=Path, default=s8.RESULTS)
@@ -125,11 +148,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="per request: simulated TTFT parts beside the router's (needs S8's kept requests)")
     p.add_argument("--what-if-request-ms", default="",
                    help="CONFIG=MS,... added to each configuration's per-request overhead (a what-if)")
+    p.add_argument("--co-located-from", type=Path, default=None,
+                   help="a profile whose co-location figure replaces the one-thread profile's")
+    p.add_argument("--co-located", default="",
+                   help="prefill=F,decode=F: the one-thread profile's co-location slowdown (overrides)")
     args = p.parse_args(argv)
+    co_located = injected_co_location(args.co_located_from, args.co_located)
     pairs = (kv.split("=") for kv in args.what_if_request_ms.split(",") if kv)
     what_if = {k: float(v) / 1e3 for k, v in pairs}
     if args.out is None:
-        args.out = RESULTS_DIR / ("s8_resimulated_what_if.json" if what_if else "s8_resimulated.json")
+        args.out = RESULTS_DIR / ("s8_resimulated_what_if.json" if what_if else
+                                  "s8_resimulated_coloc.json" if co_located else "s8_resimulated.json")
     if what_if:
         s8.sim_config = partial(_with_extra, s8.sim_config, what_if)
     run = json.loads(args.results.read_text())
@@ -138,6 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     for threads in (1, 2):
         path = args.results.parent / f"s8_profile_{threads}thread.json"
         profiles[threads], fits[f"{threads}_thread"] = refit(load_profile(path, s8.MODEL, threads))
+    if co_located is not None:  # the one-thread workers' (agg2, disagg); agg has one worker: nothing to slow
+        profiles[1] = replace(profiles[1], co_located=co_located)
+    fits["co_located_1_thread"] = profiles[1].co_location.to_json()
+    print(f"co-location (one-thread workers): prefill ×{profiles[1].co_location.prefill:.3f}, "
+          f"decode ×{profiles[1].co_location.decode:.3f}"
+          + (f" (from {args.co_located_from or 'the command line'})" if co_located else ""), flush=True)
     settings = run["settings"]
     s8_args = s8.parse_args(["--num-requests", str(settings["num_requests"]),
                              "--warmup-requests", str(settings["warmup_requests"])])
@@ -176,7 +211,10 @@ def main(argv: list[str] | None = None) -> None:
                           "source": {"results": str(args.results), "date": run["machine"]["date"],
                                      "commit": run["machine"]["git"]["commit"]},
                           "refits": fits, "cells": cells, "passed_now": passed,
-                          "what_if_request_ms": {k: v * 1e3 for k, v in what_if.items()} or None})
+                          "what_if_request_ms": {k: v * 1e3 for k, v in what_if.items()} or None,
+                          "co_located_injected": None if co_located is None else {
+                              "from": str(args.co_located_from or "--co-located " + args.co_located),
+                              **co_located.to_json()}})
     print(f"wrote {args.out}")
 
 

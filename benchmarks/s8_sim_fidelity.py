@@ -90,12 +90,14 @@ def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_p
     blocks = profile_num_blocks(arch, "float32", 16, KV_CACHE_BYTES, None)
     one, two = profiles[1], profiles[2]
     # step times with the profile's per-token serving overhead (pdserve.sim.serving)
+    # every worker on this host: a step slows down by the profile's co-location figure while another computes
+    co1, shm = one.co_location, one.link("shm")
     pools = {
-        "agg": (PoolSpec(Role.MIXED, 1, two.sim_step_model, blocks),),
+        "agg": (PoolSpec(Role.MIXED, 1, two.sim_step_model, blocks, co_location=two.co_location),),
         # real mixed workers may hand KV to each other (the router's cost model decides): so may these
-        "agg2": (PoolSpec(Role.MIXED, 2, one.sim_step_model, blocks, link=one.link("shm")),),
-        "disagg": (PoolSpec(Role.PREFILL, 1, one.sim_step_model, blocks, link=one.link("shm")),
-                   PoolSpec(Role.DECODE, 1, one.pool_step_model(Role.DECODE), blocks)),
+        "agg2": (PoolSpec(Role.MIXED, 2, one.sim_step_model, blocks, link=shm, co_location=co1),),
+        "disagg": (PoolSpec(Role.PREFILL, 1, one.sim_step_model, blocks, link=shm, co_location=co1),
+                   PoolSpec(Role.DECODE, 1, one.pool_step_model(Role.DECODE), blocks, co_location=co1)),
     }[key]
     measured = (two if key == "agg" else one).request_overhead_s  # before the first token; None: not measured
     overhead_s = SimConfig.request_overhead_s if measured is None else measured

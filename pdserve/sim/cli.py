@@ -46,6 +46,8 @@ def add_profile_parser(sub: Any) -> None:
     p.add_argument("--output", default="profile.json", help="where to write the profile")
     p.add_argument("--no-serving", action="store_true",
                    help="skip measuring the serving overhead (a router + worker serving a few requests)")
+    p.add_argument("--no-co-location", action="store_true",
+                   help="skip measuring the steps' slowdown while another engine on this host computes")
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -72,6 +74,12 @@ def run_profile(args: argparse.Namespace) -> int:
     fit = fit_linear(shapes, times)
     say(f"fitted {fit.num_samples} step shapes: median error {fit.median_abs_rel_error:.1%}, "
         f"p90 {fit.p90_abs_rel_error:.1%}")
+    co_located = None
+    if not args.no_co_location:
+        from pdserve.sim.colocation import measure_co_location
+
+        say("timing steps beside another engine (co-location)")
+        co_located = measure_co_location(config, threads, progress=say)
     links = {}
     for transport in [t for t in args.transports.split(",") if t and t != "none"]:
         say(f"timing the {transport} KV link")
@@ -98,6 +106,7 @@ def run_profile(args: argparse.Namespace) -> int:
                  for s, t in zip(shapes, times, strict=True)],
         serving=serving,
         serving_handoff=serving_handoff,
+        co_located=co_located,
     )
     Path(args.output).write_text(json.dumps(profile.to_json(), indent=1) + "\n")
     print(f"step model (seconds): {json.dumps(fit.model.to_json())}")
@@ -112,6 +121,10 @@ def run_profile(args: argparse.Namespace) -> int:
             print(f"serving overhead{what}: {so.first_token_s * 1e3:.1f} ms before the first token{loaded}, "
                   f"{so.per_token_s * 1e3:.2f} ms per token, {so.per_row_s * 1e3:.2f} ms per further row "
                   f"({so.num_requests} requests)")
+    if co_located is not None:
+        print(f"co-located (another {threads}-thread engine computing on this host): prefill steps "
+              f"×{co_located.prefill:.3f}, decode steps ×{co_located.decode:.3f} "
+              f"({co_located.num_samples} timed steps)")
     print(f"profile written to {args.output}")
     return 0
 

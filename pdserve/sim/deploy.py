@@ -40,8 +40,10 @@ def profile_num_blocks(arch: ArchConfig, dtype: str, block_size: int, kv_cache_b
 
 def profile_pool(role: Role, count: int, profile: Profile, num_blocks: int, link: LinkModel | None
                  ) -> PoolSpec:
-    """A pool of workers like the profiled one (no price: this machine)."""
+    """A pool of workers like the profiled one (no price: this machine), all on this host: a step
+    slows down by the profile's co-location figure while another worker computes."""
     return PoolSpec(role, count, profile.pool_step_model(role), num_blocks, link=link,
+                    co_location=profile.co_location,
                     label=f"this machine ({profile.machine.get('threads')} threads)")
 
 

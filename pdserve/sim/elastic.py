@@ -317,7 +317,7 @@ class PlannedSimulator(Simulator):
         pool = self.elastic.templates[role]
         c = self.config
         w = SimWorker(worker_id, role, pool.scheduler or c.scheduler, pool.num_blocks, c.block_size,
-                      c.enable_prefix_caching, c.max_model_len, pool.step_model)
+                      c.enable_prefix_caching, c.max_model_len, pool.step_model, pool.co_location, pool.host)
         self.workers.setdefault(role, []).append(w)
         self.by_id[worker_id] = w
         if pool.link is not None:

@@ -16,9 +16,12 @@
 5. Unless ``--no-serving``: serve a few requests through a real router and
    worker and record what they cost beyond their steps
    (:mod:`pdserve.sim.serving`).
-6. Write it all with the model's and the machine's identity; :func:`load_profile`
+6. Unless ``--no-co-location``: the steps' slowdown while another engine on
+   the host computes (:mod:`pdserve.sim.colocation`).
+7. Write it all with the model's and the machine's identity; :func:`load_profile`
    refuses a profile of another model and warns about another machine (and
-   about an older profile without the later terms: those are 0).
+   about an older profile without the later terms: those are 0, and no
+   co-location figure is a slowdown of 1.0).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 from pdserve.config import EngineConfig, Role
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.errors import ConfigError
+from pdserve.sim.colocation import CoLocation
 from pdserve.sim.link import LinkModel
 from pdserve.sim.serving import ServingOverhead, apply_serving
 from pdserve.sim.step_model import LinearStepModel, StepModel, StepShape, missing_later_features, step_shape
@@ -216,6 +220,12 @@ class Profile:
     samples: list[dict[str, Any]]
     serving: ServingOverhead | None = None
     serving_handoff: ServingOverhead | None = None
+    co_located: CoLocation | None = None  # None: not measured (an older profile)
+
+    @property
+    def co_location(self) -> CoLocation:
+        """The measured co-location slowdown; none (1.0) when the profile did not measure it."""
+        return self.co_located if self.co_located is not None else CoLocation()
 
     @property
     def sim_step_model(self) -> StepModel:
@@ -256,6 +266,7 @@ class Profile:
             **({"serving_overhead": self.serving.to_json()} if self.serving is not None else {}),
             **({"serving_overhead_handoff": self.serving_handoff.to_json()}
                if self.serving_handoff is not None else {}),
+            **({"co_located": self.co_located.to_json()} if self.co_located is not None else {}),
             "samples": self.samples,
         }
 
@@ -276,6 +287,7 @@ class Profile:
                      if "serving_overhead" in data else None),
             serving_handoff=(ServingOverhead.from_json(data["serving_overhead_handoff"])
                              if "serving_overhead_handoff" in data else None),
+            co_located=CoLocation.from_json(data["co_located"]) if "co_located" in data else None,
         )
 
     def link(self, transport: str | None = None) -> LinkModel:
@@ -314,6 +326,9 @@ def load_profile(path: str | Path, model: str, threads: int | None = None,
         warn(f"profile {path} has a loaded serving overhead of the median over every loaded request, which "
              f"the probe's own queueing biases: not used, its idle figure is used before each first token "
              f"(rerun `pdserve profile` for the figure of requests that waited behind none)")
+    if profile.co_located is None:
+        warn(f"profile {path} has no co-location figure (steps while another worker on the host computes): "
+             f"simulated as no slowdown (rerun `pdserve profile` to measure it)")
     if profile.model != model:
         raise ConfigError(f"profile {path} was taken with model {profile.model!r}, not {model!r}: "
                           f"run `pdserve profile --model {model}`")

@@ -40,6 +40,11 @@ Lifecycle of one request:
 A message to a busy worker waits for the end of its step (a real worker
 reads its socket between steps); a worker's cache events and heartbeats
 leave at the end of its loop iteration.
+
+Co-location: a step that starts while another worker of the same host
+(:attr:`PoolSpec.host`) is in a step takes its pool's measured slowdown of
+the step's kind (:class:`~pdserve.sim.colocation.CoLocation`); decided once,
+at the step's start, from the other workers' busy state then.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ class Simulator:
             self.workers[pool.role] = [
                 SimWorker(f"{pool.role.value}-{i}", pool.role, pool.scheduler or config.scheduler,
                           pool.num_blocks, config.block_size, config.enable_prefix_caching,
-                          config.max_model_len, pool.step_model)
+                          config.max_model_len, pool.step_model, pool.co_location, pool.host)
                 for i in range(pool.count)
             ]
             if pool.link is not None:
@@ -176,13 +181,19 @@ class Simulator:
             inbox.pop(0)()
         for request in worker.retry_pending():  # a decode (or mixed) worker's deferred reservations
             self._reserved(worker, request.request_id)
-        duration_s = worker.begin_step(self.now_s, self._steps)
+        duration_s = worker.begin_step(self.now_s, self._steps, self._host_busy(worker))
         if duration_s is None:
             self.router.after_iteration(worker)
             return
         if worker.worker_id in self.links:  # a prefill (or mixed) worker may be computing for another
             self._push_step(worker, duration_s)
         self.at(self.now_s + duration_s, lambda: self._step_done(worker))
+
+    def _host_busy(self, worker: SimWorker) -> bool:
+        """Another worker of ``worker``'s host is in a step now (only asked for a worker that slows down)."""
+        if worker.co_location is None:
+            return False
+        return any(w.busy for w in self.by_id.values() if w is not worker and w.host == worker.host)
 
     # -- requests ------------------------------------------------------------------------
 

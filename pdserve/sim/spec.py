@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pdserve.bench.metrics import RequestRecord
 from pdserve.config import Role, SchedulerConfig
 from pdserve.router.dispatch_config import DispatcherConfig
+from pdserve.sim.colocation import CoLocation
 from pdserve.sim.link import LinkModel
 from pdserve.sim.routing import Route
 from pdserve.sim.step_model import StepModel
@@ -29,6 +30,11 @@ class PoolSpec:
         price_per_hour: cost of one worker per hour.
         label: what the pool runs on (hardware and TP, or this machine).
         scheduler: this pool's scheduler settings (None: the deployment's).
+        co_location: how much slower a step of one of its workers is while another worker of its
+            host is in a step (measured by ``pdserve profile``; None: never slower, one accelerator
+            per worker).
+        host: the host its workers run on; workers of every pool with the same host share it (a
+            deployment on this machine: all of them).
     """
 
     role: Role
@@ -40,6 +46,8 @@ class PoolSpec:
     price_per_hour: float = 0.0
     label: str = ""
     scheduler: SchedulerConfig | None = None
+    co_location: CoLocation | None = None
+    host: str = "local"
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.num_blocks < 1:

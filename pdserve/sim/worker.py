@@ -10,7 +10,9 @@ or the context limit ends them — exactly what the real engine does).
 Lifecycle of one step (driven by :class:`pdserve.sim.simulator.Simulator`):
 
 1. ``begin_step(now)``: ``Scheduler.schedule()``; the batch's duration from
-   the step model; the worker is busy until ``now + duration``.
+   the step model — times the worker's co-location slowdown of the step's kind
+   when the simulator says another worker of its host is in a step at that
+   moment (``others_busy``); the worker is busy until ``now + duration``.
 2. ``end_step()``: ``Scheduler.update()`` with one placeholder token per
    request that reached the end of its tokens; returns the requests that
    got a token or finished.
@@ -37,6 +39,7 @@ from pdserve.config import Role, SchedulerConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.request import Request, TokenLogprobs
+from pdserve.sim.colocation import CoLocation
 from pdserve.sim.step_model import StepModel, step_shape
 from pdserve.transfer.descriptor import KVDescriptor, KVLayout
 from pdserve.worker import protocol as p
@@ -81,6 +84,8 @@ class SimWorker:
         enable_prefix_caching: bool,
         max_model_len: int,
         step_model: StepModel,
+        co_location: CoLocation | None = None,
+        host: str = "local",
     ) -> None:
         self.worker_id = worker_id
         self.role = role
@@ -89,6 +94,8 @@ class SimWorker:
         self.scheduler = Scheduler(replace(scheduler_config, role=role), self.block_manager, max_model_len)
         self.kv_events = KVEventPublisher(self.block_manager, worker_id)
         self.step_model = step_model
+        self.co_location = co_location  # None: its steps never slow down for other workers
+        self.host = host
         self.pending: deque[Request] = deque()
         self.num_deferred = 0  # reservations that found no room (KVIntake.num_deferred)
         self.busy = False
@@ -105,13 +112,20 @@ class SimWorker:
 
     # -- the step ----------------------------------------------------------------------
 
-    def begin_step(self, now_s: float, records: list[StepRecord] | None = None) -> float | None:
-        """Schedule a step; returns its duration, or None when there is nothing to run."""
+    def begin_step(self, now_s: float, records: list[StepRecord] | None = None,
+                   others_busy: bool = False) -> float | None:
+        """Schedule a step; returns its duration, or None when there is nothing to run.
+        ``others_busy``: another worker of its host is in a step now (its co-location slowdown applies)."""
         assert not self.busy
         out = self.scheduler.schedule()
         if out.is_empty and not out.preempted_ids:
             return None
-        duration_s = self.step_model.step_time_s(step_shape(out)) if not out.is_empty else 0.0
+        duration_s = 0.0
+        if not out.is_empty:
+            shape = step_shape(out)
+            duration_s = self.step_model.step_time_s(shape)
+            if others_busy and self.co_location is not None:
+                duration_s *= self.co_location.factor(shape)
         if records is not None:
             records.append(StepRecord(
                 self.worker_id, now_s, duration_s,

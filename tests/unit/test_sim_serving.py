@@ -13,6 +13,7 @@ import pytest
 from pdserve.bench.metrics import RequestRecord
 from pdserve.config import Role, SchedulerConfig
 from pdserve.sim.cli import add_profile_parser, engine_argv
+from pdserve.sim.colocation import CoLocation
 from pdserve.sim.link import LinkModel
 from pdserve.sim.profile import Profile, load_profile, machine_identity
 from pdserve.sim.serving import (
@@ -78,7 +79,7 @@ def test_an_older_profile_loads_with_warnings_and_no_new_terms(tmp_path: Path) -
 def test_a_profile_with_serving_overhead_round_trips(tmp_path: Path) -> None:
     serving = ServingOverhead(0.025, 0.002, 0.0005, num_requests=10, method="how")
     profile = Profile(model="tiny", arch={}, machine=machine_identity(1), engine={}, step_model=OLD, fit={},
-                      links={}, samples=[], serving=serving)
+                      links={}, samples=[], serving=serving, co_located=CoLocation())
     path = tmp_path / "p.json"
     path.write_text(json.dumps(profile.to_json()))
     warnings: list[str] = []

@@ -14,6 +14,7 @@ from pdserve.cli import main
 from pdserve.config import SchedulerConfig
 from pdserve.errors import ConfigError
 from pdserve.router.cost_model import REASONS
+from pdserve.sim.colocation import CoLocation
 from pdserve.sim.deploy import PlannedRequest
 from pdserve.sim.hardware import accelerator, paper_model
 from pdserve.sim.link import Link, LinkModel
@@ -99,7 +100,8 @@ def make_profile(model: str = "tiny") -> Profile:
                    step_model=LinearStepModel((0.01, 1e-4, 0.0, 1e-6, 1e-4)),
                    fit={}, links={"shm": LinkModel(5e9, 1e-4)}, samples=[],
                    serving=ServingOverhead(0.0, 0.0, num_requests=1, method="test", first_token_loaded_s=0.0,
-                                           loaded_estimator=LOADED_ESTIMATOR))
+                                           loaded_estimator=LOADED_ESTIMATOR),
+                   co_located=CoLocation())
 
 
 def test_profile_of_another_model_is_refused_and_another_machine_warned(tmp_path: Path) -> None:
@@ -277,6 +279,9 @@ def test_profile_measures_this_machine_and_simulate_uses_it(tmp_path: Path) -> N
     assert serving["first_token_loaded_s"] >= 0  # and under a Poisson load
     assert serving["first_token_loaded_estimator"] == LOADED_ESTIMATOR
     assert data["serving_overhead_handoff"]["first_token_loaded_s"] >= 0
+    co = data["co_located"]  # steps timed beside another engine in another process
+    assert co["prefill"] > 0 and co["decode"] > 0 and co["other_threads"] == 1
+    assert co["num_samples"]["prefill"] > 0 and co["num_samples"]["decode"] > 0
     # every timing of a shape is kept (the first: the first time the engine met it), the median used
     assert all(s["time_s"] in s["rounds_s"] or len(s["rounds_s"]) % 2 == 0 for s in data["samples"])
     assert max(len(s["rounds_s"]) for s in data["samples"]) >= 3

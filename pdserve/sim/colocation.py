@@ -1,0 +1,203 @@
+"""Co-location: how much slower a worker's steps are while another worker on the same host computes.
+
+Two worker processes on one CPU host share its caches and memory bandwidth
+(and, with more threads than cores, the cores): a step takes longer while the
+other worker is in a step of its own than while it waits. ``pdserve profile``
+measures it (:func:`measure_co_location`) and the simulator applies it
+(:meth:`CoLocation.factor`, see :mod:`pdserve.sim.simulator`):
+
+1. engine B, in another process with the profile's thread count, is built and
+   either idle or computing continuously (a batch of 4 prompts of 128 tokens,
+   16 tokens out each, again and again: prompt and decode steps, as a served
+   worker runs);
+2. engine A, in this process with the same threads, runs a fixed set of
+   steps — two single prompts (64 and 256 tokens) and decode batches of 1, 4
+   and 8 rows (with their prompt steps) — once per condition per round, the
+   order of the two conditions alternating between rounds (a warm-up round
+   is not kept);
+3. per step shape, the ratio of its median time with B computing to its
+   median time with B idle; per kind of step (``prefill``: computes prompt
+   tokens, ``decode``: decodes only), the median of those ratios.
+
+A profile without the figure (older than it) loads as no slowdown (1.0).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pdserve.config import EngineConfig
+from pdserve.engine.scheduler import SchedulerOutput
+from pdserve.sim.step_model import StepShape, step_shape
+
+KINDS = ("prefill", "decode")
+
+METHOD = ("engine A (this process) times a fixed set of steps (prompts of 64 and 256 tokens; decode batches "
+          "of 1, 4, 8 with their prompt steps) while engine B in another process on the same host, with "
+          "the same threads, computes continuously (batches of 4 × 128-token prompts, 16 tokens out) vs "
+          "waits; per step shape median(B computing) / median(B idle); per kind the median over shapes; "
+          "conditions alternate over rounds")
+
+
+def step_kind(shape: StepShape) -> str:
+    """``prefill`` for a step that computes prompt tokens (a mixed step too), else ``decode``."""
+    return "prefill" if shape.num_prefill_tokens > 0 else "decode"
+
+
+@dataclass(frozen=True)
+class CoLocation:
+    """Slowdown of one worker's steps while another worker on its host computes (1.0: none).
+
+    Attributes:
+        prefill: factor on a step that computes prompt tokens.
+        decode: factor on a decode-only step.
+        other_threads: torch threads of the other worker when it was measured.
+        num_samples: timed steps per kind (both conditions together).
+        method: how it was measured ("" when not measured).
+    """
+
+    prefill: float = 1.0
+    decode: float = 1.0
+    other_threads: int = 0
+    num_samples: dict[str, int] = field(default_factory=dict)
+    method: str = ""
+
+    def factor(self, shape: StepShape) -> float:
+        """The slowdown of a step of ``shape`` while another worker of its host is computing."""
+        return self.prefill if step_kind(shape) == "prefill" else self.decode
+
+    def to_json(self) -> dict[str, Any]:
+        """The profile's ``co_located`` entry."""
+        return {"prefill": self.prefill, "decode": self.decode, "other_threads": self.other_threads,
+                "num_samples": dict(self.num_samples), "method": self.method}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CoLocation:
+        """Inverse of :meth:`to_json`."""
+        return cls(float(data["prefill"]), float(data["decode"]), int(data.get("other_threads", 0)),
+                   {k: int(v) for k, v in data.get("num_samples", {}).items()}, str(data.get("method", "")))
+
+
+class _Shapes:
+    """StepHooks that keep the shape of the step about to run."""
+
+    def __init__(self) -> None:
+        self.shape: StepShape | None = None
+
+    def on_schedule(self, out: SchedulerOutput) -> None:
+        self.shape = step_shape(out)
+
+    def on_layer_done(self, layer: int) -> None:
+        pass
+
+
+def _run(engine: Any, rng: random.Random, prompts: list[int], max_tokens: int,
+         hooks: _Shapes | None = None) -> list[tuple[StepShape, float]]:
+    """Run requests of these prompt lengths to their end; each step's shape and seconds."""
+    from pdserve.sampling_params import SamplingParams
+
+    vocab = engine.arch.vocab_size
+    for n in prompts:
+        engine.add_request([rng.randrange(3, vocab) for _ in range(n)],
+                           SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    timed = []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        engine.step(hooks=hooks)
+        dt = time.perf_counter() - t0
+        if hooks is not None and hooks.shape is not None:
+            timed.append((hooks.shape, dt))
+            hooks.shape = None
+    return timed
+
+
+def _other_main(config: EngineConfig, threads: int, conn: Any) -> None:
+    """Engine B: idle until told ``busy``, then computing step after step until told ``idle``."""
+    import torch
+
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.sampling_params import SamplingParams
+
+    torch.set_num_threads(threads)
+    engine = LLMEngine(config, detokenize=False)
+    rng = random.Random(1)
+    vocab = engine.arch.vocab_size
+    _run(engine, rng, [128] * 4, 4)  # warm-up
+    conn.send("ready")
+    busy = False
+    while True:
+        if not busy or conn.poll():
+            msg = conn.recv()
+            if msg == "stop":
+                break
+            busy = msg == "busy"
+            conn.send(msg)  # acknowledged: from now on B computes (or waits)
+            continue
+        if not engine.has_unfinished_requests():
+            for _ in range(4):
+                engine.add_request([rng.randrange(3, vocab) for _ in range(128)],
+                                   SamplingParams(max_tokens=16, ignore_eos=True))
+        engine.step()
+
+
+def measure_co_location(config: EngineConfig, threads: int, rounds: int = 3,
+                        progress: Callable[[str], None] = lambda s: None) -> CoLocation:
+    """Time engine A's steps with engine B (another process, same host, same threads) idle vs computing."""
+    from pdserve.engine.engine import LLMEngine
+
+    # random prompts: a prefix cache would never hit; off, so nothing depends on it
+    config = replace(config, cache=replace(config.cache, enable_prefix_caching=False))
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_other_main, args=(config, threads, child), daemon=True)
+    proc.start()
+    try:
+        engine = LLMEngine(config, detokenize=False)
+        rng, hooks = random.Random(0), _Shapes()
+
+        def one_round() -> list[tuple[StepShape, float]]:
+            timed = []
+            for n in (64, 256):
+                timed += _run(engine, rng, [n], 1, hooks)
+            for b in (1, 4, 8):
+                timed += _run(engine, rng, [32] * b, 4, hooks)
+            return timed
+
+        one_round()  # warm-up, not kept
+        if conn.recv() != "ready":
+            raise RuntimeError("the co-located engine did not start")
+        samples: dict[str, dict[StepShape, list[float]]] = {"idle": {}, "busy": {}}
+        for rep in range(rounds):
+            for cond in (("idle", "busy") if rep % 2 == 0 else ("busy", "idle")):
+                progress(f"co-location round {rep + 1}/{rounds}: the other engine {cond}")
+                conn.send(cond)
+                conn.recv()
+                for shape, dt in one_round():
+                    samples[cond].setdefault(shape, []).append(dt)
+        conn.send("idle")
+        conn.recv()
+    finally:
+        conn.send("stop")
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    return co_location_of(samples["idle"], samples["busy"], threads)
+
+
+def co_location_of(idle: dict[StepShape, list[float]], busy: dict[StepShape, list[float]],
+                   other_threads: int) -> CoLocation:
+    """Per kind, the median over shapes timed in both conditions of median(busy) / median(idle)."""
+    ratios: dict[str, list[float]] = {k: [] for k in KINDS}
+    counts = dict.fromkeys(KINDS, 0)
+    for shape in idle.keys() & busy.keys():
+        kind = step_kind(shape)
+        ratios[kind].append(statistics.median(busy[shape]) / statistics.median(idle[shape]))
+        counts[kind] += len(idle[shape]) + len(busy[shape])
+    factors = {k: statistics.median(v) if v else 1.0 for k, v in ratios.items()}
+    return CoLocation(factors["prefill"], factors["decode"], other_threads, counts, METHOD)
