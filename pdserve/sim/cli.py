@@ -125,6 +125,9 @@ def run_profile(args: argparse.Namespace) -> int:
         print(f"co-located (another {threads}-thread engine computing on this host): prefill steps "
               f"×{co_located.prefill:.3f}, decode steps ×{co_located.decode:.3f} "
               f"({co_located.num_samples} timed steps)")
+        if co_located.other_cpu_cores is not None and co_located.other_cpu_cores > 0.2:
+            print(f"warning: other processes used {co_located.other_cpu_cores:.2f} cores meanwhile: the "
+                  f"co-location figure includes time-slicing with them (take the profile on a quiet machine)")
     print(f"profile written to {args.output}")
     return 0
 

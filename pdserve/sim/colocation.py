@@ -17,7 +17,10 @@ measures it (:func:`measure_co_location`) and the simulator applies it
    is not kept);
 3. per step shape, the ratio of its median time with B computing to its
    median time with B idle; per kind of step (``prefill``: computes prompt
-   tokens, ``decode``: decodes only), the median of those ratios.
+   tokens, ``decode``: decodes only), the median of those ratios;
+4. the CPU the host's *other* processes used meanwhile (``/proc/stat`` less A's
+   and B's own CPU time, in cores): on a busy host the figure includes
+   time-slicing with them, not only the two engines' interference.
 
 A profile without the figure (older than it) loads as no slowdown (1.0).
 """
@@ -25,6 +28,7 @@ A profile without the figure (older than it) loads as no slowdown (1.0).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import statistics
 import time
@@ -60,6 +64,8 @@ class CoLocation:
         other_threads: torch threads of the other worker when it was measured.
         num_samples: timed steps per kind (both conditions together).
         method: how it was measured ("" when not measured).
+        other_cpu_cores: CPU the host's other processes used during the measurement, in cores
+            (None: unknown); well above 0, the figure includes time-slicing with them.
     """
 
     prefill: float = 1.0
@@ -67,6 +73,7 @@ class CoLocation:
     other_threads: int = 0
     num_samples: dict[str, int] = field(default_factory=dict)
     method: str = ""
+    other_cpu_cores: float | None = None
 
     def factor(self, shape: StepShape) -> float:
         """The slowdown of a step of ``shape`` while another worker of its host is computing."""
@@ -75,13 +82,33 @@ class CoLocation:
     def to_json(self) -> dict[str, Any]:
         """The profile's ``co_located`` entry."""
         return {"prefill": self.prefill, "decode": self.decode, "other_threads": self.other_threads,
-                "num_samples": dict(self.num_samples), "method": self.method}
+                "num_samples": dict(self.num_samples), "method": self.method,
+                "other_cpu_cores": self.other_cpu_cores}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CoLocation:
         """Inverse of :meth:`to_json`."""
+        other = data.get("other_cpu_cores")
         return cls(float(data["prefill"]), float(data["decode"]), int(data.get("other_threads", 0)),
-                   {k: int(v) for k, v in data.get("num_samples", {}).items()}, str(data.get("method", "")))
+                   {k: int(v) for k, v in data.get("num_samples", {}).items()}, str(data.get("method", "")),
+                   None if other is None else float(other))
+
+
+def _cpu_s(pids: tuple[int, ...]) -> tuple[float, float] | None:
+    """(CPU seconds of every process on the host, of ``pids``) from /proc; None where it is not there."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]  # user … steal (guest is in user)
+        total = sum(fields) - fields[3] - fields[4]  # less idle and iowait
+        own = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+            own += int(stat[11]) + int(stat[12])  # utime, stime
+        return total / tick, own / tick
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _Shapes:
@@ -173,6 +200,8 @@ def measure_co_location(config: EngineConfig, threads: int, rounds: int = 3,
         if conn.recv() != "ready":
             raise RuntimeError("the co-located engine did not start")
         samples: dict[str, dict[StepShape, list[float]]] = {"idle": {}, "busy": {}}
+        pids = (os.getpid(), proc.pid or 0)
+        cpu0, wall0 = _cpu_s(pids), time.monotonic()
         for rep in range(rounds):
             for cond in (("idle", "busy") if rep % 2 == 0 else ("busy", "idle")):
                 progress(f"co-location round {rep + 1}/{rounds}: the other engine {cond}")
@@ -182,12 +211,16 @@ def measure_co_location(config: EngineConfig, threads: int, rounds: int = 3,
                     samples[cond].setdefault(shape, []).append(dt)
         conn.send("idle")
         conn.recv()
+        cpu1, wall = _cpu_s(pids), time.monotonic() - wall0
     finally:
         conn.send("stop")
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
-    return co_location_of(samples["idle"], samples["busy"], threads)
+    other = None
+    if cpu0 is not None and cpu1 is not None:
+        other = max((cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1]), 0.0) / wall
+    return replace(co_location_of(samples["idle"], samples["busy"], threads), other_cpu_cores=other)
 
 
 def co_location_of(idle: dict[StepShape, list[float]], busy: dict[StepShape, list[float]],

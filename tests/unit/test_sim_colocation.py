@@ -4,6 +4,7 @@ host is in a step when it starts; the profile's figure is read, and an older pro
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,4 +124,6 @@ def test_the_figure_is_the_median_over_shapes_of_busy_over_idle() -> None:
     assert co.prefill == pytest.approx((1.2 + 1.3) / 2) and co.decode == pytest.approx((1.1 + 1.5) / 2)
     assert co.num_samples == {"prefill": 7, "decode": 6} and co.other_threads == 1  # only_idle not counted
     assert CoLocation.from_json(json.loads(json.dumps(co.to_json()))) == co
+    measured = replace(co, other_cpu_cores=0.4)  # the host's other processes' CPU meanwhile
+    assert CoLocation.from_json(json.loads(json.dumps(measured.to_json()))) == measured
     assert co_location_of({}, {}, 1).prefill == 1.0  # nothing timed: no slowdown
