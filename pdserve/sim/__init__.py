@@ -6,6 +6,7 @@ Modules: :mod:`~pdserve.sim.step_model` (step times), :mod:`~pdserve.sim.link` (
 (deployments, requests, results),
 :mod:`~pdserve.sim.hardware` and :mod:`~pdserve.sim.roofline` (accelerators and models on
 paper), :mod:`~pdserve.sim.profile` (``pdserve profile``), :mod:`~pdserve.sim.serving` (what serving costs
-beyond the steps, measured by it), :mod:`~pdserve.sim.cli`
+beyond the steps, measured by it), :mod:`~pdserve.sim.colocation` (a step's slowdown while
+another worker of its host computes, measured by it), :mod:`~pdserve.sim.cli`
 (``pdserve simulate``) and :mod:`~pdserve.sim.plan` (``pdserve plan``).
 """
