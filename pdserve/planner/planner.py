@@ -29,12 +29,14 @@ The target is always one complete shape (all three pools in one
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.planner.predict import Prediction, Speeds, measure_speeds, predict
-from pdserve.planner.signals import Shape, Signals
+from pdserve.planner.measured import MeasuredRecord, measured_veto, observe
+from pdserve.planner.predict import DECODE_SMOOTHING, Prediction, Speeds, measure_speeds, predict
+from pdserve.planner.signals import MIN_ONSET, Shape, Signals
 
 HOLD, SCALE_UP, SCALE_DOWN, RESHAPE, WAIT, GIVE_UP = (
     "hold",
@@ -75,6 +77,11 @@ class PlannerConfig:
         over_capacity_gain: when no shape meets the SLOs, a shape of no more workers is moved to
             only when predicted to attain this much more than the current one (S7 simulated,
             classic load: 2M → 1P+1D → 2M in 20 s on predictions of 11.11 % vs 11.11 %).
+        decode_smoothing: weight of a window's decode fit against the speeds carried over.
+        min_onset: fewest arrivals in a window to read a load that started inside it at its rate.
+        load_tolerance: the measured record (:mod:`~pdserve.planner.measured`) is cleared when the
+            arrival rate or the mean prompt length moves past ``1 +`` this times its reference.
+        record_intervals: intervals of measurement kept per shape.
     """
 
     ttft_slo_s: float
@@ -95,6 +102,10 @@ class PlannerConfig:
     max_gap_s: float | None = None
     chunk_tokens: int = 512
     over_capacity_gain: float = 0.05
+    decode_smoothing: float = DECODE_SMOOTHING
+    min_onset: int = MIN_ONSET
+    load_tolerance: float = 1.0
+    record_intervals: int = 12
 
     def __post_init__(self) -> None:
         if self.ttft_slo_s <= 0 or self.itl_slo_s <= 0:
@@ -107,6 +118,10 @@ class PlannerConfig:
             raise ValueError(
                 f"need 1 <= min_workers ({self.min_workers}) <= max_workers ({self.max_workers})"
             )
+        if not 0 < self.decode_smoothing <= 1 or self.min_onset < 2 or self.over_capacity_gain < 0:
+            raise ValueError("need 0 < decode_smoothing <= 1, min_onset >= 2, over_capacity_gain >= 0")
+        if self.load_tolerance <= 0 or self.record_intervals < 1:
+            raise ValueError("need load_tolerance > 0 and record_intervals >= 1")
         if not (self.allow_aggregated or (self.allow_disaggregated and self.max_workers >= 2)):
             raise ValueError("no candidate shape: allow aggregated shapes or a budget of 2+ workers")
 
@@ -123,6 +138,10 @@ class PlannerState:
     arrivals: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=64))
     #: shapes left: when, their measured attainment then, the arrival rate then
     left: dict[Shape, tuple[float, float, float]] = field(default_factory=dict)
+    #: what each shape measured while in place, at the load of now
+    record: MeasuredRecord = field(default_factory=MeasuredRecord)
+    #: the shape in place (targets reached, nothing starting) and since when
+    in_place: tuple[Shape, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,10 +220,13 @@ def _inputs(sig: Signals, speeds: Speeds, cfg: PlannerConfig) -> dict[str, Any]:
 def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     """One interval's decision (see the module docstring); updates ``state``."""
     now = sig.taken_s
-    state.speeds = speeds = measure_speeds(sig, state.speeds)
+    if sig.min_onset != cfg.min_onset:
+        sig = dataclasses.replace(sig, min_onset=cfg.min_onset)
+    state.speeds = speeds = measure_speeds(sig, state.speeds, cfg.decode_smoothing)
     state.arrivals.append(sig.arrival_rate)
     inputs = _inputs(sig, speeds, cfg)
     current = sig.targets
+    _observe(state, sig, cfg, inputs)
 
     def make(
         action: str,
@@ -291,6 +313,9 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         state.down_streak = 0
         action = SCALE_UP if best.shape.workers > current.workers else RESHAPE
         veto = _revisit_veto(state, sig, cfg, best.shape) if action == RESHAPE else None
+        if veto is None and action == RESHAPE and now_pred is not None:
+            veto = measured_veto(state.record, now_pred, best, over_capacity=over,
+                                 target=cfg.attainment_target, gain=cfg.over_capacity_gain)
         if veto is not None:
             return make(HOLD, current, f"no reshape: {veto}", now_pred, shown, over)
         why = "predicted to miss the SLOs" if not current_meets else "needs more capacity"
@@ -353,6 +378,16 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
             shown,
         ),
     )
+
+
+def _observe(state: PlannerState, sig: Signals, cfg: PlannerConfig, inputs: dict[str, Any]) -> None:
+    """Feed the measured record (the shape in place for a whole window, and the load)."""
+    record = state.record
+    record.tolerance, record.max_age_s = cfg.load_tolerance, cfg.revisit_s
+    if record.max_observations != cfg.record_intervals:
+        record.max_observations = cfg.record_intervals
+        record.shapes.clear()
+    state.in_place = observe(record, state.in_place, sig, state.pending, inputs)
 
 
 def _act(state: PlannerState, d: Decision) -> Decision:
