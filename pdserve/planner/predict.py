@@ -119,7 +119,9 @@ def _finite(x: float) -> float | None:
     return round(x, 6) if math.isfinite(x) else None
 
 
-def measure_speeds(sig: Signals, previous: Speeds | None = None, smoothing: float = DECODE_SMOOTHING) -> Speeds:
+def measure_speeds(
+    sig: Signals, previous: Speeds | None = None, smoothing: float = DECODE_SMOOTHING
+) -> Speeds:
     """Speeds from the window (the previous ones, or the defaults, for what it cannot tell); a new
     decode fit counts ``smoothing`` against the previous one."""
     base = previous or Speeds()
