@@ -49,6 +49,7 @@ from typing import Any
 
 import httpx
 from common import RESULTS_DIR, machine_info, write_json
+from merge_runs import provenance
 from s7_load import SHAPES, ServiceSLO, add_load_args, phase_names, phases, resolve_load_args, slo_rule
 from s7_merge import MergeError, best_static, earlier
 
@@ -329,8 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     for config in args.configs.split(","):
         print(f"== {config}", flush=True)
         slo, configs[config] = asyncio.run(run_config(config, slo, args))
-        info = machine_info()
-        configs[config]["measured_at"] = {**info["git"], "date": info["date"]}
+        configs[config]["measured_in"] = provenance(machine_info())
         print(
             json.dumps({k: v for k, v in configs[config].items() if k != "planner_history"}, indent=1),
             flush=True,

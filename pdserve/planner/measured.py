@@ -34,6 +34,7 @@ applies to a reshape that adds no worker (scale-ups are never held back).
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ class Observation:
     requests: int
     rate: float  # arrivals/s of the window
     prompt_mean: float  # mean prompt tokens of the window
+    predicted: float | None = None  # the model's attainment for the shape in place then
 
 
 @dataclass
@@ -64,12 +66,15 @@ class MeasuredRecord:
         max_observations: per shape, only the most recent are kept.
         min_requests: a shape's record counts only with at least this many requests (summed over
             its observations; the windows overlap, so a request may count more than once).
+        drift: the record of the shape in place is not used when the model's attainment for it now
+            is further than this from what the model predicted over the record (:func:`measured_veto`).
     """
 
     tolerance: float = 1.0
     max_age_s: float = 300.0
     max_observations: int = 12
     min_requests: int = 10
+    drift: float = 0.2
     shapes: dict[Shape, collections.deque[Observation]] = field(default_factory=dict)
     cleared_at_s: float | None = None
 
@@ -115,6 +120,17 @@ class MeasuredRecord:
             q.append(Observation(now_s, attainment, requests, rate, prompt_mean))
         return False
 
+    def note_prediction(self, shape: Shape, now_s: float, predicted: float) -> None:
+        """The model's attainment for ``shape`` at this interval's observation (if one was made)."""
+        q = self.shapes.get(shape)
+        if q and q[-1].at_s == now_s:
+            q[-1] = dataclasses.replace(q[-1], predicted=predicted)
+
+    def predicted(self, shape: Shape) -> float | None:
+        """The model's mean attainment for ``shape`` over its observations (None: none noted)."""
+        values = [o.predicted for o in self.shapes.get(shape, ()) if o.predicted is not None]
+        return sum(values) / len(values) if values else None
+
     def attainment(self, shape: Shape) -> float | None:
         """``shape``'s measured attainment at this load, pooled over its observations (weighted by
         their requests); None without ``min_requests`` measured."""
@@ -146,6 +162,12 @@ def measured_veto(
     """Why moving from ``current`` to ``best`` (no more workers) is not supported by what was
     measured at this load (None: it is, or nothing was measured).
 
+    Nothing is vetoed when the model's attainment for ``current`` now is more than ``drift`` away
+    from what it predicted over ``current``'s record: the model sees a change of load the record's
+    tolerance does not (simulated surge at 1.0 req/s: 10 s into the documents the model put 2M
+    at 61 % after ~100 % through the chat phase; the record, 100 % in chat, held 2M 20 s longer).
+    Else:
+
     * ``current`` *measures* ``target`` or better: the model's "it misses" is contradicted;
     * else, with a record of either shape, a shape is scored by its measured attainment (the one
       in place) or by the lower of its prediction and its measured attainment (the one to go to;
@@ -153,6 +175,9 @@ def measured_veto(
       over capacity (no shape predicted to meet the SLOs).
     """
     cur_m, best_m = record.attainment(current.shape), record.attainment(best.shape)
+    before = record.predicted(current.shape)
+    if before is not None and abs(current.attainment - before) > record.drift:
+        return None
     if cur_m is not None and cur_m >= target:
         return (f"{current.shape} measures {cur_m:.0%} at this load (predicted {current.attainment:.0%}): "
                 f"its predicted miss is contradicted")
@@ -198,3 +223,29 @@ def observe(
     if moved:
         inputs["load_moved"] = True
     return in_place
+
+
+def revisit_veto(
+    left: dict[Shape, tuple[float, float, float]],
+    sig: Signals,
+    shape: Shape,
+    revisit_s: float,
+    measured: float | None,
+) -> str | None:
+    """Why going back to ``shape`` now would repeat a move that measured worse (None: it would not).
+
+    Against oscillation (2 mixed ↔ 1 prefill + 1 decode, 2 ↔ 1): a shape left (``left``: when,
+    its measured attainment ``a`` then, the arrival rate then) is not gone back to within
+    ``revisit_s`` at a similar arrival rate (±25 %) unless the current shape measures below ``a``
+    (``measured``: the window's attainment now).
+    """
+    entry = left.get(shape)
+    if entry is None:
+        return None
+    at_s, attainment, rate = entry
+    similar = abs(sig.arrival_rate - rate) <= 0.25 * max(rate, 1e-9)
+    if sig.taken_s - at_s >= revisit_s or not similar or (measured is not None and measured < attainment):
+        return None
+    now = "not measured yet" if measured is None else f"{measured:.0%}"
+    return (f"{shape} was left {sig.taken_s - at_s:.0f} s ago measuring {attainment:.0%} at a similar load; "
+            f"the current shape measures {now}")

@@ -79,6 +79,13 @@ def add_planner_args(parser: argparse.ArgumentParser) -> None:
         default=d.record_intervals,
         help="intervals of measurement kept per shape (default %(default)s)",
     )
+    g.add_argument(
+        "--prediction-drift",
+        type=float,
+        default=d.prediction_drift,
+        help="set the shape in place's measured record aside when the model's attainment for it moves "
+        "further than this from its mean over the record (default %(default)s)",
+    )
 
 
 def budget(args: argparse.Namespace) -> tuple[int, int]:
@@ -119,7 +126,8 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig:
 
 
 #: ``PlannerConfig`` fields set by options of the same name (``--over-capacity-gain`` ...).
-TUNING = ("over_capacity_gain", "decode_smoothing", "min_onset", "load_tolerance", "record_intervals")
+TUNING = ("over_capacity_gain", "decode_smoothing", "min_onset", "load_tolerance", "record_intervals",
+          "prediction_drift")
 
 
 def chunk_tokens(args: argparse.Namespace) -> int:

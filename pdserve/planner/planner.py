@@ -15,7 +15,10 @@
    or, when none does, the most attaining one at the budget (``over_capacity``:
    the router sheds early then);
 4. acts at once when that needs more workers, or when the current shape is
-   predicted to miss the SLOs; a smaller shape is taken only while the
+   predicted to miss the SLOs — a same-size reshape only when what was measured
+   at this load does not contradict the model (:mod:`~pdserve.planner.measured`:
+   the shape in place measuring the attainment target, or the shape to go to
+   having measured no better than it); a smaller shape is taken only while the
    current one *measures* its attainment target (ended requests, and those in
    flight already past the TTFT SLO), when it meets
    the SLOs with ``down_margin`` for ``down_intervals`` intervals in a row
@@ -34,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.planner.measured import MeasuredRecord, measured_veto, observe
+from pdserve.planner.measured import MeasuredRecord, measured_veto, observe, revisit_veto
 from pdserve.planner.predict import DECODE_SMOOTHING, Prediction, Speeds, measure_speeds, predict
 from pdserve.planner.signals import MIN_ONSET, Shape, Signals
 
@@ -82,6 +85,8 @@ class PlannerConfig:
         load_tolerance: the measured record (:mod:`~pdserve.planner.measured`) is cleared when the
             arrival rate or the mean prompt length moves past ``1 +`` this times its reference.
         record_intervals: intervals of measurement kept per shape.
+        prediction_drift: the record of the shape in place is set aside when the model's
+            attainment for it moves further than this from its mean over the record.
     """
 
     ttft_slo_s: float
@@ -106,6 +111,7 @@ class PlannerConfig:
     min_onset: int = MIN_ONSET
     load_tolerance: float = 1.0
     record_intervals: int = 12
+    prediction_drift: float = 0.2
 
     def __post_init__(self) -> None:
         if self.ttft_slo_s <= 0 or self.itl_slo_s <= 0:
@@ -120,8 +126,8 @@ class PlannerConfig:
             )
         if not 0 < self.decode_smoothing <= 1 or self.min_onset < 2 or self.over_capacity_gain < 0:
             raise ValueError("need 0 < decode_smoothing <= 1, min_onset >= 2, over_capacity_gain >= 0")
-        if self.load_tolerance <= 0 or self.record_intervals < 1:
-            raise ValueError("need load_tolerance > 0 and record_intervals >= 1")
+        if self.load_tolerance <= 0 or self.record_intervals < 1 or self.prediction_drift <= 0:
+            raise ValueError("need load_tolerance > 0, record_intervals >= 1 and prediction_drift > 0")
         if not (self.allow_aggregated or (self.allow_disaggregated and self.max_workers >= 2)):
             raise ValueError("no candidate shape: allow aggregated shapes or a budget of 2+ workers")
 
@@ -274,6 +280,8 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
 
     preds = [run(s) for s in candidates(cfg)]
     now_pred = run(current) if current.servable else None
+    if now_pred is not None:
+        state.record.note_prediction(current, now, now_pred.attainment)
     meeting = [p for p in preds if p.meets]
 
     def rank(p: Prediction) -> tuple[int, int, int, float]:
@@ -383,7 +391,7 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
 def _observe(state: PlannerState, sig: Signals, cfg: PlannerConfig, inputs: dict[str, Any]) -> None:
     """Feed the measured record (the shape in place for a whole window, and the load)."""
     record = state.record
-    record.tolerance, record.max_age_s = cfg.load_tolerance, cfg.revisit_s
+    record.tolerance, record.max_age_s, record.drift = cfg.load_tolerance, cfg.revisit_s, cfg.prediction_drift
     if record.max_observations != cfg.record_intervals:
         record.max_observations = cfg.record_intervals
         record.shapes.clear()
@@ -400,23 +408,9 @@ def _act(state: PlannerState, d: Decision) -> Decision:
 
 
 def _revisit_veto(state: PlannerState, sig: Signals, cfg: PlannerConfig, shape: Shape) -> str | None:
-    """Why going back to ``shape`` now would repeat a move that measured worse (None: it would not).
-
-    Against oscillation (2 mixed ↔ 1 prefill + 1 decode, 2 ↔ 1): a shape left measuring
-    attainment ``a`` is not gone back to within ``revisit_s`` at a similar arrival rate unless the
-    current shape measures below ``a``.
-    """
-    left = state.left.get(shape)
-    if left is None:
-        return None
-    at_s, attainment, rate = left
+    """:func:`~pdserve.planner.measured.revisit_veto` with the window's measured attainment."""
     measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s)
-    similar = abs(sig.arrival_rate - rate) <= 0.25 * max(rate, 1e-9)
-    if sig.taken_s - at_s >= cfg.revisit_s or not similar or (measured is not None and measured < attainment):
-        return None
-    now = "not measured yet" if measured is None else f"{measured:.0%}"
-    return (f"{shape} was left {sig.taken_s - at_s:.0f} s ago measuring {attainment:.0%} at a similar load; "
-            f"the current shape measures {now}")
+    return revisit_veto(state.left, sig, shape, cfg.revisit_s, measured)
 
 
 def finite_or_none(x: float | None) -> float | None:

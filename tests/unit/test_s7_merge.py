@@ -26,7 +26,7 @@ def test_merge_takes_the_other_rows_with_their_commit() -> None:
     slo, rows = s7_merge.earlier(str(FILE), args_of(old["settings"]), None)
     assert slo == ServiceSLO(**old["slo"])
     assert set(rows) == {"agg", "agg2", "disagg"}
-    assert rows["agg2"]["measured_at"]["commit"] == old["machine"]["git"]["commit"]
+    assert rows["agg2"]["measured_in"]["commit"] == old["machine"]["git"]["commit"]
     assert rows["agg2"]["merged_from"] == str(FILE)
     assert rows["agg2"]["goodput_req_s"] == old["configs"]["agg2"]["goodput_req_s"]
     planner = {**old["configs"]["planner"], "goodput_req_s": 0.5}
