@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.planner.inputs import decision_inputs
 from pdserve.planner.measured import MeasuredRecord, measured_veto, observe, revisit_veto
 from pdserve.planner.predict import DECODE_SMOOTHING, Prediction, Speeds, measure_speeds, predict
 from pdserve.planner.signals import MIN_ONSET, Shape, Signals
@@ -198,31 +199,6 @@ def candidates(cfg: PlannerConfig) -> list[Shape]:
     return out
 
 
-def _inputs(sig: Signals, speeds: Speeds, cfg: PlannerConfig) -> dict[str, Any]:
-    lengths, outputs = sig.prompt_lengths, sig.output_lengths
-
-    def mean(xs: list[int]) -> float:
-        return round(sum(xs) / len(xs), 1) if xs else 0.0
-
-    ttft90, itl90 = sig.measured_p90(cfg.ttft_slo_s)
-    return {
-        "arrival_rate": round(sig.arrival_rate, 4),
-        "num_requests": len(sig.requests),
-        "num_inflight": len(sig.inflight),
-        "prompt_mean": mean(lengths),
-        "prompt_p90": sorted(lengths)[int(0.9 * (len(lengths) - 1))] if lengths else 0,
-        "output_mean": mean(outputs),
-        "prefill_tps": round(speeds.prefill_tps, 1),
-        "prefill_per_pair_s": speeds.prefill_per_pair_s,
-        "step_s": round(speeds.step_s, 6),
-        "per_seq_s": round(speeds.per_seq_s, 6),
-        "measured_ttft_p90_s": ttft90,
-        "measured_itl_p90_s": itl90,
-        "queued": sum(w.waiting for w in sig.workers),
-        "attainment": sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s),
-    }
-
-
 def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     """One interval's decision (see the module docstring); updates ``state``."""
     now = sig.taken_s
@@ -230,7 +206,7 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         sig = dataclasses.replace(sig, min_onset=cfg.min_onset)
     state.speeds = speeds = measure_speeds(sig, state.speeds, cfg.decode_smoothing)
     state.arrivals.append(sig.arrival_rate)
-    inputs = _inputs(sig, speeds, cfg)
+    inputs = decision_inputs(sig, speeds, cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s)
     current = sig.targets
     _observe(state, sig, cfg, inputs)
 
