@@ -98,7 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
-def _add_trace_args(parser: argparse.ArgumentParser) -> None:
+def add_trace_args(parser: argparse.ArgumentParser) -> None:
+    """Tracing and SLO options shared by ``serve`` and ``router``."""
     parser.add_argument(
         "--trace-responses",
         action="store_true",
@@ -125,49 +126,6 @@ def add_balance_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _router(args: argparse.Namespace) -> int:
-    from pdserve.router.dispatch_config import DispatcherConfig
-    from pdserve.router.server import RouterConfig, run_router
-
-    dispatch = DispatcherConfig(
-        policy=args.policy,
-        disagg_policy=args.disagg_policy,
-        kv_block_size=args.kv_block_size,
-        balance_factor=args.balance_factor or None,
-        lease_s=args.lease,
-        kv_timeout_s=args.kv_timeout,
-        prefill_timeout_s=args.prefill_timeout,
-        kv_failure_policy=args.kv_failure_policy,
-        prefill_fallback=not args.no_prefill_fallback,
-        max_attempts=args.max_attempts,
-        secret=_secret(args),
-    )
-    run_router(
-        RouterConfig(
-            model=args.model,
-            served_model_name=args.served_model_name,
-            host=args.host,
-            port=args.port,
-            control_host=args.control_host,
-            control_port=args.control_port,
-            max_model_len=args.max_model_len,
-            dispatch=dispatch,
-            api_keys=_api_keys(args),
-            max_inflight=args.max_inflight or None,
-            drain_timeout_s=args.drain_timeout,
-            trace_responses=args.trace_responses,
-            trace_log=args.trace_log,
-            event_loop=args.event_loop,
-            http=args.http,
-            ready_file=args.ready_file,
-            slo_ttft_ms=args.slo_ttft_ms,
-            slo_itl_ms=args.slo_itl_ms,
-            startup_wait_s=args.startup_wait,
-        )
-    )
-    return 0
-
-
 def _worker(args: argparse.Namespace) -> int:
     import torch
 
@@ -190,23 +148,14 @@ def _worker(args: argparse.Namespace) -> int:
             drain_timeout_s=args.drain_timeout,
             inject_fault=args.inject_fault,
             metrics_port=args.metrics_port,
-            secret=_secret(args),
+            secret=cluster_secret(args),
         )
     )
     worker.run()
     return 0
 
 
-def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
-    """API keys from ``--api-key`` (repeatable) and ``PDSERVE_API_KEY`` (comma-separated)."""
-    import os
-
-    keys = list(args.api_key or [])
-    keys += [k.strip() for k in os.environ.get("PDSERVE_API_KEY", "").split(",") if k.strip()]
-    return tuple(keys)
-
-
-def _secret(args: argparse.Namespace) -> str:
+def cluster_secret(args: argparse.Namespace) -> str:
     """The cluster secret comes from the environment, never from the command line (``ps`` shows it)."""
     import os
 
@@ -269,7 +218,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "--startup-wait", type=float, default=120.0,
         help="before the first worker pair registers, requests wait this long (then 503)",
     )
-    _add_trace_args(serve)
+    add_trace_args(serve)
     from pdserve.planner.options import add_planner_args
 
     add_planner_args(serve)
@@ -281,68 +230,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     commands["serve"] = _serve
 
-    router = sub.add_parser("router", help="run the router (OpenAI API + dispatcher) alone")
-    router.add_argument("--model", default="tiny")
-    router.add_argument("--served-model-name", default=None)
-    router.add_argument("--host", default="127.0.0.1")
-    router.add_argument("--port", type=int, default=8000)
-    router.add_argument("--control-host", default="127.0.0.1", help="interface workers connect to")
-    router.add_argument("--control-port", type=int, default=5557)
-    router.add_argument("--policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"])
-    router.add_argument(
-        "--disagg-policy",
-        default="auto",
-        choices=["auto", "always", "never"],
-        help="prefill on a prefill worker: per request by cost (auto), always, or never (decode worker)",
-    )
-    router.add_argument(
-        "--kv-block-size",
-        type=int,
-        default=None,
-        help="block size of the cache index; workers with another are refused (default: the first worker's)",
-    )
-    add_balance_arg(router)
-    router.add_argument("--max-model-len", type=int, default=None)
-    router.add_argument("--lease", type=float, default=30.0, help="heartbeat lease of workers, seconds")
-    router.add_argument("--kv-timeout", type=float, default=10.0, help="first token → KV at decode, s")
-    router.add_argument("--prefill-timeout", type=float, default=120.0, help="dispatch → first token, s")
-    router.add_argument(
-        "--kv-failure-policy",
-        default="retry",
-        choices=["retry", "recompute", "fail"],
-        help="a missed KV deadline: new attempt, prefill on the decode worker, or an error",
-    )
-    router.add_argument(
-        "--no-prefill-fallback",
-        action="store_true",
-        help="with no prefill worker left, fail instead of prefilling on decode workers",
-    )
-    router.add_argument("--max-attempts", type=int, default=4, help="attempts per request (retries + 1)")
-    router.add_argument(
-        "--api-key",
-        action="append",
-        help="accepted Bearer key (repeatable; PDSERVE_API_KEY keeps it out of ps)",
-    )
-    router.add_argument("--max-inflight", type=int, default=1024, help="admitted requests; 0: unlimited")
-    router.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, finish for this long")
-    router.add_argument(
-        "--event-loop",
-        default="auto",
-        choices=["auto", "uvloop", "asyncio"],
-        help="auto: uvloop where installed",
-    )
-    router.add_argument(
-        "--http", default="auto", choices=["auto", "httptools", "h11"], help="auto: httptools if installed"
-    )
-    router.add_argument(
-        "--ready-file", default=None, help="once listening, write the ports it got here (JSON; for launchers)"
-    )
-    router.add_argument(
-        "--startup-wait", type=float, default=120.0,
-        help="before the first worker pair registers, requests wait this long (then 503)",
-    )
-    _add_trace_args(router)
-    commands["router"] = _router
+    from pdserve.router.cli import add_router_parser, run_router_command
+
+    add_router_parser(sub)
+    commands["router"] = run_router_command
+
 
     worker = sub.add_parser("worker", help="run one worker and register it with a router")
     worker.add_argument("--role", required=True, choices=["prefill", "decode", "mixed"])

@@ -1,7 +1,8 @@
 """A scripted in-memory backend for the router's OpenAI front end, and helpers to talk to it.
 
 The byte tokenizer makes ids predictable: id = byte + 3, BOS = 1, EOS = 2.
-Used by the ``tests/unit/test_router_*`` modules that test the app against :class:`FakeBackend`.
+Used by the modules in ``tests/unit/router_api/`` (fixtures in its conftest.py) that test the app
+against :class:`FakeBackend`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A gated in-memory backend for the router front end's security and admission tests, and helpers.
 
 Each generation of :class:`GatedBackend` sends one token, then holds until the test sets
-``release``, so streams stay in flight for as long as a test needs. Used by
-``tests/unit/test_router_api_keys.py``, ``test_router_overload.py`` and ``test_router_draining.py``.
+``release``, so streams stay in flight for as long as a test needs. Used by the modules in
+``tests/unit/router_gated/`` (fixtures in its conftest.py).
 """
 
 from __future__ import annotations

@@ -138,6 +138,7 @@ class LLMEngine:
         self.num_steps = 0
         # Step timings by kind, for the router's cost model (prefill rate, decode step time).
         self.prefill_busy_s = 0.0
+        self.num_prefill_steps = 0
         self.num_decode_steps = 0
         self.decode_busy_s = 0.0
         self.num_decode_seqs = 0
@@ -243,6 +244,7 @@ class LLMEngine:
         elapsed_s = time.perf_counter() - started_s
         if num_prompt:
             self.prefill_busy_s += elapsed_s
+            self.num_prefill_steps += 1
         else:
             self.num_decode_steps += 1
             self.decode_busy_s += elapsed_s

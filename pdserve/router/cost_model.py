@@ -79,6 +79,8 @@ class WorkerSnapshot:
             bounded-loads rule: the router's own count, current at once, unlike heartbeats).
         held_blocks: blocks its prefix cache holds as the router's index sees them (confirmed and
             speculative): among near-tied candidates the emptiest cache takes a new prefix.
+        prefill_step_s, prefill_token_s: its prefill time as a cost per step plus one per prompt
+            token (``pdserve.router.step_fit``; None: not fitted, ``prefill_rate_tps`` prices it).
     """
 
     worker_id: str
@@ -94,6 +96,8 @@ class WorkerSnapshot:
     kv_handoff: bool = True
     num_inflight: int = 0
     held_blocks: int = 0
+    prefill_step_s: float = 0.0
+    prefill_token_s: float | None = None
 
     @property
     def sends_kv(self) -> bool:
@@ -182,7 +186,13 @@ class Placement:
 
 
 def prefill_s(w: WorkerSnapshot, num_uncached_tokens: int, params: CostParams) -> float:
-    """Predicted seconds until ``w`` has computed this prompt (its queue first)."""
+    """Predicted seconds until ``w`` has computed this prompt (its queue first).
+
+    With a per-step + per-token fit: one step's fixed cost plus every queued
+    and uncached token's; otherwise the tokens over the measured rate.
+    """
+    if w.prefill_token_s is not None:
+        return w.prefill_step_s + (w.queued_prefill_tokens + num_uncached_tokens) * w.prefill_token_s
     rate = w.prefill_rate_tps or params.prefill_rate_tps
     return (w.queued_prefill_tokens + num_uncached_tokens) / rate
 

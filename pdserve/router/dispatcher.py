@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +32,7 @@ from pdserve.router.backend import BackendError, GenerationEvent
 from pdserve.router.channel import WorkerChannel
 from pdserve.router.dispatch_config import DispatchCounters, DispatcherConfig
 from pdserve.router.inflight import Inflight, Stage
+from pdserve.router.membership import Membership
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.placement import Placer, local_candidates, prefill_candidates
 from pdserve.router.registry import Registry, WorkerInfo
@@ -58,6 +58,7 @@ class Dispatcher:
         self.metrics.attach(self)
         self.channel = WorkerChannel(self._handle, lambda wid: self._worker_lost(wid, "connection gone"))
         self.placer = Placer(config, self.registry, self.channel.send)
+        self.membership = Membership(config, model_name, self.registry, self.placer, self.channel.send)
         self._inflight: dict[str, Inflight] = {}
         self._by_worker_rid: dict[str, Inflight] = {}
         self.stats_requests = StatsRequests(self.channel.send)
@@ -267,13 +268,7 @@ class Dispatcher:
             if worker_id in state.worker_ids:
                 self._retry(state, f"worker {worker_id} lost ({why})", {worker_id})
         # Decode and mixed workers may hold blocks reserved for its KV: no more writes will come.
-        self._peer_lost(worker_id, (Role.DECODE, Role.MIXED))
-
-    def _peer_lost(self, worker_id: str, roles: tuple[Role, ...]) -> None:
-        """Tell the other workers of these roles that ``worker_id``'s KV endpoint is gone."""
-        for w in self.registry.all():
-            if w.role in roles and w.worker_id != worker_id:
-                self.channel.send(w.worker_id, p.PeerLost(worker_id))
+        self.membership.peer_lost(worker_id, (Role.DECODE, Role.MIXED))
 
     # -- worker messages ---------------------------------------------------------------
 
@@ -322,30 +317,11 @@ class Dispatcher:
                     info.draining = True
                     logger.info("router: worker %s is draining", wid)
             case p.Register():
-                self._on_register(sender, message)
+                self.membership.on_register(sender, message)
             case p.WorkerStats():
                 self.stats_requests.answer(message)
             case _:
                 logger.warning("router: unexpected %s from %s", type(message).__name__, sender)
-
-    def _on_register(self, sender: str, m: p.Register) -> None:
-        if self.config.secret and not hmac.compare_digest(m.secret.encode(), self.config.secret.encode()):
-            logger.warning("router: registration of %s refused: wrong cluster secret", m.worker_id)
-            return
-        if m.model != self.model_name:
-            logger.warning("router: %s serves %s, not %s; refused", m.worker_id, m.model, self.model_name)
-            return
-        refusal = self.placer.on_register(m)
-        if refusal is not None:
-            logger.error("router: registration of %s refused: %s", m.worker_id, refusal)
-            self.channel.send(sender, p.RegisterRefused(refusal))
-            return
-        old = self.registry.get(m.worker_id)
-        if old is not None and old.kv is not None and old.kv != m.kv:
-            self._peer_lost(m.worker_id, (Role.PREFILL, Role.MIXED))  # it flipped: drop its old cache
-        self.registry.add(WorkerInfo.from_register(m))
-        self.channel.send(sender, p.Registered(m.worker_id, self.config.lease_s / 6))
-        logger.info("router: %s worker %s registered (pid %d)", m.role, m.worker_id, m.pid)
 
     def _on_tokens(self, sender: str, m: p.Tokens) -> None:
         state = self._by_worker_rid.get(m.request_id)

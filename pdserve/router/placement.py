@@ -38,6 +38,7 @@ from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.kv_index import IndexMismatchError, KVIndex
 from pdserve.router.policy import RoutingPolicy, make_policy
 from pdserve.router.registry import Registry, WorkerInfo
+from pdserve.router.step_fit import StepFit
 from pdserve.transfer.descriptor import ITEMSIZES
 from pdserve.worker import protocol as p
 
@@ -69,6 +70,7 @@ class _PeerMeans:
     prefill_rate_tps: float | None
     decode_step_s: float | None
     decode_batch: float
+    prefill_fits: dict[str, tuple[float, float] | None]  # per role: the pool's per-step + per-token fit
 
 
 class Placer:
@@ -161,13 +163,19 @@ class Placer:
         ``CostParams``' defaults, and where the measured workers are faster than
         those, it got no traffic until it was measured, which it never was.
         """
-        perfs = [w.perf for w in self.registry.all()]
+        workers = self.registry.all()
+        perfs = [w.perf for w in workers]
         rates = [p.prefill_rate_tps for p in perfs if p.prefill_rate_tps]
+        roles = {w.role.value for w in workers}
+        fits = {
+            r: StepFit.merged(w.perf.prefill_fit for w in workers if w.role.value == r).solve() for r in roles
+        }
         steps = [(p.decode_step_s, p.decode_batch) for p in perfs if p.decode_step_s is not None]
         return _PeerMeans(
             prefill_rate_tps=sum(rates) / len(rates) if rates else None,
             decode_step_s=sum(s for s, _ in steps) / len(steps) if steps else None,
             decode_batch=sum(b for _, b in steps) / len(steps) if steps else 1.0,
+            prefill_fits=fits,
         )
 
     def _snapshot(self, w: WorkerInfo, peers: _PeerMeans) -> cm.WorkerSnapshot:
@@ -175,6 +183,8 @@ class Placer:
         measured = perf.decode_step_s is not None
         used = load.num_total_blocks - load.num_free_blocks  # cached free blocks can be evicted
         usage = min(max(used / load.num_total_blocks, 0.0), 1.0) if load.num_total_blocks else 0.0
+        # its own fit, or its pool's while its own samples cannot separate the two costs (step_fit.py)
+        fit = perf.prefill_fit.solve() or peers.prefill_fits.get(w.role.value)
         return cm.WorkerSnapshot(
             worker_id=w.worker_id,
             role=w.role.value,
@@ -189,6 +199,8 @@ class Placer:
             kv_handoff=w.kv is not None,
             num_inflight=w.num_inflight,
             held_blocks=self.index.held_blocks(w.worker_id),
+            prefill_step_s=fit[0] if fit else 0.0,
+            prefill_token_s=fit[1] if fit else None,
         )
 
     # -- KV messages ---------------------------------------------------------------------------

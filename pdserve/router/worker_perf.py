@@ -17,8 +17,9 @@ once, so the count cannot drift).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pdserve.router.step_fit import StepFit
 from pdserve.worker.protocol import PrefillTiming, WorkerLoad
 
 ALPHA = 0.3  # weight of the newest interval
@@ -50,6 +51,7 @@ class WorkerPerf:
     decode_batch: float = 1.0
     link_bytes_per_s: float | None = None
     queued_prefill_tokens: int = 0
+    prefill_fit: StepFit = field(default_factory=StepFit)  # per step + per token (step_fit.py)
     _last: WorkerLoad | None = None
 
     def on_heartbeat(self, load: WorkerLoad) -> None:
@@ -61,6 +63,7 @@ class WorkerPerf:
         tokens = load.num_prefill_tokens - last.num_prefill_tokens
         if busy_s >= MIN_BUSY_S and tokens > 0:
             self.prefill_rate_tps = _ewma(self.prefill_rate_tps, tokens / busy_s)
+            self.prefill_fit.add(load.num_prefill_steps - last.num_prefill_steps, tokens, busy_s)
         steps = load.num_decode_steps - last.num_decode_steps
         decode_s = load.decode_busy_s - last.decode_busy_s
         if steps > 0 and decode_s >= MIN_BUSY_S:

@@ -97,6 +97,7 @@ class SimWorker:
         # the engine's cumulative counters (LLMEngine.step), reported in every heartbeat
         self.num_prefill_tokens = 0
         self.prefill_busy_s = 0.0
+        self.num_prefill_steps = 0
         self.num_decode_steps = 0
         self.decode_busy_s = 0.0
         self.num_decode_seqs = 0
@@ -126,6 +127,7 @@ class SimWorker:
             self.num_prefill_tokens += num_prompt
             if num_prompt:
                 self.prefill_busy_s += duration_s
+                self.num_prefill_steps += 1
             else:
                 self.num_decode_steps += 1
                 self.decode_busy_s += duration_s
@@ -194,6 +196,7 @@ class SimWorker:
             num_free_blocks=stats.num_free_blocks, num_total_blocks=stats.num_blocks,
             num_cached_blocks=stats.num_cached_blocks,
             num_prefill_tokens=self.num_prefill_tokens, prefill_busy_s=self.prefill_busy_s,
+            num_prefill_steps=self.num_prefill_steps,
             num_decode_steps=self.num_decode_steps, decode_busy_s=self.decode_busy_s,
             num_decode_seqs=self.num_decode_seqs,
             prefix_query_tokens=stats.prefix_query_tokens, prefix_hit_tokens=stats.prefix_hit_tokens,

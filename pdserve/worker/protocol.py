@@ -90,6 +90,7 @@ class WorkerLoad(msgspec.Struct):
     # Cumulative counters the router turns into rates (the cost model's inputs):
     num_prefill_tokens: int = 0  # prompt tokens computed (cache hits excluded)
     prefill_busy_s: float = 0.0  # time in steps that computed prompt tokens
+    num_prefill_steps: int = 0  # those steps
     num_decode_steps: int = 0  # steps that computed only decode tokens
     decode_busy_s: float = 0.0  # time in those steps
     num_decode_seqs: int = 0  # sequences those steps computed, summed over steps

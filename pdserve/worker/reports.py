@@ -36,6 +36,7 @@ def worker_load(engine: LLMEngine, intake: KVIntake | None) -> p.WorkerLoad:
         num_cached_blocks=stats.num_cached_blocks,
         num_prefill_tokens=engine.num_prompt_tokens_computed,
         prefill_busy_s=engine.prefill_busy_s,
+        num_prefill_steps=engine.num_prefill_steps,
         num_decode_steps=engine.num_decode_steps,
         decode_busy_s=engine.decode_busy_s,
         num_decode_seqs=engine.num_decode_seqs,

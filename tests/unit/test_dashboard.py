@@ -225,11 +225,6 @@ def test_slo_must_be_positive() -> None:
 # -- the routes, with an API key ----------------------------------------------------------
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_key_by_query_or_cookie_only_on_the_dashboard() -> None:
     app, _ = build_router_app(RouterConfig(model="tiny", api_keys=("sekrit",), slo_ttft_ms=300))

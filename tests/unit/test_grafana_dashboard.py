@@ -38,11 +38,6 @@ def sample_names(exposition: str) -> set[str]:
     return {s.name for family in text_string_to_metric_families(exposition) for s in family.samples}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def router_exposition() -> str:
     """The router's /metrics with one worker registered and one request's worth of labelled series."""
     app, dispatcher = build_router_app(RouterConfig(model="tiny"))

@@ -24,11 +24,6 @@ pytestmark = pytest.mark.anyio
 BODY = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def client_for(backend: FakeBackend, **kw: Any) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(backend, TOKENIZER, served_model_name=MODEL, **kw)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

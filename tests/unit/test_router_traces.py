@@ -48,11 +48,6 @@ class TracingBackend:
         pass
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def post(tracer: Tracer, body: dict[str, Any]) -> tuple[httpx.Response, TracingBackend]:
     backend = TracingBackend()
     app = create_app(backend, TOKENIZER, served_model_name="tiny", tracer=tracer)

@@ -30,21 +30,6 @@ from pdserve.router.security import APIKeys
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def backend() -> GatedBackend:
-    return GatedBackend()
-
-
-@pytest.fixture
-def tokenizer() -> CountingTokenizer:
-    return CountingTokenizer()
-
-
 # -- API keys --------------------------------------------------------------------------------
 
 INFERENCE_ROUTES = [

@@ -11,29 +11,12 @@ from router_fakes import (
     MAX_MODEL_LEN,
     MODEL,
     FakeBackend,
-    asgi_client,
     assert_error,
     chat,
     completion,
 )
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin ships with anyio, a FastAPI dependency
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-async def client(backend: FakeBackend) -> AsyncIterator[httpx.AsyncClient]:
-    async with asgi_client(backend) as c:
-        yield c
 
 
 # -- validation -------------------------------------------------------------------------------

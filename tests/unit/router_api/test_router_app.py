@@ -6,7 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import httpx
@@ -15,7 +15,6 @@ from router_fakes import (
     MODEL,
     TOKENIZER,
     FakeBackend,
-    asgi_client,
     chat,
     completion,
     serve,
@@ -26,22 +25,6 @@ from router_fakes import (
 from pdserve.router.app import create_app
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin ships with anyio, a FastAPI dependency
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-async def client(backend: FakeBackend) -> AsyncIterator[httpx.AsyncClient]:
-    async with asgi_client(backend) as c:
-        yield c
 
 
 # -- probes and models ------------------------------------------------------------------------

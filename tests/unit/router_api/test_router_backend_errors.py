@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from router_fakes import (
     FakeBackend,
     Script,
-    asgi_client,
     assert_error,
     chat,
     completion,
@@ -24,22 +22,6 @@ from pdserve.router.backend import BackendError
 from pdserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin ships with anyio, a FastAPI dependency
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-async def client(backend: FakeBackend) -> AsyncIterator[httpx.AsyncClient]:
-    async with asgi_client(backend) as c:
-        yield c
 
 
 # -- backend errors ---------------------------------------------------------------------------

@@ -33,21 +33,6 @@ from pdserve.router.backend import BackendError
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def backend() -> GatedBackend:
-    return GatedBackend()
-
-
-@pytest.fixture
-def tokenizer() -> CountingTokenizer:
-    return CountingTokenizer()
-
-
 # -- overload --------------------------------------------------------------------------------
 
 

@@ -26,21 +26,6 @@ from pdserve.router.admission import Admission
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def backend() -> GatedBackend:
-    return GatedBackend()
-
-
-@pytest.fixture
-def tokenizer() -> CountingTokenizer:
-    return CountingTokenizer()
-
-
 # -- draining --------------------------------------------------------------------------------
 
 

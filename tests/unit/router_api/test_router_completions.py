@@ -5,8 +5,6 @@ Shared fakes: tests/router_fakes.py (the byte tokenizer makes ids predictable: i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 from router_fakes import (
@@ -15,7 +13,6 @@ from router_fakes import (
     TOKENIZER,
     FakeBackend,
     Script,
-    asgi_client,
     chat,
     completion,
     ids,
@@ -26,22 +23,6 @@ from router_fakes import (
 from pdserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin ships with anyio, a FastAPI dependency
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-async def client(backend: FakeBackend) -> AsyncIterator[httpx.AsyncClient]:
-    async with asgi_client(backend) as c:
-        yield c
 
 
 # -- completions -----------------------------------------------------------------------------

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from router_fakes import (
     FakeBackend,
     Script,
-    asgi_client,
     chat,
     completion,
     ids,
@@ -19,22 +17,6 @@ from router_fakes import (
 )
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin ships with anyio, a FastAPI dependency
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-async def client(backend: FakeBackend) -> AsyncIterator[httpx.AsyncClient]:
-    async with asgi_client(backend) as c:
-        yield c
 
 
 # -- stop strings -----------------------------------------------------------------------------
