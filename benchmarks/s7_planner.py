@@ -49,7 +49,9 @@ from typing import Any
 
 import httpx
 from common import RESULTS_DIR, machine_info, write_json
+from merge_runs import provenance
 from s7_load import SHAPES, ServiceSLO, add_load_args, phase_names, phases, resolve_load_args, slo_rule
+from s7_merge import MergeError, best_static, earlier
 
 from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.client import ClientConfig
@@ -301,6 +303,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-dir", default="/tmp/pdserve-s7")
     p.add_argument("--plots", default=None, help="write the planner's pool plot here")
     p.add_argument("--output", default=str(RESULTS))
+    p.add_argument(
+        "--merge",
+        default=None,
+        metavar="FILE",
+        help="run only --configs; take the other configurations' rows from FILE, an earlier result of "
+        "the same load and SLO (s7_merge.py); the best static shape is recomputed over the merged set",
+    )
     args = resolve_load_args(p.parse_args(argv))
     if args.disagg_policy is None and args.load == "surge":
         args.disagg_policy = "always"
@@ -311,16 +320,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
     slo = ServiceSLO.parse(args.slo) if args.slo else None
+    merged: dict[str, Any] = {}
+    if args.merge:
+        try:
+            slo, merged = earlier(args.merge, args, slo)
+        except MergeError as exc:
+            sys.exit(f"s7_planner.py: {exc}")
     configs: dict[str, Any] = {}
     for config in args.configs.split(","):
         print(f"== {config}", flush=True)
         slo, configs[config] = asyncio.run(run_config(config, slo, args))
+        configs[config]["measured_in"] = provenance(machine_info())
         print(
             json.dumps({k: v for k, v in configs[config].items() if k != "planner_history"}, indent=1),
             flush=True,
         )
-    statics = {k: v for k, v in configs.items() if k != "planner"}
-    best = max(statics, key=lambda k: statics[k]["goodput_req_s"]) if statics else None
+    configs = {**merged, **configs}
+    best, ratio = best_static(configs)
     result = {
         "scenario": "S7 planner vs static shapes on a phase-changing load",
         "model": args.model,
@@ -332,11 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         "phases": phase_names(args),
         "configs": configs,
         "best_static": best,
-        "planner_vs_best_static_goodput": (
-            round(configs["planner"]["goodput_req_s"] / statics[best]["goodput_req_s"], 3)
-            if best and "planner" in configs and statics[best]["goodput_req_s"]
-            else None
-        ),
+        "planner_vs_best_static_goodput": ratio,
         "wall_s": round(time.time() - started, 1),
     }
     print(f"results written to {write_json(Path(args.output), result)}")

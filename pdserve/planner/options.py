@@ -47,6 +47,45 @@ def add_planner_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--down-intervals", type=int, default=3, help="intervals a smaller shape must win first")
     g.add_argument("--attainment", type=float, default=0.9, help="share of requests to keep within both SLOs")
+    d = PlannerConfig(ttft_slo_s=1.0, itl_slo_s=1.0)  # the tuning defaults
+    g.add_argument(
+        "--over-capacity-gain",
+        type=float,
+        default=d.over_capacity_gain,
+        help="when no shape meets the SLOs, reshape only for this much more attainment (default %(default)s)",
+    )
+    g.add_argument(
+        "--decode-smoothing",
+        type=float,
+        default=d.decode_smoothing,
+        help="weight of a window's decode-step fit against the carried one, in (0, 1] (default %(default)s)",
+    )
+    g.add_argument(
+        "--min-onset",
+        type=int,
+        default=d.min_onset,
+        help="fewest arrivals to read a load that started in the window at its rate (default %(default)s)",
+    )
+    g.add_argument(
+        "--load-tolerance",
+        type=float,
+        default=d.load_tolerance,
+        help="the measured record per shape expires when the arrival rate or the mean prompt moves past "
+        "(1 + this)x or below 1/(1 + this)x of its reference (default %(default)s)",
+    )
+    g.add_argument(
+        "--record-intervals",
+        type=int,
+        default=d.record_intervals,
+        help="intervals of measurement kept per shape (default %(default)s)",
+    )
+    g.add_argument(
+        "--prediction-drift",
+        type=float,
+        default=d.prediction_drift,
+        help="set the shape in place's measured record aside when the model's attainment for it moves "
+        "further than this from its mean over the record (default %(default)s)",
+    )
 
 
 def budget(args: argparse.Namespace) -> tuple[int, int]:
@@ -82,7 +121,13 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig:
         attainment_target=args.attainment,
         down_intervals=max(args.down_intervals, 1),
         ready_timeout_s=args.ready_timeout,
+        **{k: getattr(args, k) for k in TUNING if getattr(args, k, None) is not None},
     )
+
+
+#: ``PlannerConfig`` fields set by options of the same name (``--over-capacity-gain`` ...).
+TUNING = ("over_capacity_gain", "decode_smoothing", "min_onset", "load_tolerance", "record_intervals",
+          "prediction_drift")
 
 
 def chunk_tokens(args: argparse.Namespace) -> int:

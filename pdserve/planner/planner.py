@@ -15,7 +15,10 @@
    or, when none does, the most attaining one at the budget (``over_capacity``:
    the router sheds early then);
 4. acts at once when that needs more workers, or when the current shape is
-   predicted to miss the SLOs; a smaller shape is taken only while the
+   predicted to miss the SLOs — a same-size reshape only when what was measured
+   at this load does not contradict the model (:mod:`~pdserve.planner.measured`:
+   the shape in place measuring the attainment target, or the shape to go to
+   having measured no better than it); a smaller shape is taken only while the
    current one *measures* its attainment target (ended requests, and those in
    flight already past the TTFT SLO), when it meets
    the SLOs with ``down_margin`` for ``down_intervals`` intervals in a row
@@ -29,12 +32,15 @@ The target is always one complete shape (all three pools in one
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.planner.predict import Prediction, Speeds, measure_speeds, predict
-from pdserve.planner.signals import Shape, Signals
+from pdserve.planner.inputs import decision_inputs
+from pdserve.planner.measured import MeasuredRecord, measured_veto, observe, revisit_veto
+from pdserve.planner.predict import DECODE_SMOOTHING, Prediction, Speeds, measure_speeds, predict
+from pdserve.planner.signals import MIN_ONSET, Shape, Signals
 
 HOLD, SCALE_UP, SCALE_DOWN, RESHAPE, WAIT, GIVE_UP = (
     "hold",
@@ -75,6 +81,13 @@ class PlannerConfig:
         over_capacity_gain: when no shape meets the SLOs, a shape of no more workers is moved to
             only when predicted to attain this much more than the current one (S7 simulated,
             classic load: 2M → 1P+1D → 2M in 20 s on predictions of 11.11 % vs 11.11 %).
+        decode_smoothing: weight of a window's decode fit against the speeds carried over.
+        min_onset: fewest arrivals in a window to read a load that started inside it at its rate.
+        load_tolerance: the measured record (:mod:`~pdserve.planner.measured`) is cleared when the
+            arrival rate or the mean prompt length moves past ``1 +`` this times its reference.
+        record_intervals: intervals of measurement kept per shape.
+        prediction_drift: the record of the shape in place is set aside when the model's
+            attainment for it moves further than this from its mean over the record.
     """
 
     ttft_slo_s: float
@@ -95,6 +108,11 @@ class PlannerConfig:
     max_gap_s: float | None = None
     chunk_tokens: int = 512
     over_capacity_gain: float = 0.05
+    decode_smoothing: float = DECODE_SMOOTHING
+    min_onset: int = MIN_ONSET
+    load_tolerance: float = 1.0
+    record_intervals: int = 12
+    prediction_drift: float = 0.2
 
     def __post_init__(self) -> None:
         if self.ttft_slo_s <= 0 or self.itl_slo_s <= 0:
@@ -107,6 +125,10 @@ class PlannerConfig:
             raise ValueError(
                 f"need 1 <= min_workers ({self.min_workers}) <= max_workers ({self.max_workers})"
             )
+        if not 0 < self.decode_smoothing <= 1 or self.min_onset < 2 or self.over_capacity_gain < 0:
+            raise ValueError("need 0 < decode_smoothing <= 1, min_onset >= 2, over_capacity_gain >= 0")
+        if self.load_tolerance <= 0 or self.record_intervals < 1 or self.prediction_drift <= 0:
+            raise ValueError("need load_tolerance > 0, record_intervals >= 1 and prediction_drift > 0")
         if not (self.allow_aggregated or (self.allow_disaggregated and self.max_workers >= 2)):
             raise ValueError("no candidate shape: allow aggregated shapes or a budget of 2+ workers")
 
@@ -123,6 +145,10 @@ class PlannerState:
     arrivals: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=64))
     #: shapes left: when, their measured attainment then, the arrival rate then
     left: dict[Shape, tuple[float, float, float]] = field(default_factory=dict)
+    #: what each shape measured while in place, at the load of now
+    record: MeasuredRecord = field(default_factory=MeasuredRecord)
+    #: the shape in place (targets reached, nothing starting) and since when
+    in_place: tuple[Shape, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,38 +199,16 @@ def candidates(cfg: PlannerConfig) -> list[Shape]:
     return out
 
 
-def _inputs(sig: Signals, speeds: Speeds, cfg: PlannerConfig) -> dict[str, Any]:
-    lengths, outputs = sig.prompt_lengths, sig.output_lengths
-
-    def mean(xs: list[int]) -> float:
-        return round(sum(xs) / len(xs), 1) if xs else 0.0
-
-    ttft90, itl90 = sig.measured_p90(cfg.ttft_slo_s)
-    return {
-        "arrival_rate": round(sig.arrival_rate, 4),
-        "num_requests": len(sig.requests),
-        "num_inflight": len(sig.inflight),
-        "prompt_mean": mean(lengths),
-        "prompt_p90": sorted(lengths)[int(0.9 * (len(lengths) - 1))] if lengths else 0,
-        "output_mean": mean(outputs),
-        "prefill_tps": round(speeds.prefill_tps, 1),
-        "prefill_per_pair_s": speeds.prefill_per_pair_s,
-        "step_s": round(speeds.step_s, 6),
-        "per_seq_s": round(speeds.per_seq_s, 6),
-        "measured_ttft_p90_s": ttft90,
-        "measured_itl_p90_s": itl90,
-        "queued": sum(w.waiting for w in sig.workers),
-        "attainment": sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s),
-    }
-
-
 def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     """One interval's decision (see the module docstring); updates ``state``."""
     now = sig.taken_s
-    state.speeds = speeds = measure_speeds(sig, state.speeds)
+    if sig.min_onset != cfg.min_onset:
+        sig = dataclasses.replace(sig, min_onset=cfg.min_onset)
+    state.speeds = speeds = measure_speeds(sig, state.speeds, cfg.decode_smoothing)
     state.arrivals.append(sig.arrival_rate)
-    inputs = _inputs(sig, speeds, cfg)
+    inputs = decision_inputs(sig, speeds, cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s)
     current = sig.targets
+    _observe(state, sig, cfg, inputs)
 
     def make(
         action: str,
@@ -252,6 +256,8 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
 
     preds = [run(s) for s in candidates(cfg)]
     now_pred = run(current) if current.servable else None
+    if now_pred is not None:
+        state.record.note_prediction(current, now, now_pred.attainment)
     meeting = [p for p in preds if p.meets]
 
     def rank(p: Prediction) -> tuple[int, int, int, float]:
@@ -291,6 +297,9 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         state.down_streak = 0
         action = SCALE_UP if best.shape.workers > current.workers else RESHAPE
         veto = _revisit_veto(state, sig, cfg, best.shape) if action == RESHAPE else None
+        if veto is None and action == RESHAPE and now_pred is not None:
+            veto = measured_veto(state.record, now_pred, best, over_capacity=over,
+                                 target=cfg.attainment_target, gain=cfg.over_capacity_gain)
         if veto is not None:
             return make(HOLD, current, f"no reshape: {veto}", now_pred, shown, over)
         why = "predicted to miss the SLOs" if not current_meets else "needs more capacity"
@@ -355,6 +364,16 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     )
 
 
+def _observe(state: PlannerState, sig: Signals, cfg: PlannerConfig, inputs: dict[str, Any]) -> None:
+    """Feed the measured record (the shape in place for a whole window, and the load)."""
+    record = state.record
+    record.tolerance, record.max_age_s, record.drift = cfg.load_tolerance, cfg.revisit_s, cfg.prediction_drift
+    if record.max_observations != cfg.record_intervals:
+        record.max_observations = cfg.record_intervals
+        record.shapes.clear()
+    state.in_place = observe(record, state.in_place, sig, state.pending, inputs)
+
+
 def _act(state: PlannerState, d: Decision) -> Decision:
     state.pending = d.target
     state.pending_since_s = d.at_s
@@ -365,23 +384,9 @@ def _act(state: PlannerState, d: Decision) -> Decision:
 
 
 def _revisit_veto(state: PlannerState, sig: Signals, cfg: PlannerConfig, shape: Shape) -> str | None:
-    """Why going back to ``shape`` now would repeat a move that measured worse (None: it would not).
-
-    Against oscillation (2 mixed ↔ 1 prefill + 1 decode, 2 ↔ 1): a shape left measuring
-    attainment ``a`` is not gone back to within ``revisit_s`` at a similar arrival rate unless the
-    current shape measures below ``a``.
-    """
-    left = state.left.get(shape)
-    if left is None:
-        return None
-    at_s, attainment, rate = left
+    """:func:`~pdserve.planner.measured.revisit_veto` with the window's measured attainment."""
     measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s)
-    similar = abs(sig.arrival_rate - rate) <= 0.25 * max(rate, 1e-9)
-    if sig.taken_s - at_s >= cfg.revisit_s or not similar or (measured is not None and measured < attainment):
-        return None
-    now = "not measured yet" if measured is None else f"{measured:.0%}"
-    return (f"{shape} was left {sig.taken_s - at_s:.0f} s ago measuring {attainment:.0%} at a similar load; "
-            f"the current shape measures {now}")
+    return revisit_veto(state.left, sig, shape, cfg.revisit_s, measured)
 
 
 def finite_or_none(x: float | None) -> float | None:

@@ -119,8 +119,11 @@ def _finite(x: float) -> float | None:
     return round(x, 6) if math.isfinite(x) else None
 
 
-def measure_speeds(sig: Signals, previous: Speeds | None = None) -> Speeds:
-    """Speeds from the window (the previous ones, or the defaults, for what it cannot tell)."""
+def measure_speeds(
+    sig: Signals, previous: Speeds | None = None, smoothing: float = DECODE_SMOOTHING
+) -> Speeds:
+    """Speeds from the window (the previous ones, or the defaults, for what it cannot tell); a new
+    decode fit counts ``smoothing`` against the previous one."""
     base = previous or Speeds()
     rates = [r.prompt_tokens / r.prefill_s for r in sig.requests if r.prefill_s and r.prompt_tokens > 0]
     prefill = sig.prefill_rate_tps or (sorted(rates)[len(rates) // 2] if rates else None) or base.prefill_tps
@@ -133,7 +136,7 @@ def measure_speeds(sig: Signals, previous: Speeds | None = None) -> Speeds:
         # to the next (S7 simulated: 1-11 ms per sequence on one chat load), and a slope is a
         # property of the hardware, not of the load: smooth it
         def smooth(new: float, old: float) -> float:
-            return DECODE_SMOOTHING * new + (1 - DECODE_SMOOTHING) * old
+            return smoothing * new + (1 - smoothing) * old
 
         step, per_seq = smooth(step, previous.step_s), smooth(per_seq, previous.per_seq_s)
     measured = base.measured or bool(rates) or sig.prefill_rate_tps is not None

@@ -120,6 +120,8 @@ class Signals:
     #: Requests that arrived within the window and have not ended: a backlog (a queue behind a
     #: full cache, long outputs) must not look like an idle deployment.
     inflight: tuple[RequestSample, ...] = ()
+    #: fewest arrivals for :attr:`observed_s` to tell a load's start from a lull
+    min_onset: int = MIN_ONSET
 
     @property
     def arrival_rate(self) -> float:
@@ -149,10 +151,10 @@ class Signals:
         more than ``3·window/n`` with probability ``e⁻³`` (5 %); such a gap means the stream
         started late, and the rate is counted from its first arrival (the span stretched by
         ``1 + 1/n``: a steady stream's first arrival comes one mean gap after the start).
-        Below ``MIN_ONSET`` arrivals the whole window is used (too few to tell)."""
+        Below ``min_onset`` arrivals the whole window is used (too few to tell)."""
         arrived = [r.arrived_s for r in (*self.requests, *self.inflight)]
         n = len(arrived)
-        if n < MIN_ONSET:
+        if n < self.min_onset:
             return self.window_s
         span = self.taken_s - min(arrived)
         if self.window_s - span <= 3 * self.window_s / n:

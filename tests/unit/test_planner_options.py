@@ -48,6 +48,19 @@ def test_slo_config_from_options() -> None:
     assert options.budget(serve_args("--max-workers", "3", "--threads-per-worker", "1")) == (3, 1)
 
 
+def test_tuning_options_reach_the_config_and_keep_the_defaults() -> None:
+    base = ("--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40")
+    default = options.planner_config(serve_args(*base))
+    assert (default.over_capacity_gain, default.decode_smoothing, default.min_onset) == (0.05, 0.3, 8)
+    assert (default.load_tolerance, default.record_intervals, default.prediction_drift) == (1.0, 12, 0.2)
+    cfg = options.planner_config(
+        serve_args(*base, "--over-capacity-gain", "0.1", "--decode-smoothing", "0.5", "--min-onset", "5",
+                   "--load-tolerance", "0.5", "--record-intervals", "6", "--prediction-drift", "0.3")
+    )
+    assert (cfg.over_capacity_gain, cfg.decode_smoothing, cfg.min_onset) == (0.1, 0.5, 5)
+    assert (cfg.load_tolerance, cfg.record_intervals, cfg.prediction_drift) == (0.5, 6, 0.3)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -66,6 +79,12 @@ def test_slo_config_from_options() -> None:
             "--min-workers",
             "3",
         ),
+        ("--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40", "--decode-smoothing", "0"),
+        ("--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40", "--min-onset", "1"),
+        ("--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40", "--over-capacity-gain", "-0.1"),
+        ("--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40", "--load-tolerance", "0"),
+        ("--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40", "--record-intervals", "0"),
+        ("--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40", "--prediction-drift", "0"),
     ],
 )
 def test_bad_options_are_clear_errors(argv: tuple[str, ...]) -> None:
