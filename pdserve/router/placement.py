@@ -183,8 +183,10 @@ class Placer:
         measured = perf.decode_step_s is not None
         used = load.num_total_blocks - load.num_free_blocks  # cached free blocks can be evicted
         usage = min(max(used / load.num_total_blocks, 0.0), 1.0) if load.num_total_blocks else 0.0
-        # its own fit, or its pool's while its own samples cannot separate the two costs (step_fit.py)
-        fit = perf.prefill_fit.solve() or peers.prefill_fits.get(w.role.value)
+        # its pool's fit (step_fit.py): the pool's workers run one model on one kind of hardware,
+        # and a worker priced by its own few samples could look slower by noise alone, lose every
+        # new prompt and never be measured again; its own fit only while the pool's cannot be solved
+        fit = peers.prefill_fits.get(w.role.value) or perf.prefill_fit.solve()
         return cm.WorkerSnapshot(
             worker_id=w.worker_id,
             role=w.role.value,

@@ -15,9 +15,11 @@ by least squares over the heartbeat intervals (each interval's growth of the
 counters is one sample), with older intervals weighted down by ``FORGET``
 each. Both coefficients are determined only when the samples differ in
 tokens per step; when they do not (a worker that only computed one kind of
-prompt), :meth:`StepFit.solve` says so and the router borrows the fit of the
-worker's pool (see ``Placer``), since one model on one kind of hardware costs
-the same per step and per token wherever it runs.
+prompt), :meth:`StepFit.solve` says so. The router prices every worker of a
+pool by the pool's fit (all its workers' samples merged, see ``Placer``):
+one model on one kind of hardware costs the same per step and per token
+wherever it runs, and a worker priced by its own few samples can look slower
+by noise alone, lose every new prompt and so never be measured again.
 """
 
 from __future__ import annotations
