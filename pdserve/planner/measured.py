@@ -220,6 +220,7 @@ def observe(
         len(sig.requests),
     )
     inputs["measured_by_shape"] = record.describe()
+    inputs["steady_window"] = steady  # the window measured the shape in place alone
     if moved:
         inputs["load_moved"] = True
     return in_place

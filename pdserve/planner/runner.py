@@ -35,9 +35,12 @@ def shed_limit(d: Decision, attainment_target: float = 0.9) -> int | None:
     """Generations in flight above which the router refuses early (None: not over capacity).
 
     Only when the prediction says over capacity *and* the window measured the
-    SLO attainment below ``attainment_target``: S3 measured the planner refusing
-    requests (429) at loads a static shape of the same budget served within the
-    SLOs, on a pessimistic prediction alone.
+    SLO attainment below ``attainment_target`` with the shape in place for the
+    whole window (``steady_window``): S3 measured the planner refusing requests
+    (429) at loads a static shape of the same budget served within the SLOs
+    on a pessimistic prediction alone; and a window that straddles a reshape
+    measured the transition (workers draining, starting, flipping), not what
+    the shape in place can serve.
 
     The chosen shape's sustainable arrival rate (the observed one scaled down
     to ``max_utilization``) times a request's predicted latency (Little's law),
@@ -47,7 +50,7 @@ def shed_limit(d: Decision, attainment_target: float = 0.9) -> int | None:
     if not d.over_capacity or p is None:
         return None
     measured = d.inputs.get("attainment")
-    if measured is None or measured >= attainment_target:
+    if measured is None or measured >= attainment_target or not d.inputs.get("steady_window"):
         return None
     lam = float(d.inputs.get("arrival_rate") or 0.0)
     outputs = float(d.inputs.get("output_mean") or 0.0)

@@ -108,13 +108,21 @@ def test_shed_limit_only_past_capacity() -> None:
     ]
     sig = parse(traces, {"workers": []}, "", now_s=100.0, window_s=2.0)
     cfg = PlannerConfig(ttft_slo_s=0.2, itl_slo_s=0.05, max_workers=2)
-    d = decide(sig, PlannerState(), cfg)
-    assert d.over_capacity
+    fresh = decide(sig, PlannerState(), cfg)
+    # the misses of a window the shape was not in place for all of (a transition) refuse nothing
+    assert fresh.over_capacity and not fresh.inputs["steady_window"] and shed_limit(fresh) is None
+    steady = PlannerState()
+    steady.in_place = (sig.targets, sig.taken_s - 2 * sig.window_s)
+    d = decide(sig, steady, cfg)
+    assert d.over_capacity and d.inputs["steady_window"]
     limit = shed_limit(d)
     assert limit is not None and limit >= 4
     # over capacity on the prediction, but the window measured the SLOs met: nothing is refused
     met = [{**t, "ttft_s": 0.1} for t in traces]
-    d_met = decide(parse(met, {"workers": []}, "", now_s=100.0, window_s=2.0), PlannerState(), cfg)
+    met_sig = parse(met, {"workers": []}, "", now_s=100.0, window_s=2.0)
+    steady_met = PlannerState()
+    steady_met.in_place = (met_sig.targets, met_sig.taken_s - 4.0)
+    d_met = decide(met_sig, steady_met, cfg)
     assert d_met.over_capacity and d_met.inputs["attainment"] == 1.0 and shed_limit(d_met) is None
     calm = parse(traces[:2], {"workers": []}, "", now_s=100.0, window_s=60.0)
     assert shed_limit(decide(calm, PlannerState(), PlannerConfig(ttft_slo_s=5, itl_slo_s=1))) is None
