@@ -31,7 +31,9 @@ def test_merge_takes_the_other_rows_with_their_commit() -> None:
     assert rows["agg2"]["goodput_req_s"] == old["configs"]["agg2"]["goodput_req_s"]
     planner = {**old["configs"]["planner"], "goodput_req_s": 0.5}
     best, ratio = s7_merge.best_static({**rows, "planner": planner})
-    assert best == "disagg" and ratio == round(0.5 / old["configs"]["disagg"]["goodput_req_s"], 3)
+    # the best static row of the file, whichever it is (the file is re-measured from time to time)
+    expected = max(("agg", "agg2", "disagg"), key=lambda c: old["configs"][c]["goodput_req_s"])
+    assert best == expected and ratio == round(0.5 / old["configs"][expected]["goodput_req_s"], 3)
 
 
 def test_merge_refuses_another_load_or_slo() -> None:
