@@ -37,8 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pdserve.config import EngineConfig
-from pdserve.engine.scheduler import SchedulerOutput
-from pdserve.sim.step_model import StepShape, step_shape
+from pdserve.sim.step_model import ShapeHooks, StepShape
 
 KINDS = ("prefill", "decode")
 
@@ -111,21 +110,8 @@ def _cpu_s(pids: tuple[int, ...]) -> tuple[float, float] | None:
         return None
 
 
-class _Shapes:
-    """StepHooks that keep the shape of the step about to run."""
-
-    def __init__(self) -> None:
-        self.shape: StepShape | None = None
-
-    def on_schedule(self, out: SchedulerOutput) -> None:
-        self.shape = step_shape(out)
-
-    def on_layer_done(self, layer: int) -> None:
-        pass
-
-
 def _run(engine: Any, rng: random.Random, prompts: list[int], max_tokens: int,
-         hooks: _Shapes | None = None) -> list[tuple[StepShape, float]]:
+         hooks: ShapeHooks | None = None) -> list[tuple[StepShape, float]]:
     """Run requests of these prompt lengths to their end; each step's shape and seconds."""
     from pdserve.sampling_params import SamplingParams
 
@@ -186,7 +172,7 @@ def measure_co_location(config: EngineConfig, threads: int, rounds: int = 3,
     proc.start()
     try:
         engine = LLMEngine(config, detokenize=False)
-        rng, hooks = random.Random(0), _Shapes()
+        rng, hooks = random.Random(0), ShapeHooks()
 
         def one_round() -> list[tuple[StepShape, float]]:
             timed = []

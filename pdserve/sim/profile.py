@@ -40,12 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.config import EngineConfig, Role
-from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.errors import ConfigError
 from pdserve.sim.colocation import CoLocation
 from pdserve.sim.link import LinkModel
 from pdserve.sim.serving import ServingOverhead, apply_serving
-from pdserve.sim.step_model import LinearStepModel, StepModel, StepShape, missing_later_features, step_shape
+from pdserve.sim.step_model import LinearStepModel, ShapeHooks, StepModel, StepShape, missing_later_features
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +66,6 @@ def machine_identity(threads: int) -> dict[str, Any]:
             "torch": torch.__version__, "hostname": platform.node()}
 
 
-class _Timer:
-    """StepHooks that keep the shape of the step about to run."""
-
-    def __init__(self) -> None:
-        self.shape: StepShape | None = None
-
-    def on_schedule(self, out: SchedulerOutput) -> None:
-        self.shape = step_shape(out)
-
-    def on_layer_done(self, layer: int) -> None:
-        pass
-
-
 def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], None] = lambda s: None,
                   rounds: dict[StepShape, list[float]] | None = None) -> tuple[list[StepShape], list[float]]:
     """Time the real engine's steps over the profile's scenarios; (shape, median seconds) pairs.
@@ -95,7 +81,7 @@ def measure_steps(config: EngineConfig, quick: bool, progress: Callable[[str], N
     vocab = engine.arch.vocab_size
     limit = engine.max_model_len
     rng = random.Random(0)
-    timer = _Timer()
+    timer = ShapeHooks()
     samples: dict[StepShape, list[float]] = {}
 
     def prompt(n: int) -> list[int]:

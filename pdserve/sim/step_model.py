@@ -97,6 +97,19 @@ def step_shape(out: SchedulerOutput) -> StepShape:
                      num_decode * longest)
 
 
+class ShapeHooks:
+    """StepHooks that keep the shape of the step about to run (:func:`step_shape`)."""
+
+    def __init__(self) -> None:
+        self.shape: StepShape | None = None
+
+    def on_schedule(self, out: SchedulerOutput) -> None:
+        self.shape = step_shape(out)
+
+    def on_layer_done(self, layer: int) -> None:
+        pass
+
+
 class StepModel(Protocol):
     """Seconds one step of a given shape takes on one worker."""
 
