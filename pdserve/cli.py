@@ -117,6 +117,20 @@ def _balance_factor(text: str) -> float:
     return value
 
 
+def add_routing_args(parser: argparse.ArgumentParser, balance: bool = True) -> None:
+    """``--policy`` and ``--disagg-policy`` (and, with ``balance``, ``--balance-factor``), as ``serve``
+    and ``router`` take them."""
+    parser.add_argument("--policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"])
+    parser.add_argument(
+        "--disagg-policy",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="prefill on a prefill worker: per request by cost (auto), always, or never (decode worker)",
+    )
+    if balance:
+        add_balance_arg(parser)
+
+
 def add_balance_arg(parser: argparse.ArgumentParser) -> None:
     """``--balance-factor``: the router's bounded-loads rule (docs/routing.md)."""
     parser.add_argument(
@@ -195,14 +209,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
                        help="mixed workers (aggregated: default 1; disaggregated: default 0, both stages)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"])
-    serve.add_argument(
-        "--disagg-policy",
-        default="auto",
-        choices=["auto", "always", "never"],
-        help="prefill on a prefill worker: per request by cost (auto), always, or never (decode worker)",
-    )
-    add_balance_arg(serve)
+    add_routing_args(serve)
     serve.add_argument("--kv-transport", default=None, choices=["shm", "tcp"], help="default: per pair")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument(

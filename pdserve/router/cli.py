@@ -14,7 +14,7 @@ from typing import Any
 
 def add_router_parser(sub: Any) -> None:
     """Add ``pdserve router``."""
-    from pdserve.cli import add_balance_arg, add_trace_args
+    from pdserve.cli import add_balance_arg, add_routing_args, add_trace_args
 
     router = sub.add_parser("router", help="run the router (OpenAI API + dispatcher) alone")
     router.add_argument("--model", default="tiny")
@@ -23,13 +23,7 @@ def add_router_parser(sub: Any) -> None:
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--control-host", default="127.0.0.1", help="interface workers connect to")
     router.add_argument("--control-port", type=int, default=5557)
-    router.add_argument("--policy", default="kv_aware", choices=["kv_aware", "least_loaded", "round_robin"])
-    router.add_argument(
-        "--disagg-policy",
-        default="auto",
-        choices=["auto", "always", "never"],
-        help="prefill on a prefill worker: per request by cost (auto), always, or never (decode worker)",
-    )
+    add_routing_args(router, balance=False)
     router.add_argument(
         "--kv-block-size",
         type=int,
