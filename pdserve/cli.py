@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pdserve.errors import PDServeError
+from pdserve.quick_exit import QUICK_EXIT_COMMANDS, exit_now
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -303,12 +304,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
     except PDServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    if argv is None and args.command in QUICK_EXIT_COMMANDS:  # the process's own command line
+        exit_now(code)  # everything was closed already; skip the interpreter's slow teardown
+    return code
 
 
 if __name__ == "__main__":

@@ -128,15 +128,22 @@ def stop_all(handles: Sequence[WaitableHandle], grace_s: float, kill_wait_s: flo
     """Stop every handle: SIGTERM all (the last started first), SIGKILL what outlives ``grace_s``.
 
     Started order puts the router first, so workers get their SIGTERM before it
-    and drain while it still routes. ``poll()`` at the end lets a handle free
-    what its process left behind.
+    and drain while it still routes. Every process stops in parallel: the waits
+    share one deadline, and the ones still running at it are all killed before
+    any is waited for again (a stop takes at most ``grace_s + kill_wait_s``,
+    however many processes hang). ``poll()`` at the end lets a handle free what
+    its process left behind.
     """
     for handle in reversed(handles):
         handle.terminate()
     deadline = time.monotonic() + grace_s
+    late = [h for h in handles if h.wait(max(deadline - time.monotonic(), 0.0)) is None]
+    for handle in late:
+        logger.warning("%s did not stop in %.0f s; killing it", handle.name, grace_s)
+        handle.kill()
+    kill_deadline = time.monotonic() + kill_wait_s
+    for handle in late:
+        if handle.wait(max(kill_deadline - time.monotonic(), 0.0)) is None:
+            logger.error("%s still runs %.0f s after it was killed", handle.name, kill_wait_s)
     for handle in handles:
-        if handle.wait(max(deadline - time.monotonic(), 0.1)) is None:
-            logger.warning("%s did not stop in %.0f s; killing it", handle.name, grace_s)
-            handle.kill()
-            handle.wait(kill_wait_s)
         handle.poll()

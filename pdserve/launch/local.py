@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from pdserve.launch.local_backend import die_with_parent
+from pdserve.launch.base import stop_all
+from pdserve.launch.local_backend import LocalProcess, die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -223,16 +224,6 @@ class LocalLauncher:
                 signal.signal(s, handler)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Stop every child: workers first, then the router; SIGKILL what lingers."""
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for name, proc in self.procs:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in %.0f s; killing it", name, grace_s)
-                proc.kill()
-                proc.wait()
+        """Stop every child: workers first, then the router; SIGKILL what lingers (see ``stop_all``)."""
+        stop_all([LocalProcess(name, proc) for name, proc in self.procs], grace_s)
         self._rundir.cleanup()

@@ -9,7 +9,8 @@
    ``placement``); once it is seen to have ended, the shared-memory KV segments it left
    are unlinked (:func:`unlink_segments_of`: a SIGKILLed decode worker cannot do it).
 3. ``close`` stops every child (workers first). Children also get SIGTERM from the kernel
-   if this process dies (:func:`die_with_parent`, ``PR_SET_PDEATHSIG``).
+   if this process dies (:func:`die_with_parent`, ``PR_SET_PDEATHSIG``). Each child runs in
+   a process group of its own, so a terminal's Ctrl-C signals only this process.
 """
 
 from __future__ import annotations
@@ -147,7 +148,10 @@ class LocalBackend:
             child_env["OMP_NUM_THREADS"] = str(threads)
         cmd = [sys.executable, "-m", "pdserve", "--log-level", self.log_level, *args]
         logger.info("starting %s: %s", name, " ".join(cmd))
-        return subprocess.Popen(cmd, env=child_env, preexec_fn=die_with_parent)
+        # A process group of its own: Ctrl-C in a terminal reaches only the launcher, which then sends
+        # each child one SIGTERM (a child that got the terminal's SIGINT as well would take that
+        # SIGTERM for a second signal and stop without draining).
+        return subprocess.Popen(cmd, env=child_env, preexec_fn=die_with_parent, process_group=0)
 
     def start_router(self, args: list[str], env: dict[str, str]) -> LocalRouter:
         """Start ``pdserve router ARGS --ready-file F``; return once it reported its ports in F."""

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from typing import Any
 from pdserve.launch.base import Backend, RouterHandle, WorkerSpec
 from pdserve.launch.router_link import HttpLink, RouterLink
 from pdserve.launch.slot import Slot
+from pdserve.launch.stop_signals import StopSignals
 from pdserve.launch.supervisor_config import ROLES, SupervisorConfig
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class Supervisor:
         self._registered: dict[str, dict[str, Any]] = {}
         self._synced = False
         self._stop = threading.Event()
+        self._signals = StopSignals(self._stop)
         self._http = HttpLink(config.secret, config.api_key) if link is None else None
         self._link: RouterLink = link or self._http  # type: ignore[assignment]
 
@@ -130,14 +131,12 @@ class Supervisor:
                 self._add_slot(role, now)
 
     def stop_on_signals(self) -> None:
-        """From now on SIGINT/SIGTERM make :meth:`start` and :meth:`run` return (main thread only)."""
+        """From now on SIGINT/SIGTERM make :meth:`start` and :meth:`run` return (main thread only).
 
-        def on_signal(signum: int, _frame: object) -> None:
-            logger.info("signal %d: stopping the deployment", signum)
-            self._stop.set()
-
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, on_signal)
+        A second one during :meth:`close` stops every process without draining
+        (:mod:`pdserve.launch.stop_signals`).
+        """
+        self._signals.install()
 
     def run(self) -> int:
         """Supervise until stopped (0; see :meth:`stop_on_signals`) or the router cannot be restarted (1)."""
@@ -159,15 +158,21 @@ class Supervisor:
         self._stop.set()
 
     def close(self) -> None:
-        """Stop every process (workers drain first) and free what the backend holds."""
+        """Stop every process (workers drain first), free what the backend holds; start nothing more."""
+        self._stop.set()
         if self._http is not None:
             self._http.close()
-        self.backend.close()
+        self._signals.close(self.backend.close)
 
     # -- one pass -----------------------------------------------------------------------------
 
     def step(self, now: float | None = None) -> None:
-        """One pass: poll processes, sync with the router, reconcile pools (module docstring)."""
+        """One pass: poll processes, sync with the router, reconcile pools (module docstring).
+
+        Stopping (a signal, :meth:`close`): nothing; a signal during a pass: it starts nothing more.
+        """
+        if self._stop.is_set():
+            return
         now = time.monotonic() if now is None else now
         self._check_router(now)
         for slot in list(self.slots):
@@ -179,8 +184,8 @@ class Supervisor:
     def _check_router(self, now: float) -> None:
         assert self.router is not None
         code = self.router.poll()
-        if code is None:
-            return
+        if code is None or self._stop.is_set():
+            return  # running, or it exited because the deployment is stopping
         window = self.config.crash_loop_window_s
         self._router_exits.append(now)
         while self._router_exits and now - self._router_exits[0] > window:
@@ -367,6 +372,9 @@ class Supervisor:
 
     def _start(self, slot: Slot, now: float) -> None:
         assert self.router is not None
+        if self._stop.is_set():  # a signal came during this pass: close() stops what runs
+            slot.state, slot.handle = "restarting", None
+            return
         spec = self.make_spec(slot.worker_id, slot.role, self.router.control_endpoint)
         slot.state, slot.started_s = "starting", now
         slot.registered_s, slot.ever_registered = None, False

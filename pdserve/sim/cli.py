@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.config import Role, SchedulerConfig
-from pdserve.engine.engine import cap_to_kv_capacity
 from pdserve.errors import ConfigError, PDServeError
 from pdserve.modelspec.arch import ArchConfig
 from pdserve.router.dispatch_config import DISAGG_POLICIES, ROUTING_POLICIES
@@ -267,6 +266,8 @@ def build_config(args: argparse.Namespace) -> tuple[SimConfig, ArchConfig]:
                       for role, n in counts.items())
     max_model_len = min(args.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
     # as the workers do (and the router, from their registrations): no longer than the smallest cache
+    from pdserve.engine.engine import cap_to_kv_capacity  # here: importing it loads torch
+
     max_model_len = cap_to_kv_capacity(max_model_len, args.max_model_len is not None,
                                        min(pool.num_blocks for pool in pools), args.block_size)
     overhead_s = 1e-3 if args.request_overhead_ms is None else args.request_overhead_ms / 1e3

@@ -294,3 +294,39 @@ def test_a_stop_waits_for_a_flip_of_the_same_pass() -> None:
     sup.step(now=2.0)  # the flip is done: now the decode worker goes
     sup.step(now=2.25)
     assert link.drained == ["decode-0"] and states(sup)["prefill-0"] == "ready"
+
+
+def test_once_stopping_no_worker_or_router_is_restarted() -> None:
+    """Ctrl-C reaches the workers too: their exits during the stop must not be taken for crashes."""
+    sup, backend, _link = started({"prefill": 1, "decode": 1})
+    backend.live("decode-0").code = 0
+    sup.step(now=1.0)
+    assert states(sup)["decode-0"] == "restarting"  # its backoff runs out at 1.5 s
+    sup.request_stop()
+    assert sup.router is not None
+    sup.router.code = -2
+    backend.live("prefill-0").code = -2
+    sup.step(now=100.0)
+    assert len(backend.workers) == 2 and len(backend.routers) == 1
+
+
+def test_a_signal_during_a_pass_lets_it_start_nothing() -> None:
+    """The sync answered a bigger target, but the stop came while the pass ran: nothing is started."""
+    sup, backend, link = started({"prefill": 1, "decode": 1})
+    link.scale(decode=3)
+
+    def sync_then_signal(url: str, body: dict[str, Any]) -> dict[str, Any]:
+        sup.request_stop()  # as the signal handler does, while the supervisor waits for the router
+        return link(url, body)
+
+    sup._link = sync_then_signal
+    sup.step(now=1.0)
+    assert len(backend.workers) == 2
+
+
+def test_close_stops_the_supervision() -> None:
+    sup, backend, _link = started({"mixed": 1})
+    sup.close()
+    backend.live("mixed-0").code = 1
+    sup.step(now=10.0)
+    assert sup.stopping and len(backend.workers) == 1
