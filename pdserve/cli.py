@@ -220,6 +220,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--threads-per-worker", type=int, default=0, help="0: share the cores evenly")
     serve.add_argument("--ready-timeout", type=float, default=120.0)
+    serve.add_argument("--stop-timeout", type=float, default=None,
+                       help="on Ctrl-C/SIGTERM, seconds to finish requests before a kill (10; Ray: 20)")
     serve.add_argument("--launcher", default="local", choices=["local", "ray"], help="where processes run")
     add_ray_args(serve)
     serve.add_argument(

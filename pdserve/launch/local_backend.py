@@ -129,13 +129,16 @@ class LocalBackend:
     Args:
         log_level: log level of every child.
         start_timeout_s: how long ``start_router`` waits for the router to bind its ports.
+        stop_timeout_s: how long ``close`` lets children drain before it kills them.
 
     Children get SIGTERM from the kernel if this process dies (``PR_SET_PDEATHSIG``).
     """
 
-    def __init__(self, log_level: str = "WARNING", start_timeout_s: float = 120.0) -> None:
+    def __init__(self, log_level: str = "WARNING", start_timeout_s: float = 120.0,
+                 stop_timeout_s: float = 10.0) -> None:
         self.log_level = log_level
         self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
         self._rundir = tempfile.TemporaryDirectory(prefix="pdserve-launch-")
         self._children: list[LocalProcess] = []
         self._num_routers = 0
@@ -183,8 +186,12 @@ class LocalBackend:
         self._children = [c for c in self._children if c.proc.returncode is None or c is child]
         return child
 
-    def close(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every child still running (workers first), SIGKILL what outlives ``grace_s``."""
+    def close(self, grace_s: float | None = None) -> None:
+        """SIGTERM every child still running (workers first), SIGKILL what outlives ``grace_s``.
+
+        ``grace_s`` defaults to ``stop_timeout_s``.
+        """
+        grace_s = self.stop_timeout_s if grace_s is None else grace_s
         stop_all(self._children, grace_s)  # poll() unlinks what each left behind
         self._children = []
         self._rundir.cleanup()

@@ -276,6 +276,7 @@ class RayBackend:
             a ``WorkerSpec``'s own resources override its role's).
         log_level: log level of every process.
         start_timeout_s: how long ``start_router`` waits for the router to bind.
+        stop_timeout_s: how long ``close`` lets processes drain before it kills them.
     """
 
     def __init__(
@@ -284,10 +285,12 @@ class RayBackend:
         role_resources: dict[str, dict[str, float]] | None = None,
         log_level: str = "WARNING",
         start_timeout_s: float = 120.0,
+        stop_timeout_s: float = 20.0,
     ) -> None:
         self.role_resources = dict(role_resources or {})
         self.log_level = log_level
         self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
         self._owns_connection = not ray.is_initialized()
         if self._owns_connection:
             _check_reachable(address)
@@ -354,8 +357,12 @@ class RayBackend:
         self._processes.append(process)
         return process
 
-    def close(self, grace_s: float = 20.0) -> None:
-        """SIGTERM every process (workers first), kill the actors of what outlives ``grace_s``."""
+    def close(self, grace_s: float | None = None) -> None:
+        """SIGTERM every process (workers first), kill the actors of what outlives ``grace_s``.
+
+        ``grace_s`` defaults to ``stop_timeout_s``.
+        """
+        grace_s = self.stop_timeout_s if grace_s is None else grace_s
         stop_all(self._processes, grace_s, kill_wait_s=5.0)  # kill() ends the actor
         self._processes = []
         if self._owns_connection and ray.is_initialized():

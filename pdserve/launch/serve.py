@@ -69,16 +69,21 @@ def make_backend(args: argparse.Namespace) -> Backend:
     """The backend ``--launcher`` names."""
     from pdserve.launch import ray_resources
 
+    stop: dict[str, float] = {}
+    if (stop_timeout := getattr(args, "stop_timeout", None)) is not None:
+        if stop_timeout < 0:
+            raise ValueError(f"--stop-timeout {stop_timeout:g}: give seconds >= 0")
+        stop["stop_timeout_s"] = stop_timeout
     if args.launcher == "local":
         from pdserve.launch.local_backend import LocalBackend
 
         ray_resources.check_not_ray(args)
-        return LocalBackend(log_level=args.log_level, start_timeout_s=args.ready_timeout)
+        return LocalBackend(log_level=args.log_level, start_timeout_s=args.ready_timeout, **stop)
     if args.launcher == "ray":
         resources = ray_resources.role_resources(args)  # bad JSON fails before Ray starts
         from pdserve.launch.ray import RayBackend
 
-        return RayBackend(args.ray_address, resources, args.log_level, args.ready_timeout)
+        return RayBackend(args.ray_address, resources, args.log_level, args.ready_timeout, **stop)
     raise ValueError(f"unknown launcher {args.launcher!r}")
 
 

@@ -189,3 +189,21 @@ def test_local_children_get_a_process_group_of_their_own(monkeypatch: pytest.Mon
     finally:
         backend._rundir.cleanup()
     assert seen["process_group"] == 0 and seen["preexec_fn"] is local_backend.die_with_parent
+
+
+@pytest.mark.parametrize(("options", "grace_s"), [([], 10.0), (["--stop-timeout", "45"], 45.0)])
+def test_stop_timeout_is_the_local_backends_grace(
+    monkeypatch: pytest.MonkeyPatch, options: list[str], grace_s: float
+) -> None:
+    from pdserve.cli import _build_parser
+    from pdserve.launch import local_backend
+    from pdserve.launch.serve import make_backend
+
+    graces: list[float] = []
+    monkeypatch.setattr(local_backend, "stop_all", lambda _handles, grace: graces.append(grace))
+    parser, _ = _build_parser()
+    backend = make_backend(parser.parse_args(["serve", *options]))
+    backend.close()
+    assert graces == [grace_s]
+    with pytest.raises(ValueError, match="stop-timeout"):
+        make_backend(parser.parse_args(["serve", "--stop-timeout", "-1"]))
