@@ -57,3 +57,5 @@ class StopSignals:
         except StopNow as exc:
             logger.warning("signal %s again: stopping every process now, without draining", exc)
             close()
+        finally:
+            self._hurried = True  # from now on signals are ignored: the stop is done or on its way out
