@@ -204,7 +204,7 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     now = sig.taken_s
     if sig.min_onset != cfg.min_onset:
         sig = dataclasses.replace(sig, min_onset=cfg.min_onset)
-    state.speeds = speeds = measure_speeds(sig, state.speeds, cfg.decode_smoothing)
+    state.speeds = speeds = measure_speeds(sig, state.speeds, cfg.decode_smoothing, cfg.chunk_tokens)
     state.arrivals.append(sig.arrival_rate)
     inputs = decision_inputs(sig, speeds, cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s, cfg.max_gap_s)
     current = sig.targets

@@ -176,7 +176,10 @@ def test_recorded_surge_the_gap_term_counts_against_mixed_workers_only() -> None
     mixed, split = Shape(mixed=2), Shape(prefill=1, decode=1)
     assert with_gap[mixed].attainment < without[mixed].attainment
     assert with_gap[split].attainment == pytest.approx(without[split].attainment)
-    assert with_gap[split].attainment > with_gap[mixed].attainment
+    # and 2M still ranks above 1P+1D, as measured: priced per chunk step (stalls.ChunkFit) rather
+    # than at the prompts' mean rate, fewer of this window's chunks pass the gap (before the
+    # chunk fit the prediction had them level, 2M 0.586 and 1P+1D 0.588)
+    assert with_gap[mixed].attainment > with_gap[split].attainment
 
 
 def test_recorded_chat_stays_aggregated_under_the_gap_term() -> None:
