@@ -10,10 +10,15 @@ from pdserve.planner.signals import Signals
 
 
 def decision_inputs(
-    sig: Signals, speeds: Speeds, ttft_slo_s: float, itl_slo_s: float, ttft_per_token_s: float = 0.0
+    sig: Signals,
+    speeds: Speeds,
+    ttft_slo_s: float,
+    itl_slo_s: float,
+    ttft_per_token_s: float = 0.0,
+    max_gap_s: float | None = None,
 ) -> dict[str, Any]:
     """The figures a decision records as its ``inputs`` (JSON-ready; the window's measured
-    attainment under ``attainment``, None without requests)."""
+    attainment under ``attainment``, None without requests; ``max_gap_s``: the stall SLO it judges)."""
     lengths, outputs = sig.prompt_lengths, sig.output_lengths
 
     def mean(xs: list[int]) -> float:
@@ -34,5 +39,5 @@ def decision_inputs(
         "measured_ttft_p90_s": ttft90,
         "measured_itl_p90_s": itl90,
         "queued": sum(w.waiting for w in sig.workers),
-        "attainment": sig.attainment(ttft_slo_s, itl_slo_s, ttft_per_token_s),
+        "attainment": sig.attainment(ttft_slo_s, itl_slo_s, ttft_per_token_s, max_gap_s),
     }

@@ -204,9 +204,9 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     now = sig.taken_s
     if sig.min_onset != cfg.min_onset:
         sig = dataclasses.replace(sig, min_onset=cfg.min_onset)
-    state.speeds = speeds = measure_speeds(sig, state.speeds, cfg.decode_smoothing)
+    state.speeds = speeds = measure_speeds(sig, state.speeds, cfg.decode_smoothing, cfg.chunk_tokens)
     state.arrivals.append(sig.arrival_rate)
-    inputs = decision_inputs(sig, speeds, cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s)
+    inputs = decision_inputs(sig, speeds, cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s, cfg.max_gap_s)
     current = sig.targets
     _observe(state, sig, cfg, inputs)
 
@@ -320,7 +320,7 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         state.down_streak = 0
         return make(HOLD, current, f"{current} meets the SLOs; {best.shape} costs the same", now_pred, shown)
     # Smaller: never while the current shape measures misses, then hysteresis, then the N-1 check.
-    measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s)
+    measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s, cfg.max_gap_s)
     if measured is not None and measured < cfg.attainment_target:
         state.down_streak = 0
         return make(HOLD, current, f"{best.shape} is predicted to meet the SLOs, but {current} measures "
@@ -385,7 +385,7 @@ def _act(state: PlannerState, d: Decision) -> Decision:
 
 def _revisit_veto(state: PlannerState, sig: Signals, cfg: PlannerConfig, shape: Shape) -> str | None:
     """:func:`~pdserve.planner.measured.revisit_veto` with the window's measured attainment."""
-    measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s)
+    measured = sig.attainment(cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s, cfg.max_gap_s)
     return revisit_veto(state.left, sig, shape, cfg.revisit_s, measured)
 
 

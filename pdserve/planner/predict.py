@@ -22,23 +22,14 @@ is the steady state a shape would settle in, from queueing:
   stretches every decode step (``itl / (1-ρ)``), and prefill runs at the
   rate decode leaves it.
 
-* **Stalls** (with a gap SLO, ``max_gap_s``). A mixed worker runs a prompt in
-  chunks of ``chunk_tokens`` inside the decode steps of the streams beside it;
-  a chunk of a long prompt can take longer than the gap SLO by itself (late
-  chunks most: attention grows with the position). The attention term ``k``
-  is fitted on the window's prefill times (``t(L)/L = a + k·L``); a prompt of
-  ``L`` tokens is *stalling* when its last chunk step, ``a'·C + k·C·(2L − C)``
-  (``C = min(chunk, L)``; ``a' = 1/r − k·E[L]``: the measured prefill rate
-  ``r`` less its average attention share), plus the decode tokens batched
-  with it, passes the gap SLO. (The fit's own ``a`` is not used: a prompt's
-  measured prefill time includes the other prompts batched into its steps,
-  which inflates it on a busy worker.)
-  A stream on a worker receiving stalling prompts at ``λs`` per second, that
-  decodes for ``D = E[O]·itl`` seconds, meets one with probability
-  ``1 − exp(−λs (D + T))`` (``T``: a stalling prompt's prefill time); that
-  share of requests misses. Split shapes do not stall: a decode worker runs
-  no prompt chunk (``--disagg-policy always``; under ``auto`` it prefills
-  only prompts cheaper there, i.e. short ones).
+* **Stalls** (with a gap SLO, ``max_gap_s``): a mixed worker runs a prompt in
+  chunks inside the decode steps of the streams beside it, and a chunk of a
+  long prompt can outlast the gap SLO by itself; the share of streams that
+  meet such a chunk misses (:mod:`pdserve.planner.stalls`: the chunk step
+  times fitted on the window's prefills, and the exposure). Split shapes do
+  not stall: a decode worker runs no prompt chunk (``--disagg-policy
+  always``; under ``auto`` it prefills only prompts cheaper there, i.e. short
+  ones).
 
 A request is within the SLOs when its TTFT is within ``ttft_slo_s`` (plus
 ``ttft_per_token_s`` × its prompt tokens: a length-aware TTFT SLO), the ITL
@@ -53,6 +44,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdserve.planner import stalls
 from pdserve.planner.signals import Shape, Signals, percentile
 from pdserve.planner.tpot import tpot_attainment
 from pdserve.router import cost_model as cm
@@ -79,6 +71,7 @@ class Speeds:
         prefill_per_pair_s: the attention term ``k`` of a prompt's prefill time
             ``t(L) = a·L + k·L²`` (0 when not measured).
         decode_measured: ``step_s`` and ``per_seq_s`` were fitted (later fits are smoothed into them).
+        chunk_fit: a prompt chunk step's time (:mod:`pdserve.planner.stalls`; None: not fitted yet).
     """
 
     prefill_tps: float = DEFAULT_PREFILL_TPS
@@ -88,6 +81,7 @@ class Speeds:
     measured: bool = False
     prefill_per_pair_s: float = 0.0
     decode_measured: bool = False
+    chunk_fit: stalls.ChunkFit | None = None
 
 
 @dataclass(frozen=True)
@@ -120,10 +114,11 @@ def _finite(x: float) -> float | None:
 
 
 def measure_speeds(
-    sig: Signals, previous: Speeds | None = None, smoothing: float = DECODE_SMOOTHING
+    sig: Signals, previous: Speeds | None = None, smoothing: float = DECODE_SMOOTHING, chunk_tokens: int = 512
 ) -> Speeds:
     """Speeds from the window (the previous ones, or the defaults, for what it cannot tell); a new
-    decode fit counts ``smoothing`` against the previous one."""
+    decode or chunk fit counts ``smoothing`` against the previous one (``chunk_tokens``: the
+    workers' chunk size, for the chunk fit)."""
     base = previous or Speeds()
     rates = [r.prompt_tokens / r.prefill_s for r in sig.requests if r.prefill_s and r.prompt_tokens > 0]
     prefill = sig.prefill_rate_tps or (sorted(rates)[len(rates) // 2] if rates else None) or base.prefill_tps
@@ -145,7 +140,12 @@ def measure_speeds(
     fit = _fit_prefill(sig)
     per_pair = fit[1] if fit is not None and fit[1] > 0 else base.prefill_per_pair_s
     decode_measured = base.decode_measured or fit_decode is not None
-    return Speeds(prefill, step, per_seq, overhead, measured, per_pair, decode_measured)
+    points = [(r.prompt_tokens, r.prefill_s) for r in sig.requests if r.prefill_s and r.prompt_tokens > 0]
+    chunk_fit = stalls.fit_chunks(points[-MAX_FIT_POINTS:], chunk_tokens)
+    if chunk_fit is not None and base.chunk_fit is not None:
+        chunk_fit = chunk_fit.blend(base.chunk_fit, smoothing)
+    return Speeds(prefill, step, per_seq, overhead, measured, per_pair, decode_measured,
+                  chunk_fit or base.chunk_fit)
 
 
 def _fit_prefill(sig: Signals) -> tuple[float, float] | None:
@@ -255,26 +255,12 @@ def stall_share(
     decode_part_s: float,
     decode_s: float,
 ) -> float:
-    """Share of a mixed worker's streams stalled past ``gap_s`` by a prompt chunk (module docstring):
-    ``lam`` requests/s reach the worker, ``lengths`` sample their prompts, the decode tokens batched
-    with a chunk add ``decode_part_s`` to its step and a stream decodes for ``decode_s`` seconds."""
-    if lam <= 0 or not lengths:
-        return 0.0
-    k = speeds.prefill_per_pair_s
-    rate = max(speeds.prefill_tps, 1e-9)
-    per_token = max(1.0 / rate - k * sum(lengths) / len(lengths), 0.25 / rate)
-    stalling = []
-    for n in lengths:
-        c = min(chunk_tokens, n)
-        if per_token * c + k * c * (2 * n - c) + decode_part_s > gap_s:
-            stalling.append(per_token * n + k * n * n)
-    if not stalling:
-        return 0.0
-    lam_s = lam * len(stalling) / len(lengths)
-    exposure = decode_s + sum(stalling) / len(stalling)
-    if not math.isfinite(exposure):
-        return 1.0
-    return 1.0 - math.exp(-lam_s * exposure)
+    """Share of a mixed worker's streams stalled past ``gap_s`` by a prompt chunk, with ``speeds``
+    (:func:`pdserve.planner.stalls.stall_share`: ``lam`` requests/s reach the worker, ``lengths``
+    sample their prompts, the decode tokens batched with a chunk add ``decode_part_s`` to its step
+    when the chunk time is not fitted, and a stream decodes for ``decode_s`` seconds)."""
+    return stalls.stall_share(lam, lengths, speeds.prefill_tps, speeds.prefill_per_pair_s, gap_s,
+                              chunk_tokens, decode_part_s, decode_s, speeds.chunk_fit)
 
 
 def predict(

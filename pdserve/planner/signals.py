@@ -88,6 +88,7 @@ class RequestSample:
     overhead_s: float  # router queue + delivery: the TTFT that is neither worker queue nor prefill
     e2e_s: float | None
     ok: bool  # finished normally
+    max_gap_s: float | None = None  # the longest wait between two of its token messages (None: not known)
 
 
 @dataclass(frozen=True)
@@ -181,10 +182,13 @@ class Signals:
         """Output tokens of the window's requests."""
         return [r.output_tokens for r in self.requests]
 
-    def attainment(self, ttft_slo_s: float, itl_slo_s: float, per_token_s: float = 0.0) -> float | None:
+    def attainment(self, ttft_slo_s: float, itl_slo_s: float, per_token_s: float = 0.0,
+                   max_gap_s: float | None = None) -> float | None:
         """Share of the window's requests that finished within both SLOs, in-flight requests
         already past the TTFT SLO counted as misses (None: no request). A length-aware TTFT SLO
-        allows ``ttft_slo_s`` + ``per_token_s`` × the request's prompt tokens."""
+        allows ``ttft_slo_s`` + ``per_token_s`` × the request's prompt tokens; with a stall SLO
+        ``max_gap_s``, a request whose longest gap between tokens passed it missed (the terms the
+        planner predicts, so that what it measures can be held against what it predicted)."""
         overdue = len(self._overdue(ttft_slo_s, per_token_s))
         if not self.requests and not overdue:
             return None
@@ -195,6 +199,7 @@ class Signals:
             and r.ttft_s is not None
             and r.ttft_s <= ttft_slo_s + per_token_s * r.prompt_tokens
             and (r.itl_s or 0.0) <= itl_slo_s
+            and (max_gap_s is None or (r.max_gap_s or 0.0) <= max_gap_s)
         )
         return good / (len(self.requests) + overdue)
 
@@ -241,6 +246,7 @@ def sample_of(trace: Mapping[str, Any]) -> RequestSample | None:
         overhead_s=overhead,
         e2e_s=None if e2e is None else float(e2e),
         ok=trace.get("outcome") == "finished",
+        max_gap_s=None if trace.get("max_gap_s") is None else float(trace["max_gap_s"]),
     )
 
 

@@ -71,6 +71,7 @@ class _PeerMeans:
     decode_step_s: float | None
     decode_batch: float
     prefill_fits: dict[str, tuple[float, float] | None]  # per role: the pool's per-step + per-token fit
+    prefill_rates: dict[str, float]  # per role: the mean tokens/s of its measured workers
 
 
 class Placer:
@@ -170,12 +171,17 @@ class Placer:
         fits = {
             r: StepFit.merged(w.perf.prefill_fit for w in workers if w.role.value == r).solve() for r in roles
         }
+        pool_rates: dict[str, list[float]] = {}
+        for w in workers:
+            if w.perf.prefill_rate_tps:
+                pool_rates.setdefault(w.role.value, []).append(w.perf.prefill_rate_tps)
         steps = [(p.decode_step_s, p.decode_batch) for p in perfs if p.decode_step_s is not None]
         return _PeerMeans(
             prefill_rate_tps=sum(rates) / len(rates) if rates else None,
             decode_step_s=sum(s for s, _ in steps) / len(steps) if steps else None,
             decode_batch=sum(b for _, b in steps) / len(steps) if steps else 1.0,
             prefill_fits=fits,
+            prefill_rates={r: sum(v) / len(v) for r, v in pool_rates.items()},
         )
 
     def _snapshot(self, w: WorkerInfo, peers: _PeerMeans) -> cm.WorkerSnapshot:
@@ -185,13 +191,18 @@ class Placer:
         usage = min(max(used / load.num_total_blocks, 0.0), 1.0) if load.num_total_blocks else 0.0
         # its pool's fit (step_fit.py): the pool's workers run one model on one kind of hardware,
         # and a worker priced by its own few samples could look slower by noise alone, lose every
-        # new prompt and never be measured again; its own fit only while the pool's cannot be solved
-        fit = peers.prefill_fits.get(w.role.value) or perf.prefill_fit.solve()
+        # new prompt and never be measured again. Until the pool's fit can be solved (the first
+        # seconds of a run, when every prompt was a new document's: the same tokens per step), the
+        # pool's mean tokens/s prices every worker of it alike, for the same reason: a worker's
+        # own rate then reflects its first, warming-up steps and what it happened to compute, and
+        # in S6 it sent four of six new documents to one of three prefill workers (57/15/14).
+        fit = peers.prefill_fits.get(w.role.value)
+        rate = peers.prefill_rates.get(w.role.value) or perf.prefill_rate_tps or peers.prefill_rate_tps
         return cm.WorkerSnapshot(
             worker_id=w.worker_id,
             role=w.role.value,
             queued_prefill_tokens=perf.queued_prefill_tokens,
-            prefill_rate_tps=perf.prefill_rate_tps or peers.prefill_rate_tps,
+            prefill_rate_tps=rate,
             num_running=max(load.num_running, w.num_inflight - load.num_waiting),
             num_waiting=load.num_waiting + load.num_waiting_for_kv,
             kv_usage=usage,

@@ -117,6 +117,7 @@ class RequestTrace:
         self.num_prompt_tokens = 0  # set by the app (the planner reads it)
         self.num_token_messages = 0
         self.last_token_s: float | None = None
+        self.max_gap_s: float | None = None  # the longest wait between two token messages
         self.ended_s: float | None = None
         self.outcome: str | None = None
         self.on_end: Callable[[RequestTrace], None] | None = None
@@ -198,6 +199,8 @@ class RequestTrace:
         now = self.now()
         self.num_tokens += num_tokens
         self.num_token_messages += 1
+        if self.last_token_s is not None:
+            self.max_gap_s = max(self.max_gap_s or 0.0, now - self.last_token_s)
         self.last_token_s = now
         if self.delivered_s is None:
             self.delivered_s = now
@@ -262,6 +265,7 @@ class RequestTrace:
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_token_messages": self.num_token_messages,
             "last_token_s": None if self.last_token_s is None else _r(self.last_token_s),
+            "max_gap_s": None if self.max_gap_s is None else _r(self.max_gap_s),
             "e2e_s": None if self.ended_s is None else _r(self.ended_s),
             "events": [{"event": name, "t_s": _r(at), **(attrs or {})} for name, at, attrs in events],
         }

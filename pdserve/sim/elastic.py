@@ -224,6 +224,7 @@ class PlannedSimulator(Simulator):
         itl = None
         if ttft is not None and rec.e2e_s is not None and tokens >= 2:
             itl = max(rec.chunk_s[-1] - ttft, 0.0) / (tokens - 1)
+        gaps = [b - a for a, b in zip(rec.chunk_s, rec.chunk_s[1:], strict=False)]
         return RequestSample(
             arrived_s=rec.sent_s,
             prompt_tokens=rec.num_prompt_tokens,
@@ -235,6 +236,7 @@ class PlannedSimulator(Simulator):
             overhead_s=self.config.request_overhead_s + 2 * self.config.hop_s,
             e2e_s=rec.e2e_s,
             ok=rec.error_type is None and rec.e2e_s is not None,
+            max_gap_s=max(gaps) if gaps else None,
         )
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -175,10 +176,47 @@ def test_recorded_surge_the_gap_term_counts_against_mixed_workers_only() -> None
     mixed, split = Shape(mixed=2), Shape(prefill=1, decode=1)
     assert with_gap[mixed].attainment < without[mixed].attainment
     assert with_gap[split].attainment == pytest.approx(without[split].attainment)
-    assert with_gap[split].attainment > with_gap[mixed].attainment
+    # and 2M still ranks above 1P+1D, as measured: priced per chunk step (stalls.ChunkFit) rather
+    # than at the prompts' mean rate, fewer of this window's chunks pass the gap (before the
+    # chunk fit the prediction had them level, 2M 0.586 and 1P+1D 0.588)
+    assert with_gap[mixed].attainment > with_gap[split].attainment
 
 
 def test_recorded_chat_stays_aggregated_under_the_gap_term() -> None:
     sig, state, config = recorded("100.0")
     d = pl.decide(sig, state, config)
     assert d.target == Shape(mixed=2), d.reason
+
+
+def test_the_measured_attainment_judges_the_longest_gap() -> None:
+    # The router's trace records a request's longest wait between token messages; with a stall SLO
+    # the planner's measured attainment counts a request that waited longer as a miss (before, it
+    # judged TTFT and the mean gap only, and held a stalling 2M at 100 % against its own prediction).
+    from pdserve.router.tracing import RequestTrace
+
+    clock = iter([0.0, 0.0, 0.10, 0.12, 0.45, 0.47, 0.47]).__next__
+    t = RequestTrace("r1", clock=clock)
+    for _ in range(4):
+        t.tokens(1)
+    assert t.max_gap_s == pytest.approx(0.33)
+    gaps = (0.1, 0.2, 0.3, 0.4)
+    traces = [dict(trace(NOW - 5.0 - i, 200, 100), max_gap_s=gap) for i, gap in enumerate(gaps)]
+    sig = parse(traces, view(Shape(mixed=2)), "", now_s=NOW, window_s=WINDOW)
+    assert sorted(r.max_gap_s or 0.0 for r in sig.requests) == [0.1, 0.2, 0.3, 0.4]
+    assert sig.attainment(1.0, 0.05) == 1.0
+    assert sig.attainment(1.0, 0.05, max_gap_s=0.25) == 0.5
+
+
+def test_a_stall_costs_the_time_of_the_chunks_past_the_gap_not_the_whole_prefill() -> None:
+    # Only the last chunk of these prompts passes the gap: a stream meets it only while that chunk
+    # runs (exposure = its decode time + one chunk), not during the whole prompt's prefill.
+    speeds = Speeds(prefill_tps=1 / 0.0008, prefill_per_pair_s=0.0)
+    prompts = [1024] * 10  # 256-token chunks at 0.8 ms a token: 205 ms each, all past a 200 ms gap
+    every_chunk = stall_share(0.2, prompts, speeds, 0.2, 256, 0.0, 1.0)
+    assert every_chunk == pytest.approx(1 - math.exp(-0.2 * (1.0 + 4 * 0.2048)), rel=1e-3)
+    with_attention = Speeds(prefill_tps=1 / 0.0008, prefill_per_pair_s=2e-8)
+    last_only = stall_share(0.2, prompts, with_attention, 0.208, 256, 0.0, 1.0)
+    per_token = 0.0008 - 2e-8 * 1024
+    last = per_token * 256 + 2e-8 * (1024**2 - 768**2)
+    assert last > 0.208 > per_token * 256 + 2e-8 * (768**2 - 512**2)
+    assert last_only == pytest.approx(1 - math.exp(-0.2 * (1.0 + last)), rel=1e-3)

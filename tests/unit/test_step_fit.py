@@ -107,3 +107,33 @@ def test_the_worker_that_computed_the_documents_does_not_look_faster_than_its_eq
         assert placement is not None and placement.prefill_id is not None
         chosen[placement.prefill_id] += 1
     assert set(chosen) == {"p0", "p1", "p2"} and max(chosen.values()) <= 5, chosen
+
+
+def test_before_the_pool_fit_is_solvable_equal_workers_are_priced_alike() -> None:
+    """The first seconds of a run: every prompt so far was a new document's (one step, ~430 tokens each),
+    so no fit can be solved; the workers' own tokens/s differ by warm-up and luck. New documents must
+    still spread over the pool (in S6 four of six went to one of three prefill workers)."""
+    registry = Registry()
+    config = DispatcherConfig(policy="kv_aware", disagg_policy="always")
+    placer = Placer(config, registry, lambda wid, m: None, rng=random.Random(0))
+    for wid, role in (("p0", Role.PREFILL), ("p1", Role.PREFILL), ("p2", Role.PREFILL), ("d0", Role.DECODE)):
+        m = p.Register(wid, role.value, "tiny", 1, "h", 4096, 16, 10_000, hash_scheme=HASH_SCHEME, kv_epoch=1)
+        assert placer.on_register(m) is None
+        registry.add(WorkerInfo.from_register(m))
+        placer.on_snapshot(p.KVSnapshot(wid, 1, 0, []))
+    # p0's one document took 40 % longer than p1's (its first step warmed up); p2 computed nothing yet
+    for wid, busy_s in (("p0", 1.4 * busy(1, 430)), ("p1", busy(1, 430))):
+        registry.heartbeat(wid, p.WorkerLoad())
+        load = p.WorkerLoad(num_prefill_tokens=430, prefill_busy_s=busy_s, num_prefill_steps=1)
+        registry.heartbeat(wid, load)
+    perfs = {w: registry.get(w).perf for w in ("p0", "p1")}
+    assert all(f.prefill_fit.solve() is None for f in perfs.values())  # one sample each: no fit
+    assert perfs["p1"].prefill_rate_tps > 1.3 * perfs["p0"].prefill_rate_tps  # type: ignore[operator]
+    prefill, decode = registry.by_role(Role.PREFILL), registry.by_role(Role.DECODE)
+    chosen: Counter[str] = Counter()
+    for doc in range(6):  # new documents, each done before the next comes
+        tokens = [10_000 * (doc + 1) + i for i in range(430)]
+        placement = placer.place(tokens, 8, prefill, decode)
+        assert placement is not None and placement.prefill_id is not None
+        chosen[placement.prefill_id] += 1
+    assert set(chosen) == {"p0", "p1", "p2"} and max(chosen.values()) <= 3, chosen
