@@ -108,3 +108,68 @@ def test_router_on_port_zero_reports_the_ports_it_bound(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_ctrl_c_lets_a_running_stream_finish_and_a_second_one_stops_at_once() -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group: the launcher and every
+    child. The stream in flight must still finish (the deployment drains), and the deployment must
+    then exit with nothing left; a second Ctrl-C stops the rest at once (the stream is cut)."""
+    port = free_port()
+    exe = shutil.which("pdserve", path=os.path.dirname(sys.executable))
+    cmd = [exe] if exe else [sys.executable, "-m", "pdserve"]
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [*cmd, "serve", "--model", "tiny", "--port", str(port), "--threads-per-worker", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # its own process group, as a shell's foreground job
+        )
+        assert proc.stdout is not None
+        start_s, line = time.monotonic(), ""
+        while "pdserve is ready" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "pdserve serve exited during start-up"
+            assert time.monotonic() - start_s < READY_TIMEOUT_S, "not ready in time"
+        return proc
+
+    def stream(ctrl_c: int) -> tuple[int, str | None]:
+        """Stream 1,000 tokens; after the fifth chunk, ``ctrl_c`` SIGINTs to the process group."""
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 1000, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        chunks, finish = 0, None
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            try:
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = json.loads(line[6:])["choices"][0]
+                    chunks += 1
+                    finish = choice.get("finish_reason") or finish
+                    if chunks == 5:
+                        for _ in range(ctrl_c):
+                            os.killpg(proc.pid, signal.SIGINT)
+                            time.sleep(0.3)
+            except httpx.HTTPError:
+                pass  # cut: what a second Ctrl-C does
+        return chunks, finish
+
+    for presses in (1, 2):
+        proc = start()
+        children = children_of(proc.pid)
+        try:
+            chunks, finish = stream(presses)
+            assert chunks >= 5
+            if presses == 1:
+                assert finish == "length", (chunks, finish)  # drained: all 1,000 tokens
+            else:
+                assert finish is None, (chunks, finish)  # stopped at once: the stream was cut
+            assert proc.wait(timeout=30) in (0, 130, -signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while any(alive(c) for c in children) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not [c for c in children if alive(c)], "orphan processes left behind"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
