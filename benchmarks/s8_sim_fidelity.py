@@ -44,12 +44,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import s3_goodput as s3
+import s8_steps
 from common import REPO_ROOT, RESULTS_DIR, machine_info, ratio, write_json
 
 from pdserve.bench.arrivals import ArrivalConfig
@@ -64,6 +66,7 @@ from pdserve.sim.profile import Profile, load_profile
 from pdserve.sim.results import simulate_run
 from pdserve.sim.roofline import RooflineStepModel, kv_link
 from pdserve.sim.simulator import PoolSpec, SimConfig, SimResult, Simulator
+from pdserve.worker.step_log import ENV as STEP_LOG_ENV
 
 MODEL = s3.MODEL
 RESULTS = RESULTS_DIR / "s8_sim_fidelity.json"
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
                                          "links": {k: vars(v) for k, v in p.links.items()},
                                          "machine": p.machine, "reused": args.reuse_profiles}
                          for t, p in profiles.items()},
-            "targets": TARGETS, "cells": cells, "passed": passed, "speed": speed_rows,
+            "targets": TARGETS, "cells": cells, "passed": passed, "speed": speed_rows, "steps": steps,
             "configs_done": done, "configs_asked": order,
             "load_avg_at_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start,
         }
@@ -338,8 +341,16 @@ def main(argv: list[str] | None = None) -> None:
         return out
 
     done: list[str] = []
+    steps: dict[str, Any] = {}  # per configuration: its workers' served steps against the profile's model
     for key in [] if args.skip_measure else order:
-        outcome = s3.run_setup(setups[key], bench, slo_source)
+        log_dir = Path(tempfile.mkdtemp(prefix=f"s8-steps-{key}-"))
+        os.environ[STEP_LOG_ENV] = str(log_dir)  # the deployment's workers inherit it (s8_steps.py)
+        try:
+            outcome = s3.run_setup(setups[key], bench, slo_source)
+        finally:
+            del os.environ[STEP_LOG_ENV]
+        steps[key] = s8_steps.summarize(log_dir, profiles[2 if key == "agg" else 1].step_model)
+        print("    steps: " + s8_steps.line(steps[key]).replace("\n", "\n    steps: "), flush=True)
         slo_source = outcome.slo
         for run, cpu in zip(outcome.runs, outcome.cpu, strict=True):
             sim_run = simulate(key, profiles, args, bench.workload, run.rate, outcome.slo)

@@ -42,6 +42,7 @@ from pdserve.worker.kv_events import KVEventPublisher
 from pdserve.worker.prefill import KVPusher
 from pdserve.worker.reports import tokens_message, worker_load, worker_stats
 from pdserve.worker.roles import RoleParts, build_role
+from pdserve.worker.step_log import StepLog
 from pdserve.worker.timing import PrefillTimer
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Worker:
         self.config = config
         self.role = config.role
         self.worker_id = config.worker_id or f"{self.role.value}-{socket.gethostname()}-{os.getpid()}"
+        self.step_log: StepLog | None = None
         self._use(build_role(config, config.role))
         self.refused: str | None = None
         self._ctx = zmq.Context()
@@ -81,6 +83,9 @@ class Worker:
         self.intake: KVIntake | None = parts.intake
         self.pusher: KVPusher | None = parts.pusher
         self.timer = PrefillTimer(self.pusher)
+        if self.step_log is not None:
+            self.step_log.close()  # a flip: a fresh log around the new role's timer
+        self.step_log = StepLog.from_env(self.timer, self.worker_id)  # PDSERVE_STEP_LOG (step_log.py)
         # A fresh cache after a flip: a new epoch tells the router's index to drop the old entries.
         self.kv_events = KVEventPublisher(self.engine.block_manager, self.worker_id)
 
@@ -355,7 +360,9 @@ class Worker:
             self._report(out)
 
     def _step(self) -> None:
-        outputs = self.engine.step(hooks=self.timer)
+        outputs = self.engine.step(hooks=self.step_log or self.timer)
+        if self.step_log is not None:
+            self.step_log.step_done()
         for out in outputs:
             if out.finish_reason == "prefilled" and self.pusher is not None:
                 lp = out.logprobs[-1] if out.logprobs else None
@@ -376,5 +383,7 @@ class Worker:
     def close(self) -> None:
         """Close sockets and free the KV transport's resources."""
         self.parts.close()
+        if self.step_log is not None:
+            self.step_log.close()
         self._sock.close(0)
         self._ctx.term()

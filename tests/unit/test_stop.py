@@ -70,7 +70,8 @@ def test_stop_all_kills_nothing_that_stopped_in_time() -> None:
 
 
 def test_the_launcher_and_the_router_do_not_load_torch() -> None:
-    """Loading torch costs them a second to start and most of their stop time, for nothing."""
+    """Loading torch costs a second to start and most of the stop time, for nothing, in the launcher
+    (the router process loads it when it starts serving, for S5's reason in ``run_router``)."""
     code = textwrap.dedent("""
         import sys
         from pdserve.cli import _build_parser
