@@ -133,7 +133,8 @@ def test_ctrl_c_lets_a_running_stream_finish_and_a_second_one_stops_at_once() ->
         return proc
 
     def stream(ctrl_c: int) -> tuple[int, str | None]:
-        """Stream 1,000 tokens; after the fifth chunk, ``ctrl_c`` SIGINTs to the process group."""
+        """Stream 1,000 tokens; after the fifth chunk, ``ctrl_c`` SIGINTs to the process group. Returns
+        the chunks received and how it ended (a finish reason, "error" for an error event, None: cut)."""
         body = {"model": "tiny", "prompt": "Hello", "max_tokens": 1000, "temperature": 0,
                 "ignore_eos": True, "stream": True}
         chunks, finish = 0, None
@@ -143,7 +144,11 @@ def test_ctrl_c_lets_a_running_stream_finish_and_a_second_one_stops_at_once() ->
                 for line in r.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    choice = json.loads(line[6:])["choices"][0]
+                    event = json.loads(line[6:])
+                    if "choices" not in event:  # an error event: the stream ends with it
+                        assert event["error"]["type"] == "server_error", event
+                        return chunks, "error"
+                    choice = event["choices"][0]
                     chunks += 1
                     finish = choice.get("finish_reason") or finish
                     if chunks == 5:
@@ -162,8 +167,8 @@ def test_ctrl_c_lets_a_running_stream_finish_and_a_second_one_stops_at_once() ->
             assert chunks >= 5
             if presses == 1:
                 assert finish == "length", (chunks, finish)  # drained: all 1,000 tokens
-            else:
-                assert finish is None, (chunks, finish)  # stopped at once: the stream was cut
+            else:  # stopped at once: the stream ends early, cut or with an error event
+                assert finish in (None, "error"), (chunks, finish)
             assert proc.wait(timeout=30) in (0, 130, -signal.SIGINT)
             deadline = time.monotonic() + 10
             while any(alive(c) for c in children) and time.monotonic() < deadline:
