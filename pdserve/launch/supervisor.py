@@ -131,11 +131,8 @@ class Supervisor:
                 self._add_slot(role, now)
 
     def stop_on_signals(self) -> None:
-        """From now on SIGINT/SIGTERM make :meth:`start` and :meth:`run` return (main thread only).
-
-        A second one during :meth:`close` stops every process without draining
-        (:mod:`pdserve.launch.stop_signals`).
-        """
+        """SIGINT/SIGTERM make :meth:`start`/:meth:`run` return from now on (main thread only); a second
+        one during :meth:`close` stops every process without draining (``launch/stop_signals.py``)."""
         self._signals.install()
 
     def run(self) -> int:
@@ -167,10 +164,8 @@ class Supervisor:
     # -- one pass -----------------------------------------------------------------------------
 
     def step(self, now: float | None = None) -> None:
-        """One pass: poll processes, sync with the router, reconcile pools (module docstring).
-
-        Stopping (a signal, :meth:`close`): nothing; a signal during a pass: it starts nothing more.
-        """
+        """One pass: poll processes, sync with the router, reconcile pools (module docstring); none
+        once stopping (a signal, :meth:`close`), and a signal during a pass starts nothing more."""
         if self._stop.is_set():
             return
         now = time.monotonic() if now is None else now
