@@ -46,17 +46,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_serve_answers_and_stops_cleanly(stop_signal: signal.Signals) -> None:
-    port = free_port()
+def start_serve(port: int, own_group: bool = False) -> tuple[subprocess.Popen[str], str]:
+    """``pdserve serve --model tiny`` as a user starts it (``own_group``: in a process group of its own,
+    as a shell's foreground job); returns once it printed that it is ready, with that line."""
     exe = shutil.which("pdserve", path=os.path.dirname(sys.executable))
     cmd = [exe] if exe else [sys.executable, "-m", "pdserve"]
     start = time.monotonic()
     proc = subprocess.Popen(
         [*cmd, "serve", "--model", "tiny", "--port", str(port), "--threads-per-worker", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=own_group,
     )
     try:
         assert proc.stdout is not None
@@ -65,6 +63,26 @@ def test_serve_answers_and_stops_cleanly(stop_signal: signal.Signals) -> None:
             line = proc.stdout.readline()
             assert line or proc.poll() is None, "pdserve serve exited during start-up"
             assert time.monotonic() - start < READY_TIMEOUT_S, "not ready in time"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, line
+
+
+def assert_no_orphans(children: set[int]) -> None:
+    """Every one of ``children`` is gone within 10 s."""
+    deadline = time.monotonic() + 10
+    while any(alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [c for c in children if alive(c)], "orphan processes left behind"
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_serve_answers_and_stops_cleanly(stop_signal: signal.Signals) -> None:
+    port = free_port()
+    proc, line = start_serve(port)
+    try:
         assert f"http://127.0.0.1:{port}/v1" in line
         reply = httpx.post(
             f"http://127.0.0.1:{port}/v1/completions",
@@ -79,10 +97,7 @@ def test_serve_answers_and_stops_cleanly(stop_signal: signal.Signals) -> None:
             assert any(role in c for c in cmdlines), f"no process shows {role!r} in ps"
         proc.send_signal(stop_signal)
         assert proc.wait(timeout=30) in (0, -stop_signal, 128 + stop_signal)
-        deadline = time.monotonic() + 10
-        while any(alive(c) for c in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [c for c in children if alive(c)], "orphan processes left behind"
+        assert_no_orphans(children)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -115,22 +130,6 @@ def test_ctrl_c_lets_a_running_stream_finish_and_a_second_one_stops_at_once() ->
     child. The stream in flight must still finish (the deployment drains), and the deployment must
     then exit with nothing left; a second Ctrl-C stops the rest at once (the stream is cut)."""
     port = free_port()
-    exe = shutil.which("pdserve", path=os.path.dirname(sys.executable))
-    cmd = [exe] if exe else [sys.executable, "-m", "pdserve"]
-
-    def start() -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [*cmd, "serve", "--model", "tiny", "--port", str(port), "--threads-per-worker", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,  # its own process group, as a shell's foreground job
-        )
-        assert proc.stdout is not None
-        start_s, line = time.monotonic(), ""
-        while "pdserve is ready" not in line:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "pdserve serve exited during start-up"
-            assert time.monotonic() - start_s < READY_TIMEOUT_S, "not ready in time"
-        return proc
 
     def stream(ctrl_c: int) -> tuple[int, str | None]:
         """Stream 1,000 tokens; after the fifth chunk, ``ctrl_c`` SIGINTs to the process group. Returns
@@ -160,7 +159,7 @@ def test_ctrl_c_lets_a_running_stream_finish_and_a_second_one_stops_at_once() ->
         return chunks, finish
 
     for presses in (1, 2):
-        proc = start()
+        proc, _ = start_serve(port, own_group=True)
         children = children_of(proc.pid)
         try:
             chunks, finish = stream(presses)
@@ -170,10 +169,7 @@ def test_ctrl_c_lets_a_running_stream_finish_and_a_second_one_stops_at_once() ->
             else:  # stopped at once: the stream ends early, cut or with an error event
                 assert finish in (None, "error"), (chunks, finish)
             assert proc.wait(timeout=30) in (0, 130, -signal.SIGINT)
-            deadline = time.monotonic() + 10
-            while any(alive(c) for c in children) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert not [c for c in children if alive(c)], "orphan processes left behind"
+            assert_no_orphans(children)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

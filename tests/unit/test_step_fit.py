@@ -63,9 +63,8 @@ def test_the_cost_model_prices_a_prompt_with_the_fit() -> None:
     assert cm.prefill_s(fitted, 400, params) == pytest.approx(STEP_S + 500 * TOKEN_S)
 
 
-def placer_with_history(noisy_p2: bool = False) -> tuple[Placer, Registry]:
-    """Three equal prefill workers: p0 computed documents and follow-ups, p1 only follow-ups, p2 nothing
-    (or, ``noisy_p2``, a few prompts whose steps happened to take 40 % longer)."""
+def three_prefill_one_decode() -> tuple[Placer, Registry]:
+    """A kv_aware placer (``always``) over prefill workers p0-p2 and decode worker d0, caches empty."""
     registry = Registry()
     config = DispatcherConfig(policy="kv_aware", disagg_policy="always")
     placer = Placer(config, registry, lambda wid, m: None, rng=random.Random(0))
@@ -74,6 +73,13 @@ def placer_with_history(noisy_p2: bool = False) -> tuple[Placer, Registry]:
         assert placer.on_register(m) is None
         registry.add(WorkerInfo.from_register(m))
         placer.on_snapshot(p.KVSnapshot(wid, 1, 0, []))
+    return placer, registry
+
+
+def placer_with_history(noisy_p2: bool = False) -> tuple[Placer, Registry]:
+    """Three equal prefill workers: p0 computed documents and follow-ups, p1 only follow-ups, p2 nothing
+    (or, ``noisy_p2``, a few prompts whose steps happened to take 40 % longer)."""
+    placer, registry = three_prefill_one_decode()
     history = {"p0": [(1, 400), (1, 48), (1, 400), (1, 64), (1, 400), (1, 48)], "p1": [(1, 48)] * 6}
     if noisy_p2:
         history["p2"] = [(1, 400), (1, 48), (1, 200), (1, 64)]
@@ -113,14 +119,7 @@ def test_before_the_pool_fit_is_solvable_equal_workers_are_priced_alike() -> Non
     """The first seconds of a run: every prompt so far was a new document's (one step, ~430 tokens each),
     so no fit can be solved; the workers' own tokens/s differ by warm-up and luck. New documents must
     still spread over the pool (in S6 four of six went to one of three prefill workers)."""
-    registry = Registry()
-    config = DispatcherConfig(policy="kv_aware", disagg_policy="always")
-    placer = Placer(config, registry, lambda wid, m: None, rng=random.Random(0))
-    for wid, role in (("p0", Role.PREFILL), ("p1", Role.PREFILL), ("p2", Role.PREFILL), ("d0", Role.DECODE)):
-        m = p.Register(wid, role.value, "tiny", 1, "h", 4096, 16, 10_000, hash_scheme=HASH_SCHEME, kv_epoch=1)
-        assert placer.on_register(m) is None
-        registry.add(WorkerInfo.from_register(m))
-        placer.on_snapshot(p.KVSnapshot(wid, 1, 0, []))
+    placer, registry = three_prefill_one_decode()
     # p0's one document took 40 % longer than p1's (its first step warmed up); p2 computed nothing yet
     for wid, busy_s in (("p0", 1.4 * busy(1, 430)), ("p1", busy(1, 430))):
         registry.heartbeat(wid, p.WorkerLoad())
