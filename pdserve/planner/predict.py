@@ -120,7 +120,9 @@ def measure_speeds(
     decode or chunk fit counts ``smoothing`` against the previous one (``chunk_tokens``: the
     workers' chunk size, for the chunk fit)."""
     base = previous or Speeds()
-    rates = [r.prompt_tokens / r.prefill_s for r in sig.requests if r.prefill_s and r.prompt_tokens > 0]
+    # the window's timed prefills (prompt tokens, seconds), the most recent last
+    timed = [(r.prompt_tokens, r.prefill_s) for r in sig.requests if r.prefill_s and r.prompt_tokens > 0]
+    rates = [n / t for n, t in timed]
     prefill = sig.prefill_rate_tps or (sorted(rates)[len(rates) // 2] if rates else None) or base.prefill_tps
     overheads = [r.overhead_s for r in sig.requests]
     overhead = sorted(overheads)[len(overheads) // 2] if overheads else base.overhead_s
@@ -137,24 +139,19 @@ def measure_speeds(
     measured = base.measured or bool(rates) or sig.prefill_rate_tps is not None
     # A window whose short prompts were batched with long ones can fit no slope (k = 0); a pair's
     # cost does not change with the load, so the last slope measured stands until a new one is.
-    fit = _fit_prefill(sig)
+    fit = _fit_prefill(timed[-MAX_FIT_POINTS:])
     per_pair = fit[1] if fit is not None and fit[1] > 0 else base.prefill_per_pair_s
     decode_measured = base.decode_measured or fit_decode is not None
-    points = [(r.prompt_tokens, r.prefill_s) for r in sig.requests if r.prefill_s and r.prompt_tokens > 0]
-    chunk_fit = stalls.fit_chunks(points[-MAX_FIT_POINTS:], chunk_tokens)
+    chunk_fit = stalls.fit_chunks(timed[-MAX_FIT_POINTS:], chunk_tokens)
     if chunk_fit is not None and base.chunk_fit is not None:
         chunk_fit = chunk_fit.blend(base.chunk_fit, smoothing)
     return Speeds(prefill, step, per_seq, overhead, measured, per_pair, decode_measured,
                   chunk_fit or base.chunk_fit)
 
 
-def _fit_prefill(sig: Signals) -> tuple[float, float] | None:
-    """Least squares ``t(L)/L = a + k·L`` over the window's timed prefills (None: too few, one length)."""
-    points = [
-        (r.prompt_tokens, r.prefill_s / r.prompt_tokens)
-        for r in sig.requests
-        if r.prefill_s and r.prompt_tokens > 0
-    ][-MAX_FIT_POINTS:]
+def _fit_prefill(timed: Sequence[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least squares ``t(L)/L = a + k·L`` over timed prefills ``(L, t)`` (None: too few, one length)."""
+    points = [(n, t / n) for n, t in timed]
     if len(points) < 3:
         return None
     mx = sum(x for x, _ in points) / len(points)

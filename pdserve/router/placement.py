@@ -166,15 +166,15 @@ class Placer:
         """
         workers = self.registry.all()
         perfs = [w.perf for w in workers]
-        rates = [p.prefill_rate_tps for p in perfs if p.prefill_rate_tps]
         roles = {w.role.value for w in workers}
         fits = {
             r: StepFit.merged(w.perf.prefill_fit for w in workers if w.role.value == r).solve() for r in roles
         }
-        pool_rates: dict[str, list[float]] = {}
+        pool_rates: dict[str, list[float]] = {}  # per role: its measured workers' tokens/s
         for w in workers:
             if w.perf.prefill_rate_tps:
                 pool_rates.setdefault(w.role.value, []).append(w.perf.prefill_rate_tps)
+        rates = [r for pool in pool_rates.values() for r in pool]
         steps = [(p.decode_step_s, p.decode_batch) for p in perfs if p.decode_step_s is not None]
         return _PeerMeans(
             prefill_rate_tps=sum(rates) / len(rates) if rates else None,
@@ -197,7 +197,8 @@ class Placer:
         # own rate then reflects its first, warming-up steps and what it happened to compute, and
         # in S6 it sent four of six new documents to one of three prefill workers (57/15/14).
         fit = peers.prefill_fits.get(w.role.value)
-        rate = peers.prefill_rates.get(w.role.value) or perf.prefill_rate_tps or peers.prefill_rate_tps
+        # (a worker measured itself only if its pool has a mean: no own-rate fallback is needed)
+        rate = peers.prefill_rates.get(w.role.value) or peers.prefill_rate_tps
         return cm.WorkerSnapshot(
             worker_id=w.worker_id,
             role=w.role.value,
