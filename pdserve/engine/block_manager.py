@@ -145,6 +145,16 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return [], 0
+        hits = self._match(request)
+        self._prefix_query_tokens += request.num_tokens
+        self._prefix_hit_tokens += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def num_cached_prefix(self, request: Request) -> int:
+        """Tokens of the request's longest cached prefix (``get_computed_blocks``, not counted in stats)."""
+        return len(self._match(request)) * self.block_size if self.enable_prefix_caching else 0
+
+    def _match(self, request: Request) -> list[int]:
         tokens = request.all_token_ids
         num_full = (len(tokens) - 1) // self.block_size
         hashes = self._hashes(request, num_full)
@@ -157,9 +167,7 @@ class BlockManager:
             if self.blocks[block_id].token_ids != tuple(tokens[start : start + self.block_size]):
                 break  # hash collision: treat as a miss
             hits.append(block_id)
-        self._prefix_query_tokens += len(tokens)
-        self._prefix_hit_tokens += len(hits) * self.block_size
-        return hits, len(hits) * self.block_size
+        return hits
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the hashes of a request's blocks that are full and computed.
@@ -216,6 +224,10 @@ class BlockManager:
         self._req_num_hashed.clear()  # held blocks lost their hashes too
         if self.record_events:
             self.events.append((CacheEventKind.CLEARED, 0, None))
+
+    def block_hashes(self, request: Request) -> list[int]:
+        """The chained hashes of every full block of a request's tokens (memoized per request)."""
+        return self._hashes(request, request.num_tokens // self.block_size)
 
     def _hashes(self, request: Request, num_full: int) -> list[int]:
         hashes = self._req_hashes.setdefault(request.request_id, [])

@@ -6,7 +6,10 @@ One step:
    next prompt chunk or one decode token; when blocks run out, the most
    recently admitted running request is preempted (its blocks are freed and
    it will be recomputed). Then waiting requests are admitted first-come
-   first-served while the token budget, ``max_num_seqs`` and free blocks allow.
+   first-served while the token budget, ``max_num_seqs`` and free blocks allow;
+   one whose prefix a running request is computing may wait for it instead
+   of computing it too (:mod:`pdserve.engine.prefix_wait`), and those behind
+   it go first.
 2. the model runner executes the ``SchedulerOutput``.
 3. ``update()``: progress is recorded, sampled tokens are appended, token-level
    stop conditions are checked and finished requests give their blocks back.
@@ -43,6 +46,7 @@ from typing import Protocol
 
 from pdserve.config import Role, SchedulerConfig
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.prefix_wait import InflightPrefixes
 from pdserve.request import Request, RequestStatus, TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -115,6 +119,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_gate_waits = 0
+        self.num_prefix_waits = 0  # steps × requests that waited for a prefix being computed
         self._gate_waited: set[str] = set()
 
     # -- admission ---------------------------------------------------------------
@@ -217,13 +222,20 @@ class Scheduler:
             # than the budget runs as the step's only prompt (never starved by decodes).
             budget = self.config.max_num_batched_tokens
         num_prompts = 0
+        inflight = self._inflight_prefixes() if self.waiting else None
+        passed: list[Request] = []  # waiting for a prefix a running request computes (prefix_wait.py)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if inflight is not None and inflight.should_wait(request, bm.num_cached_prefix(request)):
+                passed.append(self.waiting.popleft())
+                continue
             computed_blocks, num_cached = bm.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_cached, budget, alone=num_prompts == 0)
             if num_new == 0 or not bm.allocate_slots(request, num_new, computed_blocks):
                 break
             self.waiting.popleft()
+            if inflight is not None:
+                inflight.add(request, num_cached)
             request.num_computed_tokens = num_cached
             request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
@@ -231,11 +243,25 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new, bm.block_ids(request.request_id)))
             budget -= num_new
             num_prompts += 1
+        self.waiting.extendleft(reversed(passed))
+        self.num_prefix_waits += len(passed)
         if self.gated and not self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             for rid in self.gated.keys() - self._gate_waited:  # they could have started now
                 self._gate_waited.add(rid)
                 self.num_gate_waits += 1
         return out
+
+    def _inflight_prefixes(self) -> InflightPrefixes | None:
+        """The prompt blocks the running requests are computing (None: no prefix cache)."""
+        if not self.block_manager.enable_prefix_caching:
+            return None
+        config = self.config
+        chunk = config.chunk_size if config.enable_chunked_prefill else config.max_num_batched_tokens
+        inflight = InflightPrefixes(self.block_manager, chunk)
+        for request in self.running:
+            if request.num_computed_tokens < request.num_tokens - 1:
+                inflight.add(request, request.num_computed_tokens)
+        return inflight
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int, alone: bool = False) -> int:
         remaining = request.num_tokens - num_computed

@@ -89,6 +89,7 @@ class Placer:
         self.config = config
         self.registry = registry
         self.send = send
+        self.clock = clock
         self.rng = rng or random.Random()
         self.index = KVIndex(
             block_size=config.kv_block_size, speculative_ttl_s=config.speculative_ttl_s, clock=clock
@@ -142,20 +143,20 @@ class Placer:
         return placement
 
     def charge(self, worker_id: str, num_tokens: int) -> tuple[str, int] | None:
-        """Count ``num_tokens`` prompt tokens queued on a worker; returns the charge to credit later."""
+        """Count ``num_tokens`` prompt tokens queued on a worker; returns the charge to credit later
+        (the worker's id and the charge's)."""
         info = self.registry.get(worker_id)
         if info is None or num_tokens <= 0:
             return None
-        info.perf.queued_prefill_tokens += num_tokens
-        return worker_id, num_tokens
+        return worker_id, info.perf.charge(num_tokens, self.clock())
 
     def credit(self, charge: tuple[str, int] | None) -> None:
-        """Give a charge back (its tokens are computed, or the attempt ended)."""
+        """Give a charge back once (its tokens are computed, or the attempt ended)."""
         if charge is None:
             return
         info = self.registry.get(charge[0])
         if info is not None:
-            info.perf.queued_prefill_tokens = max(info.perf.queued_prefill_tokens - charge[1], 0)
+            info.perf.credit(charge[1])
 
     def _peer_means(self) -> _PeerMeans:
         """What the measured workers average: a worker not measured yet is priced like its peers.
@@ -199,10 +200,12 @@ class Placer:
         fit = peers.prefill_fits.get(w.role.value)
         # (a worker measured itself only if its pool has a mean: no own-rate fallback is needed)
         rate = peers.prefill_rates.get(w.role.value) or peers.prefill_rate_tps
+        # what is left of its queue now: its charges computed in order since dispatch (worker_perf.py)
+        queued = perf.queued_at(self.clock(), 1 / fit[1] if fit and fit[1] > 0 else rate)
         return cm.WorkerSnapshot(
             worker_id=w.worker_id,
             role=w.role.value,
-            queued_prefill_tokens=perf.queued_prefill_tokens,
+            queued_prefill_tokens=queued,
             prefill_rate_tps=rate,
             num_running=max(load.num_running, w.num_inflight - load.num_waiting),
             num_waiting=load.num_waiting + load.num_waiting_for_kv,

@@ -12,7 +12,12 @@ cached part of a prompt moving, say) measures the link; the others only
 show that the link is at least that fast (:meth:`WorkerPerf.on_transfer`). The queued prompt tokens are the
 router's own account: charged when it dispatches a prompt, credited when the
 first token arrives or the attempt ends (one charge per attempt, credited
-once, so the count cannot drift).
+once, so the count cannot drift). What is left of them at a given moment
+(:meth:`WorkerPerf.queued_at`) counts the worker as computing its charges one
+after another at its measured rate since each was dispatched: a prompt that has
+been computing for most of its predicted time is mostly done, so a second
+request for the same document can wait for it rather than compute it again
+elsewhere (S6's cache-pressure load).
 """
 
 from __future__ import annotations
@@ -50,9 +55,35 @@ class WorkerPerf:
     decode_step_s: float | None = None
     decode_batch: float = 1.0
     link_bytes_per_s: float | None = None
-    queued_prefill_tokens: int = 0
+    queued_prefill_tokens: int = 0  # charged and not credited yet
     prefill_fit: StepFit = field(default_factory=StepFit)  # per step + per token (step_fit.py)
     _last: WorkerLoad | None = None
+    _charges: dict[int, tuple[int, float]] = field(default_factory=dict)  # id → (tokens, charged at)
+    _next_charge: int = 0
+
+    def charge(self, num_tokens: int, now_s: float) -> int:
+        """Count ``num_tokens`` prompt tokens dispatched to it at ``now_s``; returns the charge's id."""
+        self._next_charge += 1
+        self._charges[self._next_charge] = (num_tokens, now_s)
+        self.queued_prefill_tokens += num_tokens
+        return self._next_charge
+
+    def credit(self, charge_id: int) -> None:
+        """The charge's prompt is computed, or its attempt ended (a second credit does nothing)."""
+        tokens, _ = self._charges.pop(charge_id, (0, 0.0))
+        self.queued_prefill_tokens = max(self.queued_prefill_tokens - tokens, 0)
+
+    def queued_at(self, now_s: float, tokens_per_s: float | None) -> int:
+        """Prompt tokens predicted still to compute at ``now_s``: the charges computed in order from
+        their dispatch at ``tokens_per_s`` (None: no rate known, nothing counted as done)."""
+        if not tokens_per_s or tokens_per_s <= 0:
+            return self.queued_prefill_tokens
+        free_at = -float("inf")  # when the worker is predicted through the earlier charges
+        left = 0.0
+        for tokens, at in self._charges.values():
+            free_at = max(free_at, at) + tokens / tokens_per_s
+            left += min(tokens, max(free_at - now_s, 0.0) * tokens_per_s)
+        return round(left)
 
     def on_heartbeat(self, load: WorkerLoad) -> None:
         """Update the rates from the counters' growth since the previous heartbeat."""

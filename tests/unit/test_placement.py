@@ -9,6 +9,7 @@ from pdserve.config import Role
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.placement import Placer
 from pdserve.router.registry import Registry, WorkerInfo
+from pdserve.router.worker_perf import WorkerPerf
 from pdserve.worker import protocol as p
 
 BS = 16
@@ -108,3 +109,40 @@ def test_a_worker_not_measured_yet_is_priced_like_its_measured_peers() -> None:
         registry.get(placement.decode_id).num_inflight += 1  # type: ignore[union-attr]
     assert seen == {"d0", "d1"}
     assert placer._peer_means().decode_step_s == 0.003
+
+
+def test_queued_work_is_counted_down_at_the_measured_rate() -> None:
+    perf = WorkerPerf()
+    first = perf.charge(1000, now_s=10.0)
+    perf.charge(500, now_s=10.2)
+    assert perf.queued_at(10.0, None) == 1500  # no rate: nothing counted as done
+    assert perf.queued_at(10.6, 1000.0) == 900  # 600 of the first done; the second waits behind it
+    assert perf.queued_at(11.2, 1000.0) == 300
+    assert perf.queued_at(12.0, 1000.0) == 0  # predicted done, not credited yet
+    perf.credit(first)
+    perf.credit(first)  # once only
+    assert perf.queued_prefill_tokens == 500
+
+
+def test_a_document_being_computed_keeps_its_next_request_once_mostly_done() -> None:
+    """The second user of a document arrives while its first prompt computes: once most of that is
+    done, waiting for it (then reusing its cache) beats computing the document again elsewhere."""
+    now = [0.0]
+    registry = Registry()
+    config = DispatcherConfig(policy="kv_aware", disagg_policy="always")
+    placer = Placer(config, registry, lambda wid, m: None, rng=random.Random(0), clock=lambda: now[0])
+    for wid, role in (("p0", Role.PREFILL), ("p1", Role.PREFILL), ("p2", Role.PREFILL), ("d0", Role.DECODE)):
+        m = register(wid, role)
+        assert placer.on_register(m) is None
+        registry.add(WorkerInfo.from_register(m))
+        placer.on_snapshot(p.KVSnapshot(wid, 7, 0, []))
+        registry.get(wid).perf.prefill_rate_tps = 1000.0  # type: ignore[union-attr]
+    doc = list(range(100, 1124))
+    prefill, decode = registry.by_role(Role.PREFILL), registry.by_role(Role.DECODE)
+    first = placer.place([*doc, 1, 2, 3], 8, prefill, decode)
+    assert first is not None and first.prefill_id is not None
+    placer.charge(first.prefill_id, 1027)
+    now[0] = 0.7  # 700 of its 1,027 tokens computed
+    second = placer.place([*doc, 4, 5, 6], 8, prefill, decode)
+    assert second is not None and second.prefill_id == first.prefill_id
+    assert second.num_cached_tokens == 1024  # the speculative entries of the first

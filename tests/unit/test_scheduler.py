@@ -80,7 +80,7 @@ def test_continuous_batching_joins_and_leaves() -> None:
 def test_chunked_prefill_respects_chunk_size_and_budget() -> None:
     sched = make_scheduler(max_num_batched_tokens=8, chunk_size=5)
     a = make("a", 12, max_tokens=1)
-    b = make("b", 6, max_tokens=1)
+    b = Request("b", [500 + i for i in range(6)], SamplingParams(max_tokens=1), eos_token_ids=(EOS,))
     sched.add_request(a)
     sched.add_request(b)
     out = sched.schedule()
