@@ -119,7 +119,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_gate_waits = 0
-        self.num_prefix_waits = 0  # steps × requests that waited for a prefix being computed
+        self.num_prefix_waits = 0  # requests that waited for a prefix another was computing
+        self._prefix_waited: set[str] = set()
         self._gate_waited: set[str] = set()
 
     # -- admission ---------------------------------------------------------------
@@ -228,7 +229,11 @@ class Scheduler:
             request = self.waiting[0]
             if inflight is not None and inflight.should_wait(request, bm.num_cached_prefix(request)):
                 passed.append(self.waiting.popleft())
+                if request.request_id not in self._prefix_waited:
+                    self._prefix_waited.add(request.request_id)
+                    self.num_prefix_waits += 1
                 continue
+            self._prefix_waited.discard(request.request_id)
             computed_blocks, num_cached = bm.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_cached, budget, alone=num_prompts == 0)
             if num_new == 0 or not bm.allocate_slots(request, num_new, computed_blocks):
@@ -244,7 +249,6 @@ class Scheduler:
             budget -= num_new
             num_prompts += 1
         self.waiting.extendleft(reversed(passed))
-        self.num_prefix_waits += len(passed)
         if self.gated and not self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             for rid in self.gated.keys() - self._gate_waited:  # they could have started now
                 self._gate_waited.add(rid)
@@ -330,6 +334,7 @@ class Scheduler:
     def _retire(self, request: Request) -> None:
         rid = request.request_id
         self.requests.pop(rid, None)
+        self._prefix_waited.discard(rid)
         if request in self.running:
             self.running.remove(request)
         elif rid in self.waiting_for_kv:

@@ -215,4 +215,5 @@ class SimWorker:
             num_decode_seqs=self.num_decode_seqs,
             prefix_query_tokens=stats.prefix_query_tokens, prefix_hit_tokens=stats.prefix_hit_tokens,
             num_deferred_reservations=self.num_deferred, num_gate_waits=s.num_gate_waits,
+            num_prefix_waits=s.num_prefix_waits,
         )

@@ -104,6 +104,11 @@ class WorkerCollector(Collector):
             load.num_gate_waits,
         )
         yield counter(
+            "pdserve_worker_prefix_waits",
+            "Requests that waited for a prefix another request was computing, rather than compute it too",
+            load.num_prefix_waits,
+        )
+        yield counter(
             "pdserve_worker_kv_snapshots", "Snapshots sent for the router's resyncs", stats.kv_snapshots
         )
 

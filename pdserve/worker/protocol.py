@@ -99,6 +99,7 @@ class WorkerLoad(msgspec.Struct):
     # Rate matching between the pools (cumulative):
     num_deferred_reservations: int = 0  # decode: reservations that had to wait for room
     num_gate_waits: int = 0  # prefill: requests that could have run but waited for their KV's home
+    num_prefix_waits: int = 0  # requests that waited for a prefix another request was computing
 
 
 # -- worker → router -----------------------------------------------------------------

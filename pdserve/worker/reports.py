@@ -44,6 +44,7 @@ def worker_load(engine: LLMEngine, intake: KVIntake | None) -> p.WorkerLoad:
         prefix_hit_tokens=stats.prefix_hit_tokens,
         num_deferred_reservations=intake.num_deferred if intake else 0,
         num_gate_waits=sched.num_gate_waits,
+        num_prefix_waits=sched.num_prefix_waits,
     )
 
 

@@ -46,9 +46,9 @@ def test_a_second_request_waits_for_the_prefix_the_first_is_computing() -> None:
     sched.add_request(b)
     out = sched.schedule()
     assert [s.request.request_id for s in out.scheduled] == ["a"]  # b waits for blocks 4..15
-    assert sched.num_prefix_waits == 1
     sched.update(out, fake_execute(out))
     computed, cached = prompt_tokens_computed(sched, "b")
+    assert sched.num_prefix_waits == 1  # one request waited (for three steps)
     assert cached == len(PREFIX)  # the whole shared prefix came from the cache...
     assert computed == 30  # ...and b computed only its own tail
     assert_no_leaks(sched)
