@@ -81,6 +81,9 @@ class WorkerSnapshot:
             speculative): among near-tied candidates the emptiest cache takes a new prefix.
         prefill_step_s, prefill_token_s: its prefill time as a cost per step plus one per prompt
             token (``pdserve.router.step_fit``; None: not fitted, ``prefill_rate_tps`` prices it).
+        decode_base_s, decode_seq_s: its decode step time as a cost per step plus one per sequence
+            in the batch (its pool's fit; None: not fitted, ``decode_step_s`` / ``decode_batch``
+            price it).
     """
 
     worker_id: str
@@ -98,6 +101,8 @@ class WorkerSnapshot:
     held_blocks: int = 0
     prefill_step_s: float = 0.0
     prefill_token_s: float | None = None
+    decode_base_s: float = 0.0
+    decode_seq_s: float | None = None
 
     @property
     def sends_kv(self) -> bool:
@@ -204,11 +209,17 @@ def transfer_s(num_tokens: int, link_bytes_per_s: float | None, params: CostPara
 
 
 def itl_s(w: WorkerSnapshot, params: CostParams) -> float:
-    """Predicted inter-token latency on ``w`` once this request joins its batch."""
-    step = w.decode_step_s if w.decode_step_s is not None else params.decode_step_s
-    per_seq = step / max(w.decode_batch, 1.0)
+    """Predicted inter-token latency on ``w`` once this request joins its batch.
+
+    With a per-step + per-sequence fit: the step at that batch; otherwise the
+    measured step scaled by the batch (never below the measured step).
+    """
     batch = w.num_running + w.num_waiting + 1
     pressure = 1.0 + max(0.0, w.kv_usage - params.pressure_knee) / (1.0 - params.pressure_knee) * 4.0
+    if w.decode_seq_s is not None:
+        return (w.decode_base_s + w.decode_seq_s * batch) * pressure
+    step = w.decode_step_s if w.decode_step_s is not None else params.decode_step_s
+    per_seq = step / max(w.decode_batch, 1.0)
     return max(step, per_seq * batch) * pressure
 
 

@@ -72,6 +72,8 @@ class _PeerMeans:
     decode_batch: float
     prefill_fits: dict[str, tuple[float, float] | None]  # per role: the pool's per-step + per-token fit
     prefill_rates: dict[str, float]  # per role: the mean tokens/s of its measured workers
+    decode_fits: dict[str, tuple[float, float] | None]  # per role: the pool's per-step + per-sequence fit
+    decode_steps: dict[str, tuple[float, float]]  # per role: its measured workers' mean (step s, batch)
 
 
 class Placer:
@@ -171,10 +173,16 @@ class Placer:
         fits = {
             r: StepFit.merged(w.perf.prefill_fit for w in workers if w.role.value == r).solve() for r in roles
         }
+        decode_fits = {
+            r: StepFit.merged(w.perf.decode_fit for w in workers if w.role.value == r).solve() for r in roles
+        }
         pool_rates: dict[str, list[float]] = {}  # per role: its measured workers' tokens/s
+        pool_steps: dict[str, list[tuple[float, float]]] = {}  # per role: (decode step s, its batch)
         for w in workers:
             if w.perf.prefill_rate_tps:
                 pool_rates.setdefault(w.role.value, []).append(w.perf.prefill_rate_tps)
+            if w.perf.decode_step_s is not None:
+                pool_steps.setdefault(w.role.value, []).append((w.perf.decode_step_s, w.perf.decode_batch))
         rates = [r for pool in pool_rates.values() for r in pool]
         steps = [(p.decode_step_s, p.decode_batch) for p in perfs if p.decode_step_s is not None]
         return _PeerMeans(
@@ -183,11 +191,13 @@ class Placer:
             decode_batch=sum(b for _, b in steps) / len(steps) if steps else 1.0,
             prefill_fits=fits,
             prefill_rates={r: sum(v) / len(v) for r, v in pool_rates.items()},
+            decode_fits=decode_fits,
+            decode_steps={r: (sum(s for s, _ in v) / len(v), sum(b for _, b in v) / len(v))
+                          for r, v in pool_steps.items()},
         )
 
     def _snapshot(self, w: WorkerInfo, peers: _PeerMeans) -> cm.WorkerSnapshot:
         load, perf = w.load, w.perf
-        measured = perf.decode_step_s is not None
         used = load.num_total_blocks - load.num_free_blocks  # cached free blocks can be evicted
         usage = min(max(used / load.num_total_blocks, 0.0), 1.0) if load.num_total_blocks else 0.0
         # its pool's fit (step_fit.py): the pool's workers run one model on one kind of hardware,
@@ -202,6 +212,12 @@ class Placer:
         rate = peers.prefill_rates.get(w.role.value) or peers.prefill_rate_tps
         # what is left of its queue now: its charges computed in order since dispatch (worker_perf.py)
         queued = perf.queued_at(self.clock(), 1 / fit[1] if fit and fit[1] > 0 else rate)
+        # Decode is priced by the pool too, for the same reason: each worker's own mean step depends
+        # on the batches it happened to run (14-28 ms on three equal mixed workers in S6's first
+        # seconds), and 16 output tokens at the slowest-looking one's step lost it every new document
+        # (one of three got 1 of 12 and the others' caches overflowed: 0.88 of the ideal hits).
+        decode_fit = peers.decode_fits.get(w.role.value)
+        step, batch = peers.decode_steps.get(w.role.value) or (peers.decode_step_s, peers.decode_batch)
         return cm.WorkerSnapshot(
             worker_id=w.worker_id,
             role=w.role.value,
@@ -210,14 +226,16 @@ class Placer:
             num_running=max(load.num_running, w.num_inflight - load.num_waiting),
             num_waiting=load.num_waiting + load.num_waiting_for_kv,
             kv_usage=usage,
-            decode_step_s=perf.decode_step_s if measured else peers.decode_step_s,
-            decode_batch=perf.decode_batch if measured else peers.decode_batch,
+            decode_step_s=step,
+            decode_batch=batch,
             link_bytes_per_s=perf.link_bytes_per_s,
             kv_handoff=w.kv is not None,
             num_inflight=w.num_inflight,
             held_blocks=self.index.held_blocks(w.worker_id),
             prefill_step_s=fit[0] if fit else 0.0,
             prefill_token_s=fit[1] if fit else None,
+            decode_base_s=decode_fit[0] if decode_fit else 0.0,
+            decode_seq_s=decode_fit[1] if decode_fit else None,
         )
 
     # -- KV messages ---------------------------------------------------------------------------

@@ -20,6 +20,10 @@ pool by the pool's fit (all its workers' samples merged, see ``Placer``):
 one model on one kind of hardware costs the same per step and per token
 wherever it runs, and a worker priced by its own few samples can look slower
 by noise alone, lose every new prompt and so never be measured again.
+
+The same fit prices decode steps, with sequences in the batch for tokens
+(``busy_s = base_s · steps + seq_s · sequences``, ``WorkerPerf.decode_fit``):
+a worker's own mean decode step says which batches it happened to run.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ class WorkerPerf:
     link_bytes_per_s: float | None = None
     queued_prefill_tokens: int = 0  # charged and not credited yet
     prefill_fit: StepFit = field(default_factory=StepFit)  # per step + per token (step_fit.py)
+    decode_fit: StepFit = field(default_factory=StepFit)  # per step + per sequence of the batch
     _last: WorkerLoad | None = None
     _charges: dict[int, tuple[int, float]] = field(default_factory=dict)  # id → (tokens, charged at)
     _next_charge: int = 0
@@ -98,10 +99,10 @@ class WorkerPerf:
         steps = load.num_decode_steps - last.num_decode_steps
         decode_s = load.decode_busy_s - last.decode_busy_s
         if steps > 0 and decode_s >= MIN_BUSY_S:
+            seqs = load.num_decode_seqs - last.num_decode_seqs
             self.decode_step_s = _ewma(self.decode_step_s, decode_s / steps)
-            self.decode_batch = _ewma(
-                self.decode_batch, (load.num_decode_seqs - last.num_decode_seqs) / steps
-            )
+            self.decode_batch = _ewma(self.decode_batch, seqs / steps)
+            self.decode_fit.add(steps, seqs, decode_s)
 
     def on_transfer(self, num_bytes: int, transfer_s: float, overlap_s: float | None = None) -> None:
         """A KV transfer into this worker completed.

@@ -146,3 +146,31 @@ def test_a_document_being_computed_keeps_its_next_request_once_mostly_done() -> 
     second = placer.place([*doc, 4, 5, 6], 8, prefill, decode)
     assert second is not None and second.prefill_id == first.prefill_id
     assert second.num_cached_tokens == 1024  # the speculative entries of the first
+
+
+def test_equal_mixed_workers_are_priced_by_the_pools_decode_fit_not_their_own_mean_step() -> None:
+    """Three equal workers whose own mean decode steps differ only by the batches they ran
+    (16, 28, 22 ms at batch 1, 3, 2 of one model, step = 10 ms + 6 ms × batch): three new documents
+    spread over them, rather than all going to the one that ran the smallest batches."""
+    registry = Registry()
+    config = DispatcherConfig(policy="kv_aware", disagg_policy="auto")
+    placer = Placer(config, registry, lambda wid, m: None, rng=random.Random(0))
+    for wid, batch in (("m0", 1), ("m1", 3), ("m2", 2)):
+        m = register(wid, Role.MIXED)
+        assert placer.on_register(m) is None
+        registry.add(WorkerInfo.from_register(m))
+        placer.on_snapshot(p.KVSnapshot(wid, 7, 0, []))
+        registry.heartbeat(wid, p.WorkerLoad())
+        for i in range(1, 5):  # intervals of 50 steps each
+            steps = 50 * i
+            registry.heartbeat(wid, p.WorkerLoad(num_decode_steps=steps, num_decode_seqs=steps * batch,
+                                                 decode_busy_s=steps * (0.010 + 0.006 * batch)))
+    own = {w.worker_id: round(w.perf.decode_step_s * 1000) for w in registry.all()}  # type: ignore[operator]
+    assert own == {"m0": 16, "m1": 28, "m2": 22}
+    mixed = registry.by_role(Role.MIXED)
+    homes = set()
+    for doc in range(3):
+        placement = placer.place([1000 * (doc + 1) + i for i in range(1024)], 16, [], mixed)
+        assert placement is not None and placement.prefill_id is None
+        homes.add(placement.decode_id)
+    assert homes == {"m0", "m1", "m2"}
