@@ -29,7 +29,8 @@ class InflightPrefixes:
     """The prompt blocks running requests are computing, by content hash, for one step."""
 
     def __init__(self, block_manager: BlockManager, chunk_tokens: int) -> None:
-        """``chunk_tokens``: the most prompt tokens one request computes in one step."""
+        """``block_manager``: one with prefix caching on; ``chunk_tokens``: the most prompt tokens one
+        request computes in one step."""
         self.bm = block_manager
         self.chunk_tokens = max(chunk_tokens, 1)
         self._owner: dict[int, Request] = {}  # hash → the request computing it
@@ -37,7 +38,7 @@ class InflightPrefixes:
 
     def add(self, request: Request, num_computed: int) -> None:
         """``request`` computes the blocks of its tokens from ``num_computed`` on (this step or later)."""
-        if not self.bm.enable_prefix_caching or num_computed >= request.num_tokens:
+        if num_computed >= request.num_tokens:
             return
         bs = self.bm.block_size
         hashes = self.bm.block_hashes(request)
@@ -45,14 +46,16 @@ class InflightPrefixes:
         for i in range(num_computed // bs, len(hashes)):
             self._owner.setdefault(hashes[i], request)
 
-    def should_wait(self, request: Request, num_cached: int) -> bool:
-        """True when ``request`` (``num_cached`` of its tokens cached) should wait for a running one.
+    def should_wait(self, request: Request) -> bool:
+        """True when waiting ``request`` should wait for a running one.
 
         It waits when its next uncached block is being computed by another
-        request and waiting costs it no steps (module docstring).
+        request and waiting costs it no steps (module docstring). Its cache
+        lookup is made only when some request is computing a prompt.
         """
         if not self._owner:
             return False
+        num_cached = self.bm.num_cached_prefix(request)
         bs = self.bm.block_size
         hashes = self.bm.block_hashes(request)
         first = num_cached // bs

@@ -227,7 +227,7 @@ class Scheduler:
         passed: list[Request] = []  # waiting for a prefix a running request computes (prefix_wait.py)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if inflight is not None and inflight.should_wait(request, bm.num_cached_prefix(request)):
+            if inflight is not None and inflight.should_wait(request):
                 passed.append(self.waiting.popleft())
                 if request.request_id not in self._prefix_waited:
                     self._prefix_waited.add(request.request_id)

@@ -168,7 +168,6 @@ class Placer:
         those, it got no traffic until it was measured, which it never was.
         """
         workers = self.registry.all()
-        perfs = [w.perf for w in workers]
         roles = {w.role.value for w in workers}
         fits = {
             r: StepFit.merged(w.perf.prefill_fit for w in workers if w.role.value == r).solve() for r in roles
@@ -184,7 +183,7 @@ class Placer:
             if w.perf.decode_step_s is not None:
                 pool_steps.setdefault(w.role.value, []).append((w.perf.decode_step_s, w.perf.decode_batch))
         rates = [r for pool in pool_rates.values() for r in pool]
-        steps = [(p.decode_step_s, p.decode_batch) for p in perfs if p.decode_step_s is not None]
+        steps = [s for pool in pool_steps.values() for s in pool]
         return _PeerMeans(
             prefill_rate_tps=sum(rates) / len(rates) if rates else None,
             decode_step_s=sum(s for s, _ in steps) / len(steps) if steps else None,
