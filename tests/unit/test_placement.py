@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable, Sequence
 
 from pdserve.block_hash import HASH_SCHEME
 from pdserve.config import Role
@@ -19,14 +21,20 @@ def register(wid: str, role: Role, block_size: int = BS, scheme: str = HASH_SCHE
     return p.Register(wid, role.value, "tiny", 1, "h", 4096, block_size, 100, hash_scheme=scheme, kv_epoch=7)
 
 
+THREE_P_ONE_D = (("p0", Role.PREFILL), ("p1", Role.PREFILL), ("p2", Role.PREFILL), ("d0", Role.DECODE))
+
+
 def setup(
-    policy: str = "kv_aware", disagg: str = "always"
+    policy: str = "kv_aware",
+    disagg: str = "always",
+    workers: Sequence[tuple[str, Role]] = THREE_P_ONE_D,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[Placer, Registry, list[tuple[str, object]]]:
     registry = Registry()
     sent: list[tuple[str, object]] = []
     config = DispatcherConfig(policy=policy, disagg_policy=disagg)
-    placer = Placer(config, registry, lambda wid, m: sent.append((wid, m)), rng=random.Random(0))
-    for wid, role in (("p0", Role.PREFILL), ("p1", Role.PREFILL), ("p2", Role.PREFILL), ("d0", Role.DECODE)):
+    placer = Placer(config, registry, lambda wid, m: sent.append((wid, m)), rng=random.Random(0), clock=clock)
+    for wid, role in workers:
         m = register(wid, role)
         assert placer.on_register(m) is None
         registry.add(WorkerInfo.from_register(m))
@@ -128,15 +136,9 @@ def test_a_document_being_computed_keeps_its_next_request_once_mostly_done() -> 
     """The second user of a document arrives while its first prompt computes: once most of that is
     done, waiting for it (then reusing its cache) beats computing the document again elsewhere."""
     now = [0.0]
-    registry = Registry()
-    config = DispatcherConfig(policy="kv_aware", disagg_policy="always")
-    placer = Placer(config, registry, lambda wid, m: None, rng=random.Random(0), clock=lambda: now[0])
-    for wid, role in (("p0", Role.PREFILL), ("p1", Role.PREFILL), ("p2", Role.PREFILL), ("d0", Role.DECODE)):
-        m = register(wid, role)
-        assert placer.on_register(m) is None
-        registry.add(WorkerInfo.from_register(m))
-        placer.on_snapshot(p.KVSnapshot(wid, 7, 0, []))
-        registry.get(wid).perf.prefill_rate_tps = 1000.0  # type: ignore[union-attr]
+    placer, registry, _ = setup(clock=lambda: now[0])
+    for w in registry.all():
+        w.perf.prefill_rate_tps = 1000.0
     doc = list(range(100, 1124))
     prefill, decode = registry.by_role(Role.PREFILL), registry.by_role(Role.DECODE)
     first = placer.place([*doc, 1, 2, 3], 8, prefill, decode)
@@ -152,14 +154,9 @@ def test_equal_mixed_workers_are_priced_by_the_pools_decode_fit_not_their_own_me
     """Three equal workers whose own mean decode steps differ only by the batches they ran
     (16, 28, 22 ms at batch 1, 3, 2 of one model, step = 10 ms + 6 ms × batch): three new documents
     spread over them, rather than all going to the one that ran the smallest batches."""
-    registry = Registry()
-    config = DispatcherConfig(policy="kv_aware", disagg_policy="auto")
-    placer = Placer(config, registry, lambda wid, m: None, rng=random.Random(0))
-    for wid, batch in (("m0", 1), ("m1", 3), ("m2", 2)):
-        m = register(wid, Role.MIXED)
-        assert placer.on_register(m) is None
-        registry.add(WorkerInfo.from_register(m))
-        placer.on_snapshot(p.KVSnapshot(wid, 7, 0, []))
+    batches = {"m0": 1, "m1": 3, "m2": 2}
+    placer, registry, _ = setup(disagg="auto", workers=[(wid, Role.MIXED) for wid in batches])
+    for wid, batch in batches.items():
         registry.heartbeat(wid, p.WorkerLoad())
         for i in range(1, 5):  # intervals of 50 steps each
             steps = 50 * i
