@@ -100,6 +100,7 @@ class WorkerLoad(msgspec.Struct):
     num_deferred_reservations: int = 0  # decode: reservations that had to wait for room
     num_gate_waits: int = 0  # prefill: requests that could have run but waited for their KV's home
     num_prefix_waits: int = 0  # requests that waited for a prefix another request was computing
+    threads: int = 0  # torch threads it computes with now (``SetThreads`` changes them)
 
 
 # -- worker → router -----------------------------------------------------------------
@@ -122,6 +123,7 @@ class Register(msgspec.Struct, tag=True):
     hash_scheme: str = ""  # block hashing of its prefix cache (pdserve.block_hash.HASH_SCHEME)
     prefix_caching: bool = True
     kv_epoch: int = 0  # changes whenever the worker (and its cache) starts afresh
+    threads: int = 0  # torch threads it computes with (0: not reported)
 
 
 class Heartbeat(msgspec.Struct, tag=True):
@@ -350,6 +352,12 @@ class Flip(msgspec.Struct, tag=True):
     role: str
 
 
+class SetThreads(msgspec.Struct, tag=True):
+    """Compute with ``threads`` torch threads from the next step on (a flip keeps them)."""
+
+    threads: int
+
+
 Message = (
     Draining
     | Ping
@@ -371,6 +379,7 @@ Message = (
     | Reregister
     | Shutdown
     | Flip
+    | SetThreads
     | KVEvents
     | KVSnapshot
     | KVSnapshotRequest

@@ -10,6 +10,8 @@ what they build.
 
 from __future__ import annotations
 
+import torch
+
 from pdserve.engine.engine import LLMEngine, RequestOutput
 from pdserve.request import TokenLogprobs
 from pdserve.transfer.base import KVReceiver, KVSender, TransferStats
@@ -45,6 +47,7 @@ def worker_load(engine: LLMEngine, intake: KVIntake | None) -> p.WorkerLoad:
         num_deferred_reservations=intake.num_deferred if intake else 0,
         num_gate_waits=sched.num_gate_waits,
         num_prefix_waits=sched.num_prefix_waits,
+        threads=torch.get_num_threads(),
     )
 
 

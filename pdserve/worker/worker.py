@@ -28,6 +28,7 @@ import socket
 import time
 from types import FrameType
 
+import torch
 import zmq
 
 from pdserve.block_hash import HASH_SCHEME
@@ -114,6 +115,7 @@ class Worker:
                 hash_scheme=HASH_SCHEME,
                 prefix_caching=self.engine.config.cache.enable_prefix_caching,
                 kv_epoch=self.kv_events.epoch,
+                threads=torch.get_num_threads(),
             )
         )
 
@@ -204,6 +206,14 @@ class Worker:
         self._drain_deadline_s = self._flip_started_s + self.config.drain_timeout_s
         self.send(p.Draining(self.worker_id))
 
+    def _set_threads(self, n: int) -> None:
+        """Compute with ``n`` torch threads from the next step on (heartbeats report them)."""
+        if isinstance(n, bool) or n < 1:
+            logger.warning("worker %s: SetThreads(%r) ignored (give 1 or more)", self.worker_id, n)
+            return
+        logger.info("worker %s: torch threads %d -> %d", self.worker_id, torch.get_num_threads(), n)
+        torch.set_num_threads(n)
+
     def _finish_flip(self, role: Role) -> None:
         """Drained: rebuild engine and transfer side for ``role`` with the same weights; register."""
         old, model = self.parts, self.engine.runner.model
@@ -278,6 +288,8 @@ class Worker:
                 self._stop = True
             case p.Flip(role=role):
                 self._begin_flip(role)
+            case p.SetThreads(threads=n):
+                self._set_threads(n)
             case _:
                 logger.warning("worker %s: unexpected %s", self.worker_id, type(message).__name__)
 
@@ -375,9 +387,8 @@ class Worker:
         if self.pusher is not None:
             self.pusher.after_step()
 
-    def _report(
-        self, out: RequestOutput, finished: bool | None = None, timing: p.PrefillTiming | None = None
-    ) -> None:
+    def _report(self, out: RequestOutput, finished: bool | None = None, timing: p.PrefillTiming | None = None
+                ) -> None:
         self.send(tokens_message(out, finished, timing))
 
     def close(self) -> None:
