@@ -2,15 +2,17 @@
 
 Who decides what (see ``docs/scaling.md``):
 
-* The router keeps the *targets* (workers per pool). ``POST /pdserve/scale``
-  (``pdserve scale``) validates and sets them; nothing changes on a bad
-  request (400) or when no supervisor runs the deployment (409).
+* The router keeps the *targets* (workers per pool, and optionally the torch
+  threads of every worker). ``POST /pdserve/scale`` (``pdserve scale``)
+  validates and sets them; nothing changes on a bad request (400) or when no
+  supervisor runs the deployment (409).
 * The supervisor (:mod:`pdserve.launch.supervisor`) polls the router with
   ``POST /pdserve/supervisor`` every fraction of a second, authenticated by
   the cluster secret. It sends its slots (each worker's state and where it
-  runs) and the workers it wants drained or flipped; the router applies those
-  at once (a drained worker gets no new request from this moment on) and
-  answers with the targets and the registered workers' load.
+  runs) and the workers it wants drained, flipped or given another thread
+  count; the router applies those at once (a drained worker gets no new
+  request from this moment on; ``SetThreads`` goes to the worker) and answers
+  with the targets and the registered workers' load and threads.
 * ``GET /pdserve/workers`` shows both under ``deployment`` (docs/scaling.md
   has the JSON shape).
 
@@ -25,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 POOLS = ("prefill", "decode", "mixed")
 MAX_POOL_SIZE = 64
+MAX_THREADS = 256
 #: A supervisor that has not synced for this long no longer counts as running the deployment.
 SUPERVISOR_STALE_S = 10.0
 
@@ -54,6 +57,7 @@ class Deployment:
         self.clock = clock
         self.secret = secret
         self.targets: dict[str, int] | None = None
+        self.threads_target: int | None = None  # None: as each worker was started
         self.generation = 0
         self.launcher = ""
         self.slots: list[dict[str, Any]] = []
@@ -73,17 +77,22 @@ class Deployment:
         self.slots = list(body.get("slots", []))
         if self.targets is None:
             self.targets = {r: int(body.get("targets", {}).get(r, 0)) for r in POOLS}
+            threads = body.get("threads")
+            self.threads_target = threads if _valid_threads(threads) else None
             self.generation += 1
         for wid in body.get("drain", []):
             self.drain(str(wid))
         for wid, role in dict(body.get("flip", {})).items():
             self.flip(str(wid), str(role))
+        for wid, threads in dict(body.get("set_threads", {})).items():
+            self.set_threads(str(wid), threads)
         return {
             "targets": self.targets,
+            "threads": self.threads_target,
             "generation": self.generation,
             "workers": [
                 {"worker_id": w.worker_id, "role": w.role.value, "pid": w.pid,
-                 "num_inflight": w.num_inflight, "draining": w.draining}
+                 "num_inflight": w.num_inflight, "draining": w.draining, "threads": w.threads}
                 for w in self.dispatcher.registry.all()
             ],
         }
@@ -104,12 +113,29 @@ class Deployment:
         self.dispatcher.channel.send(worker_id, p.Flip(role))
         logger.info("router: %s flips %s -> %s", worker_id, info.role.value, role)
 
+    def set_threads(self, worker_id: str, threads: object) -> None:
+        """Have the worker compute with ``threads`` torch threads (its heartbeats then report them)."""
+        if self.dispatcher.registry.get(worker_id) is None or not _valid_threads(threads):
+            return
+        self.dispatcher.channel.send(worker_id, p.SetThreads(threads))
+        logger.info("router: %s to compute with %s threads", worker_id, threads)
+
     # -- scaling -----------------------------------------------------------------------------
 
     def scale(self, body: object) -> dict[str, Any]:
-        """Validate and set new targets; raises :class:`APIError` (and changes nothing) on bad input."""
+        """Validate and set new targets; raises :class:`APIError` (and changes nothing) on bad input.
+
+        ``threads`` (optional, 1 to ``MAX_THREADS``) sets every worker's torch threads;
+        without it the threads target stays as it was.
+        """
         if not isinstance(body, dict) or not body:
             raise APIError(400, "the body must be a JSON object such as {\"prefill\": 2, \"decode\": 3}")
+        body, threads = dict(body), self.threads_target
+        if "threads" in body:
+            threads = body.pop("threads")
+            if not _valid_threads(threads):
+                raise APIError(400, f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}",
+                               param="threads")
         for pool, count in body.items():
             if pool not in POOLS:
                 raise APIError(400, f"unknown pool {pool!r}; pools are {', '.join(POOLS)}", param=pool)
@@ -125,9 +151,11 @@ class Deployment:
             raise APIError(400, f"{new} leaves no complete serving path: keep a prefill and a decode "
                                 "worker, or a mixed worker", code="no_serving_path")
         previous, self.targets = self.targets, new
+        previous_threads, self.threads_target = self.threads_target, threads
         self.generation += 1
-        logger.info("router: targets %s -> %s", previous, new)
-        return {"targets": new, "previous": previous, "generation": self.generation}
+        logger.info("router: targets %s -> %s, threads %s -> %s", previous, new, previous_threads, threads)
+        return {"targets": new, "previous": previous, "threads": threads,
+                "previous_threads": previous_threads, "generation": self.generation}
 
     def changing(self) -> bool:
         """True while a supervised worker is flipping its role or starting (a reshape under way)."""
@@ -156,8 +184,14 @@ class Deployment:
             "launcher": self.launcher,
             "generation": self.generation,
             "pools": pools,
+            "threads": self.threads_target if self.supervised else None,
             "workers": self.slots if self.supervised else [],
         }
+
+
+def _valid_threads(value: object) -> TypeGuard[int]:
+    """An int (not a bool) from 1 to ``MAX_THREADS``."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_THREADS
 
 
 def add_deployment_routes(app: FastAPI, deployment: Deployment) -> None:

@@ -111,6 +111,7 @@ class _DispatcherCollector(Collector):
                 ("kv_blocks_total", "KV blocks"),
                 ("kv_blocks_cached", "prefix-cached KV blocks"),
                 ("held_requests", "KV held for hand-off"),
+                ("threads", "torch threads"),
             )
         }
         for w in d.registry.all():
@@ -121,6 +122,7 @@ class _DispatcherCollector(Collector):
             load["kv_blocks_total"].add_metric(labels, w.load.num_total_blocks)
             load["kv_blocks_cached"].add_metric(labels, w.load.num_cached_blocks)
             load["held_requests"].add_metric(labels, w.load.num_held)
+            load["threads"].add_metric(labels, w.threads)
         yield from load.values()
         yield from _routing_metrics(d)
 

@@ -3,7 +3,9 @@
 Lifecycle of a worker entry:
 
 1. ``Register`` adds it (a re-registration replaces the old entry).
-2. Every ``Heartbeat`` renews its lease and updates its load.
+2. Every ``Heartbeat`` renews its lease and updates its load. A heartbeat
+   that reports another torch thread count than before (``SetThreads``)
+   drops the worker's measured speed: its step times changed.
 3. A draining worker (shutting down) stays registered but gets no new
    requests; a worker whose lease ran out (``expire``), or whose connection
    is gone, is removed.
@@ -39,6 +41,7 @@ class WorkerInfo:
     num_inflight: int = 0  # requests the router assigned and has not seen finish
     draining: bool = False  # shutting down: finishes what it has, gets nothing new
     perf: WorkerPerf = field(default_factory=WorkerPerf)  # measured rates, queued prompt tokens
+    threads: int = 0  # torch threads it reported last (0: not reported)
 
     @classmethod
     def from_register(cls, m: Register) -> WorkerInfo:
@@ -54,6 +57,7 @@ class WorkerInfo:
             num_blocks=m.num_blocks,
             kv=m.kv,
             metrics_port=m.metrics_port,
+            threads=m.threads,
         )
 
 
@@ -78,6 +82,10 @@ class Registry:
         if info is None:
             return False
         info.load = load
+        if load.threads and load.threads != info.threads:
+            if info.threads:
+                info.perf.forget_speed()  # its step times changed with its thread count
+            info.threads = load.threads
         info.perf.on_heartbeat(load)
         info.last_seen_s = time.monotonic()
         return True

@@ -155,6 +155,7 @@ def build_router_app(config: RouterConfig) -> tuple[FastAPI, Dispatcher]:
                     "pid": w.pid,
                     "num_inflight": w.num_inflight,
                     "draining": w.draining,
+                    "threads": w.threads,
                     "metrics_port": w.metrics_port,
                     "stats": _plain(counters.get(w.worker_id)),
                     "cache": dataclasses.asdict(dispatcher.placer.worker_view(w)),

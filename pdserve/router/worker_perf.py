@@ -86,6 +86,21 @@ class WorkerPerf:
             left += min(tokens, max(free_at - now_s, 0.0) * tokens_per_s)
         return round(left)
 
+    def forget_speed(self) -> None:
+        """Drop the measured rates and step times (the worker changed its thread count).
+
+        The router's queued charges stay (they are its own account of work sent);
+        the link rate stays too. Rates are learned afresh from the next interval
+        on: the counters' baseline is reset, so the interval in which the change
+        happened (partly at the old speed) counts for nothing.
+        """
+        self.prefill_rate_tps = None
+        self.decode_step_s = None
+        self.decode_batch = 1.0
+        self.prefill_fit = StepFit()
+        self.decode_fit = StepFit()
+        self._last = None
+
     def on_heartbeat(self, load: WorkerLoad) -> None:
         """Update the rates from the counters' growth since the previous heartbeat."""
         last, self._last = self._last, load
