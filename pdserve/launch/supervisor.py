@@ -18,17 +18,17 @@ One pass of the loop (:meth:`Supervisor.step`, every ``sync_interval_s``):
    reconnect and register again); if that fails the deployment ends.
 2. Sync with the router (``POST /pdserve/supervisor``, authenticated by the
    cluster secret): send the slots' view and the drains/flips decided last
-   pass; get back the target pool sizes (``pdserve scale`` sets them on the
-   router) and the registered workers with their load.
+   pass; get back the target pool sizes and threads (``pdserve scale`` sets
+   them on the router) and the registered workers with their load.
 3. Reconcile each pool with its target. A pool that is short gets a flip of a
    registered worker from a pool that is over (no new process, no weight
    reload) or else a new worker. A pool that is over loses its least-loaded
    worker: the router stops routing to it (drain), then it is asked to stop
    (SIGTERM: it finishes its requests first). Stops wait while another slot
-   is starting or flipping (make before break).
+   is starting or flipping (make before break). Then bring the workers to
+   the threads target, if one is set (:mod:`pdserve.launch.threads`).
 
-Slot states: see :mod:`pdserve.launch.slot`. The configuration: :class:`SupervisorConfig`
-(:mod:`pdserve.launch.supervisor_config`).
+Slot states: :mod:`pdserve.launch.slot`. Configuration: :mod:`pdserve.launch.supervisor_config`.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ from typing import Any
 
 from pdserve.launch.base import Backend, RouterHandle, WorkerSpec
 from pdserve.launch.router_link import HttpLink, RouterLink
-from pdserve.launch.slot import Slot
+from pdserve.launch.slot import Slot, has_path, pick_victim
 from pdserve.launch.stop_signals import StopSignals
 from pdserve.launch.supervisor_config import ROLES, SupervisorConfig
+from pdserve.launch.threads import parse_target, reconcile_threads, with_threads
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,14 @@ class Supervisor:
         self.backend = backend
         self.make_spec = make_spec
         self.targets = {r: config.targets.get(r, 0) for r in ROLES}
+        self.threads_target: int | None = None  # the router's; None: as make_spec says
         self.slots: list[Slot] = []
         self.router: RouterHandle | None = None
         self._router_exits: collections.deque[float] = collections.deque()
         self._next_ids = dict.fromkeys(ROLES, 0)
         self._pending_drain: list[str] = []
         self._pending_flip: dict[str, str] = {}
+        self._pending_threads: dict[str, int] = {}
         self._generation = -1
         self._registered: dict[str, dict[str, Any]] = {}
         self._synced = False
@@ -115,7 +118,7 @@ class Supervisor:
         if self._stop.is_set():
             return
         failed = [s for s in self.slots if s.state == "failed"]
-        if not self._has_path(lambda s: s.state == "ready"):
+        if not has_path([s for s in self.slots if s.state == "ready"]):
             reasons = "; ".join(f"{s.worker_id}: {s.message}" for s in failed)
             raise RuntimeError(f"no complete serving path came up ({reasons})")
         for s in failed:
@@ -260,6 +263,8 @@ class Supervisor:
             "slots": [s.view() for s in self.slots],
             "drain": list(self._pending_drain),
             "flip": dict(self._pending_flip),
+            "threads": self.threads_target,
+            "set_threads": dict(self._pending_threads),
         }
         data = self._link(self.router.url, body)
         if data is None:
@@ -271,6 +276,7 @@ class Supervisor:
                 slot.handle.terminate()  # the router routes nothing new to it any more
         self._pending_drain.clear()
         self._pending_flip.clear()
+        self._pending_threads.clear()
         generation = int(data.get("generation", 0))
         if generation != self._generation:
             new = {r: int(data["targets"].get(r, 0)) for r in ROLES}
@@ -279,7 +285,10 @@ class Supervisor:
                 changed = {r for r in ROLES if new[r] != self.targets[r]}
                 for slot in [s for s in self.slots if s.state == "failed" and s.role in changed]:
                     self.slots.remove(slot)  # the operator asked again: try afresh
-            self.targets, self._generation = new, generation
+            threads = parse_target(data.get("threads"))
+            if self._generation >= 0 and threads != self.threads_target:
+                logger.info("new threads target %s (was %s)", threads, self.threads_target)
+            self.targets, self.threads_target, self._generation = new, threads, generation
         self._registered = {w["worker_id"]: w for w in data.get("workers", [])}
         for slot in self.slots:
             self._observe(slot, now)
@@ -318,7 +327,7 @@ class Supervisor:
         busy = any(s.state in ("starting", "flipping") for s in self.slots)
         for role in ROLES:
             while surplus[role] > 0:
-                victim = self._pick_victim(role)
+                victim = pick_victim(self._active(role))
                 if victim is None:
                     break
                 short = [r for r in ROLES if surplus[r] < 0]
@@ -336,14 +345,8 @@ class Supervisor:
         for role in ROLES:
             for _ in range(-surplus[role]):
                 self._add_slot(role, now)
-
-    def _pick_victim(self, role: str) -> Slot | None:
-        """Who leaves a pool: a dead or failed slot, else a starting one, else the least loaded."""
-        order = {"failed": 0, "restarting": 1, "starting": 2, "ready": 3}
-        candidates = [s for s in self._active(role) if s.state in order and s.flip_to is None]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda s: (order[s.state], s.num_inflight))
+        target = self.threads_target
+        self._pending_threads.update(reconcile_threads(self.slots, self._registered, target, now))
 
     def _drain(self, slot: Slot) -> None:
         logger.info("%s (%s): draining, then stopping it (scale down)", slot.worker_id, slot.role)
@@ -370,8 +373,9 @@ class Supervisor:
         if self._stop.is_set():  # a signal came during this pass: close() stops what runs
             slot.state, slot.handle = "restarting", None
             return
-        spec = self.make_spec(slot.worker_id, slot.role, self.router.control_endpoint)
-        slot.state, slot.started_s = "starting", now
+        spec = with_threads(self.make_spec(slot.worker_id, slot.role, self.router.control_endpoint),
+                            self.threads_target)
+        slot.state, slot.started_s, slot.threads, slot.threads_to = "starting", now, spec.threads, None
         slot.registered_s, slot.ever_registered = None, False
         try:
             slot.handle = self.backend.start_worker(spec)
@@ -390,11 +394,7 @@ class Supervisor:
     def _slot(self, worker_id: str) -> Slot | None:
         return next((s for s in self.slots if s.worker_id == worker_id), None)
 
-    def _has_path(self, ok: Callable[[Slot], bool]) -> bool:
-        """A prefill+decode pair or a mixed worker among the slots ``ok`` accepts."""
-        up = {s.role for s in self.slots if ok(s)}
-        return "mixed" in up or {"prefill", "decode"} <= up
-
     def view(self) -> dict[str, Any]:
         """Targets and slots, as sent to the router."""
-        return {"targets": dict(self.targets), "slots": [s.view() for s in self.slots]}
+        return {"targets": dict(self.targets), "threads": self.threads_target,
+                "slots": [s.view() for s in self.slots]}
