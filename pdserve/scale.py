@@ -1,11 +1,13 @@
-"""``pdserve scale``: set a running deployment's pool sizes and wait until it has them.
+"""``pdserve scale``: set a running deployment's pool sizes (and threads) and wait until it has them.
 
 ``pdserve scale --url URL --prefill 2 --decode 3`` posts the new targets to
 the router (``POST /pdserve/scale``, with ``PDSERVE_API_KEY`` as Bearer key
-when set); the supervisor then starts, drains or flips workers. Unless
-``--no-wait``, the command follows ``/pdserve/workers`` until every pool has
-its target of ready workers (exit 0), a worker of a changed pool failed to
-start (exit 1, with its reason), or ``--timeout`` passed (exit 1).
+when set); the supervisor then starts, drains or flips workers.
+``--threads N`` sets every worker's torch threads as well (docs/scaling.md).
+Unless ``--no-wait``, the command follows ``/pdserve/workers`` until every
+pool has its target of ready workers and, with ``--threads``, every one of
+them reports N threads (exit 0), a worker of a changed pool failed to start
+(exit 1, with its reason), or ``--timeout`` passed (exit 1).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def add_scale_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the router's base URL")
     for pool in POOLS:
         parser.add_argument(f"--{pool}", type=int, default=None, help=f"target number of {pool} workers")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every worker (1 to 256)")
     parser.add_argument("--no-wait", action="store_true", help="return once the router took the targets")
     parser.add_argument("--timeout", type=float, default=300.0, help="how long to wait for the new shape")
 
@@ -44,11 +47,19 @@ def pools_line(deployment: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def threads_note(workers: list[dict[str, Any]], want: int | None) -> str:
+    """``  threads 2/3 at 2``: how many of the serving workers report ``want`` threads (none if None)."""
+    if want is None:
+        return ""
+    serving = [w for w in workers if not w.get("draining")]
+    return f"  threads {sum(w.get('threads') == want for w in serving)}/{len(serving)} at {want}"
+
+
 def run_scale(args: argparse.Namespace) -> int:
     """Post the targets; wait for them unless ``--no-wait``."""
-    body = {pool: getattr(args, pool) for pool in POOLS if getattr(args, pool) is not None}
+    body = {key: getattr(args, key) for key in (*POOLS, "threads") if getattr(args, key) is not None}
     if not body:
-        print("error: give at least one of --prefill, --decode, --mixed", file=sys.stderr)
+        print("error: give at least one of --prefill, --decode, --mixed, --threads", file=sys.stderr)
         return 2
     key = os.environ.get("PDSERVE_API_KEY", "").split(",")[0].strip()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -66,6 +77,8 @@ def run_scale(args: argparse.Namespace) -> int:
         return 1
     answer = reply.json()
     print(f"targets {answer['previous']} -> {answer['targets']}", flush=True)
+    if args.threads is not None:
+        print(f"threads {answer.get('previous_threads')} -> {answer.get('threads')}", flush=True)
     if args.no_wait:
         return 0
     changed = {p for p in POOLS if answer["targets"][p] != answer["previous"][p]}
@@ -78,7 +91,7 @@ def run_scale(args: argparse.Namespace) -> int:
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             print(f"error: cannot read {args.url}: {exc}", file=sys.stderr)
             return 1
-        line = pools_line(deployment)
+        line = pools_line(deployment) + threads_note(data["workers"], args.threads)
         if line != last:
             print(line, flush=True)
             last = line
@@ -88,7 +101,10 @@ def run_scale(args: argparse.Namespace) -> int:
                 print(f"error: {w['worker_id']} ({w['role']}) failed: {w['message']}", file=sys.stderr)
             return 1
         settled = not any(w["state"] in BUSY_STATES for w in deployment["workers"])
-        if settled and all(info["actual"] == info["target"] for info in deployment["pools"].values()):
+        at_threads = args.threads is None or all(
+            w.get("threads") == args.threads for w in data["workers"] if not w.get("draining"))
+        if settled and at_threads and all(info["actual"] == info["target"]
+                                          for info in deployment["pools"].values()):
             print("done", flush=True)
             return 0
         if time.monotonic() > deadline:

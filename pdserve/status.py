@@ -89,7 +89,7 @@ def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
         _routing_line(now.routing),
         _rate_matching_line(now.workers),
         "",
-        f"{'worker':<16}{'role':<9}{'state':<10}{'run':>5}{'wait':>6}{'kv%':>6}{'cached':>8}"
+        f"{'worker':<16}{'role':<9}{'state':<10}{'thr':>4}{'run':>5}{'wait':>6}{'kv%':>6}{'cached':>8}"
         f"{'held':>6}{'prompt tok':>12}{'kv sent MB':>12}{'kv recv MB':>12}"
         f"{'hit%':>6}{'index':>7}{'ev/s':>7}{'resync':>7}",
     ]
@@ -100,7 +100,8 @@ def render(now: Snapshot, before: Snapshot | None, url: str) -> str:
         used = total - load.get("num_free_blocks", total)
         state = "draining" if w.get("draining") else ("ok" if stats else "no stats")
         lines.append(
-            f"{w['worker_id']:<16}{w['role']:<9}{state:<10}{load.get('num_running', 0):>5}"
+            f"{w['worker_id']:<16}{w['role']:<9}{state:<10}{w.get('threads') or '-':>4}"
+            f"{load.get('num_running', 0):>5}"
             f"{load.get('num_waiting', 0) + load.get('num_waiting_for_kv', 0):>6}"
             f"{100 * used / total if total else 0:>6.1f}{load.get('num_cached_blocks', 0):>8}"
             f"{load.get('num_held', 0):>6}{stats.get('num_prompt_tokens_computed', 0):>12}"
@@ -122,15 +123,24 @@ def deployment_lines(deployment: dict) -> list[str]:
     from pdserve.scale import pools_line
 
     launcher = deployment.get("launcher") or "?"
-    lines = ["", f"pools (ready/target), {launcher} launcher: {pools_line(deployment)}",
-             f"{'slot':<16}{'role':<9}{'state':<12}{'host':<14}{'node':<14}{'pid':>8}{'restarts':>10}  note"]
+    threads = deployment.get("threads")
+    lines = ["", f"pools (ready/target), {launcher} launcher: {pools_line(deployment)}   threads target: "
+                 + (str(threads) if threads else "as started"),
+             f"{'slot':<16}{'role':<9}{'state':<12}{'host':<14}{'node':<14}{'pid':>8}{'threads':>8}"
+             f"{'restarts':>10}  note"]
     for w in deployment["workers"]:
         role = f"{w['role']}>{w['flip_to']}" if w.get("flip_to") else w["role"]
         lines.append(
             f"{w['worker_id']:<16}{role:<9}{w['state']:<12}{w['host'][:13]:<14}{w['node_id'][:12]:<14}"
-            f"{w['pid']:>8}{w['restarts']:>10}  {w['message']}"
+            f"{w['pid']:>8}{_slot_threads(w):>8}{w['restarts']:>10}  {w['message']}"
         )
     return lines
+
+
+def _slot_threads(slot: dict) -> str:
+    """``2``, or ``1>2`` while a change is under way (``-``: not known)."""
+    threads, to = slot.get("threads") or "-", slot.get("threads_to")
+    return f"{threads}>{to}" if to else str(threads)
 
 
 def _routing_line(routing: dict | None) -> str:
