@@ -17,7 +17,9 @@ from pdserve.router.deployment import Deployment
 from pdserve.router.dispatch_config import DispatcherConfig
 from pdserve.router.dispatcher import Dispatcher
 from pdserve.router.errors import APIError
-from pdserve.router.registry import WorkerInfo
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.registry import Registry, WorkerInfo
+from pdserve.worker import protocol as p
 
 pytestmark = pytest.mark.anyio
 
@@ -171,3 +173,89 @@ async def test_drain_and_flip_take_the_worker_out_of_routing_at_once() -> None:
     assert reg.by_role(Role.DECODE) == [] and not reg.ready
     view = d.view()
     assert view["pools"]["decode"] == {"target": 2, "actual": 0, "states": {}}
+
+
+# -- the threads target (docs/scaling.md) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [0, -1, 257, 1.5, "2", True, None, [2]])
+def test_a_bad_threads_target_is_refused_and_changes_nothing(threads: object) -> None:
+    d = deployment(prefill=1, decode=2)
+    d.scale({"threads": 2})
+    before = (dict(d.targets or {}), d.threads_target, d.generation)
+    with pytest.raises(APIError) as err:
+        d.scale({"decode": 3, "threads": threads})
+    assert err.value.status == 400 and err.value.param == "threads"
+    assert (d.targets, d.threads_target, d.generation) == before
+
+
+def test_the_threads_target_is_set_kept_and_reported() -> None:
+    d = deployment(prefill=1, decode=2)
+    assert d.threads_target is None and d.view()["threads"] is None  # as each worker was started
+    reply = d.scale({"threads": 2})  # threads alone: the pools stay
+    assert reply["threads"] == 2 and reply["previous_threads"] is None
+    assert reply["targets"] == reply["previous"] == {"prefill": 1, "decode": 2, "mixed": 0}
+    reply = d.scale({"decode": 3})  # no "threads": the target stays
+    assert reply["threads"] == reply["previous_threads"] == 2 and reply["targets"]["decode"] == 3
+    reply = d.scale({"threads": 256})
+    assert (reply["threads"], reply["previous_threads"]) == (256, 2)
+    assert d.view()["threads"] == 256
+    synced = d.sync({"targets": {"prefill": 1, "decode": 2, "mixed": 0}, "threads": 1, "slots": []})
+    assert synced["threads"] == 256  # the router's target wins over the supervisor's once it has one
+
+
+def test_a_new_router_takes_the_supervisors_threads_target() -> None:
+    d = Deployment(dispatcher())
+    assert d.sync({"targets": {"mixed": 2}, "threads": 3, "slots": []})["threads"] == 3
+    d = Deployment(dispatcher())
+    assert d.sync({"targets": {"mixed": 2}, "threads": None, "slots": []})["threads"] is None
+
+
+def test_set_threads_reaches_the_registered_worker_and_its_reported_count_is_shown() -> None:
+    d = deployment(mixed=2)
+    sent: list[tuple[str, object]] = []
+    d.dispatcher.channel.send = lambda wid, m: sent.append((wid, m)) or True  # type: ignore[method-assign]
+    reply = d.sync({"slots": [], "set_threads": {"mixed-0": 2, "gone": 2, "mixed-1": 0}})
+    assert sent == [("mixed-0", p.SetThreads(2))]  # unknown workers and bad counts are dropped
+    assert [w["threads"] for w in reply["workers"]] == [0, 0]  # nothing reported yet
+    reg = d.dispatcher.registry
+    reg.heartbeat("mixed-0", p.WorkerLoad(threads=2))
+    reply = d.sync({"slots": []})
+    assert {w["worker_id"]: w["threads"] for w in reply["workers"]} == {"mixed-0": 2, "mixed-1": 0}
+    metrics = RouterMetrics()
+    metrics.attach(d.dispatcher)
+    text = metrics.render().decode()
+    assert 'pdserve_worker_threads{role="mixed",worker="mixed-0"} 2.0' in text
+
+
+def _busy(load: p.WorkerLoad, threads: int, steps: int) -> p.WorkerLoad:
+    """``load`` after ``steps`` more prefill and decode steps (0.1 s each), at ``threads``."""
+    return p.WorkerLoad(
+        num_prefill_tokens=load.num_prefill_tokens + 100 * steps,
+        prefill_busy_s=load.prefill_busy_s + 0.1 * steps,
+        num_prefill_steps=load.num_prefill_steps + steps, num_decode_steps=load.num_decode_steps + steps,
+        decode_busy_s=load.decode_busy_s + 0.1 * steps, num_decode_seqs=load.num_decode_seqs + 2 * steps,
+        threads=threads,
+    )
+
+
+def test_a_changed_thread_count_drops_the_workers_measured_speed_but_not_its_queue() -> None:
+    reg = Registry()
+    reg.add(WorkerInfo("mixed-0", Role.MIXED, "tiny", 1, "h", 128, 16, 8, None, threads=1))
+    info = reg.get("mixed-0")
+    assert info is not None
+    load = _busy(p.WorkerLoad(), 1, 0)
+    for _ in range(3):
+        load = _busy(load, 1, 5)
+        reg.heartbeat("mixed-0", load)
+    assert info.perf.prefill_rate_tps == pytest.approx(1000) and info.perf.decode_step_s is not None
+    info.perf.charge(500, 0.0)
+    load = _busy(load, 2, 5)  # a heartbeat that reports 2 threads now
+    reg.heartbeat("mixed-0", load)
+    assert info.threads == 2 and info.perf.prefill_rate_tps is None and info.perf.decode_step_s is None
+    assert info.perf.prefill_fit.weight == 0 and info.perf.queued_prefill_tokens == 500
+    load = _busy(load, 2, 5)  # learned afresh from the next interval on
+    reg.heartbeat("mixed-0", load)
+    assert info.perf.prefill_rate_tps == pytest.approx(1000)
+    reg.heartbeat("mixed-0", _busy(load, 2, 5))  # the same count again: nothing forgotten
+    assert info.perf.prefill_rate_tps == pytest.approx(1000) and info.perf.decode_step_s is not None
