@@ -96,3 +96,30 @@ def test_a_mixed_worker_takes_both_sides_and_its_own_requests(router: Any) -> No
     finally:
         mixed.close()
         decode.close()
+
+
+def test_set_threads_changes_torch_threads_and_the_heartbeat_reports_them(router: Any) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    w = worker(router, Role.MIXED, "t")
+    try:
+        torch.set_num_threads(1)
+        w.register()
+        [registered] = [m for m in replies(router) if isinstance(m, p.Register)]
+        assert registered.threads == 1 and w.load().threads == 1
+        router.send_multipart([b"t", p.encode(p.SetThreads(2))])  # as the router sends it
+        deadline = time.monotonic() + 10
+        while torch.get_num_threads() != 2 and time.monotonic() < deadline:
+            w._drain_messages()  # what the worker's loop does between steps
+            time.sleep(0.01)
+        assert torch.get_num_threads() == 2 and w.load().threads == 2  # what every heartbeat carries
+        w._handle(p.SetThreads(0))  # a bad count is ignored
+        assert torch.get_num_threads() == 2
+        w._handle(p.Flip("prefill"))
+        w._finish_flip(Role.PREFILL)  # nothing to drain: a flip keeps the thread count
+        [again] = [m for m in replies(router) if isinstance(m, p.Register)]
+        assert again.role == "prefill" and again.threads == 2 and torch.get_num_threads() == 2
+    finally:
+        w.close()
+        torch.set_num_threads(before)
