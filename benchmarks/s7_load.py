@@ -181,8 +181,6 @@ SHAPES: dict[str, list[str]] = {
         "aggregated",
         "--mixed",
         "2",
-        "--threads-per-worker",
-        "1",
         "--planner",
         "slo",
         "--max-cores",

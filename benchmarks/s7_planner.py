@@ -7,7 +7,7 @@ HTTP by ``pdserve bench``'s load generator in this process:
   agg:     aggregated, 1 mixed worker × 2 threads;
   agg2:    aggregated, 2 mixed workers × 1 thread;
   disagg:  1 prefill + 1 decode worker × 1 thread;
-  planner: ``--planner slo --max-cores 2`` (one-thread workers), started as agg2.
+  planner: ``--planner slo --max-cores 2`` (it chooses the workers and their threads), started as agg2.
 
 Workload (the same seeded requests for every configuration), ``--load``
 (s7_load.py): ``classic`` (S7's first run): ``chat`` → ``summarization``

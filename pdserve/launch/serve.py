@@ -10,6 +10,7 @@ supervises until SIGINT/SIGTERM.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import secrets
@@ -17,6 +18,8 @@ import secrets
 from pdserve.launch.base import Backend, WorkerSpec
 from pdserve.launch.supervisor import Supervisor, SupervisorConfig
 from pdserve.planner import options as planner_options
+from pdserve.planner import thread_scaling
+from pdserve.planner.planner import PlannerConfig
 from pdserve.planner.runner import PlannerRunner
 
 logger = logging.getLogger(__name__)
@@ -98,7 +101,7 @@ def build_supervisor(args: argparse.Namespace, backend: Backend) -> Supervisor:
     num_workers = sum(want.values())
     threads = args.threads_per_worker or max((os.cpu_count() or 1) // num_workers, 1)
     if getattr(args, "planner", "none") == "slo":  # every worker the planner starts gets the same share
-        threads = planner_options.budget(args)[1]
+        threads = planner_options.start_threads(args, num_workers)
 
     def make_spec(worker_id: str, role: str, router: str) -> WorkerSpec:
         return WorkerSpec(
@@ -130,6 +133,21 @@ def _flips_keep_placement(args: argparse.Namespace) -> bool:
     return len(placements) == 1
 
 
+def with_thread_scaling(planner: PlannerConfig, args: argparse.Namespace, counts: list[int]) -> PlannerConfig:
+    """``planner`` with the thread-scaling table measured now, before any worker starts (the
+    machine is quiet); without one (a GPU, a failure) the workers keep their threads."""
+    print(f"measuring {args.model}'s speed at {', '.join(map(str, counts))} threads for the planner ...",
+          flush=True)
+    table = thread_scaling.measure(worker_args(args), counts)
+    if table is None:
+        print("no thread-scaling table: the planner keeps each worker's threads", flush=True)
+        return planner
+    for t, s in sorted(table.speeds.items()):
+        print(f"  {t} thread(s): prefill {s.prefill_tps:.0f} tokens/s, decode step {s.step_s * 1e3:.1f} ms "
+              f"+ {s.per_seq_s * 1e3:.2f} ms per sequence", flush=True)
+    return dataclasses.replace(planner, thread_scaling=table)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start, print the ready line, supervise until a signal; returns the exit code."""
     args.mixed = targets(args)["mixed"]  # the mode's default when not given
@@ -140,6 +158,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}")
         return 2
     runner: PlannerRunner | None = None
+    if planner is not None and (counts := planner_options.thread_counts(args)):
+        planner = with_thread_scaling(planner, args, counts)
     try:
         supervisor.stop_on_signals()
         supervisor.start()

@@ -27,6 +27,7 @@ def decision_inputs(
     ttft90, itl90 = sig.measured_p90(ttft_slo_s)
     return {
         "arrival_rate": round(sig.arrival_rate, 4),
+        "threads": sig.actual.threads,
         "num_requests": len(sig.requests),
         "num_inflight": len(sig.inflight),
         "prompt_mean": mean(lengths),

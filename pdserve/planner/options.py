@@ -7,6 +7,7 @@ import os
 
 from pdserve.config import SchedulerConfig
 from pdserve.planner.planner import PlannerConfig
+from pdserve.planner.thread_scaling import ThreadScaling
 
 
 def add_planner_args(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,13 @@ def add_planner_args(parser: argparse.ArgumentParser) -> None:
     )
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--max-workers", type=int, default=None, help="budget: most workers at once")
-    budget.add_argument("--max-cores", type=int, default=None, help="budget: most cores (workers × threads)")
+    budget.add_argument(
+        "--max-cores",
+        type=int,
+        default=None,
+        help="budget: most cores (workers × threads); without --threads-per-worker the planner also "
+        "chooses each worker's threads (measured at start-up, docs/planner.md)",
+    )
     g.add_argument("--min-workers", type=int, default=1, help="the floor (zero traffic goes here)")
     g.add_argument("--interval", type=float, default=10.0, help="seconds between decisions")
     g.add_argument(
@@ -98,8 +105,28 @@ def budget(args: argparse.Namespace) -> tuple[int, int]:
     return workers, args.threads_per_worker or max(cores // workers, 1)
 
 
-def planner_config(args: argparse.Namespace) -> PlannerConfig:
-    """The :class:`PlannerConfig` of ``serve``'s options; raises ValueError on bad ones."""
+def chooses_threads(args: argparse.Namespace) -> bool:
+    """The planner chooses the workers' threads: a core budget and no fixed ``--threads-per-worker``."""
+    return getattr(args, "planner", "none") == "slo" and bool(args.max_cores) and not args.threads_per_worker
+
+
+def start_threads(args: argparse.Namespace, num_workers: int) -> int:
+    """Threads of each worker the planner's deployment starts with: the core budget shared by the
+    initial workers when the planner chooses threads, else the budget's fixed share."""
+    if chooses_threads(args):
+        return max(args.max_cores // max(num_workers, 1), 1)
+    return budget(args)[1]
+
+
+def thread_counts(args: argparse.Namespace) -> list[int]:
+    """The thread counts to measure when the planner chooses threads: 1 up to the core budget
+    (at most this host's cores)."""
+    return list(range(1, min(args.max_cores, os.cpu_count() or 1) + 1)) if chooses_threads(args) else []
+
+
+def planner_config(args: argparse.Namespace, thread_scaling: ThreadScaling | None = None) -> PlannerConfig:
+    """The :class:`PlannerConfig` of ``serve``'s options (``thread_scaling``: the measured table
+    when the planner chooses threads); raises ValueError on bad ones."""
     if args.ttft_ms is None or args.itl_ms is None:
         raise ValueError("--planner slo needs --ttft-ms and --itl-ms")
     if args.interval <= 0:
@@ -110,6 +137,7 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig:
     initial = args.mixed if args.mode == "aggregated" else args.prefill + args.decode
     if initial > max_workers:
         raise ValueError(f"the initial shape has {initial} workers, more than the budget of {max_workers}")
+    choose = chooses_threads(args)
     return PlannerConfig(
         ttft_per_token_s=(getattr(args, "ttft_per_token_ms", 0.0) or 0.0) / 1000,
         max_gap_s=None if getattr(args, "max_gap_ms", None) is None else args.max_gap_ms / 1000,
@@ -121,6 +149,8 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig:
         attainment_target=args.attainment,
         down_intervals=max(args.down_intervals, 1),
         ready_timeout_s=args.ready_timeout,
+        max_cores=args.max_cores if choose else None,
+        thread_scaling=thread_scaling if choose else None,
         **{k: getattr(args, k) for k in TUNING if getattr(args, k, None) is not None},
     )
 

@@ -9,8 +9,12 @@
    target set back to what is ready) once ``ready_timeout_s`` passed;
 2. predicts every candidate shape within the budget
    (:func:`~pdserve.planner.predict.predict`): all-mixed (aggregated) with
-   1..N workers, and every P+D split of 2..N workers;
-3. picks the cheapest shape meeting both SLOs (fewest workers; among equals
+   1..N workers, and every P+D split of 2..N workers; with a core budget and
+   a measured :class:`~pdserve.planner.thread_scaling.ThreadScaling`, at every
+   thread count per worker that fits (``1M×2t``, ``2M×1t``, ``1P+1D×1t`` on
+   two cores), each predicted with the speeds measured at the thread count in
+   place scaled by the table;
+3. picks the cheapest shape meeting both SLOs (fewest cores; among equals
    the current shape, then aggregated, then the best predicted attainment),
    or, when none does, the most attaining one at the budget (``over_capacity``:
    the router sheds early then);
@@ -41,6 +45,7 @@ from pdserve.planner.inputs import decision_inputs
 from pdserve.planner.measured import MeasuredRecord, measured_veto, observe, revisit_veto
 from pdserve.planner.predict import DECODE_SMOOTHING, Prediction, Speeds, measure_speeds, predict
 from pdserve.planner.signals import MIN_ONSET, Shape, Signals
+from pdserve.planner.thread_scaling import ThreadScaling
 
 HOLD, SCALE_UP, SCALE_DOWN, RESHAPE, WAIT, GIVE_UP = (
     "hold",
@@ -60,6 +65,10 @@ class PlannerConfig:
     Attributes:
         ttft_slo_s, itl_slo_s: the SLOs (TTFT; mean gap between a request's tokens).
         max_workers: the budget (``--max-workers``, or ``--max-cores`` / threads per worker).
+        max_cores: a core budget within which the planner also chooses each worker's threads
+            (workers × threads ≤ this; None: the threads stay as the workers were started).
+        thread_scaling: the speeds per thread count measured on this machine; with ``max_cores``
+            its counts up to ``max_cores`` are the thread counts the planner may choose.
         min_workers: the floor (zero traffic goes here).
         attainment_target: share of requests that must be predicted within both SLOs.
         max_utilization: no pool planned busier than this.
@@ -113,6 +122,15 @@ class PlannerConfig:
     load_tolerance: float = 1.0
     record_intervals: int = 12
     prediction_drift: float = 0.2
+    max_cores: int | None = None
+    thread_scaling: ThreadScaling | None = None
+
+    @property
+    def thread_options(self) -> tuple[int, ...]:
+        """The threads per worker the planner chooses from (empty: it does not choose them)."""
+        if self.max_cores is None or self.thread_scaling is None:
+            return ()
+        return tuple(t for t in self.thread_scaling.threads if t <= self.max_cores)
 
     def __post_init__(self) -> None:
         if self.ttft_slo_s <= 0 or self.itl_slo_s <= 0:
@@ -129,6 +147,8 @@ class PlannerConfig:
             raise ValueError("need 0 < decode_smoothing <= 1, min_onset >= 2, over_capacity_gain >= 0")
         if self.load_tolerance <= 0 or self.record_intervals < 1 or self.prediction_drift <= 0:
             raise ValueError("need load_tolerance > 0, record_intervals >= 1 and prediction_drift > 0")
+        if self.max_cores is not None and self.max_cores < self.min_workers:
+            raise ValueError(f"max_cores ({self.max_cores}) is below min_workers ({self.min_workers})")
         if not (self.allow_aggregated or (self.allow_disaggregated and self.max_workers >= 2)):
             raise ValueError("no candidate shape: allow aggregated shapes or a budget of 2+ workers")
 
@@ -149,6 +169,8 @@ class PlannerState:
     record: MeasuredRecord = field(default_factory=MeasuredRecord)
     #: the shape in place (targets reached, nothing starting) and since when
     in_place: tuple[Shape, float] | None = None
+    #: the threads per worker ``speeds`` were measured at (0: not known)
+    speeds_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,14 +211,32 @@ class Decision:
 
 
 def candidates(cfg: PlannerConfig) -> list[Shape]:
-    """Every shape within the budget, cheapest first."""
+    """Every shape within the budget, cheapest (fewest cores) first."""
     out: list[Shape] = []
-    for n in range(cfg.min_workers, cfg.max_workers + 1):
-        if cfg.allow_aggregated:
-            out.append(Shape(mixed=n))
-        if cfg.allow_disaggregated:
-            out.extend(Shape(prefill=p, decode=n - p) for p in range(1, n))
-    return out
+    for t in cfg.thread_options or (0,):
+        most = min(cfg.max_workers, cfg.max_cores // t) if t and cfg.max_cores else cfg.max_workers
+        for n in range(cfg.min_workers, most + 1):
+            if cfg.allow_aggregated:
+                out.append(Shape(mixed=n, threads=t))
+            if cfg.allow_disaggregated:
+                out.extend(Shape(prefill=p, decode=n - p, threads=t) for p in range(1, n))
+    return sorted(out, key=lambda s: s.cores)
+
+
+def _at_threads(sig: Signals, cfg: PlannerConfig) -> Signals:
+    """``sig`` with the thread counts the planner reasons about: none unless it chooses them."""
+    if cfg.thread_options:
+        return sig
+    return dataclasses.replace(sig, targets=dataclasses.replace(sig.targets, threads=0),
+                               actual=dataclasses.replace(sig.actual, threads=0))
+
+
+def _speeds_for(state: PlannerState, cfg: PlannerConfig, speeds: Speeds, shape: Shape) -> Speeds:
+    """The speeds a worker of ``shape`` would have: ``speeds`` (measured at ``state.speeds_threads``)
+    scaled to the shape's threads by the measured table."""
+    if cfg.thread_scaling is None or not shape.threads or not state.speeds_threads:
+        return speeds
+    return cfg.thread_scaling.scale(speeds, state.speeds_threads, shape.threads)
 
 
 def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
@@ -204,7 +244,13 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     now = sig.taken_s
     if sig.min_onset != cfg.min_onset:
         sig = dataclasses.replace(sig, min_onset=cfg.min_onset)
+    sig = _at_threads(sig, cfg)
+    threads_now = sig.actual.threads
+    if cfg.thread_scaling is not None and state.speeds is not None and threads_now and state.speeds_threads:
+        # the workers' threads changed: what was carried over is re-based on the new count
+        state.speeds = cfg.thread_scaling.scale(state.speeds, state.speeds_threads, threads_now)
     state.speeds = speeds = measure_speeds(sig, state.speeds, cfg.decode_smoothing, cfg.chunk_tokens)
+    state.speeds_threads = threads_now or state.speeds_threads
     state.arrivals.append(sig.arrival_rate)
     inputs = decision_inputs(sig, speeds, cfg.ttft_slo_s, cfg.itl_slo_s, cfg.ttft_per_token_s, cfg.max_gap_s)
     current = sig.targets
@@ -243,7 +289,7 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         return predict(
             shape,
             sig,
-            speeds,
+            _speeds_for(state, cfg, speeds, shape),
             cfg.ttft_slo_s,
             cfg.itl_slo_s,
             attainment_target=cfg.attainment_target,
@@ -261,13 +307,13 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     meeting = [p for p in preds if p.meets]
 
     def rank(p: Prediction) -> tuple[int, int, int, float]:
-        return (p.shape.workers, p.shape != current, p.shape.mixed == 0, -p.attainment)
+        return (p.shape.cores, p.shape != current, p.shape.mixed == 0, -p.attainment)
 
     over = not meeting
     if meeting:
         best = min(meeting, key=rank)
     else:
-        top = [p for p in preds if p.shape.workers == max(q.shape.workers for q in preds)]
+        top = [p for p in preds if p.shape.cores == max(q.shape.cores for q in preds)]
         best = max(top, key=lambda p: (p.attainment, -p.utilization, p.shape == current))
     shown = tuple(sorted(preds, key=rank)[:6])
     current_meets = now_pred is not None and now_pred.meets
@@ -282,12 +328,12 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
             shown,
             over,
         )
-    if best.shape.workers > current.workers or not current_meets:
+    if best.shape.cores > current.cores or not current_meets:
         if (
             over
             and now_pred is not None
             and now_pred.attainment + cfg.over_capacity_gain > best.attainment
-            and best.shape.workers <= current.workers
+            and best.shape.cores <= current.cores
         ):
             state.down_streak = 0
             return make(
@@ -295,7 +341,7 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
                 f"by {cfg.over_capacity_gain:.0%} or more", now_pred, shown, over
             )
         state.down_streak = 0
-        action = SCALE_UP if best.shape.workers > current.workers else RESHAPE
+        action = SCALE_UP if best.shape.cores > current.cores else RESHAPE
         veto = _revisit_veto(state, sig, cfg, best.shape) if action == RESHAPE else None
         if veto is None and action == RESHAPE and now_pred is not None:
             veto = measured_veto(state.record, now_pred, best, over_capacity=over,
@@ -316,7 +362,7 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
                 over,
             ),
         )
-    if best.shape.workers == current.workers:
+    if best.shape.cores == current.cores:
         state.down_streak = 0
         return make(HOLD, current, f"{current} meets the SLOs; {best.shape} costs the same", now_pred, shown)
     # Smaller: never while the current shape measures misses, then hysteresis, then the N-1 check.

@@ -22,6 +22,7 @@ unit tests feed it recorded snapshots); :func:`read` fetches them;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -42,11 +43,12 @@ MIN_ONSET = 8
 
 @dataclass(frozen=True)
 class Shape:
-    """Workers per pool."""
+    """Workers per pool, and the torch threads of each (0: not set by the planner)."""
 
     prefill: int = 0
     decode: int = 0
     mixed: int = 0
+    threads: int = 0
 
     @property
     def workers(self) -> int:
@@ -54,13 +56,20 @@ class Shape:
         return self.prefill + self.decode + self.mixed
 
     @property
+    def cores(self) -> int:
+        """What the shape costs: workers × threads (workers when the threads are not set)."""
+        return self.workers * max(self.threads, 1)
+
+    @property
     def servable(self) -> bool:
         """A request can be served: a mixed worker, or a prefill and a decode worker."""
         return self.mixed > 0 or (self.prefill > 0 and self.decode > 0)
 
     def targets(self) -> dict[str, int]:
-        """The body of a ``POST /pdserve/scale``: every pool, so P and D change in one step."""
-        return {"prefill": self.prefill, "decode": self.decode, "mixed": self.mixed}
+        """The body of a ``POST /pdserve/scale``: every pool, so P and D change in one step, and the
+        threads per worker when set."""
+        body = {"prefill": self.prefill, "decode": self.decode, "mixed": self.mixed}
+        return body | ({"threads": self.threads} if self.threads else {})
 
     @classmethod
     def of(cls, counts: Mapping[str, Any] | None) -> Shape:
@@ -70,9 +79,10 @@ class Shape:
 
     def __str__(self) -> str:
         if self.prefill == self.decode == 0:
-            return f"{self.mixed}M"
-        text = f"{self.prefill}P+{self.decode}D"
-        return text + (f"+{self.mixed}M" if self.mixed else "")
+            text = f"{self.mixed}M"
+        else:
+            text = f"{self.prefill}P+{self.decode}D" + (f"+{self.mixed}M" if self.mixed else "")
+        return text + (f"×{self.threads}t" if self.threads else "")
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class WorkerSignal:
     kv_usage: float = 0.0
     prefill_rate_tps: float | None = None
     draining: bool = False
+    threads: int = 0  # its torch threads as it reports them (0: not reported)
 
 
 @dataclass(frozen=True)
@@ -290,6 +301,7 @@ def parse(
                 kv_usage=(1.0 - free / total) if total > 0 else 0.0,
                 prefill_rate_tps=rate,
                 draining=bool(w.get("draining")),
+                threads=int(w.get("threads") or 0),
             )
         )
     return assemble(every, workers, workers_view.get("deployment") or {}, now_s=now_s, window_s=window_s,
@@ -318,9 +330,13 @@ def assemble(
         if pools
         else Shape.of({p: sum(1 for w in workers if w.role == p and not w.draining) for p in POOLS})
     )
+    serving = {w.threads for w in workers if not w.draining}
+    threads = serving.pop() if len(serving) == 1 else 0  # 0 while the workers' counts differ
+    actual = dataclasses.replace(actual, threads=threads)
     targets = Shape.of({p: (pools.get(p) or {}).get("target") for p in POOLS}) if pools else actual
     if targets.workers == 0:
         targets = actual
+    targets = dataclasses.replace(targets, threads=int(deployment.get("threads") or threads))
     slots = deployment.get("workers") or []
     rates = [w.prefill_rate_tps for w in workers if w.prefill_rate_tps and w.role in ("prefill", "mixed")]
     return Signals(

@@ -139,3 +139,27 @@ def test_load_shift_moves_capacity_to_prefill_and_back(tmp_path: Path) -> None:
         assert any(r.get("planner", {}).get("action") == "scale_down" for r in records)
     finally:
         assert stop(served) == 0
+
+
+def test_core_budget_lets_the_planner_weigh_thread_counts(tmp_path: Path) -> None:
+    """``--max-cores 2`` without fixed threads: ``serve`` measures the model at 1 and 2 threads
+    before starting workers, and every decision weighs ``1M×2t`` beside the one-thread shapes,
+    reading the workers' own thread counts."""
+    served = serve(tmp_path, "--mode", "aggregated", "--mixed", "2", "--threads-per-worker", "0",
+                   "--planner", "slo", "--ttft-ms", "2000", "--itl-ms", "1000", "--max-cores", "2",
+                   "--interval", "1", "--planner-window", "4")
+    try:
+        url = served.url
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (history := planner(url)["history"]):
+            assert time.monotonic() < deadline, "no planner decision"
+            time.sleep(0.5)
+        last = history[-1]
+        shapes = {c["shape"] for c in last["candidates"]}
+        assert {"1M×2t", "2M×1t", "1P+1D×1t"} <= shapes, shapes
+        assert last["inputs"]["threads"] == 1  # two workers on two cores start with one thread each
+        assert "threads" in last["current"] and last["current"]["threads"] == 1
+    finally:
+        assert stop(served) == 0
+    out = served.log.read_text()
+    assert "1 thread(s): prefill" in out and "2 thread(s): prefill" in out
