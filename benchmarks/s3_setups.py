@@ -16,12 +16,13 @@ from pdserve.launch.local import LaunchConfig
 MODEL = "bench-50m"
 
 
-#: The planner's deployment (``pdserve serve``; the SLO of the run is appended): the 2-core budget in
-#: one-thread workers, started as agg2, re-planned every 5 s.
-PLANNER_SERVE = ["--model", MODEL, "--mode", "aggregated", "--mixed", "2", "--planner", "slo", "--max-cores", "2",
-                 "--interval", "5", "--ready-timeout", "600"]
-PLANNER_DESCRIPTION = ("planner: pdserve serve --planner slo --max-cores 2 (it chooses workers and their threads), "
-                       "started as agg2, re-planned every 5 s against this run's SLO, kept running across the rates")
+#: The planner's deployment (``pdserve serve``; the SLO of the run is appended): the 2-core budget, the
+#: planner choosing the workers and their threads, started as agg2, re-planned every 5 s.
+PLANNER_SERVE = ["--model", MODEL, "--mode", "aggregated", "--mixed", "2", "--planner", "slo",
+                 "--max-cores", "2", "--interval", "5", "--ready-timeout", "600"]
+PLANNER_DESCRIPTION = ("planner: pdserve serve --planner slo --max-cores 2 (it chooses the workers and their "
+                       "threads), started as agg2, re-planned every 5 s against this run's SLO, kept running "
+                       "across the rates")
 
 
 def setups(args: argparse.Namespace) -> dict[str, Setup]:
