@@ -251,7 +251,19 @@ def planner_report(o: Outcome | None, goodput: float | None) -> dict[str, Any]:
     acted = [d for d in history if d.get("action") not in ("hold", "wait")]
     return {"measured": True, "goodput_rate_per_s": goodput, "serve_args": PLANNER_SERVE,
             "num_decisions": len(history), "actions": [f"{d['action']}->{d.get('shape')}" for d in acted],
-            "final_target": history[-1].get("target") if history else None}
+            "final_target": history[-1].get("target") if history else None,
+            "acted": [_evidence(d) for d in acted]}
+
+
+def _evidence(d: dict[str, Any]) -> dict[str, Any]:
+    """One planner action with what it was decided on: the load, and each candidate's prediction."""
+    inputs = d.get("inputs") or {}
+    return {"at_unix_s": d.get("at_unix_s"), "action": d.get("action"), "shape": d.get("shape"),
+            "reason": d.get("reason"),
+            "inputs": {k: inputs.get(k) for k in ("arrival_rate", "threads", "prompt_mean", "prefill_tps",
+                                                  "step_s", "per_seq_s", "attainment")},
+            "candidates": [{k: c.get(k) for k in ("shape", "attainment", "ttft_p90_s", "itl_s", "meets")}
+                           for c in d.get("candidates") or []]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

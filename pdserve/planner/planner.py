@@ -15,7 +15,9 @@
    two cores), each predicted with the speeds measured at the thread count in
    place scaled by the table;
 3. picks the cheapest shape meeting both SLOs (fewest cores; among equals
-   the current shape, then aggregated, then the best predicted attainment),
+   the current shape, then aggregated, then the best predicted attainment,
+   then the most headroom: the lowest of predicted TTFT p90 and ITL over
+   their SLOs),
    or, when none does, the most attaining one at the budget (``over_capacity``:
    the router sheds early then);
 4. acts at once when that needs more workers, or when the current shape is
@@ -306,8 +308,12 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         state.record.note_prediction(current, now, now_pred.attainment)
     meeting = [p for p in preds if p.meets]
 
-    def rank(p: Prediction) -> tuple[int, int, int, float]:
-        return (p.shape.cores, p.shape != current, p.shape.mixed == 0, -p.attainment)
+    def rank(p: Prediction) -> tuple[int, int, int, float, float]:
+        # the last term, among shapes of equal cost, kind and attainment: the most headroom (S3:
+        # 2M×1t and 1M×2t both predicted at 100 %, and the first listed was taken; one two-thread
+        # worker's prefill is twice as fast, its TTFT p90 half)
+        headroom = max(p.ttft_p90_s / cfg.ttft_slo_s, p.itl_s / cfg.itl_slo_s)
+        return (p.shape.cores, p.shape != current, p.shape.mixed == 0, -p.attainment, headroom)
 
     over = not meeting
     if meeting:

@@ -155,3 +155,13 @@ def test_a_core_budget_without_fixed_threads_lets_the_planner_choose() -> None:
     assert not options.chooses_threads(fixed) and options.thread_counts(fixed) == []
     assert options.planner_config(fixed, TABLE).thread_options == ()
     assert options.planner_config(serve_args("--max-workers", "2"), TABLE).thread_options == ()
+
+
+def test_a_scale_up_between_equally_attaining_shapes_takes_the_most_headroom() -> None:
+    """1M×1t misses; 2M×1t and 1M×2t (two cores each) are both predicted at 100 %: the one of the
+    lower TTFT p90 against its SLO wins (before, whichever was listed first: 2M×1t)."""
+    sig = load(1.0, 500, 20, Shape(mixed=1), [1], prefill_tps=1000.0)
+    d = pl.decide(sig, pl.PlannerState(), config(ttft_slo_s=0.8))
+    meeting = {str(c.shape): c for c in d.candidates if c.meets}
+    assert meeting["2M×1t"].attainment == meeting["1M×2t"].attainment == 1.0
+    assert d.action == pl.SCALE_UP and d.target == Shape(mixed=1, threads=2), d.reason
