@@ -15,9 +15,9 @@
    two cores), each predicted with the speeds measured at the thread count in
    place scaled by the table;
 3. picks the cheapest shape meeting both SLOs (fewest cores; among equals
-   the current shape, then aggregated, then the best predicted attainment,
-   then the most headroom: the lowest of predicted TTFT p90 and ITL over
-   their SLOs),
+   the current shape, then aggregated, then the best predicted attainment to
+   the point, then the most headroom: the lowest of predicted TTFT p90 and ITL
+   over their SLOs),
    or, when none does, the most attaining one at the budget (``over_capacity``:
    the router sheds early then);
 4. acts at once when that needs more workers, or when the current shape is
@@ -309,11 +309,11 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     meeting = [p for p in preds if p.meets]
 
     def rank(p: Prediction) -> tuple[int, int, int, float, float]:
-        # the last term, among shapes of equal cost, kind and attainment: the most headroom (S3:
-        # 2M×1t and 1M×2t both predicted at 100 %, and the first listed was taken; one two-thread
-        # worker's prefill is twice as fast, its TTFT p90 half)
+        # Among shapes of equal cost and kind, attainment counts to the point (a window's few dozen
+        # requests tell no finer), then the most headroom. S3: 2M×1t (100 %, TTFT p90 805 ms of
+        # 883) was taken over 1M×2t (99.99 %, 467 ms), and missed 16 s later.
         headroom = max(p.ttft_p90_s / cfg.ttft_slo_s, p.itl_s / cfg.itl_slo_s)
-        return (p.shape.cores, p.shape != current, p.shape.mixed == 0, -p.attainment, headroom)
+        return (p.shape.cores, p.shape != current, p.shape.mixed == 0, -round(p.attainment, 2), headroom)
 
     over = not meeting
     if meeting:

@@ -165,3 +165,19 @@ def test_a_scale_up_between_equally_attaining_shapes_takes_the_most_headroom() -
     meeting = {str(c.shape): c for c in d.candidates if c.meets}
     assert meeting["2M×1t"].attainment == meeting["1M×2t"].attainment == 1.0
     assert d.action == pl.SCALE_UP and d.target == Shape(mixed=1, threads=2), d.reason
+
+
+def test_attainment_counts_to_the_point_before_headroom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3's scale-up: 2M×1t predicted at 100 % with its TTFT p90 near the SLO, 1M×2t at 99.99 %
+    with half of it. Below a point of attainment the headroom decides."""
+    made = {Shape(mixed=1, threads=1): (0.80, 0.93), Shape(mixed=2, threads=1): (1.0, 0.80),
+            Shape(mixed=1, threads=2): (0.9999, 0.47), Shape(prefill=1, decode=1, threads=1): (0.5, 0.9)}
+
+    def fake(shape: Shape, *args: object, **kw: object) -> pl.Prediction:
+        attainment, ttft = made[shape]
+        return pl.Prediction(shape, ttft, 0.01, attainment, 0.5, attainment >= 0.9)
+
+    monkeypatch.setattr(pl, "predict", fake)
+    sig = load(0.5, 300, 20, Shape(mixed=1), [1], prefill_tps=1000.0)
+    d = pl.decide(sig, pl.PlannerState(), config(ttft_slo_s=0.883))
+    assert d.action == pl.SCALE_UP and d.target == Shape(mixed=1, threads=2), d.reason
