@@ -33,6 +33,9 @@ What the simulated processes do (the only modelled part):
   ``Flip``, one hop) finishes what it has, then registers in its new role
   ``flip_s`` later, with a fresh cache (a real flip keeps the weights and
   rebuilds the cache);
+* a worker sent ``SetThreads`` (one hop) steps from then on with the step
+  model measured at that thread count (``thread_templates``: the profile
+  taken with that many threads), and reports the count in its heartbeats;
 * a request the router cannot place (no worker takes new requests, e.g.
   while the only one flips) gets the dispatcher's 503.
 
@@ -52,13 +55,13 @@ from pdserve.launch.base import WorkerSpec
 from pdserve.launch.supervisor import Supervisor, SupervisorConfig
 from pdserve.planner.planner import Decision, PlannerConfig, PlannerState, decide
 from pdserve.planner.runner import shed_limit
-from pdserve.planner.signals import MAX_TRACES, RequestSample, Signals, WorkerSignal, assemble
+from pdserve.planner.signals import Signals
 from pdserve.request import Request
 from pdserve.router.admission import Admission, Ticket
 from pdserve.router.deployment import Deployment
 from pdserve.router.errors import APIError
 from pdserve.router.planner_board import PlannerBoard
-from pdserve.router.registry import WorkerInfo
+from pdserve.sim.elastic_signals import planner_signals
 from pdserve.sim.link import Link
 from pdserve.sim.sim_processes import DispatcherStandIn, SimBackend, SimChannel, SimProcess
 from pdserve.sim.simulator import Simulator
@@ -69,8 +72,6 @@ from pdserve.sim.worker import SimWorker
 #: seconds from ``pdserve scale`` to the first request served by a new process, and by a flipped worker.
 START_S = 5.7
 FLIP_S = 0.65
-#: The router's trace buffer (``pdserve/router/server.py``: ``keep=1000``).
-TRACE_KEEP = 1000
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class ElasticConfig:
         start_s: a new worker registers this long after it is started.
         flip_s: a drained worker registers in its new role this long after its last request.
         sync_interval_s: the supervisor's pass (its ``sync_interval_s``).
+        base_threads: the threads ``templates`` were measured at (0: not known).
+        thread_templates: the pool specs measured at other thread counts, by count (a worker started
+            with, or set to, a count found here steps with its spec's step model).
     """
 
     planner: PlannerConfig
@@ -94,6 +98,12 @@ class ElasticConfig:
     start_s: float = START_S
     flip_s: float = FLIP_S
     sync_interval_s: float = 0.25
+    base_threads: int = 0
+    thread_templates: Mapping[int, Mapping[Role, PoolSpec]] = field(default_factory=dict)
+
+    def template(self, role: Role, threads: int) -> PoolSpec:
+        """The pool spec of a ``role`` worker computing with ``threads`` threads."""
+        return self.thread_templates.get(threads, {}).get(role) or self.templates[role]
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.window_s <= 0 or self.sync_interval_s <= 0:
@@ -131,13 +141,15 @@ class PlannedSimulator(Simulator):
         self.processes: dict[str, SimProcess] = {}
         self.retired: list[SimWorker] = []
         self._tickets: dict[str, Ticket] = {}
-        self._ends: list[tuple[float, str]] = []  # (when the router saw it end, request id)
+        self.ends: list[tuple[float, str]] = []  # (when the router saw it end, request id)
         self._prefill_start: dict[str, float] = {}
-        self._prefill_s: dict[str, float] = {}
+        self.prefill_times: dict[str, float] = {}  # each prompt's prefill, as the worker times it
         targets = {role.value: len(ws) for role, ws in self.workers.items()}
         sup = SupervisorConfig(targets=targets, launcher="sim", sync_interval_s=elastic.sync_interval_s)
         self.supervisor = Supervisor(sup, SimBackend(self), lambda wid, role, _: WorkerSpec(wid, role, []),
                                      link=lambda _url, body: self.deployment.sync(body))
+        for w in self.by_id.values():
+            w.threads = elastic.base_threads
         self._launching = True
         self.supervisor.launch(0.0)  # slots for the workers that are up at the start
         self._launching = False
@@ -198,61 +210,13 @@ class PlannedSimulator(Simulator):
     # -- what the planner reads -----------------------------------------------------------------
 
     def signals(self) -> Signals:
-        """What the router's three answers would give the planner now."""
-        now = self.now_s
-        ended: list[RequestSample] = []
-        for end_s, rid in reversed(self._ends):
-            if end_s > now:
-                continue
-            ended.append(self._sample(rid))
-            if len(ended) >= min(TRACE_KEEP, MAX_TRACES):
-                break
-        ended.reverse()
-        workers = [self._worker_signal(w) for w in self.router.registry.all()]
-        inflight = [  # arrived, not ended: what ``/pdserve/traces?inflight=true`` adds
-            RequestSample(rec.sent_s, rec.num_prompt_tokens, rec.num_output_tokens, rec.ttft_s, None, None,
-                          0.0, None, False)
-            for rec in self._records.values() if rec.e2e_s is None and rec.error_type is None
-        ]
-        return assemble(ended, workers, self.deployment.view(), now_s=now, window_s=self.elastic.window_s,
-                        inflight=inflight)
+        """What the router's three answers would give the planner now (:mod:`pdserve.sim.elastic_signals`)."""
+        return planner_signals(self)
 
-    def _sample(self, rid: str) -> RequestSample:
-        """One ended request as the router traces it (``signals.sample_of``'s figures)."""
-        rec = self._records[rid]
-        tokens, ttft = rec.num_output_tokens, rec.ttft_s
-        itl = None
-        if ttft is not None and rec.e2e_s is not None and tokens >= 2:
-            itl = max(rec.chunk_s[-1] - ttft, 0.0) / (tokens - 1)
-        gaps = [b - a for a, b in zip(rec.chunk_s, rec.chunk_s[1:], strict=False)]
-        return RequestSample(
-            arrived_s=rec.sent_s,
-            prompt_tokens=rec.num_prompt_tokens,
-            output_tokens=tokens,
-            ttft_s=ttft,
-            itl_s=itl,
-            prefill_s=self._prefill_s.get(rid),
-            # the router's own work before placing it, the request's hop and the first token's
-            overhead_s=self.config.request_overhead_s + 2 * self.config.hop_s,
-            e2e_s=rec.e2e_s,
-            ok=rec.error_type is None and rec.e2e_s is not None,
-            max_gap_s=max(gaps) if gaps else None,
-        )
-
-    @staticmethod
-    def _worker_signal(w: WorkerInfo) -> WorkerSignal:
-        """A registered worker as the router's ``/metrics`` shows it."""
-        load = w.load
-        total = load.num_total_blocks
-        return WorkerSignal(
-            worker_id=w.worker_id,
-            role=w.role.value,
-            running=load.num_running,
-            waiting=load.num_waiting + load.num_waiting_for_kv,
-            kv_usage=(1.0 - load.num_free_blocks / total) if total > 0 else 0.0,
-            prefill_rate_tps=w.perf.prefill_rate_tps or None,
-            draining=w.draining,
-        )
+    @property
+    def records(self) -> dict[str, RequestRecord]:
+        """Every request's record so far, by request id."""
+        return self._records
 
     # -- requests: admission, 503, timing --------------------------------------------------------
 
@@ -283,7 +247,7 @@ class PlannedSimulator(Simulator):
         ticket = self._tickets.pop(rid, None)
         if ticket is not None:
             ticket.release()
-        self._ends.append((t_s, rid))
+        self.ends.append((t_s, rid))
 
     def _kick(self, worker: SimWorker) -> None:
         super()._kick(worker)
@@ -294,14 +258,15 @@ class PlannedSimulator(Simulator):
 
     def _emit(self, rid: str, t_s: float, request: Request) -> None:
         if self._records[rid].ttft_s is None and rid in self._prefill_start:
-            self._prefill_s[rid] = max(t_s - self.config.hop_s - self._prefill_start.pop(rid), 0.0)
+            self.prefill_times[rid] = max(t_s - self.config.hop_s - self._prefill_start.pop(rid), 0.0)
         super()._emit(rid, t_s, request)
 
     # -- processes -------------------------------------------------------------------------------
 
-    def start_process(self, worker_id: str, role: str) -> SimProcess:
+    def start_process(self, worker_id: str, role: str, threads: int = 0) -> SimProcess:
         """The backend starts a worker: up at once at launch, else ``start_s`` later."""
         proc = SimProcess(self, worker_id, role)
+        proc.threads = threads or self.elastic.base_threads
         self.processes[worker_id] = proc
         if self._launching and worker_id in self.by_id:
             proc.up = True
@@ -312,14 +277,15 @@ class PlannedSimulator(Simulator):
     def _register(self, proc: SimProcess) -> None:
         if proc.exit_code is not None or self.processes.get(proc.name) is not proc:
             return  # stopped before it was up
-        self._add_worker(proc.name, Role(proc.role))
+        self._add_worker(proc.name, Role(proc.role), proc.threads)
         proc.up = True
 
-    def _add_worker(self, worker_id: str, role: Role) -> SimWorker:
-        pool = self.elastic.templates[role]
+    def _add_worker(self, worker_id: str, role: Role, threads: int) -> SimWorker:
+        pool = self.elastic.template(role, threads)
         c = self.config
         w = SimWorker(worker_id, role, pool.scheduler or c.scheduler, pool.num_blocks, c.block_size,
                       c.enable_prefix_caching, c.max_model_len, pool.step_model, pool.co_location, pool.host)
+        w.threads = threads
         self.workers.setdefault(role, []).append(w)
         self.by_id[worker_id] = w
         if pool.link is not None:
@@ -348,6 +314,21 @@ class PlannedSimulator(Simulator):
                 proc.flip_to = role
         self.deliver(w, self.now_s + self.config.hop_s, receive)
 
+    def set_threads(self, worker_id: str, threads: int) -> None:
+        """The router sent ``SetThreads``: one hop later, between its steps, the worker computes with
+        the step model of that thread count (a count without a profile keeps its model)."""
+        proc, w = self.processes.get(worker_id), self.by_id.get(worker_id)
+        if proc is None or w is None or threads < 1:
+            return
+
+        def receive() -> None:
+            if self.by_id.get(worker_id) is not w:
+                return  # it left or flipped meanwhile (a flip keeps the process's threads)
+            pool = self.elastic.template(w.role, threads)
+            w.step_model, w.co_location, w.threads = pool.step_model, pool.co_location, threads
+            proc.threads = threads
+        self.deliver(w, self.now_s + self.config.hop_s, receive)
+
     def drained(self, worker_id: str) -> bool:
         """The worker has nothing left: no request, no reservation, no KV held, none in flight."""
         w = self.by_id.get(worker_id)
@@ -374,7 +355,7 @@ class PlannedSimulator(Simulator):
         role, proc.flip_to, proc.flip_done_at = proc.flip_to, None, None
         self._retire(proc.name)  # a fresh cache, a new epoch: the router drops the old entries
         proc.role = role
-        self._add_worker(proc.name, Role(role))
+        self._add_worker(proc.name, Role(role), proc.threads)
 
     def leave(self, proc: SimProcess) -> None:
         """The process exited: the router forgets the worker."""

@@ -2,9 +2,9 @@
 
 The real :class:`~pdserve.launch.supervisor.Supervisor` drives these as it drives local processes
 or Ray actors (:mod:`pdserve.launch.base`'s contract); the real
-:class:`~pdserve.router.deployment.Deployment` sends ``Flip`` through :class:`SimChannel`. What a
-process does — registering after its start time, draining, flipping — is the :class:`Host`'s
-(the :class:`~pdserve.sim.elastic.PlannedSimulator`).
+:class:`~pdserve.router.deployment.Deployment` sends ``Flip`` and ``SetThreads`` through
+:class:`SimChannel`. What a process does — registering after its start time, draining, flipping,
+changing its threads — is the :class:`Host`'s (the :class:`~pdserve.sim.elastic.PlannedSimulator`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pdserve.worker import protocol as p
 class Host(Protocol):
     """What the simulated processes need of the simulator."""
 
-    def start_process(self, worker_id: str, role: str) -> SimProcess:
-        """Start a worker process (it registers later)."""
+    def start_process(self, worker_id: str, role: str, threads: int = 0) -> SimProcess:
+        """Start a worker process with ``threads`` (0: the profile's) torch threads (it registers later)."""
 
     def check_drained(self, proc: SimProcess) -> None:
         """A draining process that has finished exits (or completes its flip)."""
@@ -31,6 +31,9 @@ class Host(Protocol):
 
     def flip(self, worker_id: str, role: str) -> None:
         """The router sent the worker ``Flip``."""
+
+    def set_threads(self, worker_id: str, threads: int) -> None:
+        """The router sent the worker ``SetThreads``."""
 
 
 class SimProcess:
@@ -43,6 +46,7 @@ class SimProcess:
         self.flip_to: str | None = None  # received a Flip: drains, then changes role
         self.flip_done_at: float | None = None
         self.exit_code: int | None = None
+        self.threads = 0  # torch threads it computes with
 
     def poll(self) -> int | None:
         """None while it runs (starting, serving, draining, flipping), else its exit code."""
@@ -95,8 +99,8 @@ class SimBackend:
         return SimRouterProcess()
 
     def start_worker(self, spec: WorkerSpec) -> SimProcess:
-        """A worker process of ``spec``'s id and role (the host registers it after its start time)."""
-        return self.sim.start_process(spec.worker_id, spec.role)
+        """A worker process of ``spec``'s id, role and threads (the host registers it after its start)."""
+        return self.sim.start_process(spec.worker_id, spec.role, spec.threads)
 
     def close(self) -> None:
         pass
@@ -104,14 +108,17 @@ class SimBackend:
 
 @dataclass
 class SimChannel:
-    """The dispatcher's channel to the workers, as :class:`Deployment` uses it (``Flip``)."""
+    """The dispatcher's channel to the workers, as :class:`Deployment` uses it (``Flip``, ``SetThreads``)."""
 
     sim: Host
 
     def send(self, worker_id: str, message: p.Message) -> bool:
-        """Deliver ``Flip`` to the worker (other messages are not the deployment's)."""
+        """Deliver ``Flip`` or ``SetThreads`` to the worker (other messages are not the deployment's)."""
         if isinstance(message, p.Flip):  # reaches the worker one hop later, read between its steps
             self.sim.flip(worker_id, message.role)
+            return True
+        if isinstance(message, p.SetThreads):
+            self.sim.set_threads(worker_id, message.threads)
             return True
         return False
 

@@ -96,6 +96,7 @@ class SimWorker:
         self.step_model = step_model
         self.co_location = co_location  # None: its steps never slow down for other workers
         self.host = host
+        self.threads = 0  # torch threads its step model was measured at, as its heartbeat reports them
         self.pending: deque[Request] = deque()
         self.num_deferred = 0  # reservations that found no room (KVIntake.num_deferred)
         self.busy = False
@@ -215,5 +216,5 @@ class SimWorker:
             num_decode_seqs=self.num_decode_seqs,
             prefix_query_tokens=stats.prefix_query_tokens, prefix_hit_tokens=stats.prefix_hit_tokens,
             num_deferred_reservations=self.num_deferred, num_gate_waits=s.num_gate_waits,
-            num_prefix_waits=s.num_prefix_waits,
+            num_prefix_waits=s.num_prefix_waits, threads=self.threads,
         )
