@@ -56,8 +56,9 @@ def test_long_prompts_move_two_workers_to_one_with_two_threads() -> None:
     assert moved["target"] == Shape(mixed=1, threads=2).targets() and moved["inputs"]["threads"] == 1
     (worker,) = sim.by_id.values()
     assert worker.threads == 2 and worker.step_model is STEP2
-    assert sim.router.registry.get(worker.worker_id).threads == 2  # its heartbeats report them
-    assert [w.worker_id for w in sim.retired] == ["mixed-0"] or [w.worker_id for w in sim.retired] == ["mixed-1"]
+    info = sim.router.registry.get(worker.worker_id)
+    assert info is not None and info.threads == 2  # its heartbeats report them
+    assert [w.worker_id for w in sim.retired] in (["mixed-0"], ["mixed-1"])  # stopped, not restarted
     # after the change the prompts meet the SLO: the last decisions measure it
     assert result.planner[-1]["inputs"]["attainment"] >= 0.9
     assert result.planner[-1]["current"] == {"prefill": 0, "decode": 0, "mixed": 1, "threads": 2}
