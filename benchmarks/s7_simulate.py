@@ -52,8 +52,9 @@ def sim_args(config: str, slo: ServiceSLO, args: argparse.Namespace) -> argparse
         "--seed",
         str(args.seed),
     ]
-    if config == "planner":
-        argv += [*planner_slo_args(slo), "--interval", str(args.interval)]
+    if config == "planner":  # it chooses the workers' threads too: a profile of each count
+        argv += [*planner_slo_args(slo), "--interval", str(args.interval), "--thread-profile",
+                 f"2={PROFILES[2]}"]
     parser = argparse.ArgumentParser()
     add_simulate_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
