@@ -150,6 +150,27 @@ class MeasuredRecord:
         return out
 
 
+def measured_miss(record: MeasuredRecord, current: Prediction | None, target: float) -> Prediction | None:
+    """The prediction of the shape in place replaced by what it measured, when the model says it
+    meets the SLOs and its record at this load says it does not (None otherwise).
+
+    The other half of :func:`measured_veto`: there the record overrules a predicted miss, here a
+    predicted success. S7 surge, document phase (22:30): 1M×2t predicted at 91-99 % in every
+    window while it measured 29-69 % in five of them, and the planner held it through the phase
+    (78 % against 1P+1D's 100 % as a static shape). Not used when the model's attainment for it
+    now is more than ``drift`` away from its mean over the record (the load changed), nor on one
+    interval's window alone (a burst of long prompts reads low in one window and passes).
+    """
+    if current is None or not current.meets or len(record.shapes.get(current.shape, ())) < 2:
+        return None
+    measured = record.attainment(current.shape)
+    before = record.predicted(current.shape)
+    if measured is None or measured >= target or (before is not None and abs(current.attainment - before)
+                                                 > record.drift):
+        return None
+    return dataclasses.replace(current, attainment=measured, meets=False)
+
+
 def measured_veto(
     record: MeasuredRecord,
     current: Prediction,

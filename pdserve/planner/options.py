@@ -120,8 +120,9 @@ def start_threads(args: argparse.Namespace, num_workers: int) -> int:
 
 def thread_counts(args: argparse.Namespace) -> list[int]:
     """The thread counts to measure when the planner chooses threads: 1 up to the core budget
-    (at most this host's cores)."""
-    return list(range(1, min(args.max_cores, os.cpu_count() or 1) + 1)) if chooses_threads(args) else []
+    (at most this host's cores); none when that leaves one count (nothing to choose)."""
+    counts = list(range(1, min(args.max_cores, os.cpu_count() or 1) + 1)) if chooses_threads(args) else []
+    return counts if len(counts) > 1 else []
 
 
 def planner_config(args: argparse.Namespace, thread_scaling: ThreadScaling | None = None) -> PlannerConfig:

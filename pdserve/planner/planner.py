@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.planner.inputs import decision_inputs
-from pdserve.planner.measured import MeasuredRecord, measured_veto, observe, revisit_veto
+from pdserve.planner.measured import MeasuredRecord, measured_miss, measured_veto, observe, revisit_veto
 from pdserve.planner.predict import DECODE_SMOOTHING, Prediction, Speeds, measure_speeds, predict
 from pdserve.planner.signals import MIN_ONSET, Shape, Signals
 from pdserve.planner.thread_scaling import ThreadScaling
@@ -306,6 +306,10 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     now_pred = run(current) if current.servable else None
     if now_pred is not None:
         state.record.note_prediction(current, now, now_pred.attainment)
+    contradicted = measured_miss(state.record, now_pred, cfg.attainment_target)
+    if contradicted is not None:  # the shape in place is judged by what it measured here
+        preds = [contradicted if p.shape == current else p for p in preds]
+        now_pred = contradicted
     meeting = [p for p in preds if p.meets]
 
     def rank(p: Prediction) -> tuple[int, int, int, float, float]:
@@ -355,6 +359,8 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         if veto is not None:
             return make(HOLD, current, f"no reshape: {veto}", now_pred, shown, over)
         why = "predicted to miss the SLOs" if not current_meets else "needs more capacity"
+        if contradicted is not None:
+            why = f"measures {contradicted.attainment:.0%} at this load (predicted to meet the SLOs)"
         return _act(
             state,
             make(

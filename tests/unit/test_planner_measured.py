@@ -168,3 +168,28 @@ def test_the_record_expires_and_is_bounded() -> None:
     rec.update(200.0, 0.5, 300.0)
     assert not rec.shapes  # older than max_age_s
     assert rec.update(210.0, 0.0, 0.0) is False  # empty: nothing to move from
+
+
+def test_a_shape_that_measures_misses_is_left_though_predicted_to_meet(model: Model) -> None:
+    """S7 surge, document phase (22:30): the shape in place predicted at 91-99 % in every window
+    while it measured 29-69 % in five of them, and the planner held it to the end of the phase.
+    Now its record at this load overrules the prediction, as it overrules a predicted miss."""
+    state, cfg = pl.PlannerState(), config()
+    state.in_place = (M2, 0.0)
+    model.table = {M1: (0.0, False), M2: (0.97, True), PD: (0.98, True)}
+    t = 100.0
+    first = pl.decide(signals(t, M2, 0.5, 600, 0.6), state, cfg)
+    assert first.action == pl.HOLD  # one window is not judged alone
+    for _ in range(3):
+        t += 10
+        d = pl.decide(signals(t, M2, 0.5, 600, 0.6), state, cfg)
+        if d.action != pl.HOLD:
+            break
+    assert d.action == pl.RESHAPE and d.target == PD, d.reason
+    assert "measures 60% at this load" in d.reason
+    # measuring within the target, the prediction stands: no move
+    state2 = pl.PlannerState()
+    state2.in_place = (M2, 0.0)
+    for i in range(4):
+        kept = pl.decide(signals(100.0 + 10 * i, M2, 0.5, 600, 0.95), state2, cfg)
+        assert kept.action == pl.HOLD, kept.reason

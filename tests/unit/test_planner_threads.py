@@ -149,6 +149,7 @@ def test_a_core_budget_without_fixed_threads_lets_the_planner_choose() -> None:
     assert options.chooses_threads(args)
     assert options.start_threads(args, 2) == 1 and options.start_threads(args, 1) == 2
     assert options.thread_counts(args)[0] == 1
+    assert options.thread_counts(serve_args("--max-cores", "1")) == []  # one count: nothing to choose
     cfg = options.planner_config(args, TABLE)
     assert cfg.max_cores == 2 and cfg.thread_options == (1, 2)
     fixed = serve_args("--max-cores", "2", "--threads-per-worker", "1")
