@@ -43,6 +43,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.planner.candidates import at_threads, candidates, speeds_for
+from pdserve.planner.decision import Decision
 from pdserve.planner.inputs import decision_inputs
 from pdserve.planner.measured import MeasuredRecord, measured_miss, measured_veto, observe, revisit_veto
 from pdserve.planner.predict import DECODE_SMOOTHING, Prediction, Speeds, measure_speeds, predict
@@ -175,78 +177,12 @@ class PlannerState:
     speeds_threads: int = 0
 
 
-@dataclass(frozen=True)
-class Decision:
-    """One interval's decision, with its inputs and predictions (see :meth:`as_dict`)."""
-
-    at_s: float
-    action: str
-    current: Shape
-    target: Shape
-    reason: str
-    inputs: dict[str, Any]
-    chosen: Prediction | None
-    candidates: tuple[Prediction, ...] = ()
-    over_capacity: bool = False
-    given_up: tuple[str, ...] = ()
-
-    @property
-    def changes(self) -> bool:
-        """The target differs from the current one (a scale call is due)."""
-        return self.target != self.current
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready, for the router's history, ``/metrics`` and the trace log."""
-        return {
-            "at_unix_s": round(self.at_s, 3),
-            "action": self.action,
-            "current": self.current.targets(),
-            "target": self.target.targets(),
-            "shape": str(self.target),
-            "reason": self.reason,
-            "inputs": self.inputs,
-            "predicted": None if self.chosen is None else self.chosen.as_dict(),
-            "candidates": [c.as_dict() for c in self.candidates],
-            "over_capacity": self.over_capacity,
-            "given_up": list(self.given_up),
-        }
-
-
-def candidates(cfg: PlannerConfig) -> list[Shape]:
-    """Every shape within the budget, cheapest (fewest cores) first."""
-    out: list[Shape] = []
-    for t in cfg.thread_options or (0,):
-        most = min(cfg.max_workers, cfg.max_cores // t) if t and cfg.max_cores else cfg.max_workers
-        for n in range(cfg.min_workers, most + 1):
-            if cfg.allow_aggregated:
-                out.append(Shape(mixed=n, threads=t))
-            if cfg.allow_disaggregated:
-                out.extend(Shape(prefill=p, decode=n - p, threads=t) for p in range(1, n))
-    return sorted(out, key=lambda s: s.cores)
-
-
-def _at_threads(sig: Signals, cfg: PlannerConfig) -> Signals:
-    """``sig`` with the thread counts the planner reasons about: none unless it chooses them."""
-    if cfg.thread_options:
-        return sig
-    return dataclasses.replace(sig, targets=dataclasses.replace(sig.targets, threads=0),
-                               actual=dataclasses.replace(sig.actual, threads=0))
-
-
-def _speeds_for(state: PlannerState, cfg: PlannerConfig, speeds: Speeds, shape: Shape) -> Speeds:
-    """The speeds a worker of ``shape`` would have: ``speeds`` (measured at ``state.speeds_threads``)
-    scaled to the shape's threads by the measured table."""
-    if cfg.thread_scaling is None or not shape.threads or not state.speeds_threads:
-        return speeds
-    return cfg.thread_scaling.scale(speeds, state.speeds_threads, shape.threads)
-
-
 def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     """One interval's decision (see the module docstring); updates ``state``."""
     now = sig.taken_s
     if sig.min_onset != cfg.min_onset:
         sig = dataclasses.replace(sig, min_onset=cfg.min_onset)
-    sig = _at_threads(sig, cfg)
+    sig = at_threads(sig, cfg)
     threads_now = sig.actual.threads
     if cfg.thread_scaling is not None and state.speeds is not None and threads_now and state.speeds_threads:
         # the workers' threads changed: what was carried over is re-based on the new count
@@ -291,7 +227,7 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         return predict(
             shape,
             sig,
-            _speeds_for(state, cfg, speeds, shape),
+            speeds_for(cfg.thread_scaling, state.speeds_threads, speeds, shape),
             cfg.ttft_slo_s,
             cfg.itl_slo_s,
             attainment_target=cfg.attainment_target,

@@ -26,7 +26,8 @@ from collections.abc import Callable
 import httpx
 
 from pdserve.planner import signals
-from pdserve.planner.planner import Decision, PlannerConfig, PlannerState, decide
+from pdserve.planner.decision import Decision
+from pdserve.planner.planner import PlannerConfig, PlannerState, decide
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,8 @@ from pdserve.bench.metrics import RequestRecord
 from pdserve.config import Role
 from pdserve.launch.base import WorkerSpec
 from pdserve.launch.supervisor import Supervisor, SupervisorConfig
-from pdserve.planner.planner import Decision, PlannerConfig, PlannerState, decide
+from pdserve.planner.decision import Decision
+from pdserve.planner.planner import PlannerConfig, PlannerState, decide
 from pdserve.planner.runner import shed_limit
 from pdserve.planner.signals import Signals
 from pdserve.request import Request
