@@ -1,4 +1,4 @@
-"""The shapes a planner decision weighs: every one within the budget, with the speeds of its threads.
+"""The shapes a planner decision weighs: every one within the budget.
 
 With a core budget and a measured thread table (:mod:`pdserve.planner.thread_scaling`) a shape is
 workers × threads (all workers of a shape at one count) and costs cores; without, the threads are
@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from pdserve.planner.predict import Speeds
 from pdserve.planner.signals import Shape, Signals
-from pdserve.planner.thread_scaling import ThreadScaling
 
 if TYPE_CHECKING:
     from pdserve.planner.planner import PlannerConfig
@@ -39,10 +37,3 @@ def at_threads(sig: Signals, cfg: PlannerConfig) -> Signals:
     return dataclasses.replace(sig, targets=dataclasses.replace(sig.targets, threads=0),
                                actual=dataclasses.replace(sig.actual, threads=0))
 
-
-def speeds_for(table: ThreadScaling | None, measured_at: int, speeds: Speeds, shape: Shape) -> Speeds:
-    """The speeds a worker of ``shape`` would have: ``speeds`` (measured at ``measured_at`` threads;
-    0: not known) scaled to the shape's threads by the measured ``table``."""
-    if table is None or not shape.threads or not measured_at:
-        return speeds
-    return table.scale(speeds, measured_at, shape.threads)

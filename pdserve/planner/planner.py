@@ -43,7 +43,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.planner.candidates import at_threads, candidates, speeds_for
+from pdserve.planner.candidates import at_threads, candidates
 from pdserve.planner.decision import Decision
 from pdserve.planner.inputs import decision_inputs
 from pdserve.planner.measured import MeasuredRecord, measured_miss, measured_veto, observe, revisit_veto
@@ -183,10 +183,10 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
     if sig.min_onset != cfg.min_onset:
         sig = dataclasses.replace(sig, min_onset=cfg.min_onset)
     sig = at_threads(sig, cfg)
-    threads_now = sig.actual.threads
-    if cfg.thread_scaling is not None and state.speeds is not None and threads_now and state.speeds_threads:
+    threads_now, table = sig.actual.threads, cfg.thread_scaling
+    if table is not None and state.speeds is not None:
         # the workers' threads changed: what was carried over is re-based on the new count
-        state.speeds = cfg.thread_scaling.scale(state.speeds, state.speeds_threads, threads_now)
+        state.speeds = table.scale(state.speeds, state.speeds_threads, threads_now)
     state.speeds = speeds = measure_speeds(sig, state.speeds, cfg.decode_smoothing, cfg.chunk_tokens)
     state.speeds_threads = threads_now or state.speeds_threads
     state.arrivals.append(sig.arrival_rate)
@@ -227,7 +227,7 @@ def decide(sig: Signals, state: PlannerState, cfg: PlannerConfig) -> Decision:
         return predict(
             shape,
             sig,
-            speeds_for(cfg.thread_scaling, state.speeds_threads, speeds, shape),
+            speeds if table is None else table.scale(speeds, state.speeds_threads, shape.threads),
             cfg.ttft_slo_s,
             cfg.itl_slo_s,
             attainment_target=cfg.attainment_target,

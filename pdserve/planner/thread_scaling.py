@@ -70,7 +70,7 @@ class ThreadScaling:
 
     def scale(self, speeds: Speeds, from_threads: int, to_threads: int) -> Speeds:
         """``speeds`` measured at ``from_threads``, predicted at ``to_threads`` (unchanged when
-        either count was not measured)."""
+        the counts are equal or either was not measured, 0 among them: not known)."""
         a, b = self.speeds.get(from_threads), self.speeds.get(to_threads)
         if a is None or b is None or from_threads == to_threads:
             return speeds

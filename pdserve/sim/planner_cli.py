@@ -78,16 +78,17 @@ def elastic_config(args: argparse.Namespace, build: Callable[[argparse.Namespace
 def _thread_templates(args: argparse.Namespace, every_role: argparse.Namespace,
                       build: Callable[[argparse.Namespace], tuple[SimConfig, Any]]
                       ) -> tuple[int, dict[int, dict[Role, PoolSpec]]]:
-    """(--profile's thread count, a worker of each role per ``--thread-profile``); raises
-    ConfigError where the planner could not choose threads with them."""
+    """(--profile's thread count, a worker of each role per ``--thread-profile``); (0, {}) without
+    ``--thread-profile`` (the threads are not the planner's then); raises ConfigError where the
+    planner could not choose threads with them."""
     from pdserve.sim.profile import load_profile
 
-    base = int(load_profile(args.profile, args.model).machine.get("threads") or 0) if args.profile else 0
     if not args.thread_profile:
-        return base, {}
+        return 0, {}  # (build_config has read --profile already; nothing here needs its threads)
     if not args.profile or not planner_options.chooses_threads(args):
         raise ConfigError("--thread-profile needs --profile, --max-cores and no --threads-per-worker "
                           "(the planner chooses the threads only then)")
+    base = int(load_profile(args.profile, args.model).machine.get("threads") or 0)
     out: dict[int, dict[Role, PoolSpec]] = {}
     for item in args.thread_profile:
         count, _, path = item.partition("=")
