@@ -7,6 +7,7 @@ import random
 
 import pytest
 from test_planner import WINDOW, trace
+from test_planner_options import serve_args as option_args
 
 from pdserve.planner import options
 from pdserve.planner import planner as pl
@@ -133,15 +134,8 @@ def test_workers_threads_ignored_when_the_planner_does_not_choose_them() -> None
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    p.add_argument("--mode", default="aggregated")
-    p.add_argument("--mixed", type=int, default=2)
-    p.add_argument("--prefill", type=int, default=1)
-    p.add_argument("--decode", type=int, default=1)
-    p.add_argument("--threads-per-worker", type=int, default=0)
-    p.add_argument("--ready-timeout", type=float, default=60.0)
-    options.add_planner_args(p)
-    return p.parse_args(["--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40", *argv])
+    """``serve``'s options of a planner started as 2M (test_planner_options' parser)."""
+    return option_args("--mixed", "2", "--planner", "slo", "--ttft-ms", "500", "--itl-ms", "40", *argv)
 
 
 def test_a_core_budget_without_fixed_threads_lets_the_planner_choose() -> None:

@@ -125,14 +125,19 @@ def make(targets: dict[str, int], **config: Any) -> tuple[Supervisor, FakeBacken
 def started(targets: dict[str, int], **config: Any) -> tuple[Supervisor, FakeBackend, FakeRouterLink]:
     """A supervisor whose initial workers all registered."""
     sup, backend, link = make(targets, **config)
+    launch_all(sup, backend, link)
+    assert all(s.state == "ready" for s in sup.slots)
+    return sup, backend, link
+
+
+def launch_all(sup: Supervisor, backend: FakeBackend, link: FakeRouterLink) -> None:
+    """Start the router and a slot per initial worker; every worker registers; one pass."""
     sup.router = backend.start_router(["--port", "0"], {})
     for role, n in sup.targets.items():
         for _ in range(n):
             sup._add_slot(role)
     link.register_all()
     sup.step(now=0.0)
-    assert all(s.state == "ready" for s in sup.slots)
-    return sup, backend, link
 
 
 def states(sup: Supervisor) -> dict[str, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_supervisor import FakeBackend, FakeRouterLink, states
+from test_supervisor import FakeBackend, FakeRouterLink, launch_all, states
 
 from pdserve.launch.base import WorkerSpec
 from pdserve.launch.supervisor import Supervisor, SupervisorConfig
@@ -59,12 +59,7 @@ def started(targets: dict[str, int], threads: int) -> tuple[Supervisor, FakeBack
         return WorkerSpec(worker_id, role, args, threads=threads)
 
     sup = Supervisor(SupervisorConfig(targets=targets, port=0), backend, spec, link)
-    sup.router = backend.start_router(["--port", "0"], {})
-    for role, n in sup.targets.items():
-        for _ in range(n):
-            sup._add_slot(role)
-    link.register_all()
-    sup.step(now=0.0)
+    launch_all(sup, backend, link)
     assert all(s.state == "ready" and s.threads == threads for s in sup.slots)
     return sup, backend, link
 
