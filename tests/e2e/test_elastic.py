@@ -223,19 +223,24 @@ def test_scale_down_under_16_streams_fails_no_request(served: Served) -> None:
     at_shape(served, prefill=2, decode=2)
     results: list[tuple[str, str | None, object]] = []
     lock = threading.Lock()
+    streaming = threading.Semaphore(0)  # released once per stream at its first token
 
     def client(i: int) -> None:
-        r = stream(served, f"load {i}", 96)
+        r = stream(served, f"load {i}", 384, lambda n: streaming.release() if n == 1 else None)
         with lock:
             results.append(r)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
-    wait_for(served, lambda d: d["num_inflight"] >= 8, "streams did not start")
+    # Watched from the client side: polling the router's in-flight count could miss short streams.
+    for _ in range(8):
+        assert streaming.acquire(timeout=TIMEOUT_S), "streams did not start"
     url = f"{served.url}/pdserve/scale"
     reply = httpx.post(url, json={"prefill": 1, "decode": 1}, headers=AUTH, timeout=10)
     assert reply.status_code == 200
+    with lock:
+        assert len(results) < 16  # the pools shrank under load, not after it
     for t in threads:
         t.join(timeout=TIMEOUT_S)
     assert len(results) == 16
