@@ -151,7 +151,7 @@ def _measure_serving(args: argparse.Namespace, config: Any, step_model: Any, thr
     from pdserve.engine.engine import resolve_max_model_len
     from pdserve.modelspec.arch import load_arch_config
     from pdserve.sim.deploy import DTYPE_BYTES, profile_num_blocks
-    from pdserve.sim.serving import ServedModel, measure_serving
+    from pdserve.sim.serving_probe import ServedModel, measure_serving
 
     arch = load_arch_config(args.model)
     blocks = profile_num_blocks(arch, args.dtype, args.block_size, args.kv_cache_mib << 20, args.num_blocks)

@@ -7,7 +7,7 @@ per-output work (a ``Tokens`` message per request and step) and the
 router's streaming of each token back (detokenisation, an SSE event) — on a
 small CPU machine the last two compete with the worker's own threads.
 
-How it is measured (:func:`measure_serving`): a real deployment (router + one
+How it is measured (:func:`pdserve.sim.serving_probe.measure_serving`): a real deployment (router + one
 mixed worker with the profile's engine options and threads, started as
 ``pdserve serve`` starts them) serves a few requests one at a time on the
 otherwise idle machine, through the bench's HTTP client. The same requests
@@ -15,24 +15,34 @@ otherwise idle machine, through the bench's HTTP client. The same requests
 one worker with the fitted step model and no overhead. Then
 (:func:`derive_overhead`):
 
-- ``per_token_s`` = median over requests of (measured − simulated) typical
-  inter-token time (the median gap between streamed tokens, so that a step
-  stretched by another request's prompt does not count): the cost of one
-  sampled token beyond its step;
+- ``per_token_s`` = the served worker loop's median time between two busy
+  steps after a step that sampled one row, read from the worker's own step
+  log (:func:`pdserve.worker.step_log.loop_gap`): sending the row's
+  ``Tokens`` message, reading the socket, scheduling — what the engine timed
+  alone never pays; ``per_row_s`` = what that gap adds per further sampled
+  row (the requests' :data:`BATCH` sent together give such steps);
 - ``first_token_s`` = median of (measured − simulated) TTFT, less
   ``per_token_s`` (the first token pays that too): the cost before the first
-  token;
-- then :data:`BATCH` requests are sent together (they decode as one batch):
-  ``per_row_s`` = (their median inter-token gap − ``per_token_s``) /
-  (batch − 1), the cost of each further row a step samples.
+  token.
 
-``first_token_s`` and ``per_row_s`` are clamped at 0; ``per_token_s`` keeps its sign:
-negative, the served worker's steps are faster than the profiled engine's
-(the step model is corrected down by it, a step's time never below 0) —
-clamped at 0 it would drop exactly that evidence. With a KV link profiled, the same is done on a
-router + 1 prefill + 1 decode worker with every request handed off: the
-hand-off overhead (the reservation round trip, the gate, the "done" notice,
-the decode worker's loop).
+Why not the served streams' own pace (the estimator before, still recorded as
+``probe_per_token_s``: the median gap between streamed tokens, served −
+simulated): it folds in the probe worker's own speed, and a process's speed
+differs from the next one's by ±8 % on this machine (the same batch-1 decode
+step: 7.8–8.9 ms in six fresh processes). Two profiles taken 15 minutes
+apart measured −1.15 and +0.18 ms per token with it, while the served
+workers of the S8 run beside the first stepped at the model's speed
+(0.96–0.99×): a correction taken from one process added another process's
+noise to every simulated step. The loop's gap differs far less between
+processes (0.22–0.27 ms in that run's four one-thread workers). Profiles
+without ``per_token_method`` hold the old figure (used as it is).
+
+``first_token_s`` and ``per_row_s`` are clamped at 0; an old profile's
+``per_token_s`` may be negative (the step model corrected down by it, a
+step's time never below 0). With a KV link profiled, the same is done on a
+router + 1 prefill + 1 decode worker with every request handed off (the
+decode worker's loop; the hand-off overhead: the reservation round trip, the
+gate, the "done" notice).
 
 Where the simulator puts them: ``first_token_s`` of the mixed worker is the
 router's per-request work (``SimConfig.request_overhead_s``, before
@@ -46,19 +56,19 @@ other worker's with the mixed worker's
 
 from __future__ import annotations
 
-import asyncio
-import math
 import random
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pdserve.bench.metrics import RequestRecord
 from pdserve.config import Role, SchedulerConfig
-from pdserve.sim.link import LinkModel
 from pdserve.sim.spec import PoolSpec
 from pdserve.sim.step_model import StepModel, StepShape
+
+if TYPE_CHECKING:
+    from pdserve.worker.step_log import LoopGap
 
 #: Requests served to measure the overhead (after one warm-up), and their lengths.
 NUM_REQUESTS = 9
@@ -76,6 +86,8 @@ LOADED_RATE = 4.0
 LOADED_ESTIMATOR = "unqueued-median"
 #: Fewer unqueued loaded requests than this: no loaded figure beyond the idle one.
 MIN_UNQUEUED = 3
+#: ``per_token_method`` of profiles whose per-token figures are the served worker loop's gap.
+PER_TOKEN_METHOD = "loop-gap"
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,10 @@ class ServingOverhead:
             predicts for those arrivals; None in profiles taken before it was measured.
         loaded_estimator: how ``first_token_loaded_s`` was estimated: :data:`LOADED_ESTIMATOR`, or ""
             for the queue-biased median of profiles taken before it (not used: see :attr:`per_request_s`).
+        per_token_method: :data:`PER_TOKEN_METHOD` when ``per_token_s``/``per_row_s`` are the served
+            worker loop's gap (its step log); "" in older profiles (the streams' pace, see the module doc).
+        probe_per_token_s: the streams' pace estimate (served − simulated median gap between tokens),
+            recorded for the reader, not used: it includes the probe process's own speed.
     """
 
     first_token_s: float
@@ -103,6 +119,8 @@ class ServingOverhead:
     method: str = ""
     first_token_loaded_s: float | None = None
     loaded_estimator: str = ""
+    per_token_method: str = ""
+    probe_per_token_s: float | None = None
 
     @property
     def loaded_usable(self) -> bool:
@@ -123,7 +141,9 @@ class ServingOverhead:
                 "per_row_s": self.per_row_s, "num_requests": self.num_requests, "method": self.method,
                 **({"first_token_loaded_s": self.first_token_loaded_s,
                     "first_token_loaded_estimator": self.loaded_estimator}
-                   if self.first_token_loaded_s is not None else {})}
+                   if self.first_token_loaded_s is not None else {}),
+                **({"per_token_method": self.per_token_method, "probe_per_token_s": self.probe_per_token_s}
+                   if self.per_token_method else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServingOverhead:
@@ -132,7 +152,8 @@ class ServingOverhead:
         return cls(float(data["first_token_s"]), float(data["per_token_s"]),
                    float(data.get("per_row_s", 0.0)), int(data.get("num_requests", 0)),
                    str(data.get("method", "")), None if loaded is None else float(loaded),
-                   str(data.get("first_token_loaded_estimator", "")))
+                   str(data.get("first_token_loaded_estimator", "")), str(data.get("per_token_method", "")),
+                   None if data.get("probe_per_token_s") is None else float(data["probe_per_token_s"]))
 
 
 @dataclass(frozen=True)
@@ -189,12 +210,15 @@ def _gaps(measured: Sequence[RequestRecord], simulated: Sequence[RequestRecord]
 
 def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[RequestRecord], method: str = "",
                     measured_batch: Sequence[RequestRecord] = (),
-                    simulated_batch: Sequence[RequestRecord] = (), batch: int = BATCH) -> ServingOverhead:
+                    simulated_batch: Sequence[RequestRecord] = (), batch: int = BATCH,
+                    gap: LoopGap | None = None) -> ServingOverhead:
     """The overhead from the same requests served (``measured``: one at a time; ``measured_batch``:
     ``batch`` sent together) and simulated without overhead (pairwise, in the same order).
 
-    ``per_token_s``: the median inter-token gap alone; ``per_row_s``: what the batch's median gap adds
-    over it, per further row; ``first_token_s``: the median TTFT gap alone, less ``per_token_s``.
+    With ``gap`` (the served worker's step log): ``per_token_s``/``per_row_s`` are its loop's gap, and
+    the streams' pace below is kept as ``probe_per_token_s`` only. Without: ``per_token_s`` is the
+    median inter-token gap alone and ``per_row_s`` what the batch's median gap adds over it, per
+    further row (the old estimator). ``first_token_s``: the median TTFT gap alone, less ``per_token_s``.
     """
     ttft_gaps, token_gaps = _gaps(measured, simulated)
     if not ttft_gaps:
@@ -204,8 +228,13 @@ def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[Reque
     _, batch_gaps = _gaps(measured_batch, simulated_batch)
     if batch_gaps and batch > 1:
         per_row = max((statistics.median(batch_gaps) - per_token) / (batch - 1), 0.0)
+    count = len(ttft_gaps) + len(batch_gaps)
+    if gap is not None:
+        first = max(statistics.median(ttft_gaps) - gap.per_token_s, 0.0)
+        return ServingOverhead(first, gap.per_token_s, gap.per_row_s, count, method,
+                               per_token_method=PER_TOKEN_METHOD, probe_per_token_s=per_token)
     first = max(statistics.median(ttft_gaps) - per_token, 0.0)
-    return ServingOverhead(first, per_token, per_row, len(ttft_gaps) + len(batch_gaps), method)
+    return ServingOverhead(first, per_token, per_row, count, method)
 
 
 def unqueued(records: Sequence[RequestRecord]) -> list[bool]:
@@ -268,107 +297,3 @@ def simulate_alone(records: Sequence[RequestRecord], pools: tuple[PoolSpec, ...]
                        disagg_policy="always" if disagg else "auto", hop_s=0.0,
                        request_overhead_s=request_overhead_s)
     return Simulator(config).run(requests).records
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What :func:`measure_serving` needs to know of the profiled worker."""
-
-    model: str
-    worker_args: list[str]
-    threads: int
-    step_model: StepModel
-    scheduler: SchedulerConfig
-    block_size: int
-    num_blocks: int
-    max_model_len: int
-    vocab_size: int
-    num_layers: int = 1
-    kv_bytes_per_token: int = 0
-
-
-def serve(w: ServedModel, disaggregated: bool
-          ) -> tuple[list[RequestRecord], list[RequestRecord], list[RequestRecord]]:
-    """Through a real deployment (router + 1 mixed worker, or router + 1 prefill + 1 decode worker
-    with every request handed off) started as ``pdserve serve`` starts one: requests of
-    :data:`PROMPT_TOKENS` × :data:`OUTPUT_TOKENS` one at a time, then :data:`BATCH` sent together,
-    then :data:`LOADED_REQUESTS` at Poisson arrivals; the ended requests' records of each part."""
-    from pdserve.bench.arrivals import ArrivalConfig
-    from pdserve.bench.client import ClientConfig
-    from pdserve.bench.runner import LoadConfig, run_load
-    from pdserve.bench.workload import WorkloadConfig, make_counter, make_workload
-    from pdserve.launch.local import LaunchConfig, LocalLauncher
-
-    router = ["--model", w.model, *(["--disagg-policy", "always"] if disaggregated else [])]
-    launcher = LocalLauncher(LaunchConfig(
-        mode="disaggregated" if disaggregated else "aggregated", num_prefill=1, num_decode=1, num_mixed=1,
-        port=0, router_args=router, worker_args=["--model", w.model, *w.worker_args],
-        threads_per_worker=w.threads, ready_timeout_s=300))
-    counter = make_counter(w.model)
-    records: list[RequestRecord] = []
-    try:
-        launcher.start()
-        client = ClientConfig(base_url=launcher.url, model=w.model, extra_body={"temperature": 0.0})
-        for i, n in enumerate(PROMPT_TOKENS):
-            workload = WorkloadConfig(kind="synthetic", input_len=str(n), output_len=str(OUTPUT_TOKENS),
-                                      seed=i)
-            load = LoadConfig(arrivals=ArrivalConfig(rate=math.inf),
-                              num_requests=NUM_REQUESTS // len(PROMPT_TOKENS), max_concurrency=1,
-                              warmup_requests=1, progress=False)
-            run = asyncio.run(run_load(client, load, make_workload(workload, counter), None, counter))
-            records += [r for r in run.records if not r.warmup and r.error_type is None]
-        workload = WorkloadConfig(kind="synthetic", input_len=str(PROMPT_TOKENS[1]),
-                                  output_len=str(OUTPUT_TOKENS), seed=len(PROMPT_TOKENS))
-        load = LoadConfig(arrivals=ArrivalConfig(rate=math.inf), num_requests=BATCH, max_concurrency=BATCH,
-                          progress=False)
-        run = asyncio.run(run_load(client, load, make_workload(workload, counter), None, counter))
-        batch = [r for r in run.records if r.error_type is None]
-        spread = f"uniform:{PROMPT_TOKENS[0]}:{PROMPT_TOKENS[-1]}"
-        workload = WorkloadConfig(kind="synthetic", input_len=spread, output_len=str(OUTPUT_TOKENS),
-                                  seed=len(PROMPT_TOKENS) + 1)
-        load = LoadConfig(arrivals=ArrivalConfig(rate=LOADED_RATE, seed=0), num_requests=LOADED_REQUESTS,
-                          progress=False)
-        run = asyncio.run(run_load(client, load, make_workload(workload, counter), None, counter))
-        loaded = [r for r in run.records if r.error_type is None]
-    finally:
-        launcher.stop()
-    return records, batch, loaded
-
-
-def measure_serving(w: ServedModel, link: LinkModel | None = None
-                    ) -> tuple[ServingOverhead, ServingOverhead | None]:
-    """The overhead of a mixed worker's own requests, and (with ``link``, the profiled KV link) that of
-    hand-offs from a prefill worker to a decode worker; see the module doc."""
-    lengths = "/".join(map(str, PROMPT_TOKENS))
-    results: list[ServingOverhead] = []
-    for disagg in (False, True) if link is not None else (False,):
-        records, batch, loaded = serve(w, disagg)
-
-        def pools_of(step: StepModel, disagg: bool = disagg) -> tuple[PoolSpec, ...]:
-            return ((PoolSpec(Role.PREFILL, 1, step, w.num_blocks, link=link),
-                     PoolSpec(Role.DECODE, 1, step, w.num_blocks)) if disagg
-                    else (PoolSpec(Role.MIXED, 1, step, w.num_blocks),))
-
-        rest = (w.scheduler, w.block_size, w.max_model_len, w.vocab_size, w.num_layers, w.kv_bytes_per_token)
-        simulated = simulate_alone(records, pools_of(w.step_model), *rest)
-        simulated_batch = simulate_alone(batch, pools_of(w.step_model), *rest, together=True)
-        shape = "1 prefill + 1 decode worker, every request handed off" if disagg else "1 mixed worker"
-        method = (f"{len(records)} requests ({lengths} prompt tokens, {OUTPUT_TOKENS} out) one at a time, "
-                  f"then {len(batch)} together ({PROMPT_TOKENS[1]} prompt tokens), through a router + "
-                  f"{shape} "
-                  f"(× {w.threads} threads) on this machine, minus the same requests simulated with the "
-                  f"fitted step model; medians")
-        idle = derive_overhead(records, simulated, method, batch, simulated_batch, len(batch))
-        # the loaded requests, simulated at their send times with the figures just derived
-        simulated_loaded = simulate_alone(loaded, pools_of(apply_serving(w.step_model, idle)), *rest,
-                                          at_sent=True, request_overhead_s=idle.first_token_s)
-        extra, used = derive_loaded(loaded, simulated_loaded) if loaded else (None, 0)
-        total = None if extra is None else idle.first_token_s + extra
-        results.append(replace(idle, first_token_loaded_s=total, loaded_estimator=LOADED_ESTIMATOR,
-                               num_requests=idle.num_requests + len(loaded),
-                               method=f"{method}; then {len(loaded)} at Poisson arrivals ({LOADED_RATE:g}/s, "
-                                      f"prompts {PROMPT_TOKENS[0]}-{PROMPT_TOKENS[-1]}), simulated at their "
-                                      f"send times with the figures above; the loaded figure from the "
-                                      f"{used} of them that found no other request before its first token "
-                                      f"(served and simulated; at least {MIN_UNQUEUED}, else none)"))
-    return results[0], results[1] if len(results) > 1 else None

@@ -15,14 +15,22 @@ one record per step::
 ``LLMEngine.step`` (the model, sampling, the scheduler's update, detokenising),
 as ``pdserve profile`` times a step. ``benchmarks/s8_steps.py`` compares a
 log with a profile. Off (no file, no cost) without the variable.
+
+Read back (:func:`read_step_log`), a log also gives the worker loop's own time
+between two busy steps (:func:`loop_gap`): what the served worker does after a
+step — sending each sampled row's ``Tokens`` message, reading its socket,
+scheduling — that the engine timed alone never pays. ``pdserve profile``
+measures its serving overhead per token with it (:mod:`pdserve.sim.serving`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -31,6 +39,69 @@ from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.sim.step_model import StepShape, step_shape
 
 ENV = "PDSERVE_STEP_LOG"
+#: Two steps further apart than this were separated by idleness, not by the worker loop.
+BUSY_GAP_S = 0.05
+#: Fewer gaps after multi-row steps than this: no per-row figure (0).
+MIN_ROW_GAPS = 5
+
+
+@dataclass(frozen=True)
+class LoggedStep:
+    """One record of a step log: its start (``time.perf_counter``), seconds and shape."""
+
+    t: float
+    s: float
+    shape: StepShape
+
+
+@dataclass(frozen=True)
+class LoopGap:
+    """The worker loop's time between two busy steps, by the rows the first one sampled (seconds).
+
+    Attributes:
+        per_token_s: median gap after a step that sampled one row.
+        per_row_s: what the median gap after a step of several sampled rows adds, per further row
+            (≥ 0; 0 with fewer than :data:`MIN_ROW_GAPS` such gaps).
+        num_gaps: gaps the figures come from.
+    """
+
+    per_token_s: float
+    per_row_s: float
+    num_gaps: int
+
+
+def read_step_log(path: Path) -> list[LoggedStep]:
+    """The records of one worker's log, in order."""
+    steps = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            steps.append(LoggedStep(float(rec["t"]), float(rec["s"]), StepShape(**rec["shape"])))
+    return steps
+
+
+def loop_gap(steps: list[LoggedStep]) -> LoopGap | None:
+    """The loop's time after a step, from consecutive steps at most :data:`BUSY_GAP_S` apart; None when
+    no step that sampled one row was followed that closely by another."""
+    ones: list[float] = []
+    multi: list[tuple[float, int]] = []
+    for prev, step in itertools.pairwise(steps):
+        gap = step.t - (prev.t + prev.s)
+        rows = prev.shape.num_sampled
+        if not 0.0 <= gap < BUSY_GAP_S or rows == 0:
+            continue
+        if rows == 1:
+            ones.append(gap)
+        else:
+            multi.append((gap, rows))
+    if not ones:
+        return None
+    per_token = statistics.median(ones)
+    per_row = 0.0
+    if len(multi) >= MIN_ROW_GAPS:
+        further = statistics.median(r for _, r in multi) - 1
+        per_row = max((statistics.median(g for g, _ in multi) - per_token) / max(further, 1), 0.0)
+    return LoopGap(per_token, per_row, len(ones) + len(multi))
 
 
 class StepLog:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from dataclasses import replace
@@ -19,6 +20,7 @@ from pdserve.sim.profile import Profile, load_profile, machine_identity
 from pdserve.sim.serving import (
     LOADED_ESTIMATOR,
     MIN_UNQUEUED,
+    PER_TOKEN_METHOD,
     ServedStepModel,
     ServingOverhead,
     apply_serving,
@@ -28,6 +30,7 @@ from pdserve.sim.serving import (
 )
 from pdserve.sim.simulator import PoolSpec, SimConfig, SimRequest, Simulator
 from pdserve.sim.step_model import LinearStepModel, StepShape, fit_linear
+from pdserve.worker.step_log import BUSY_GAP_S, LoggedStep, loop_gap
 
 OLD = LinearStepModel((0.01, 1e-4, 0.0, 1e-6, 1e-4))  # a profile of the first form (5 coefficients)
 
@@ -257,10 +260,10 @@ def test_measure_serving_derives_the_loaded_figure_from_the_loaded_phase(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole derivation with the served deployment stood in for (``serve`` returns what a worker
     with no idle overhead but 20 ms more per request under load would have served)."""
-    from pdserve.sim import serving
+    from pdserve.sim import serving, serving_probe
 
     sched = SchedulerConfig(chunk_size=256)
-    w = serving.ServedModel("tiny", [], 1, OLD, sched, 16, 256, 2048, 256)
+    w = serving_probe.ServedModel("tiny", [], 1, OLD, sched, 16, 256, 2048, 256)
     pools = (PoolSpec(Role.MIXED, 1, OLD, 256),)
     one_at_a_time = [RequestRecord(index=i, num_prompt_tokens=n, num_output_tokens=serving.OUTPUT_TOKENS)
                      for i, n in enumerate((48, 160, 400))]
@@ -269,17 +272,25 @@ def test_measure_serving_derives_the_loaded_figure_from_the_loaded_phase(
     loaded = [RequestRecord(index=i, sent_s=0.2 * i, num_prompt_tokens=48 + 30 * i,
                             num_output_tokens=serving.OUTPUT_TOKENS) for i in range(serving.LOADED_REQUESTS)]
 
-    def fake_serve(model: serving.ServedModel, disaggregated: bool) -> tuple[list[RequestRecord], ...]:
-        assert model is w and not disaggregated
+    def fake_serve(model: serving_probe.ServedModel, disaggregated: bool,
+                   step_log_dir: Path | None = None) -> tuple[list[RequestRecord], ...]:
+        assert model is w and not disaggregated and step_log_dir is not None
+        # the mixed worker's step log: 1.5 ms between steps after one sampled row, 2.5 ms after four
+        steps = [(0.0, 0.01, decode(1)), (0.0115, 0.01, decode(4)), (0.024, 0.01, decode(1)),
+                 (0.0355, 0.01, decode(1))]
+        (step_log_dir / "mixed-0.jsonl").write_text("".join(
+            json.dumps({"t": t, "s": d, "shape": dataclasses.asdict(shape)}) + "\n" for t, d, shape in steps))
         return (simulate_alone(one_at_a_time, pools, sched, 16, 2048, 256),
                 simulate_alone(batch, pools, sched, 16, 2048, 256, together=True),
                 simulate_alone(loaded, pools, sched, 16, 2048, 256, at_sent=True, request_overhead_s=0.02))
 
-    monkeypatch.setattr(serving, "serve", fake_serve)
-    mixed, handoff = serving.measure_serving(w)
+    monkeypatch.setattr(serving_probe, "serve", fake_serve)
+    mixed, handoff = serving_probe.measure_serving(w)
     assert handoff is None
-    assert mixed.first_token_s == pytest.approx(0.0, abs=1e-6)
-    assert mixed.per_token_s == pytest.approx(0.0, abs=1e-6)
+    # per token: the worker loop's gap in its step log, not the streams' pace (0 here: served = simulated)
+    assert mixed.per_token_s == pytest.approx(0.0015) and mixed.per_token_method == PER_TOKEN_METHOD
+    assert mixed.probe_per_token_s == pytest.approx(0.0, abs=1e-6)
+    assert mixed.first_token_s == 0.0  # the TTFT gap (0) less the gap, clamped
     assert mixed.first_token_loaded_s == pytest.approx(0.02, abs=2e-3)
     assert mixed.loaded_usable and mixed.per_request_s == mixed.first_token_loaded_s
     assert mixed.num_requests == 3 + serving.BATCH + serving.LOADED_REQUESTS and "Poisson" in mixed.method
@@ -304,3 +315,37 @@ def test_the_loaded_figure_is_not_the_queue_the_probe_built() -> None:
     assert extra == pytest.approx(one_prompt, rel=1e-6)
     # fewer than MIN_UNQUEUED requests that waited behind none: no loaded figure beyond the idle one
     assert derive_loaded(served[:4], simulated[:4]) == (0.0, 1)
+
+
+def test_the_loop_gap_is_read_between_busy_steps_by_the_rows_sampled_before() -> None:
+    """1 ms after a one-row step, 1 ms + 0.5 ms per further row after a step of 3; idle pauses,
+    prompt chunks that sampled nothing and a backwards clock do not count."""
+    steps, t = [], 0.0
+    for rows, gap in [(1, 0.001)] * 6 + [(3, 0.002)] * 6 + [(1, BUSY_GAP_S + 0.1), (1, -0.001)]:
+        steps.append(LoggedStep(t, 0.01, decode(rows)))
+        t += 0.01 + gap
+    steps.append(LoggedStep(t, 0.01, StepShape(64, 64, 0, 0.0, 0, 0, 0)))  # a chunk sampling nothing ...
+    steps.append(LoggedStep(t + 0.05, 0.01, decode(1)))  # ... then 40 ms: not counted
+    got = loop_gap(steps)
+    assert got is not None
+    assert got.per_token_s == pytest.approx(0.001) and got.per_row_s == pytest.approx(0.0005)
+    assert got.num_gaps == 12
+    few_rows = loop_gap(steps[:6] + steps[6:8])  # one gap after a multi-row step: no per-row figure
+    assert few_rows is not None and few_rows.per_row_s == 0.0
+    assert loop_gap(steps[6:12]) is None  # no one-row step followed closely: nothing measured
+
+
+def test_a_loop_gap_overhead_keeps_the_streams_pace_for_the_reader_only() -> None:
+    simulated = [record(0.10, 0.015), record(0.20, 0.016), record(0.30, 0.017)]
+    measured = [record(0.13, 0.013), record(0.23, 0.014), record(0.33, 0.015)]  # 2 ms faster per token
+    from pdserve.worker.step_log import LoopGap
+
+    got = derive_overhead(measured, simulated, "", gap=LoopGap(0.0004, 0.0001, 50))
+    assert (got.per_token_s, got.per_row_s) == (0.0004, 0.0001)  # not the probe process's -2 ms
+    assert got.probe_per_token_s == pytest.approx(-0.002) and got.per_token_method == PER_TOKEN_METHOD
+    assert got.first_token_s == pytest.approx(0.03 - 0.0004)
+    assert ServingOverhead.from_json(json.loads(json.dumps(got.to_json()))) == got
+    old = derive_overhead(measured, simulated)  # without a step log: the streams' pace, as before
+    assert old.per_token_s == pytest.approx(-0.002) and old.per_token_method == "" and "per_token_method" \
+        not in old.to_json()
+    assert ServingOverhead.from_json(old.to_json()) == old

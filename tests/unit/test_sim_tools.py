@@ -21,7 +21,7 @@ from pdserve.sim.link import Link, LinkModel
 from pdserve.sim.plan import Kind, Planner, Shape, Verdict, search
 from pdserve.sim.profile import Profile, load_profile, machine_identity
 from pdserve.sim.roofline import RooflineStepModel
-from pdserve.sim.serving import LOADED_ESTIMATOR, ServingOverhead
+from pdserve.sim.serving import LOADED_ESTIMATOR, PER_TOKEN_METHOD, ServingOverhead
 from pdserve.sim.simulator import SimRequest
 from pdserve.sim.step_model import FEATURES, LinearStepModel, StepShape, fit_linear
 
@@ -274,8 +274,11 @@ def test_profile_measures_this_machine_and_simulate_uses_it(tmp_path: Path) -> N
     assert data["links"]["shm"]["bandwidth_bytes_per_s"] > 0
     assert data["machine"]["threads"] == 1 and data["model"] == "tiny"
     serving = data["serving_overhead"]  # served through a real router + worker
-    # per_token_s keeps its sign (served steps faster than the profiled engine's: negative)
     assert serving["num_requests"] >= 1 and serving["first_token_s"] >= 0 and serving["per_row_s"] >= 0
+    # per token: the served worker's own step log (its loop between busy steps), read back
+    assert serving["per_token_method"] == PER_TOKEN_METHOD and 0 < serving["per_token_s"] < 0.05
+    assert "step log" in serving["method"] and "probe_per_token_s" in serving
+    assert data["serving_overhead_handoff"]["per_token_method"] == PER_TOKEN_METHOD
     assert serving["first_token_loaded_s"] >= 0  # and under a Poisson load
     assert serving["first_token_loaded_estimator"] == LOADED_ESTIMATOR
     assert data["serving_overhead_handoff"]["first_token_loaded_s"] >= 0
