@@ -19,13 +19,16 @@ import math
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.config import Role, SchedulerConfig
 from pdserve.errors import ConfigError, PDServeError
 from pdserve.modelspec.arch import ArchConfig
 from pdserve.router.dispatch_config import DISAGG_POLICIES, ROUTING_POLICIES
 from pdserve.sim.simulator import SimConfig, SimResult
+
+if TYPE_CHECKING:
+    from pdserve.sim.serving_probe import ProbeResult
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +87,12 @@ def run_profile(args: argparse.Namespace) -> int:
         say(f"timing the {transport} KV link")
         links[transport] = measure_link(transport, arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                         config.cache.block_size, config.model.dtype)
-    serving = serving_handoff = None
+    serving = serving_handoff = co_located_served = None
     if not args.no_serving:
         say("serving a few requests through a router + worker(s) (serving overhead)")
         try:
-            serving, serving_handoff = _measure_serving(args, config, fit.model, threads, links)
+            serving, serving_handoff, co_located_served = _measure_serving(args, config, fit.model, threads,
+                                                                           links)
         except Exception as exc:  # optional: the step model and links are still worth writing
             say(f"warning: serving overhead not measured ({type(exc).__name__}: {exc}); the profile has "
                 f"none (simulated as 0)")
@@ -106,6 +110,7 @@ def run_profile(args: argparse.Namespace) -> int:
         serving=serving,
         serving_handoff=serving_handoff,
         co_located=co_located,
+        co_located_served=co_located_served,
     )
     Path(args.output).write_text(json.dumps(profile.to_json(), indent=1) + "\n")
     print(f"step model (seconds): {json.dumps(fit.model.to_json())}")
@@ -124,6 +129,10 @@ def run_profile(args: argparse.Namespace) -> int:
         print(f"co-located (another {threads}-thread engine computing on this host): prefill steps "
               f"×{co_located.prefill:.3f}, decode steps ×{co_located.decode:.3f} "
               f"({co_located.num_samples} timed steps)")
+        if co_located_served is not None:
+            print(f"co-located, served (the hand-off probe's prefill worker beside its decoding worker): "
+                  f"prefill steps ×{co_located_served.prefill:.3f} (used), decode steps "
+                  f"×{co_located_served.decode:.3f} ({co_located_served.num_samples} steps)")
         if co_located.other_cpu_cores is not None and co_located.other_cpu_cores > 0.2:
             print(f"warning: other processes used {co_located.other_cpu_cores:.2f} cores meanwhile: the "
                   f"co-location figure includes time-slicing with them (take the profile on a quiet machine)")
@@ -147,7 +156,7 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _measure_serving(args: argparse.Namespace, config: Any, step_model: Any, threads: int,
-                     links: dict[str, Any]) -> tuple[Any, Any]:
+                     links: dict[str, Any]) -> ProbeResult:
     from pdserve.engine.engine import resolve_max_model_len
     from pdserve.modelspec.arch import load_arch_config
     from pdserve.sim.deploy import DTYPE_BYTES, profile_num_blocks

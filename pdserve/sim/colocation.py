@@ -23,10 +23,24 @@ measures it (:func:`measure_co_location`) and the simulator applies it
    time-slicing with them, not only the two engines' interference.
 
 A profile without the figure (older than it) loads as no slowdown (1.0).
+
+The served figure (:func:`served_co_location`): the engine pair above misses
+much of what a served prefill step suffers beside a decoding worker — in the
+S8 runs of 2026-12-07 the served prompt steps took ×1.16–1.21 longer while
+the other one-thread worker was in a step (agg2 and 1 prefill + 1 decode
+alike) where the engine pair measured ×1.00–1.08 minutes before (a served
+decode worker streams a token every ~9 ms: its loop, the router's and the
+client's wake-ups come with it). So ``pdserve profile`` also reads the step
+logs of its hand-off probe (:mod:`pdserve.sim.serving_probe`) and the
+profile's :attr:`~pdserve.sim.profile.Profile.co_location` takes the prefill
+factor from there when it was measured (:data:`MIN_SERVED_STEPS` steps in
+each condition); the decode factor stays the engine pair's (the probe only
+sees decode steps beside prompt steps, the engine pair also beside decoding).
 """
 
 from __future__ import annotations
 
+import bisect
 import multiprocessing as mp
 import os
 import random
@@ -37,7 +51,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pdserve.config import EngineConfig
-from pdserve.sim.step_model import ShapeHooks, StepShape
+from pdserve.sim.step_model import ShapeHooks, StepModel, StepShape
 
 KINDS = ("prefill", "decode")
 
@@ -220,3 +234,61 @@ def co_location_of(idle: dict[StepShape, list[float]], busy: dict[StepShape, lis
         counts[kind] += len(idle[shape]) + len(busy[shape])
     factors = {k: statistics.median(v) if v else 1.0 for k, v in ratios.items()}
     return CoLocation(factors["prefill"], factors["decode"], other_threads, counts, METHOD)
+
+
+#: Fewer of a kind's served steps than this in either condition (the other worker busy, idle): no figure.
+MIN_SERVED_STEPS = 5
+#: Overlap with the other worker's steps (share of a step's time) above which a step counts as beside a
+#: busy worker, and below which as beside an idle one; steps in between are not used.
+BUSY_OVERLAP, IDLE_OVERLAP = 0.5, 0.05
+
+SERVED_METHOD = ("the profile's hand-off probe (router + 1 prefill + 1 decode worker serving its requests, "
+                 "every one handed off): each worker's steps from its step log, served / the fitted step "
+                 "model, while the other worker was in a step for over half of it vs under 5 %; per kind "
+                 "median(beside busy) / median(beside idle): prefill from the prefill worker's steps (beside "
+                 "decoding), decode from the decode worker's (beside prefilling)")
+
+
+def _overlap(other: list[Any], t0: float, t1: float, starts: list[float]) -> float:
+    """Share of [t0, t1) during which a step of ``other`` (sorted by start) ran."""
+    i, covered = max(bisect.bisect_left(starts, t0) - 1, 0), 0.0
+    while i < len(other) and other[i].t < t1:
+        covered += max(0.0, min(other[i].t + other[i].s, t1) - max(other[i].t, t0))
+        i += 1
+    return covered / max(t1 - t0, 1e-9)
+
+
+def _served_ratio(steps: list[Any], other: list[Any], kind: str, model: StepModel
+                  ) -> tuple[float, int] | None:
+    """median(served / model beside busy) / median(beside idle) of ``steps`` of ``kind``; None when either
+    condition has fewer than :data:`MIN_SERVED_STEPS`."""
+    starts = [o.t for o in other]
+    busy, idle = [], []
+    for step in steps:
+        if step_kind(step.shape) != kind or step.s <= 0:
+            continue
+        predicted = model.step_time_s(step.shape)
+        if predicted <= 0:
+            continue
+        share = _overlap(other, step.t, step.t + step.s, starts)
+        if share > BUSY_OVERLAP:
+            busy.append(step.s / predicted)
+        elif share < IDLE_OVERLAP:
+            idle.append(step.s / predicted)
+    if min(len(busy), len(idle)) < MIN_SERVED_STEPS:
+        return None
+    return statistics.median(busy) / statistics.median(idle), len(busy) + len(idle)
+
+
+def served_co_location(prefill_steps: list[Any], decode_steps: list[Any], model: StepModel,
+                       threads: int) -> CoLocation | None:
+    """The slowdown measured on a served prefill + decode pair from their step logs
+    (:class:`pdserve.worker.step_log.LoggedStep` lists; see :data:`SERVED_METHOD`). None when the prefill
+    worker's prompt steps were too few beside a busy or an idle decode worker; the decode figure is 1.0
+    (0 samples) when its steps were."""
+    prefill = _served_ratio(prefill_steps, decode_steps, "prefill", model)
+    if prefill is None:
+        return None
+    decode = _served_ratio(decode_steps, prefill_steps, "decode", model) or (1.0, 0)
+    return CoLocation(prefill[0], decode[0], threads, {"prefill": prefill[1], "decode": decode[1]},
+                      SERVED_METHOD)

@@ -207,11 +207,18 @@ class Profile:
     serving: ServingOverhead | None = None
     serving_handoff: ServingOverhead | None = None
     co_located: CoLocation | None = None  # None: not measured (an older profile)
+    co_located_served: CoLocation | None = None  # measured on the served hand-off probe (None: not)
 
     @property
     def co_location(self) -> CoLocation:
-        """The measured co-location slowdown; none (1.0) when the profile did not measure it."""
-        return self.co_located if self.co_located is not None else CoLocation()
+        """The measured co-location slowdown; none (1.0) when the profile did not measure it. The
+        prefill factor is the served probe's when it was measured (see :mod:`pdserve.sim.colocation`),
+        the decode factor the engine pair's."""
+        base = self.co_located if self.co_located is not None else CoLocation()
+        if self.co_located_served is None:
+            return base
+        return replace(base, prefill=self.co_located_served.prefill,
+                       method=f"{base.method or 'not measured'}; prefill: {self.co_located_served.method}")
 
     @property
     def sim_step_model(self) -> StepModel:
@@ -253,6 +260,8 @@ class Profile:
             **({"serving_overhead_handoff": self.serving_handoff.to_json()}
                if self.serving_handoff is not None else {}),
             **({"co_located": self.co_located.to_json()} if self.co_located is not None else {}),
+            **({"co_located_served": self.co_located_served.to_json()}
+               if self.co_located_served is not None else {}),
             "samples": self.samples,
         }
 
@@ -274,6 +283,8 @@ class Profile:
             serving_handoff=(ServingOverhead.from_json(data["serving_overhead_handoff"])
                              if "serving_overhead_handoff" in data else None),
             co_located=CoLocation.from_json(data["co_located"]) if "co_located" in data else None,
+            co_located_served=(CoLocation.from_json(data["co_located_served"])
+                               if "co_located_served" in data else None),
         )
 
     def link(self, transport: str | None = None) -> LinkModel:

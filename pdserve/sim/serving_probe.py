@@ -4,7 +4,9 @@ serving (:class:`~pdserve.sim.serving.ServingOverhead`) is derived from them (th
 
 :func:`serve` starts the deployment (``pdserve serve``'s launcher: router + 1 mixed worker, or router +
 1 prefill + 1 decode worker with every request handed off), sends the probe's three parts and keeps the
-decoding worker's step log; :func:`measure_serving` simulates the same requests and derives the figures.
+workers' step logs; :func:`measure_serving` simulates the same requests and derives the figures, and
+the co-location slowdown of the hand-off pair's served steps
+(:func:`pdserve.sim.colocation.served_co_location`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from pdserve.bench.metrics import RequestRecord
 from pdserve.config import Role, SchedulerConfig
+from pdserve.sim.colocation import CoLocation, served_co_location
 from pdserve.sim.link import LinkModel
 from pdserve.sim.serving import (
     BATCH,
@@ -112,19 +116,32 @@ def serve(w: ServedModel, disaggregated: bool, step_log_dir: Path | None = None
     return records, batch, loaded
 
 
-def measure_serving(w: ServedModel, link: LinkModel | None = None
-                    ) -> tuple[ServingOverhead, ServingOverhead | None]:
+class ProbeResult(NamedTuple):
+    """What the serving probe measured: the overheads (a mixed worker's; hand-offs', with a link) and the
+    co-location slowdown of the hand-off pair's served steps (None: not measured, or too few steps)."""
+
+    serving: ServingOverhead
+    serving_handoff: ServingOverhead | None
+    co_located_served: CoLocation | None
+
+
+def measure_serving(w: ServedModel, link: LinkModel | None = None) -> ProbeResult:
     """The overhead of a mixed worker's own requests, and (with ``link``, the profiled KV link) that of
-    hand-offs from a prefill worker to a decode worker; see the module doc."""
-    lengths = "/".join(map(str, PROMPT_TOKENS))
-    results: list[ServingOverhead] = []
+    hand-offs from a prefill worker to a decode worker, and that pair's served co-location
+    (:func:`~pdserve.sim.colocation.served_co_location`); see the module doc."""
     from pdserve.worker.step_log import loop_gap, read_step_log
 
+    lengths = "/".join(map(str, PROMPT_TOKENS))
+    results: list[ServingOverhead] = []
+    co_located = None
     for disagg in (False, True) if link is not None else (False,):
         with tempfile.TemporaryDirectory(prefix="pdserve-probe-steps-") as log_dir:
             records, batch, loaded = serve(w, disagg, Path(log_dir))
-            log = Path(log_dir) / ("decode-0.jsonl" if disagg else "mixed-0.jsonl")  # the decoding worker
-            gap = loop_gap(read_step_log(log)) if log.exists() else None
+            logs = {p.stem: read_step_log(p) for p in Path(log_dir).glob("*.jsonl")}
+        decoding = logs.get("decode-0" if disagg else "mixed-0")  # the worker whose loop streams tokens
+        gap = loop_gap(decoding) if decoding else None
+        if disagg and "prefill-0" in logs and decoding:
+            co_located = served_co_location(logs["prefill-0"], decoding, w.step_model, w.threads)
 
         def pools_of(step: StepModel, disagg: bool = disagg) -> tuple[PoolSpec, ...]:
             return ((PoolSpec(Role.PREFILL, 1, step, w.num_blocks, link=link),
@@ -156,4 +173,4 @@ def measure_serving(w: ServedModel, link: LinkModel | None = None
                                       f"send times with the figures above; the loaded figure from the "
                                       f"{used} of them that found no other request before its first token "
                                       f"(served and simulated; at least {MIN_UNQUEUED}, else none)"))
-    return results[0], results[1] if len(results) > 1 else None
+    return ProbeResult(results[0], results[1] if len(results) > 1 else None, co_located)

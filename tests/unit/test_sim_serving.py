@@ -285,8 +285,8 @@ def test_measure_serving_derives_the_loaded_figure_from_the_loaded_phase(
                 simulate_alone(loaded, pools, sched, 16, 2048, 256, at_sent=True, request_overhead_s=0.02))
 
     monkeypatch.setattr(serving_probe, "serve", fake_serve)
-    mixed, handoff = serving_probe.measure_serving(w)
-    assert handoff is None
+    mixed, handoff, co_located = serving_probe.measure_serving(w)
+    assert handoff is None and co_located is None  # no hand-off probe: no served pair
     # per token: the worker loop's gap in its step log, not the streams' pace (0 here: served = simulated)
     assert mixed.per_token_s == pytest.approx(0.0015) and mixed.per_token_method == PER_TOKEN_METHOD
     assert mixed.probe_per_token_s == pytest.approx(0.0, abs=1e-6)
@@ -349,3 +349,44 @@ def test_a_loop_gap_overhead_keeps_the_streams_pace_for_the_reader_only() -> Non
     assert old.per_token_s == pytest.approx(-0.002) and old.per_token_method == "" and "per_token_method" \
         not in old.to_json()
     assert ServingOverhead.from_json(old.to_json()) == old
+
+
+def test_served_co_location_compares_steps_beside_a_busy_and_an_idle_partner(tmp_path: Path) -> None:
+    """Prompt steps 20 % slower while the decode worker steps, decode steps 5 % slower beside a prompt
+    step: the factors are those ratios, whatever the model's own error (here the steps run at 0.9×)."""
+    from pdserve.sim.colocation import MIN_SERVED_STEPS, served_co_location
+
+    model = OLD
+    chunk, one = prefill(100), decode(1)
+    prefill_steps, decode_steps, t = [], [], 0.0
+    for i in range(12):  # alternately alone and beside a decoding partner
+        busy = i % 2 == 1
+        d = 0.9 * model.step_time_s(chunk) * (1.2 if busy else 1.0)
+        prefill_steps.append(LoggedStep(t, d, chunk))
+        if busy:  # the decode worker steps all along the prompt step
+            u = t
+            while u < t + d:
+                dd = 0.9 * model.step_time_s(one) * 1.05
+                decode_steps.append(LoggedStep(u, dd, one))
+                u += dd
+        t += d + 0.5
+        for _ in range(3):  # and decodes alone between prompt steps
+            dd = 0.9 * model.step_time_s(one)
+            decode_steps.append(LoggedStep(t, dd, one))
+            t += dd + 0.001
+        t += 0.5
+    got = served_co_location(prefill_steps, decode_steps, model, threads=1)
+    assert got is not None and got.prefill == pytest.approx(1.2, rel=1e-6)
+    assert got.decode == pytest.approx(1.05, rel=0.02)  # the last decode step may stick out of the prompt's
+    assert got.num_samples["prefill"] == 12 and got.other_threads == 1 and "probe" in got.method
+    few = prefill_steps[: 2 * MIN_SERVED_STEPS - 2]  # fewer than MIN_SERVED_STEPS beside a busy partner
+    assert served_co_location(few, decode_steps, model, threads=1) is None
+    # a profile uses the served prefill factor and keeps the engine pair's decode factor
+    engines = CoLocation(1.05, 1.1, 1, {"prefill": 30, "decode": 54}, "engines")
+    profile = Profile(model="tiny", arch={}, machine=machine_identity(1), engine={}, step_model=OLD, fit={},
+                      links={}, samples=[], co_located=engines, co_located_served=got)
+    assert (profile.co_location.prefill, profile.co_location.decode) == (got.prefill, 1.1)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile.to_json()))
+    assert load_profile(path, "tiny", warn=lambda m: None).co_location == profile.co_location
+    assert replace(profile, co_located_served=None).co_location == engines  # older profiles: as before
