@@ -65,12 +65,15 @@ from pdserve.sim.hardware import accelerator, paper_model
 from pdserve.sim.profile import Profile, load_profile
 from pdserve.sim.results import simulate_run
 from pdserve.sim.roofline import RooflineStepModel, kv_link
+from pdserve.sim.serving import apply_serving
 from pdserve.sim.simulator import PoolSpec, SimConfig, SimResult, Simulator
+from pdserve.sim.step_model import StepModel
 from pdserve.worker.step_log import ENV as STEP_LOG_ENV
 
 MODEL = s3.MODEL
 RESULTS = RESULTS_DIR / "s8_sim_fidelity.json"
 TARGETS = {"p50": 0.15, "p90": 0.25}
+METRICS = ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")
 KV_CACHE_BYTES = 512 << 20  # the worker's default --kv-cache-mib
 
 
@@ -86,21 +89,30 @@ def take_profile(threads: int, chunk_size: int, out: Path) -> Profile:
     return load_profile(out, MODEL, threads)
 
 
-def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_policy: str = "always"
-               ) -> SimConfig:
-    """The simulated twin of one of S3's configurations."""
+def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_policy: str = "always",
+               speed: dict[str, float] | None = None) -> SimConfig:
+    """The simulated twin of one of S3's configurations (``speed``: its step models scaled per step kind
+    by the served steps' measured speed, :class:`s8_steps.KindScaled` — a diagnostic)."""
     arch = load_arch_config(MODEL)
     blocks = profile_num_blocks(arch, "float32", 16, KV_CACHE_BYTES, None)
     one, two = profiles[1], profiles[2]
-    # step times with the profile's per-token serving overhead (pdserve.sim.serving)
+
+    def steps(p: Profile, role: Role = Role.MIXED) -> StepModel:
+        """The profile's model with its serving overhead (the hand-offs' on a decode worker)."""
+        if speed is None:
+            return p.pool_step_model(role)
+        handoff = role is Role.DECODE and p.serving_handoff is not None
+        serving = p.serving_handoff if handoff else p.serving
+        return apply_serving(s8_steps.KindScaled(p.step_model, speed), serving)
+
     # every worker on this host: a step slows down by the profile's co-location figure while another computes
     co1, shm = one.co_location, one.link("shm")
     pools = {
-        "agg": (PoolSpec(Role.MIXED, 1, two.sim_step_model, blocks, co_location=two.co_location),),
+        "agg": (PoolSpec(Role.MIXED, 1, steps(two), blocks, co_location=two.co_location),),
         # real mixed workers may hand KV to each other (the router's cost model decides): so may these
-        "agg2": (PoolSpec(Role.MIXED, 2, one.sim_step_model, blocks, link=shm, co_location=co1),),
-        "disagg": (PoolSpec(Role.PREFILL, 1, one.sim_step_model, blocks, link=shm, co_location=co1),
-                   PoolSpec(Role.DECODE, 1, one.pool_step_model(Role.DECODE), blocks, co_location=co1)),
+        "agg2": (PoolSpec(Role.MIXED, 2, steps(one), blocks, link=shm, co_location=co1),),
+        "disagg": (PoolSpec(Role.PREFILL, 1, steps(one), blocks, link=shm, co_location=co1),
+                   PoolSpec(Role.DECODE, 1, steps(one, Role.DECODE), blocks, co_location=co1)),
     }[key]
     measured = (two if key == "agg" else one).request_overhead_s  # before the first token; None: not measured
     overhead_s = SimConfig.request_overhead_s if measured is None else measured
@@ -112,16 +124,17 @@ def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_p
 
 
 def simulate(key: str, profiles: dict[int, Profile], args: argparse.Namespace, workload: WorkloadConfig,
-             rate: float, slo: SLO) -> RunResult:
+             rate: float, slo: SLO, speed: dict[str, float] | None = None) -> RunResult:
     """The seeded requests S3 sends at ``rate``, through the simulated configuration."""
-    return simulate_steps(key, profiles, args, workload, rate, slo)[0]
+    return simulate_steps(key, profiles, args, workload, rate, slo, speed=speed)[0]
 
 
 def simulate_steps(key: str, profiles: dict[int, Profile], args: argparse.Namespace, workload: WorkloadConfig,
-                   rate: float, slo: SLO, record_steps: bool = False) -> tuple[RunResult, SimResult]:
+                   rate: float, slo: SLO, record_steps: bool = False, speed: dict[str, float] | None = None
+                   ) -> tuple[RunResult, SimResult]:
     """:func:`simulate`, and the simulator's result (with every step when ``record_steps``)."""
     counter = make_counter(MODEL)
-    config = sim_config(key, profiles, args.chunk_size, args.s3.disagg_policy)
+    config = sim_config(key, profiles, args.chunk_size, args.s3.disagg_policy, speed)
     encoder = PromptEncoder(MODEL, "completions", load_arch_config(MODEL).vocab_size)
     arrivals = ArrivalConfig(rate=rate, seed=args.seed)
     planned = make_requests(make_workload(workload, counter), arrivals, encoder, config.max_model_len,
@@ -238,6 +251,7 @@ def render_doc(out: dict[str, Any]) -> str:
                      f"{a['simulated']:.0%} |")
     lines += ["", "Within target (p50 ±15%, p90 ±25%; ✗ marks a miss): "
               + ", ".join(f"{k} {v}" for k, v in out["passed"].items()) + ".", ""]
+    lines += s8_steps.speed_table(out["cells"], METRICS)
     for r in out["speed"]:
         line = (f"- speed: {r['num_requests']:,} chat requests on {r['deployment']} "
                 f"({r['num_steps']:,} engine steps, {r['simulated_s']:.0f} s simulated): "
@@ -354,8 +368,15 @@ def main(argv: list[str] | None = None) -> None:
         slo_source = outcome.slo
         for run, cpu in zip(outcome.runs, outcome.cpu, strict=True):
             sim_run = simulate(key, profiles, args, bench.workload, run.rate, outcome.slo)
+            # the diagnostic: the same, had the simulator known the served steps' speed in this cell
+            model = profiles[2 if key == "agg" else 1].step_model
+            served = s8_steps.window_speed(log_dir, model, run.start_s, run.start_s + run.wall_s)
+            known = simulate(key, profiles, args, bench.workload, run.rate, outcome.slo, served)
+            at_speed = compare(run, known)
             cell = {"config": key, "rate_per_s": run.rate, "cpu": cpu, "valid": not outcome.problems,
-                    **compare(run, sim_run), "requests": paired_requests(run, sim_run)}
+                    **compare(run, sim_run), "served_speed": served,
+                    "at_served_speed": {m: at_speed[m]["error"] for m in METRICS},
+                    "requests": paired_requests(run, sim_run)}
             cells.append(cell)
             print("    " + "  ".join(
                 f"{m} {cell[m]['measured']:.0f}→{cell[m]['simulated']:.0f} ms ({cell[m]['error']:+.0%})"

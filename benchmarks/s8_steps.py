@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,60 @@ def summarize(log_dir: Path, model: StepModel) -> dict[str, Any]:
         }
         out[path.stem]["busy_gap_ms_p50"] = round(statistics.median(gaps) * 1e3, 3) if gaps else None
     return out
+
+
+def window_speed(log_dir: Path, model: StepModel, t0: float, t1: float) -> dict[str, float]:
+    """Per step kind (``decode``, ``prefill``), the median of served / ``model`` over every worker's steps
+    that started in [t0, t1) (``time.perf_counter`` of this host, as the logs and the bench's runs
+    keep it); a kind with no step there is left out."""
+    ratios: dict[str, list[float]] = {}
+    for path in sorted(log_dir.glob("*.jsonl")):
+        for line_ in path.read_text().splitlines():
+            if not line_.strip():
+                continue
+            rec = json.loads(line_)
+            if not t0 <= rec["t"] < t1:
+                continue
+            shape = StepShape(**rec["shape"])
+            predicted = model.step_time_s(shape)
+            if predicted > 0:
+                kind = "prefill" if shape.num_prefill_tokens else "decode"
+                ratios.setdefault(kind, []).append(rec["s"] / predicted)
+    return {kind: statistics.median(v) for kind, v in sorted(ratios.items())}
+
+
+@dataclass(frozen=True)
+class KindScaled:
+    """A step model whose prompt steps and decode-only steps are scaled by measured factors (the
+    served steps' speed in a cell, :func:`window_speed`): what the simulator would predict had it
+    known the machine's speed during that cell. A diagnostic, not a prediction."""
+
+    inner: StepModel
+    speed: dict[str, float]
+
+    def step_time_s(self, shape: StepShape) -> float:
+        kind = "prefill" if shape.num_prefill_tokens else "decode"
+        return self.inner.step_time_s(shape) * self.speed.get(kind, 1.0)
+
+
+def speed_table(cells: list[dict[str, Any]], metrics: tuple[str, ...]) -> list[str]:
+    """Markdown lines: each S8 cell's served step speed and its errors had the simulator known it
+    (nothing for result files from before the diagnostic)."""
+    known = [c for c in cells if c.get("at_served_speed")]
+    if not known:
+        return []
+    lines = ["A diagnostic, not the prediction: each cell's served steps ran at this speed against the "
+             "profile's model (median served / model, every worker's steps in the cell's time), and the "
+             "errors had the simulator known it (its step models scaled by it):", "",
+             "| config | rate | served / model: decode, prefill | "
+             + " | ".join(f"{m.split('_ms_')[0].upper()} {m.split('_ms_')[1]}" for m in metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
+    for c in known:
+        sp = c["served_speed"]
+        lines.append(f"| {c['config']} | {c['rate_per_s']:g} | {sp.get('decode', float('nan')):.2f}, "
+                     f"{sp.get('prefill', float('nan')):.2f} | "
+                     + " | ".join(f"{c['at_served_speed'][m]:+.0%}" for m in metrics) + " |")
+    return [*lines, ""]
 
 
 def line(summary: dict[str, Any]) -> str:
