@@ -71,12 +71,14 @@ class LoopGap:
 
 
 def read_step_log(path: Path) -> list[LoggedStep]:
-    """The records of one worker's log, in order."""
+    """The records of one worker's log, in order (a line cut short by the worker's end is skipped)."""
     steps = []
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             rec = json.loads(line)
             steps.append(LoggedStep(float(rec["t"]), float(rec["s"]), StepShape(**rec["shape"])))
+        except (ValueError, KeyError, TypeError):
+            continue
     return steps
 
 

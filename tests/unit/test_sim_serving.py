@@ -390,3 +390,12 @@ def test_served_co_location_compares_steps_beside_a_busy_and_an_idle_partner(tmp
     path.write_text(json.dumps(profile.to_json()))
     assert load_profile(path, "tiny", warn=lambda m: None).co_location == profile.co_location
     assert replace(profile, co_located_served=None).co_location == engines  # older profiles: as before
+
+
+def test_a_step_log_line_cut_short_is_skipped(tmp_path: Path) -> None:
+    from pdserve.worker.step_log import read_step_log
+
+    good = json.dumps({"t": 1.0, "s": 0.01, "shape": dataclasses.asdict(decode(1))})
+    path = tmp_path / "mixed-0.jsonl"
+    path.write_text(f"{good}\n\n{good[:20]}")  # the worker stopped mid-line
+    assert read_step_log(path) == [LoggedStep(1.0, 0.01, decode(1))]
