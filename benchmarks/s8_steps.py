@@ -18,34 +18,29 @@ steps).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdserve.sim.colocation import step_kind
 from pdserve.sim.profile import Profile, load_profile
 from pdserve.sim.step_model import StepModel, StepShape
-
-#: Steps further apart than this were separated by idleness, not by the worker loop.
-BUSY_GAP_S = 0.05
+from pdserve.worker.step_log import BUSY_GAP_S, read_step_log
 
 
 def summarize(log_dir: Path, model: StepModel) -> dict[str, Any]:
     """``{worker id: {kind: figures}}`` over every ``*.jsonl`` step log in ``log_dir``."""
     out: dict[str, Any] = {}
     for path in sorted(log_dir.glob("*.jsonl")):
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        steps = read_step_log(path)
         kinds: dict[str, list[tuple[float, float]]] = {}
-        gaps: list[float] = []
-        for prev, rec in zip([None, *records], records, strict=False):
-            shape = StepShape(**rec["shape"])
-            kind = "prefill" if shape.num_prefill_tokens else "decode"
-            kinds.setdefault(kind, []).append((rec["s"], model.step_time_s(shape)))
-            if prev is not None:
-                gap = rec["t"] - (prev["t"] + prev["s"])
-                if 0 <= gap < BUSY_GAP_S:
-                    gaps.append(gap)
+        for step in steps:
+            kinds.setdefault(step_kind(step.shape), []).append((step.s, model.step_time_s(step.shape)))
+        gaps = [gap for prev, step in itertools.pairwise(steps)
+                if 0 <= (gap := step.t - (prev.t + prev.s)) < BUSY_GAP_S]
         out[path.stem] = {
             kind: {
                 "num_steps": len(pairs),
@@ -65,17 +60,10 @@ def window_speed(log_dir: Path, model: StepModel, t0: float, t1: float) -> dict[
     keep it); a kind with no step there is left out."""
     ratios: dict[str, list[float]] = {}
     for path in sorted(log_dir.glob("*.jsonl")):
-        for line_ in path.read_text().splitlines():
-            if not line_.strip():
-                continue
-            rec = json.loads(line_)
-            if not t0 <= rec["t"] < t1:
-                continue
-            shape = StepShape(**rec["shape"])
-            predicted = model.step_time_s(shape)
-            if predicted > 0:
-                kind = "prefill" if shape.num_prefill_tokens else "decode"
-                ratios.setdefault(kind, []).append(rec["s"] / predicted)
+        for step in read_step_log(path):
+            predicted = model.step_time_s(step.shape)
+            if t0 <= step.t < t1 and predicted > 0:
+                ratios.setdefault(step_kind(step.shape), []).append(step.s / predicted)
     return {kind: statistics.median(v) for kind, v in sorted(ratios.items())}
 
 
@@ -89,8 +77,7 @@ class KindScaled:
     speed: dict[str, float]
 
     def step_time_s(self, shape: StepShape) -> float:
-        kind = "prefill" if shape.num_prefill_tokens else "decode"
-        return self.inner.step_time_s(shape) * self.speed.get(kind, 1.0)
+        return self.inner.step_time_s(shape) * self.speed.get(step_kind(shape), 1.0)
 
 
 def speed_table(cells: list[dict[str, Any]], metrics: tuple[str, ...]) -> list[str]:

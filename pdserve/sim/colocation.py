@@ -48,10 +48,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.config import EngineConfig
 from pdserve.sim.step_model import ShapeHooks, StepModel, StepShape
+
+if TYPE_CHECKING:
+    from pdserve.worker.step_log import LoggedStep  # (its module imports the engine: not at run time)
 
 KINDS = ("prefill", "decode")
 
@@ -249,7 +252,7 @@ SERVED_METHOD = ("the profile's hand-off probe (router + 1 prefill + 1 decode wo
                  "decoding), decode from the decode worker's (beside prefilling)")
 
 
-def _overlap(other: list[Any], t0: float, t1: float, starts: list[float]) -> float:
+def _overlap(other: list[LoggedStep], t0: float, t1: float, starts: list[float]) -> float:
     """Share of [t0, t1) during which a step of ``other`` (sorted by start) ran."""
     i, covered = max(bisect.bisect_left(starts, t0) - 1, 0), 0.0
     while i < len(other) and other[i].t < t1:
@@ -258,7 +261,7 @@ def _overlap(other: list[Any], t0: float, t1: float, starts: list[float]) -> flo
     return covered / max(t1 - t0, 1e-9)
 
 
-def _served_ratio(steps: list[Any], other: list[Any], kind: str, model: StepModel
+def _served_ratio(steps: list[LoggedStep], other: list[LoggedStep], kind: str, model: StepModel
                   ) -> tuple[float, int] | None:
     """median(served / model beside busy) / median(beside idle) of ``steps`` of ``kind``; None when either
     condition has fewer than :data:`MIN_SERVED_STEPS`."""
@@ -280,10 +283,10 @@ def _served_ratio(steps: list[Any], other: list[Any], kind: str, model: StepMode
     return statistics.median(busy) / statistics.median(idle), len(busy) + len(idle)
 
 
-def served_co_location(prefill_steps: list[Any], decode_steps: list[Any], model: StepModel,
+def served_co_location(prefill_steps: list[LoggedStep], decode_steps: list[LoggedStep], model: StepModel,
                        threads: int) -> CoLocation | None:
-    """The slowdown measured on a served prefill + decode pair from their step logs
-    (:class:`pdserve.worker.step_log.LoggedStep` lists; see :data:`SERVED_METHOD`). None when the prefill
+    """The slowdown measured on a served prefill + decode pair from their step logs (see
+    :data:`SERVED_METHOD`). None when the prefill
     worker's prompt steps were too few beside a busy or an idle decode worker; the decode figure is 1.0
     (0 samples) when its steps were."""
     prefill = _served_ratio(prefill_steps, decode_steps, "prefill", model)
