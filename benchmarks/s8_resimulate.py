@@ -54,7 +54,7 @@ from typing import Any
 
 import s3_goodput as s3
 import s8_sim_fidelity as s8
-from common import RESULTS_DIR, machine_info, ratio, write_json
+from common import REPO_ROOT, RESULTS_DIR, machine_info, ratio, write_json
 
 from pdserve.bench.metrics import SLO
 from pdserve.sim.colocation import CoLocation
@@ -64,6 +64,18 @@ from pdserve.sim.step_model import StepShape, fit_linear
 
 PARTS = ("queue", "prefill", "delivery", "ttft")
 METRICS = ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")
+
+
+def cell_profile(run: dict[str, Any], cell: dict[str, Any], co_located: CoLocation | None,
+                 fits: dict[str, Any]) -> Profile | None:
+    """The profile a cell was simulated from when the run took one per deployment (``--profile-each
+    config|cell``), refitted; None for runs that used the shared per-thread-count files."""
+    entry = run.get("profiles", {}).get(cell.get("profile", ""))
+    if not entry or not entry.get("file") or entry["file"].startswith("benchmarks/results/s8_profile_"):
+        return None
+    threads = s8.threads_of(cell["config"])
+    own, fits[cell["profile"]] = refit(load_profile(REPO_ROOT / entry["file"], s8.MODEL, threads))
+    return own if co_located is None or threads != 1 else replace(own, co_located=co_located)
 
 
 def refit(profile: Profile) -> tuple[Profile, dict[str, Any]]:
@@ -166,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     fits: dict[str, Any] = {}
     for threads in (1, 2):
         path = args.results.parent / f"s8_profile_{threads}thread.json"
+        if not path.exists():  # a result file kept elsewhere: the profiles of record
+            path = RESULTS_DIR / path.name
         profiles[threads], fits[f"{threads}_thread"] = refit(load_profile(path, s8.MODEL, threads))
     if co_located is not None:  # the one-thread workers' (agg2, disagg); agg has one worker: nothing to slow
         profiles[1] = replace(profiles[1], co_located=co_located)
@@ -179,8 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     bench = s3.Bench.from_args(s8_args.s3)
     cells = []
     for cell in run["cells"]:
-        sim, result = s8.simulate_steps(cell["config"], profiles, s8_args, bench.workload, cell["rate_per_s"],
-                                        SLO(), record_steps=args.parts)
+        own = cell_profile(run, cell, co_located, fits)
+        cell_profiles = profiles if own is None else {**profiles, s8.threads_of(cell["config"]): own}
+        sim, result = s8.simulate_steps(cell["config"], cell_profiles, s8_args, bench.workload,
+                                        cell["rate_per_s"], SLO(), record_steps=args.parts)
         row: dict[str, Any] = {"config": cell["config"], "rate_per_s": cell["rate_per_s"]}
         if args.parts and cell.get("requests"):
             row["ttft_parts"] = ttft_parts(cell, sim, result)

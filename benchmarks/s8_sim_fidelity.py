@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import s3_goodput as s3
+import s8_report
 import s8_steps
 from common import REPO_ROOT, RESULTS_DIR, machine_info, ratio, write_json
 
@@ -73,7 +74,8 @@ from pdserve.worker.step_log import ENV as STEP_LOG_ENV
 MODEL = s3.MODEL
 RESULTS = RESULTS_DIR / "s8_sim_fidelity.json"
 TARGETS = {"p50": 0.15, "p90": 0.25}
-METRICS = ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")
+METRICS = s8_report.METRICS
+PROFILE_DIR = RESULTS_DIR / "s8_profiles"  # --profile-each config/cell: one profile file per deployment
 KV_CACHE_BYTES = 512 << 20  # the worker's default --kv-cache-mib
 
 
@@ -89,13 +91,18 @@ def take_profile(threads: int, chunk_size: int, out: Path) -> Profile:
     return load_profile(out, MODEL, threads)
 
 
+def threads_of(key: str) -> int:
+    """Torch threads per worker in S3's configuration ``key`` (its profile's thread count)."""
+    return 2 if key == "agg" else 1
+
+
 def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_policy: str = "always",
                speed: dict[str, float] | None = None) -> SimConfig:
     """The simulated twin of one of S3's configurations (``speed``: its step models scaled per step kind
     by the served steps' measured speed, :class:`s8_steps.KindScaled` — a diagnostic)."""
     arch = load_arch_config(MODEL)
     blocks = profile_num_blocks(arch, "float32", 16, KV_CACHE_BYTES, None)
-    one, two = profiles[1], profiles[2]
+    own = profiles[threads_of(key)]
 
     def steps(p: Profile, role: Role = Role.MIXED) -> StepModel:
         """The profile's model with its serving overhead (the hand-offs' on a decode worker)."""
@@ -106,21 +113,21 @@ def sim_config(key: str, profiles: dict[int, Profile], chunk_size: int, disagg_p
         return apply_serving(s8_steps.KindScaled(p.step_model, speed), serving)
 
     # every worker on this host: a step slows down by the profile's co-location figure while another computes
-    co1, shm = one.co_location, one.link("shm")
+    co, shm = own.co_location, own.link("shm")
     pools = {
-        "agg": (PoolSpec(Role.MIXED, 1, steps(two), blocks, co_location=two.co_location),),
+        "agg": (PoolSpec(Role.MIXED, 1, steps(own), blocks, co_location=co),),
         # real mixed workers may hand KV to each other (the router's cost model decides): so may these
-        "agg2": (PoolSpec(Role.MIXED, 2, steps(one), blocks, link=shm, co_location=co1),),
-        "disagg": (PoolSpec(Role.PREFILL, 1, steps(one), blocks, link=shm, co_location=co1),
-                   PoolSpec(Role.DECODE, 1, steps(one, Role.DECODE), blocks, co_location=co1)),
+        "agg2": (PoolSpec(Role.MIXED, 2, steps(own), blocks, link=shm, co_location=co),),
+        "disagg": (PoolSpec(Role.PREFILL, 1, steps(own), blocks, link=shm, co_location=co),
+                   PoolSpec(Role.DECODE, 1, steps(own, Role.DECODE), blocks, co_location=co)),
     }[key]
-    measured = (two if key == "agg" else one).request_overhead_s  # before the first token; None: not measured
+    measured = own.request_overhead_s  # before the first token; None: not measured
     overhead_s = SimConfig.request_overhead_s if measured is None else measured
     return SimConfig(pools=pools, scheduler=SchedulerConfig(chunk_size=chunk_size), block_size=16,
                      enable_prefix_caching=False, max_model_len=arch.max_position_embeddings,
                      num_layers=arch.num_layers, kv_bytes_per_token=arch.kv_bytes_per_token(4),
                      disagg_policy=disagg_policy, request_overhead_s=overhead_s,
-                     handoff_overhead_s=(two if key == "agg" else one).handoff_overhead_s)
+                     handoff_overhead_s=own.handoff_overhead_s)
 
 
 def simulate(key: str, profiles: dict[int, Profile], args: argparse.Namespace, workload: WorkloadConfig,
@@ -212,65 +219,11 @@ def speed(num_requests: int) -> list[dict[str, Any]]:
     return rows
 
 
-DOC = REPO_ROOT / "docs" / "cost.md"
-DOC_START, DOC_END = "<!-- s8:start -->", "<!-- s8:end -->"
-
-
-def render_doc(out: dict[str, Any]) -> str:
-    """The S8 section of docs/cost.md, from a result file's content."""
-    m = out["machine"]
-    lines = [f"`{m.get('command') or 'python benchmarks/s8_sim_fidelity.py'}` on {m['date'][:10]} "
-             f"(commit {str(m['git']['commit'])[:7]}), {m['cpu_model']} × {m['cpu_count']}, load average "
-             f"{m['load_avg_1_5_15min'][0]:.1f} at the start and {out['load_avg_at_end'][0]:.1f} at the end "
-             "(a machine shared with other developers' jobs: the measured runs and the profile ran under "
-             "that load).", ""]
-    for key, p in out["profiles"].items():
-        fit, so = p["fit"], p.get("serving_overhead")
-        lines.append(f"- profile, {key.replace('_', ' ')}: fit error median "
-                     f"{fit['median_abs_rel_error']:.0%}, p90 {fit['p90_abs_rel_error']:.0%} over "
-                     f"{fit['num_samples']} step shapes"
-                     + (f"; serving overhead {so['first_token_s'] * 1e3:.1f} ms before the first token"
-                        + (f" ({so['first_token_loaded_s'] * 1e3:.1f} ms under load)"
-                           if so.get("first_token_loaded_s") is not None else "") + ", "
-                        f"{so['per_token_s'] * 1e3:.2f} ms per token, "
-                        f"{so.get('per_row_s', 0.0) * 1e3:.2f} ms per further row" if so else ""))
-    if not out["cells"]:
-        lines += ["", "**The measured half did not run** in this result file "
-                  f"(configurations done: {', '.join(out.get('configs_done', [])) or 'none'}): "
-                  "no simulated vs measured comparison is available from it."]
-    lines += ["", "| config | rate (req/s) | TTFT p50 meas → sim | TTFT p90 | TPOT p50 | TPOT p90 "
-              "| attainment meas / sim |", "|---|---|---|---|---|---|---|"]
-    def cell(v: dict[str, Any]) -> str:
-        mark = "" if v["pass"] else " ✗"
-        return f"{v['measured']:.0f} → {v['simulated']:.0f} ms ({v['error']:+.0%}){mark}"
-
-    for c in out["cells"]:
-        a = c["attainment"]
-        parts = " | ".join(cell(c[k]) for k in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90"))
-        lines.append(f"| {c['config']} | {c['rate_per_s']:g} | {parts} | {a['measured']:.0%} / "
-                     f"{a['simulated']:.0%} |")
-    lines += ["", "Within target (p50 ±15%, p90 ±25%; ✗ marks a miss): "
-              + ", ".join(f"{k} {v}" for k, v in out["passed"].items()) + ".", ""]
-    lines += s8_steps.speed_table(out["cells"], METRICS)
-    for r in out["speed"]:
-        line = (f"- speed: {r['num_requests']:,} chat requests on {r['deployment']} "
-                f"({r['num_steps']:,} engine steps, {r['simulated_s']:.0f} s simulated): "
-                f"{r['wall_s']:.1f} s of wall time")
-        if "cpu_s" in r:
-            met = "met" if r["cpu_s"] < 60 else "missed"
-            line += (f", {r['cpu_s']:.1f} s of CPU time (load average {r['load_avg_1min']:.1f}: the wall "
-                     f"time is mostly the other jobs'); target < 60 s {met} in CPU time")
-        line += f", {'met' if r['pass'] else 'missed'} in wall time"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def write_doc(out: dict[str, Any]) -> None:
-    """Replace the S8 section of docs/cost.md."""
-    text = DOC.read_text()
-    head, _, rest = text.partition(DOC_START)
-    _, _, tail = rest.partition(DOC_END)
-    DOC.write_text(f"{head}{DOC_START}\n{render_doc(out)}\n{DOC_END}{tail}")
+def s3_args(args: argparse.Namespace, rates: list[float]) -> argparse.Namespace:
+    """S3's settings for a deployment that runs ``rates``: chunk size, lease, seed, SLO derivation."""
+    return s3.parse_args(["--quick", "--configs", *args.configs, "--rates", *map(str, rates),
+                          "--num-requests", str(args.num_requests), "--warmup-requests",
+                          str(args.warmup_requests), "--stop-below", "0", "--calibration-requests", "1"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -288,39 +241,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-only", action="store_true", help="only redo the speed part of the result file")
     p.add_argument("--no-trace", action="store_true",
                    help="the router without --trace-responses (no per-request TTFT breakdown)")
+    p.add_argument("--profile-each", choices=["run", "config", "cell"], default="cell",
+                   help="when to profile: once per thread count at the start (run), right before each "
+                        "configuration is launched (config), or before each configuration and rate, "
+                        "each launched on its own (cell, the default)")
     p.add_argument("--reuse-profiles", action="store_true",
-                   help="use the profile files an earlier run left in benchmarks/results (recorded)")
+                   help="use the profile files an earlier run left in benchmarks/results (recorded; "
+                        "implies --profile-each run)")
     args = p.parse_args(argv)
-    s3_argv = ["--quick", "--configs", *args.configs, "--rates", *map(str, args.rates),
-               "--num-requests", str(args.num_requests), "--warmup-requests", str(args.warmup_requests),
-               "--stop-below", "0", "--calibration-requests", "1"]
-    args.s3 = s3.parse_args(s3_argv)  # S3's settings: chunk size, lease, seed, SLO derivation
+    if args.reuse_profiles:
+        args.profile_each = "run"
+    args.s3 = s3_args(args, args.rates)
     args.chunk_size, args.seed = args.s3.chunk_size, args.s3.seed
     return args
 
 
+def units(args: argparse.Namespace) -> list[tuple[str, list[float]]]:
+    """The deployments to launch, in order, each with the rates it runs: ``agg`` first (it sets the
+    SLO); one per configuration, or (``--profile-each cell``) one per configuration and rate."""
+    order = sorted(args.configs, key=lambda k: k != s3.REFERENCE)
+    if args.profile_each == "cell":
+        return [(key, [rate]) for key in order for rate in args.rates]
+    return [(key, list(args.rates)) for key in order]
+
+
+def profile_path(key: str, rates: list[float], threads: int, each: str) -> Path:
+    """Where a unit's profile is written (``run``: the shared per-thread-count files)."""
+    if each == "run":
+        return RESULTS_DIR / f"s8_profile_{threads}thread.json"
+    suffix = f"_{rates[0]:g}" if each == "cell" else ""
+    return PROFILE_DIR / f"{key}{suffix}_{threads}thread.json"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    to_doc = args.out.resolve() == RESULTS.resolve()  # only the file of record rewrites docs/cost.md
     if args.render_only or args.speed_only:
         out = json.loads(args.out.read_text())
         if args.speed_only:
             out["speed"] = speed(args.speed_requests)
             out["speed_machine"] = machine_info()
             write_json(args.out, out)
-        write_doc(out)
+        s8_report.write_doc(out)
         return
     machine = machine_info()
     t_start = time.perf_counter()
     print(f"S8 simulator fidelity on {machine['cpu_model']} ({machine['cpu_count']} cores), load average "
           f"{machine['load_avg_1_5_15min'][0]:.2f} (shared machine: other developers' jobs run beside)")
-    paths = {t: RESULTS_DIR / f"s8_profile_{t}thread.json" for t in (2, 1)}
-    if args.reuse_profiles:
-        profiles = {t: load_profile(path, MODEL, t) for t, path in paths.items()}
-        print(f"profiles reused from {', '.join(str(p) for p in paths.values())}", flush=True)
-    else:
-        profiles = {t: take_profile(t, args.chunk_size, path) for t, path in paths.items()}
+    profiles: dict[int, Profile] = {}
+    profile_rows: dict[str, Any] = {}  # the result file's summary of every profile taken
+
+    def record(name: str, threads: int, path: Path) -> None:
+        profile_rows[name] = s8_report.profile_summary(
+            profiles[threads], args.reuse_profiles, str(path.relative_to(REPO_ROOT)),
+            round(time.perf_counter() - t_start, 1))
+
+    if args.profile_each == "run":
+        for t in (2, 1):
+            path = profile_path("", [], t, "run")
+            if args.reuse_profiles:
+                profiles[t] = load_profile(path, MODEL, t)
+                print(f"profile reused from {path}", flush=True)
+            else:
+                profiles[t] = take_profile(t, args.chunk_size, path)
+            record(f"{t}_thread", t, path)
     speed_rows = speed(args.speed_requests) if args.speed_requests > 0 else []
-    bench = s3.Bench.from_args(args.s3)
     setups = s3.setups(args.s3)
     if not args.no_trace:  # the router's own TTFT breakdown in every answer (the bench keeps it per request)
         setups = {k: replace(v, launch=replace(v.launch,
@@ -328,60 +313,64 @@ def main(argv: list[str] | None = None) -> None:
                   for k, v in setups.items()}
     cells: list[dict[str, Any]] = []
     slo_source: s3.SloSource = lambda s: s3.derive_slo(s, args.s3)  # noqa: E731
-    order = sorted(args.configs, key=lambda k: k != s3.REFERENCE)  # agg first: it sets the SLO
+    plan = units(args)
+
     def save() -> dict[str, Any]:
-        checks = [(c, m) for c in cells for m in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")]
-        passed: dict[str, str] = {
-            m: f"{sum(c[m]['pass'] for c, mm in checks if mm == m)}/{len(cells)}"
-            for m in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")}
+        passed = {m: f"{sum(c[m]['pass'] for c in cells)}/{len(cells)}" for m in METRICS}
         out = {
             "scenario": "S8", "model": MODEL, "machine": machine,
             "settings": {k: (str(v) if isinstance(v, Path) else v)
                          for k, v in vars(args).items() if k != "s3"},
             "s3_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args.s3).items()},
-            "profiles": {f"{t}_thread": {"fit": p.fit, "coefficients_s": p.step_model.to_json(),
-                                         "serving_overhead": p.serving.to_json() if p.serving else None,
-                                         "serving_overhead_handoff":
-                                             p.serving_handoff.to_json() if p.serving_handoff else None,
-                                         "links": {k: vars(v) for k, v in p.links.items()},
-                                         "machine": p.machine, "reused": args.reuse_profiles}
-                         for t, p in profiles.items()},
-            "targets": TARGETS, "cells": cells, "passed": passed, "speed": speed_rows, "steps": steps,
-            "configs_done": done, "configs_asked": order,
+            "profiles": profile_rows, "targets": TARGETS, "cells": cells, "passed": passed,
+            "speed": speed_rows, "steps": steps, "configs_done": done,
+            "configs_asked": [f"{k} {r}" for k, r in plan],
             "load_avg_at_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start,
         }
         write_json(args.out, out)
-        write_doc(json.loads(args.out.read_text()))
+        if to_doc:
+            s8_report.write_doc(json.loads(args.out.read_text()))
         return out
 
     done: list[str] = []
-    steps: dict[str, Any] = {}  # per configuration: its workers' served steps against the profile's model
-    for key in [] if args.skip_measure else order:
+    steps: dict[str, Any] = {}  # per deployment: its workers' served steps against the profile's model
+    for key, rates in [] if args.skip_measure else plan:
+        name, threads = (key if len(rates) > 1 else f"{key} {rates[0]:g}"), threads_of(key)
+        if args.profile_each != "run":  # the profile this deployment is simulated from, minutes before it
+            path = profile_path(key, rates, threads, args.profile_each)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            profiles[threads] = take_profile(threads, args.chunk_size, path)
+            record(name, threads, path)
+        profile_name = name if args.profile_each != "run" else f"{threads}_thread"
+        model = profiles[threads].step_model
         log_dir = Path(tempfile.mkdtemp(prefix=f"s8-steps-{key}-"))
         os.environ[STEP_LOG_ENV] = str(log_dir)  # the deployment's workers inherit it (s8_steps.py)
         try:
+            bench = s3.Bench.from_args(s3_args(args, rates))
             outcome = s3.run_setup(setups[key], bench, slo_source)
         finally:
             del os.environ[STEP_LOG_ENV]
-        steps[key] = s8_steps.summarize(log_dir, profiles[2 if key == "agg" else 1].step_model)
-        print("    steps: " + s8_steps.line(steps[key]).replace("\n", "\n    steps: "), flush=True)
+        steps[name] = s8_steps.summarize(log_dir, model)
+        print("    steps: " + s8_steps.line(steps[name]).replace("\n", "\n    steps: "), flush=True)
         slo_source = outcome.slo
         for run, cpu in zip(outcome.runs, outcome.cpu, strict=True):
             sim_run = simulate(key, profiles, args, bench.workload, run.rate, outcome.slo)
             # the diagnostic: the same, had the simulator known the served steps' speed in this cell
-            model = profiles[2 if key == "agg" else 1].step_model
             served = s8_steps.window_speed(log_dir, model, run.start_s, run.start_s + run.wall_s)
             known = simulate(key, profiles, args, bench.workload, run.rate, outcome.slo, served)
             at_speed = compare(run, known)
             cell = {"config": key, "rate_per_s": run.rate, "cpu": cpu, "valid": not outcome.problems,
+                    "profile": profile_name,
+                    # from the end of the profile to the first request of this cell
+                    "profile_age_s": round(run.start_s - t_start - profile_rows[profile_name]["taken_at_s"],
+                                           1),
                     **compare(run, sim_run), "served_speed": served,
                     "at_served_speed": {m: at_speed[m]["error"] for m in METRICS},
                     "requests": paired_requests(run, sim_run)}
             cells.append(cell)
-            print("    " + "  ".join(
-                f"{m} {cell[m]['measured']:.0f}→{cell[m]['simulated']:.0f} ms ({cell[m]['error']:+.0%})"
-                for m in ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")), flush=True)
-        done.append(key)
+            print("    " + "  ".join(f"{m} {cell[m]['measured']:.0f}→{cell[m]['simulated']:.0f} ms "
+                                     f"({cell[m]['error']:+.0%})" for m in METRICS), flush=True)
+        done.append(name)
         save()  # partial results survive an interrupted run
     out = save()
     print("\nwithin target (p50 ±15%, p90 ±25%): " + ", ".join(f"{m} {v}" for m, v in out["passed"].items()))
