@@ -1,8 +1,11 @@
 """S8 re-simulated: a finished S8 run's measured cells against the current simulator, serving nothing.
 
 1. Read an S8 result file (``benchmarks/results/s8_sim_fidelity.json``: TTFT and
-   TPOT per configuration and rate, measured and simulated) and the two
-   profiles that run took (``s8_profile_{1,2}thread.json``).
+   TPOT per configuration and rate, measured and simulated) and the
+   profiles that run took: each cell's own (``s8_profiles/``, runs with
+   ``--profile-each cell|config``), else ``s8_profile_{1,2}thread.json``.
+   ``--first-profile`` simulates every cell from the run's earliest profile of
+   its thread count instead: what a profile's age costs, on the same cells.
 2. Refit each profile's step model in the current form on that profile's own
    step samples (the engine timed alone, nothing served); keep its serving
    overhead if it has one.
@@ -67,14 +70,23 @@ METRICS = ("ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90")
 
 
 def cell_profile(run: dict[str, Any], cell: dict[str, Any], co_located: CoLocation | None,
-                 fits: dict[str, Any]) -> Profile | None:
+                 fits: dict[str, Any], first: bool = False) -> Profile | None:
     """The profile a cell was simulated from when the run took one per deployment (``--profile-each
-    config|cell``), refitted; None for runs that used the shared per-thread-count files."""
-    entry = run.get("profiles", {}).get(cell.get("profile", ""))
+    config|cell``), refitted; None for runs that used the shared per-thread-count files.
+
+    ``first``: instead, the earliest profile of the cell's thread count in the run (what a run that
+    profiled only at its start would have simulated the cell from, give or take minutes)."""
+    profiles = run.get("profiles", {})
+    name = cell.get("profile", "")
+    if first and name in profiles:
+        same = [k for k, v in profiles.items()
+                if v.get("file") and s8.threads_of(k.split()[0]) == s8.threads_of(cell["config"])]
+        name = min(same, key=lambda k: profiles[k].get("taken_at_s") or 0.0, default=name)
+    entry = profiles.get(name)
     if not entry or not entry.get("file") or entry["file"].startswith("benchmarks/results/s8_profile_"):
         return None
     threads = s8.threads_of(cell["config"])
-    own, fits[cell["profile"]] = refit(load_profile(REPO_ROOT / entry["file"], s8.MODEL, threads))
+    own, fits[name] = refit(load_profile(REPO_ROOT / entry["file"], s8.MODEL, threads))
     return own if co_located is None or threads != 1 else replace(own, co_located=co_located)
 
 
@@ -160,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="per request: simulated TTFT parts beside the router's (needs S8's kept requests)")
     p.add_argument("--what-if-request-ms", default="",
                    help="CONFIG=MS,... added to each configuration's per-request overhead (a what-if)")
+    p.add_argument("--first-profile", action="store_true",
+                   help="simulate each cell from the run's earliest profile of its thread count instead "
+                        "of its own (runs with --profile-each cell|config): what the profile's age costs")
     p.add_argument("--co-located-from", type=Path, default=None,
                    help="a profile whose co-location figure replaces the one-thread profile's")
     p.add_argument("--co-located", default="",
@@ -170,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     what_if = {k: float(v) / 1e3 for k, v in pairs}
     if args.out is None:
         args.out = RESULTS_DIR / ("s8_resimulated_what_if.json" if what_if else
-                                  "s8_resimulated_coloc.json" if co_located else "s8_resimulated.json")
+                                  "s8_resimulated_coloc.json" if co_located else
+                                  "s8_resimulated_first_profile.json" if args.first_profile else
+                                  "s8_resimulated.json")
     if what_if:
         s8.sim_config = partial(_with_extra, s8.sim_config, what_if)
     run = json.loads(args.results.read_text())
@@ -193,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = s3.Bench.from_args(s8_args.s3)
     cells = []
     for cell in run["cells"]:
-        own = cell_profile(run, cell, co_located, fits)
+        own = cell_profile(run, cell, co_located, fits, args.first_profile)
         cell_profiles = profiles if own is None else {**profiles, s8.threads_of(cell["config"]): own}
         sim, result = s8.simulate_steps(cell["config"], cell_profiles, s8_args, bench.workload,
                                         cell["rate_per_s"], SLO(), record_steps=args.parts)
@@ -227,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
                           "source": {"results": str(args.results), "date": run["machine"]["date"],
                                      "commit": run["machine"]["git"]["commit"]},
                           "refits": fits, "cells": cells, "passed_now": passed,
+                          "first_profile": args.first_profile,
                           "what_if_request_ms": {k: v * 1e3 for k, v in what_if.items()} or None,
                           "co_located_injected": None if co_located is None else {
                               "from": str(args.co_located_from or "--co-located " + args.co_located),

@@ -1,9 +1,17 @@
 """S8 — simulator fidelity: simulated vs measured TTFT and TPOT on the same requests; the simulator's speed.
 
 1. Profile this machine in the same run: ``pdserve profile --model bench-50m
-   --quick`` once with 2 threads (the ``agg`` worker) and once with 1 thread
-   (each worker of ``agg2`` and ``disagg``), with S3's engine options
-   (``--chunk-size 256 --no-prefix-caching``).
+   --quick`` with S3's engine options (``--chunk-size 256
+   --no-prefix-caching``), 2 threads for the ``agg`` worker and 1 thread for
+   each worker of ``agg2`` and ``disagg``. By default (``--profile-each
+   cell``) a profile is taken right before each cell — each configuration
+   and rate is launched on its own, a few seconds after its profile — and
+   that cell is simulated from it: this VM's step speed drifts by tens of
+   per cent over minutes, so a profile taken 20 minutes before a cell can
+   describe another machine. ``--profile-each config`` profiles before each
+   configuration; ``--profile-each run`` once per thread count at the start.
+   Per-deployment profiles are kept in ``benchmarks/results/s8_profiles/``;
+   each cell records its profile and its age.
 2. Measure: S3's configurations (:mod:`s3_goodput`'s ``setups`` and
    ``run_setup``: 1 warm-up + 12 requests per rate of the chat mix, Poisson,
    seed 0, rates 0.25, 0.5 and 0.75 req/s — fewer and lower than S3's quick
@@ -33,8 +41,10 @@ rate), the profile too; the result file records the load average.
 
     python benchmarks/s8_sim_fidelity.py [--configs agg agg2 disagg] [--rates 0.25 0.5 0.75]
                                          [--num-requests 12] [--speed-requests 10000] [--skip-measure]
+                                         [--profile-each cell|config|run] [--out FILE]
 
-Writes ``benchmarks/results/s8_sim_fidelity.json``.
+Writes ``benchmarks/results/s8_sim_fidelity.json`` and, only when it writes
+that file, the S8 section of ``docs/cost.md`` (``s8_report.py``).
 """
 
 from __future__ import annotations
@@ -356,15 +366,17 @@ def main(argv: list[str] | None = None) -> None:
         for run, cpu in zip(outcome.runs, outcome.cpu, strict=True):
             sim_run = simulate(key, profiles, args, bench.workload, run.rate, outcome.slo)
             # the diagnostic: the same, had the simulator known the served steps' speed in this cell
-            served = s8_steps.window_speed(log_dir, model, run.start_s, run.start_s + run.wall_s)
-            known = simulate(key, profiles, args, bench.workload, run.rate, outcome.slo, served)
+            # (the speed of steps with no other worker stepping: the simulator adds co-location to it)
+            window = (log_dir, model, run.start_s, run.start_s + run.wall_s)
+            served, alone = s8_steps.window_speed(*window), s8_steps.window_speed(*window, alone=True)
+            known = simulate(key, profiles, args, bench.workload, run.rate, outcome.slo, alone)
             at_speed = compare(run, known)
             cell = {"config": key, "rate_per_s": run.rate, "cpu": cpu, "valid": not outcome.problems,
                     "profile": profile_name,
                     # from the end of the profile to the first request of this cell
                     "profile_age_s": round(run.start_s - t_start - profile_rows[profile_name]["taken_at_s"],
                                            1),
-                    **compare(run, sim_run), "served_speed": served,
+                    **compare(run, sim_run), "served_speed": served, "served_speed_alone": alone,
                     "at_served_speed": {m: at_speed[m]["error"] for m in METRICS},
                     "requests": paired_requests(run, sim_run)}
             cells.append(cell)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pdserve.sim.colocation import step_kind
+from pdserve.sim.colocation import IDLE_OVERLAP, MIN_SERVED_STEPS, overlap_share, step_kind
 from pdserve.sim.profile import Profile, load_profile
 from pdserve.sim.step_model import StepModel, StepShape
 from pdserve.worker.step_log import BUSY_GAP_S, read_step_log
@@ -54,17 +54,32 @@ def summarize(log_dir: Path, model: StepModel) -> dict[str, Any]:
     return out
 
 
-def window_speed(log_dir: Path, model: StepModel, t0: float, t1: float) -> dict[str, float]:
+def window_speed(log_dir: Path, model: StepModel, t0: float, t1: float, alone: bool = False
+                 ) -> dict[str, float]:
     """Per step kind (``decode``, ``prefill``), the median of served / ``model`` over every worker's steps
     that started in [t0, t1) (``time.perf_counter`` of this host, as the logs and the bench's runs
-    keep it); a kind with no step there is left out."""
+    keep it); a kind with no step there is left out.
+
+    ``alone``: only steps during which no other worker of the deployment was stepping (under
+    :data:`~pdserve.sim.colocation.IDLE_OVERLAP` of the step's time), the speed the simulator's step
+    model stands for before it applies co-location; a kind with fewer than
+    :data:`~pdserve.sim.colocation.MIN_SERVED_STEPS` such steps takes all of its steps instead."""
+    logs = {path: read_step_log(path) for path in sorted(log_dir.glob("*.jsonl"))}
     ratios: dict[str, list[float]] = {}
-    for path in sorted(log_dir.glob("*.jsonl")):
-        for step in read_step_log(path):
+    lone: dict[str, list[float]] = {}
+    for path, steps in logs.items():
+        others = sorted((s for p, other in logs.items() if p != path for s in other), key=lambda s: s.t)
+        starts = [s.t for s in others]
+        for step in steps:
             predicted = model.step_time_s(step.shape)
-            if t0 <= step.t < t1 and predicted > 0:
-                ratios.setdefault(step_kind(step.shape), []).append(step.s / predicted)
-    return {kind: statistics.median(v) for kind, v in sorted(ratios.items())}
+            if not (t0 <= step.t < t1 and predicted > 0):
+                continue
+            kind = step_kind(step.shape)
+            ratios.setdefault(kind, []).append(step.s / predicted)
+            if alone and overlap_share(others, step.t, step.t + step.s, starts) < IDLE_OVERLAP:
+                lone.setdefault(kind, []).append(step.s / predicted)
+    return {kind: statistics.median(v if len(lone.get(kind, [])) < MIN_SERVED_STEPS else lone[kind])
+            for kind, v in sorted(ratios.items())}
 
 
 @dataclass(frozen=True)
@@ -82,20 +97,29 @@ class KindScaled:
 
 def speed_table(cells: list[dict[str, Any]], metrics: tuple[str, ...]) -> list[str]:
     """Markdown lines: each S8 cell's served step speed and its errors had the simulator known it
-    (nothing for result files from before the diagnostic)."""
+    (nothing for result files from before the diagnostic). Cells that also kept the speed of the steps
+    run with no other worker stepping (``served_speed_alone``) show it: the errors were computed with it,
+    since the simulator adds co-location on top."""
     known = [c for c in cells if c.get("at_served_speed")]
     if not known:
         return []
+    with_alone = any("served_speed_alone" in c for c in known)
     lines = ["A diagnostic, not the prediction: each cell's served steps ran at this speed against the "
-             "profile's model (median served / model, every worker's steps in the cell's time), and the "
-             "errors had the simulator known it (its step models scaled by it):", "",
+             "profile's model (median served / model, every worker's steps in the cell's time"
+             + ("; then of the steps during which no other worker stepped" if with_alone else "")
+             + "), and the errors had the simulator known it (its step models scaled by "
+             + ("the second, to which it adds co-location" if with_alone else "it") + "):", "",
              "| config | rate | served / model: decode, prefill | "
+             + ("alone: decode, prefill | " if with_alone else "")
              + " | ".join(f"{m.split('_ms_')[0].upper()} {m.split('_ms_')[1]}" for m in metrics) + " |",
-             "|---|---|---|" + "---|" * len(metrics)]
+             "|---|---|---|" + ("---|" if with_alone else "") + "---|" * len(metrics)]
+
+    def pair(sp: dict[str, float]) -> str:
+        return f"{sp.get('decode', float('nan')):.2f}, {sp.get('prefill', float('nan')):.2f}"
+
     for c in known:
-        sp = c["served_speed"]
-        lines.append(f"| {c['config']} | {c['rate_per_s']:g} | {sp.get('decode', float('nan')):.2f}, "
-                     f"{sp.get('prefill', float('nan')):.2f} | "
+        lines.append(f"| {c['config']} | {c['rate_per_s']:g} | {pair(c['served_speed'])} | "
+                     + (f"{pair(c.get('served_speed_alone') or {})} | " if with_alone else "")
                      + " | ".join(f"{c['at_served_speed'][m]:+.0%}" for m in metrics) + " |")
     return [*lines, ""]
 

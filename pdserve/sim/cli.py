@@ -127,8 +127,10 @@ def run_profile(args: argparse.Namespace) -> int:
                   f"({so.num_requests} requests)")
     if co_located is not None:
         print(f"co-located (another {threads}-thread engine computing on this host): prefill steps "
-              f"×{co_located.prefill:.3f}, decode steps ×{co_located.decode:.3f} "
-              f"({co_located.num_samples} timed steps)")
+              f"×{co_located.prefill:.3f}, decode steps ×{co_located.decode:.3f}"
+              + (f", decode steps beside a decoding engine ×{co_located.decode_beside_decode:.3f}"
+                 if co_located.decode_beside_decode is not None else "")
+              + f" ({co_located.num_samples} timed steps)")
         if co_located_served is not None:
             print(f"co-located, served (the hand-off probe's prefill worker beside its decoding worker): "
                   f"prefill steps ×{co_located_served.prefill:.3f} (used), decode steps "

@@ -82,6 +82,9 @@ class CoLocation:
         method: how it was measured ("" when not measured).
         other_cpu_cores: CPU the host's other processes used during the measurement, in cores
             (None: unknown); well above 0, the figure includes time-slicing with them.
+        decode_beside_decode: factor on a decode-only step while the other worker is in a decode-only
+            step (engine B decoding only; None: not measured, :attr:`decode` applies). Two decoding
+            workers contend for memory bandwidth more than a decode beside a prompt step does.
     """
 
     prefill: float = 1.0
@@ -90,24 +93,34 @@ class CoLocation:
     num_samples: dict[str, int] = field(default_factory=dict)
     method: str = ""
     other_cpu_cores: float | None = None
+    decode_beside_decode: float | None = None
 
-    def factor(self, shape: StepShape) -> float:
-        """The slowdown of a step of ``shape`` while another worker of its host is computing."""
-        return self.prefill if step_kind(shape) == "prefill" else self.decode
+    def factor(self, shape: StepShape, other: str | None = None) -> float:
+        """The slowdown of a step of ``shape`` while another worker of its host is computing: a step of
+        kind ``other`` (``"decode"``, ``"prefill"``; None: unknown). A decode step beside a decoding
+        worker takes :attr:`decode_beside_decode` when it was measured; otherwise a step takes its
+        kind's factor."""
+        if step_kind(shape) == "prefill":
+            return self.prefill
+        if other == "decode" and self.decode_beside_decode is not None:
+            return self.decode_beside_decode
+        return self.decode
 
     def to_json(self) -> dict[str, Any]:
         """The profile's ``co_located`` entry."""
         return {"prefill": self.prefill, "decode": self.decode, "other_threads": self.other_threads,
                 "num_samples": dict(self.num_samples), "method": self.method,
-                "other_cpu_cores": self.other_cpu_cores}
+                "other_cpu_cores": self.other_cpu_cores,
+                **({"decode_beside_decode": self.decode_beside_decode}
+                   if self.decode_beside_decode is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CoLocation:
         """Inverse of :meth:`to_json`."""
-        other = data.get("other_cpu_cores")
+        other, dd = data.get("other_cpu_cores"), data.get("decode_beside_decode")
         return cls(float(data["prefill"]), float(data["decode"]), int(data.get("other_threads", 0)),
                    {k: int(v) for k, v in data.get("num_samples", {}).items()}, str(data.get("method", "")),
-                   None if other is None else float(other))
+                   None if other is None else float(other), None if dd is None else float(dd))
 
 
 def _cpu_s(pids: tuple[int, ...]) -> tuple[float, float] | None:
@@ -148,7 +161,8 @@ def _run(engine: Any, rng: random.Random, prompts: list[int], max_tokens: int,
 
 
 def _other_main(config: EngineConfig, threads: int, conn: Any) -> None:
-    """Engine B: idle until told ``busy``, then computing step after step until told ``idle``."""
+    """Engine B: idle until told ``busy`` (prompts and decodes, as a served worker runs) or ``decoding``
+    (one long generation: decode-only steps), then computing step after step until told ``idle``."""
     import torch
 
     from pdserve.engine.engine import LLMEngine
@@ -160,20 +174,34 @@ def _other_main(config: EngineConfig, threads: int, conn: Any) -> None:
     vocab = engine.arch.vocab_size
     _run(engine, rng, [128] * 4, 4)  # warm-up
     conn.send("ready")
-    busy = False
+    mode, live = "idle", list[str]()  # B's requests in flight (unknown ones are ignored by abort)
     while True:
-        if not busy or conn.poll():
+        if mode == "idle" or conn.poll():
             msg = conn.recv()
             if msg == "stop":
                 break
-            busy = msg == "busy"
+            if msg != mode:  # a new mode starts from an empty engine
+                for request_id in live:
+                    engine.abort_request(request_id)
+                live.clear()
+            mode = msg
             conn.send(msg)  # acknowledged: from now on B computes (or waits)
             continue
         if not engine.has_unfinished_requests():
-            for _ in range(4):
-                engine.add_request([rng.randrange(3, vocab) for _ in range(128)],
-                                   SamplingParams(max_tokens=16, ignore_eos=True))
+            live.clear()
+            if mode == "decoding":  # one prompt step, then DECODING_TOKENS decode-only steps
+                live.append(engine.add_request([rng.randrange(3, vocab) for _ in range(128)],
+                                               SamplingParams(max_tokens=DECODING_TOKENS,
+                                                              ignore_eos=True)).request_id)
+            else:
+                live += [engine.add_request([rng.randrange(3, vocab) for _ in range(128)],
+                                            SamplingParams(max_tokens=16, ignore_eos=True)).request_id
+                         for _ in range(4)]
         engine.step()
+
+
+#: Tokens engine B generates per request in the ``decoding`` condition (a prompt step every this many).
+DECODING_TOKENS = 512
 
 
 def measure_co_location(config: EngineConfig, threads: int, rounds: int = 3,
@@ -202,11 +230,12 @@ def measure_co_location(config: EngineConfig, threads: int, rounds: int = 3,
         one_round()  # warm-up, not kept
         if conn.recv() != "ready":
             raise RuntimeError("the co-located engine did not start")
-        samples: dict[str, dict[StepShape, list[float]]] = {"idle": {}, "busy": {}}
+        samples: dict[str, dict[StepShape, list[float]]] = {"idle": {}, "busy": {}, "decoding": {}}
         pids = (os.getpid(), proc.pid or 0)
         cpu0, wall0 = _cpu_s(pids), time.monotonic()
         for rep in range(rounds):
-            for cond in (("idle", "busy") if rep % 2 == 0 else ("busy", "idle")):
+            conditions = ("idle", "busy", "decoding")
+            for cond in (conditions if rep % 2 == 0 else conditions[::-1]):
                 progress(f"co-location round {rep + 1}/{rounds}: the other engine {cond}")
                 conn.send(cond)
                 conn.recv()
@@ -223,12 +252,15 @@ def measure_co_location(config: EngineConfig, threads: int, rounds: int = 3,
     other = None
     if cpu0 is not None and cpu1 is not None:
         other = max((cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1]), 0.0) / wall
-    return replace(co_location_of(samples["idle"], samples["busy"], threads), other_cpu_cores=other)
+    return replace(co_location_of(samples["idle"], samples["busy"], threads, samples["decoding"]),
+                   other_cpu_cores=other)
 
 
 def co_location_of(idle: dict[StepShape, list[float]], busy: dict[StepShape, list[float]],
-                   other_threads: int) -> CoLocation:
-    """Per kind, the median over shapes timed in both conditions of median(busy) / median(idle)."""
+                   other_threads: int, decoding: dict[StepShape, list[float]] | None = None) -> CoLocation:
+    """Per kind, the median over shapes timed in both conditions of median(busy) / median(idle);
+    with ``decoding`` (A's steps while B decoded only), the same over decode shapes for
+    :attr:`CoLocation.decode_beside_decode`."""
     ratios: dict[str, list[float]] = {k: [] for k in KINDS}
     counts = dict.fromkeys(KINDS, 0)
     for shape in idle.keys() & busy.keys():
@@ -236,7 +268,13 @@ def co_location_of(idle: dict[StepShape, list[float]], busy: dict[StepShape, lis
         ratios[kind].append(statistics.median(busy[shape]) / statistics.median(idle[shape]))
         counts[kind] += len(idle[shape]) + len(busy[shape])
     factors = {k: statistics.median(v) if v else 1.0 for k, v in ratios.items()}
-    return CoLocation(factors["prefill"], factors["decode"], other_threads, counts, METHOD)
+    decoding = decoding or {}
+    both = [shape for shape in decoding.keys() & idle.keys() if step_kind(shape) == "decode"]
+    beside_decode = [statistics.median(decoding[shape]) / statistics.median(idle[shape]) for shape in both]
+    if beside_decode:
+        counts["decode_beside_decode"] = sum(len(decoding[shape]) + len(idle[shape]) for shape in both)
+    return CoLocation(factors["prefill"], factors["decode"], other_threads, counts, METHOD,
+                      decode_beside_decode=statistics.median(beside_decode) if beside_decode else None)
 
 
 #: Fewer of a kind's served steps than this in either condition (the other worker busy, idle): no figure.
@@ -252,8 +290,9 @@ SERVED_METHOD = ("the profile's hand-off probe (router + 1 prefill + 1 decode wo
                  "decoding), decode from the decode worker's (beside prefilling)")
 
 
-def _overlap(other: list[LoggedStep], t0: float, t1: float, starts: list[float]) -> float:
-    """Share of [t0, t1) during which a step of ``other`` (sorted by start) ran."""
+def overlap_share(other: list[LoggedStep], t0: float, t1: float, starts: list[float]) -> float:
+    """Share of [t0, t1) during which a step of ``other`` (sorted by start; ``starts``: their start
+    times) ran."""
     i, covered = max(bisect.bisect_left(starts, t0) - 1, 0), 0.0
     while i < len(other) and other[i].t < t1:
         covered += max(0.0, min(other[i].t + other[i].s, t1) - max(other[i].t, t0))
@@ -273,7 +312,7 @@ def _served_ratio(steps: list[LoggedStep], other: list[LoggedStep], kind: str, m
         predicted = model.step_time_s(step.shape)
         if predicted <= 0:
             continue
-        share = _overlap(other, step.t, step.t + step.s, starts)
+        share = overlap_share(other, step.t, step.t + step.s, starts)
         if share > BUSY_OVERLAP:
             busy.append(step.s / predicted)
         elif share < IDLE_OVERLAP:

@@ -43,8 +43,10 @@ leave at the end of its loop iteration.
 
 Co-location: a step that starts while another worker of the same host
 (:attr:`PoolSpec.host`) is in a step takes its pool's measured slowdown of
-the step's kind (:class:`~pdserve.sim.colocation.CoLocation`); decided once,
-at the step's start, from the other workers' busy state then.
+the step's kind (:class:`~pdserve.sim.colocation.CoLocation`; a decode step
+beside a worker that is only decoding takes the decode-beside-decode figure
+when the profile measured it); decided once, at the step's start, from the
+other workers' steps then.
 """
 
 from __future__ import annotations
@@ -189,11 +191,14 @@ class Simulator:
             self._push_step(worker, duration_s)
         self.at(self.now_s + duration_s, lambda: self._step_done(worker))
 
-    def _host_busy(self, worker: SimWorker) -> bool:
-        """Another worker of ``worker``'s host is in a step now (only asked for a worker that slows down)."""
+    def _host_busy(self, worker: SimWorker) -> str | None:
+        """The kind of step the other workers of ``worker``'s host are in now: ``"prefill"`` when any
+        computes prompt tokens, ``"decode"`` when those in a step only decode, None when none is (only
+        asked for a worker that slows down)."""
         if worker.co_location is None:
-            return False
-        return any(w.busy for w in self.by_id.values() if w is not worker and w.host == worker.host)
+            return None
+        kinds = {w.step_kind for w in self.by_id.values() if w is not worker and w.host == worker.host}
+        return "prefill" if "prefill" in kinds else "decode" if "decode" in kinds else None
 
     # -- requests ------------------------------------------------------------------------
 

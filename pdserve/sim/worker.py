@@ -114,9 +114,10 @@ class SimWorker:
     # -- the step ----------------------------------------------------------------------
 
     def begin_step(self, now_s: float, records: list[StepRecord] | None = None,
-                   others_busy: bool = False) -> float | None:
+                   others: str | None = None) -> float | None:
         """Schedule a step; returns its duration, or None when there is nothing to run.
-        ``others_busy``: another worker of its host is in a step now (its co-location slowdown applies)."""
+        ``others``: the kind of step (``"prefill"``, ``"decode"``) another worker of its host is in now
+        (its co-location slowdown applies; None: none is)."""
         assert not self.busy
         out = self.scheduler.schedule()
         if out.is_empty and not out.preempted_ids:
@@ -125,8 +126,8 @@ class SimWorker:
         if not out.is_empty:
             shape = step_shape(out)
             duration_s = self.step_model.step_time_s(shape)
-            if others_busy and self.co_location is not None:
-                duration_s *= self.co_location.factor(shape)
+            if others is not None and self.co_location is not None:
+                duration_s *= self.co_location.factor(shape, others)
         if records is not None:
             records.append(StepRecord(
                 self.worker_id, now_s, duration_s,
@@ -148,6 +149,14 @@ class SimWorker:
                 self.decode_busy_s += duration_s
                 self.num_decode_seqs += len(out.scheduled)
         return duration_s
+
+    @property
+    def step_kind(self) -> str | None:
+        """The kind of the step in progress (``"prefill"``: it computes prompt tokens; ``"decode"``);
+        None between steps."""
+        if not self.busy or self._out is None:
+            return None
+        return "prefill" if self._out.num_prompt_tokens else "decode"
 
     @property
     def current(self) -> SchedulerOutput:

@@ -80,6 +80,29 @@ def test_a_step_is_stretched_exactly_when_another_worker_of_its_host_is_busy(sha
     assert alone > 0 and stretched["prefill"] > 0 and stretched["decode"] > 0  # every case was exercised
 
 
+def others_kind(steps: list[tuple[str, float, float, float, str]], i: int) -> str | None:
+    """The kind of step the other workers were in when step ``i`` started (prefill wins), None: idle."""
+    wid, start = steps[i][0], steps[i][1]
+    kinds = {k for w, s, e, _, k in steps[:i] if w != wid and s <= start < e}
+    return "prefill" if "prefill" in kinds else "decode" if "decode" in kinds else None
+
+
+def test_a_decode_step_beside_a_decoding_worker_takes_its_own_figure() -> None:
+    co = replace(CO, decode_beside_decode=1.4)
+    rec = Recording()
+    steps, _ = run((PoolSpec(Role.MIXED, 2, rec, 200, co_location=co),))
+    seen: dict[tuple[str, str | None], int] = {}
+    for i, (_, _, _, ratio, kind) in enumerate(steps):
+        other = others_kind(steps, i)
+        expected = (1.0 if other is None else co.prefill if kind == "prefill"
+                    else 1.4 if other == "decode" else co.decode)
+        assert ratio == pytest.approx(expected, rel=1e-9)
+        seen[(kind, other)] = seen.get((kind, other), 0) + 1
+    assert seen.get(("decode", "decode")) and seen.get(("decode", "prefill"))  # both cases exercised
+    assert CoLocation.from_json(json.loads(json.dumps(co.to_json()))) == co
+    assert "decode_beside_decode" not in CO.to_json()  # a profile without it reads as before
+
+
 def test_no_slowdown_without_a_figure_or_on_separate_hosts() -> None:
     paper, rec = Recording(), Recording()
     for pools in ((PoolSpec(Role.MIXED, 2, paper, 200),),  # a paper pool: one accelerator per worker
@@ -127,3 +150,8 @@ def test_the_figure_is_the_median_over_shapes_of_busy_over_idle() -> None:
     measured = replace(co, other_cpu_cores=0.4)  # the host's other processes' CPU meanwhile
     assert CoLocation.from_json(json.loads(json.dumps(measured.to_json()))) == measured
     assert co_location_of({}, {}, 1).prefill == 1.0  # nothing timed: no slowdown
+    assert co.decode_beside_decode is None  # B was never only decoding
+    # B decoding only: decode shapes' median(decoding) / median(idle); prompt shapes do not count
+    beside = co_location_of(idle, busy, 1, {p1: [0.5], d1: [0.012], d2: [0.026], shape(0, 16): [2.0]})
+    assert beside.decode_beside_decode == pytest.approx((1.2 + 1.3) / 2)  # (0, 16) was never timed idle
+    assert beside.num_samples["decode_beside_decode"] == 4 and beside.decode == co.decode

@@ -11,7 +11,7 @@ import pytest
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.sampling_params import SamplingParams
-from pdserve.sim.step_model import LinearStepModel
+from pdserve.sim.step_model import LinearStepModel, StepShape
 from pdserve.worker.step_log import ENV, StepLog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -74,3 +74,31 @@ def test_the_step_check_compares_served_steps_with_the_model(tmp_path: Path) -> 
     assert summary["prefill"]["served_over_model_p50"] == 5.0
     assert summary["busy_gap_ms_p50"] == pytest.approx(1.0, abs=0.01)
     assert "mixed-0: served/model decode 1.25×" in s8_steps.line({"mixed-0": summary})
+
+
+def test_a_cells_speed_is_taken_in_its_window_and_alone_without_co_location(tmp_path: Path) -> None:
+    shape = {"num_tokens": 1, "num_prefill_tokens": 0, "num_decode_seqs": 1, "prefill_pairs": 0.0,
+             "decode_context": 100, "prefill_context": 0, "num_sampled": 1, "decode_padded_context": 100}
+    prompt = {**shape, "num_tokens": 64, "num_prefill_tokens": 64, "num_decode_seqs": 0, "decode_context": 0,
+              "decode_padded_context": 0, "prefill_pairs": 2080.0}
+    # decode-0: 6 steps alone at 10 ms, then 6 beside the prefill worker's long step at 16 ms
+    decode = [{"t": 0.02 * i, "s": 0.010, "shape": shape} for i in range(6)]
+    decode += [{"t": 1.0 + 0.02 * i, "s": 0.016, "shape": shape} for i in range(6)]
+    decode.append({"t": 9.0, "s": 0.080, "shape": shape})  # outside the window
+    prefill = [{"t": 0.99, "s": 0.2, "shape": prompt}]
+    (tmp_path / "decode-0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in decode))
+    (tmp_path / "prefill-0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in prefill))
+    model = LinearStepModel((0.008, 0.0, 0.0, 0.0, 0.0, 0.0))  # 8 ms whatever the shape
+    every = s8_steps.window_speed(tmp_path, model, 0.0, 5.0)
+    assert every["decode"] == pytest.approx((1.25 + 2.0) / 2) and every["prefill"] == pytest.approx(25.0)
+    alone = s8_steps.window_speed(tmp_path, model, 0.0, 5.0, alone=True)
+    assert alone["decode"] == pytest.approx(1.25)  # the co-located steps left out
+    assert alone["prefill"] == pytest.approx(25.0)  # under 5 alone: every step of the kind
+    assert s8_steps.window_speed(tmp_path, model, 8.0, 10.0) == {"decode": pytest.approx(10.0)}
+    scaled = s8_steps.KindScaled(model, alone)
+    decode_shape = StepShape(**shape)
+    assert scaled.step_time_s(decode_shape) == pytest.approx(0.010)
+    cells = [{"config": "disagg", "rate_per_s": 0.5, "served_speed": every, "served_speed_alone": alone,
+              "at_served_speed": {"ttft_ms_p50": 0.04}}]
+    table = "\n".join(s8_steps.speed_table(cells, ("ttft_ms_p50",)))
+    assert "| disagg | 0.5 | 1.62, 25.00 | 1.25, 25.00 | +4% |" in table
