@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                          for k, v in vars(args).items() if k != "s3"},
             "s3_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args.s3).items()},
             "profiles": profile_rows, "targets": TARGETS, "cells": cells, "passed": passed,
-            "speed": speed_rows, "steps": steps, "configs_done": done,
+            "speed": speed_rows, "steps": steps, "steps_by_partner": partners, "configs_done": done,
             "configs_asked": [f"{k} {r}" for k, r in plan],
             "load_avg_at_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start,
         }
@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
 
     done: list[str] = []
     steps: dict[str, Any] = {}  # per deployment: its workers' served steps against the profile's model
+    partners: dict[str, Any] = {}  # the same split by what the other workers were doing (co-location)
     for key, rates in [] if args.skip_measure else plan:
         name, threads = (key if len(rates) > 1 else f"{key} {rates[0]:g}"), threads_of(key)
         if args.profile_each != "run":  # the profile this deployment is simulated from, minutes before it
@@ -361,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             del os.environ[STEP_LOG_ENV]
         steps[name] = s8_steps.summarize(log_dir, model)
+        partners[name] = s8_steps.by_partner(log_dir, model)
         print("    steps: " + s8_steps.line(steps[name]).replace("\n", "\n    steps: "), flush=True)
         slo_source = outcome.slo
         for run, cpu in zip(outcome.runs, outcome.cpu, strict=True):

@@ -6,13 +6,16 @@ the time went between steps or in queueing; if not, the steps themselves ran
 at another speed than the profile measured (the model's form, or the process).
 
     PDSERVE_STEP_LOG=/tmp/steps pdserve serve ...   # then
-    python benchmarks/s8_steps.py /tmp/steps benchmarks/results/s8_profile_1thread.json
+    python benchmarks/s8_steps.py /tmp/steps benchmarks/results/s8_profile_1thread.json [--by-partner]
 
 Per worker log and step kind (``decode``: no prompt tokens; ``prefill``: some),
 the median of served seconds / the profile's fitted model (without serving
 overhead or co-location), the medians of both, and the median wait between
 two steps less than 50 ms apart (the worker loop's own time between busy
-steps).
+steps). ``--by-partner``: each worker's steps split by what the other
+workers were doing meanwhile (alone, beside a decode step, beside a prompt
+step), each group's median served / model and its ratio to the same kind's
+alone steps — co-location as the served deployment had it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pdserve.sim.colocation import IDLE_OVERLAP, MIN_SERVED_STEPS, overlap_share, step_kind
+from pdserve.sim.colocation import BUSY_OVERLAP, IDLE_OVERLAP, MIN_SERVED_STEPS, overlap_share, step_kind
 from pdserve.sim.profile import Profile, load_profile
 from pdserve.sim.step_model import StepModel, StepShape
 from pdserve.worker.step_log import BUSY_GAP_S, read_step_log
@@ -80,6 +83,44 @@ def window_speed(log_dir: Path, model: StepModel, t0: float, t1: float, alone: b
                 lone.setdefault(kind, []).append(step.s / predicted)
     return {kind: statistics.median(v if len(lone.get(kind, [])) < MIN_SERVED_STEPS else lone[kind])
             for kind, v in sorted(ratios.items())}
+
+
+def by_partner(log_dir: Path, model: StepModel) -> dict[str, Any]:
+    """``{worker id: {"<kind> <condition>": figures}}``: each worker's steps split by what the other
+    workers were doing meanwhile — ``alone`` (their steps cover under 5 % of this one), ``beside
+    decode`` / ``beside prefill`` (steps of that kind cover over half of it), else ``mixed`` — with the
+    step count, the median served / model, and that median over the same kind's ``alone`` one (the
+    co-location slowdown as served; None without alone steps)."""
+    logs = {path: read_step_log(path) for path in sorted(log_dir.glob("*.jsonl"))}
+    out: dict[str, Any] = {}
+    for path, steps in logs.items():
+        # the other workers' steps of each kind, sorted by start, with their starts
+        others = {kind: sorted((s for p, other in logs.items() if p != path for s in other
+                                if step_kind(s.shape) == kind), key=lambda s: s.t)
+                  for kind in ("decode", "prefill")}
+        starts = {kind: [s.t for s in v] for kind, v in others.items()}
+        groups: dict[str, list[float]] = {}
+        for step in steps:
+            predicted = model.step_time_s(step.shape)
+            if predicted <= 0 or step.s <= 0:
+                continue
+            cover = {kind: overlap_share(others[kind], step.t, step.t + step.s, starts[kind])
+                     for kind in others}
+            if sum(cover.values()) < IDLE_OVERLAP:
+                condition = "alone"
+            elif max(cover.values()) > BUSY_OVERLAP:
+                condition = "beside " + max(cover, key=lambda k: cover[k])
+            else:
+                condition = "mixed"
+            groups.setdefault(f"{step_kind(step.shape)} {condition}", []).append(step.s / predicted)
+        row: dict[str, Any] = {}
+        for key, ratios in sorted(groups.items()):
+            alone = groups.get(key.split()[0] + " alone")
+            median = statistics.median(ratios)
+            row[key] = {"num_steps": len(ratios), "served_over_model_p50": round(median, 3),
+                        "over_alone": round(median / statistics.median(alone), 3) if alone else None}
+        out[path.stem] = row
+    return out
 
 
 @dataclass(frozen=True)
@@ -141,8 +182,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("log_dir", type=Path)
     p.add_argument("profile", type=Path)
     p.add_argument("--model", default="bench-50m")
+    p.add_argument("--by-partner", action="store_true",
+                   help="split each worker's steps by what the other workers were doing meanwhile")
     args = p.parse_args(argv)
     profile: Profile = load_profile(args.profile, args.model)
+    if args.by_partner:
+        for worker, groups in by_partner(args.log_dir, profile.step_model).items():
+            print(worker)
+            for key, g in groups.items():
+                rel = "" if g["over_alone"] is None else f", ×{g['over_alone']:.3f} of alone"
+                print(f"  {key:22} {g['num_steps']:6} steps: served / model "
+                      f"{g['served_over_model_p50']:.3f}{rel}")
+        return
     summary = summarize(args.log_dir, profile.step_model)
     print(line(summary))
     print(json.dumps(summary, indent=1))

@@ -7,17 +7,21 @@ measures it (:func:`measure_co_location`) and the simulator applies it
 (:meth:`CoLocation.factor`, see :mod:`pdserve.sim.simulator`):
 
 1. engine B, in another process with the profile's thread count, is built and
-   either idle or computing continuously (a batch of 4 prompts of 128 tokens,
-   16 tokens out each, again and again: prompt and decode steps, as a served
-   worker runs);
+   either idle, computing continuously (*busy*: a batch of 4 prompts of 128
+   tokens, 16 tokens out each, again and again: prompt and decode steps, as
+   a served worker runs), or decoding only (*decoding*: one 128-token prompt
+   then :data:`DECODING_TOKENS` decode-only steps, again and again);
 2. engine A, in this process with the same threads, runs a fixed set of
    steps — two single prompts (64 and 256 tokens) and decode batches of 1, 4
    and 8 rows (with their prompt steps) — once per condition per round, the
-   order of the two conditions alternating between rounds (a warm-up round
-   is not kept);
-3. per step shape, the ratio of its median time with B computing to its
-   median time with B idle; per kind of step (``prefill``: computes prompt
-   tokens, ``decode``: decodes only), the median of those ratios;
+   order of the conditions reversed every other round (a warm-up round is
+   not kept);
+3. per step shape, the ratio of its median time with B busy to its median
+   time with B idle; per kind of step (``prefill``: computes prompt tokens,
+   ``decode``: decodes only), the median of those ratios; and the same over
+   decode shapes with B decoding (:attr:`CoLocation.decode_beside_decode`:
+   two decoding workers share the memory bandwidth that both are bound by,
+   and slow each other more than a decode beside a prompt step);
 4. the CPU the host's *other* processes used meanwhile (``/proc/stat`` less A's
    and B's own CPU time, in cores): on a busy host the figure includes
    time-slicing with them, not only the two engines' interference.

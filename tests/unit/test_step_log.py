@@ -98,6 +98,12 @@ def test_a_cells_speed_is_taken_in_its_window_and_alone_without_co_location(tmp_
     scaled = s8_steps.KindScaled(model, alone)
     decode_shape = StepShape(**shape)
     assert scaled.step_time_s(decode_shape) == pytest.approx(0.010)
+    partners = s8_steps.by_partner(tmp_path, model)
+    assert partners["decode-0"]["decode alone"] == {"num_steps": 7, "served_over_model_p50": 1.25,
+                                                     "over_alone": 1.0}  # the step at 9 s too
+    assert partners["decode-0"]["decode beside prefill"]["over_alone"] == pytest.approx(2.0 / 1.25)
+    assert partners["prefill-0"] == {"prefill mixed": {"num_steps": 1, "served_over_model_p50": 25.0,
+                                                       "over_alone": None}}  # decode steps cover 48 %
     cells = [{"config": "disagg", "rate_per_s": 0.5, "served_speed": every, "served_speed_alone": alone,
               "at_served_speed": {"ttft_ms_p50": 0.04}}]
     table = "\n".join(s8_steps.speed_table(cells, ("ttft_ms_p50",)))
