@@ -122,6 +122,9 @@ def run_profile(args: argparse.Namespace) -> int:
         if so is not None:
             loaded = ("" if so.first_token_loaded_s is None
                       else f" ({so.first_token_loaded_s * 1e3:.1f} ms with requests arriving under load)")
+            if so.probe_first_token_s is not None:
+                loaded += (f" [{so.probe_first_token_s * 1e3:.1f} ms before correcting for the probe's own "
+                           "prompt-step speed]")
             print(f"serving overhead{what}: {so.first_token_s * 1e3:.1f} ms before the first token{loaded}, "
                   f"{so.per_token_s * 1e3:.2f} ms per token, {so.per_row_s * 1e3:.2f} ms per further row "
                   f"({so.num_requests} requests)")

@@ -23,7 +23,15 @@ one worker with the fitted step model and no overhead. Then
   row (the requests' :data:`BATCH` sent together give such steps);
 - ``first_token_s`` = median of (measured − simulated) TTFT, less
   ``per_token_s`` (the first token pays that too): the cost before the first
-  token.
+  token. Each measured TTFT is first reduced by what the served prompt steps
+  within it (the prompt worker's step log, :func:`prompt_step_excess`) took
+  over the step model: otherwise the probe process's own speed enters the
+  figure, as it did the per-token one (a 160-token prompt step of ~60 ms
+  run 8 % slow adds ~5 ms; the nine per-cell profiles of the S8 run of
+  2026-12-07 03:41 measured 0.0–9.3 ms uncorrected, clamped at 0). The
+  uncorrected figure is kept as ``probe_first_token_s``; profiles with
+  ``first_token_method`` are corrected. The loaded figure is corrected the
+  same way.
 
 Why not the served streams' own pace (the estimator before, still recorded as
 ``probe_per_token_s``: the median gap between streamed tokens, served −
@@ -59,16 +67,17 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pdserve.bench.metrics import RequestRecord
 from pdserve.config import Role, SchedulerConfig
+from pdserve.sim.colocation import step_kind
 from pdserve.sim.spec import PoolSpec
 from pdserve.sim.step_model import StepModel, StepShape
 
 if TYPE_CHECKING:
-    from pdserve.worker.step_log import LoopGap
+    from pdserve.worker.step_log import LoggedStep, LoopGap
 
 #: Requests served to measure the overhead (after one warm-up), and their lengths.
 NUM_REQUESTS = 9
@@ -88,6 +97,8 @@ LOADED_ESTIMATOR = "unqueued-median"
 MIN_UNQUEUED = 3
 #: ``per_token_method`` of profiles whose per-token figures are the served worker loop's gap.
 PER_TOKEN_METHOD = "loop-gap"
+#: ``first_token_method`` of profiles whose TTFT gaps were corrected by the served prompt steps' times.
+FIRST_TOKEN_METHOD = "prompt-steps-logged"
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,10 @@ class ServingOverhead:
             worker loop's gap (its step log); "" in older profiles (the streams' pace, see the module doc).
         probe_per_token_s: the streams' pace estimate (served − simulated median gap between tokens),
             recorded for the reader, not used: it includes the probe process's own speed.
+        first_token_method: :data:`FIRST_TOKEN_METHOD` when the TTFT gaps behind ``first_token_s``
+            (and the loaded figure) were corrected by the served prompt steps' own times from the
+            step log; "" in older profiles.
+        probe_first_token_s: the uncorrected ``first_token_s``, recorded for the reader, not used.
     """
 
     first_token_s: float
@@ -121,6 +136,8 @@ class ServingOverhead:
     loaded_estimator: str = ""
     per_token_method: str = ""
     probe_per_token_s: float | None = None
+    first_token_method: str = ""
+    probe_first_token_s: float | None = None
 
     @property
     def loaded_usable(self) -> bool:
@@ -143,7 +160,9 @@ class ServingOverhead:
                     "first_token_loaded_estimator": self.loaded_estimator}
                    if self.first_token_loaded_s is not None else {}),
                 **({"per_token_method": self.per_token_method, "probe_per_token_s": self.probe_per_token_s}
-                   if self.per_token_method else {})}
+                   if self.per_token_method else {}),
+                **({"first_token_method": self.first_token_method,
+                    "probe_first_token_s": self.probe_first_token_s} if self.first_token_method else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServingOverhead:
@@ -153,7 +172,9 @@ class ServingOverhead:
                    float(data.get("per_row_s", 0.0)), int(data.get("num_requests", 0)),
                    str(data.get("method", "")), None if loaded is None else float(loaded),
                    str(data.get("first_token_loaded_estimator", "")), str(data.get("per_token_method", "")),
-                   None if data.get("probe_per_token_s") is None else float(data["probe_per_token_s"]))
+                   None if data.get("probe_per_token_s") is None else float(data["probe_per_token_s"]),
+                   str(data.get("first_token_method", "")),
+                   None if data.get("probe_first_token_s") is None else float(data["probe_first_token_s"]))
 
 
 @dataclass(frozen=True)
@@ -235,6 +256,32 @@ def derive_overhead(measured: Sequence[RequestRecord], simulated: Sequence[Reque
                                per_token_method=PER_TOKEN_METHOD, probe_per_token_s=per_token)
     first = max(statistics.median(ttft_gaps) - per_token, 0.0)
     return ServingOverhead(first, per_token, per_row, count, method)
+
+
+def prompt_step_excess(records: Sequence[RequestRecord], steps: Sequence[LoggedStep], model: StepModel
+                       ) -> list[float]:
+    """Per served record (``sent_s`` on the host's ``time.perf_counter``, as the step log's ``t``): the
+    logged steps that computed prompt tokens within [sent, sent + TTFT], served − ``model`` seconds summed
+    — how much slower (> 0) or faster than the profile's model this process ran the request's prompt;
+    0.0 for a record without a TTFT or without such a step."""
+    prompt = sorted((st for st in steps if step_kind(st.shape) == "prefill"), key=lambda st: st.t)
+    out = []
+    for r in records:
+        if r.ttft_s is None:
+            out.append(0.0)
+            continue
+        t0, t1 = r.sent_s, r.sent_s + r.ttft_s
+        out.append(sum(st.s - model.step_time_s(st.shape) for st in prompt
+                       if t0 <= st.t and st.t + st.s <= t1))
+    return out
+
+
+def less_excess(records: Sequence[RequestRecord], excess: Sequence[float]) -> list[RequestRecord]:
+    """The records as if their prompt steps had run at the model's speed: TTFT and end-to-end time less
+    each one's :func:`prompt_step_excess` (the streamed chunks' spacing is left as it was)."""
+    return [r if r.ttft_s is None else
+            replace(r, ttft_s=r.ttft_s - e, e2e_s=None if r.e2e_s is None else r.e2e_s - e)
+            for r, e in zip(records, excess, strict=True)]
 
 
 def unqueued(records: Sequence[RequestRecord]) -> list[bool]:

@@ -25,6 +25,7 @@ from pdserve.sim.colocation import CoLocation, served_co_location
 from pdserve.sim.link import LinkModel
 from pdserve.sim.serving import (
     BATCH,
+    FIRST_TOKEN_METHOD,
     LOADED_ESTIMATOR,
     LOADED_RATE,
     LOADED_REQUESTS,
@@ -36,6 +37,8 @@ from pdserve.sim.serving import (
     apply_serving,
     derive_loaded,
     derive_overhead,
+    less_excess,
+    prompt_step_excess,
     simulate_alone,
 )
 from pdserve.sim.spec import PoolSpec
@@ -59,12 +62,19 @@ class ServedModel:
     kv_bytes_per_token: int = 0
 
 
+def absolute(record: RequestRecord, start_s: float) -> RequestRecord:
+    """``record`` with ``sent_s`` on the host's ``time.perf_counter`` (its run started at ``start_s``), the
+    clock of the workers' step logs."""
+    return replace(record, sent_s=start_s + record.sent_s)
+
+
 def serve(w: ServedModel, disaggregated: bool, step_log_dir: Path | None = None
           ) -> tuple[list[RequestRecord], list[RequestRecord], list[RequestRecord]]:
     """Through a real deployment (router + 1 mixed worker, or router + 1 prefill + 1 decode worker
     with every request handed off) started as ``pdserve serve`` starts one: requests of
     :data:`PROMPT_TOKENS` × :data:`OUTPUT_TOKENS` one at a time, then :data:`BATCH` sent together,
-    then :data:`LOADED_REQUESTS` at Poisson arrivals; the ended requests' records of each part.
+    then :data:`LOADED_REQUESTS` at Poisson arrivals; the ended requests' records of each part (the
+    one-at-a-time and loaded ones with ``sent_s`` on ``time.perf_counter``, :func:`absolute`).
     With ``step_log_dir``, the workers log their steps there (``PDSERVE_STEP_LOG``)."""
     from pdserve.bench.arrivals import ArrivalConfig
     from pdserve.bench.client import ClientConfig
@@ -93,7 +103,8 @@ def serve(w: ServedModel, disaggregated: bool, step_log_dir: Path | None = None
                               num_requests=NUM_REQUESTS // len(PROMPT_TOKENS), max_concurrency=1,
                               warmup_requests=1, progress=False)
             run = asyncio.run(run_load(client, load, make_workload(workload, counter), None, counter))
-            records += [r for r in run.records if not r.warmup and r.error_type is None]
+            records += [absolute(r, run.start_s) for r in run.records
+                        if not r.warmup and r.error_type is None]
         workload = WorkloadConfig(kind="synthetic", input_len=str(PROMPT_TOKENS[1]),
                                   output_len=str(OUTPUT_TOKENS), seed=len(PROMPT_TOKENS))
         load = LoadConfig(arrivals=ArrivalConfig(rate=math.inf), num_requests=BATCH, max_concurrency=BATCH,
@@ -106,7 +117,7 @@ def serve(w: ServedModel, disaggregated: bool, step_log_dir: Path | None = None
         load = LoadConfig(arrivals=ArrivalConfig(rate=LOADED_RATE, seed=0), num_requests=LOADED_REQUESTS,
                           progress=False)
         run = asyncio.run(run_load(client, load, make_workload(workload, counter), None, counter))
-        loaded = [r for r in run.records if r.error_type is None]
+        loaded = [absolute(r, run.start_s) for r in run.records if r.error_type is None]
     finally:
         launcher.stop()
         if before is None:
@@ -140,6 +151,12 @@ def measure_serving(w: ServedModel, link: LinkModel | None = None) -> ProbeResul
             logs = {p.stem: read_step_log(p) for p in Path(log_dir).glob("*.jsonl")}
         decoding = logs.get("decode-0" if disagg else "mixed-0")  # the worker whose loop streams tokens
         gap = loop_gap(decoding) if decoding else None
+        # the worker that computed the prompts: each TTFT less what its prompt steps ran over the model
+        prompting = logs.get("prefill-0" if disagg else "mixed-0")
+        corrected, corrected_loaded = records, loaded
+        if prompting:
+            corrected = less_excess(records, prompt_step_excess(records, prompting, w.step_model))
+            corrected_loaded = less_excess(loaded, prompt_step_excess(loaded, prompting, w.step_model))
         if disagg and "prefill-0" in logs and decoding:
             co_located = served_co_location(logs["prefill-0"], decoding, w.step_model, w.threads)
 
@@ -160,11 +177,16 @@ def measure_serving(w: ServedModel, link: LinkModel | None = None) -> ProbeResul
         if gap is not None:
             method += (f"; per token and per further row: the served worker loop's median gap between busy "
                        f"steps ({gap.num_gaps} gaps in its step log)")
-        idle = derive_overhead(records, simulated, method, batch, simulated_batch, len(batch), gap)
+        idle = derive_overhead(corrected, simulated, method, batch, simulated_batch, len(batch), gap)
+        if prompting:
+            raw = derive_overhead(records, simulated, method, batch, simulated_batch, len(batch), gap)
+            idle = replace(idle, first_token_method=FIRST_TOKEN_METHOD, probe_first_token_s=raw.first_token_s)
+            method += ("; TTFTs less the time the served prompt steps (the worker's step log) ran over the "
+                       "step model")
         # the loaded requests, simulated at their send times with the figures just derived
         simulated_loaded = simulate_alone(loaded, pools_of(apply_serving(w.step_model, idle)), *rest,
                                           at_sent=True, request_overhead_s=idle.first_token_s)
-        extra, used = derive_loaded(loaded, simulated_loaded) if loaded else (None, 0)
+        extra, used = derive_loaded(corrected_loaded, simulated_loaded) if loaded else (None, 0)
         total = None if extra is None else idle.first_token_s + extra
         results.append(replace(idle, first_token_loaded_s=total, loaded_estimator=LOADED_ESTIMATOR,
                                num_requests=idle.num_requests + len(loaded),

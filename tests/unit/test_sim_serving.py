@@ -314,3 +314,49 @@ def test_the_loaded_figure_is_not_the_queue_the_probe_built() -> None:
     assert extra == pytest.approx(one_prompt, rel=1e-6)
     # fewer than MIN_UNQUEUED requests that waited behind none: no loaded figure beyond the idle one
     assert derive_loaded(served[:4], simulated[:4]) == (0.0, 1)
+
+
+def prompt(n: int) -> StepShape:
+    return StepShape(n, n, 0, n * (n + 1) / 2, 0, 0, 1)
+
+
+def test_the_first_token_figure_is_corrected_by_the_served_prompt_steps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe process whose prompt steps ran 30 % over the model, with a true 5 ms before each first
+    token: the figure is 5 ms, not 5 ms + the process's slowness (kept as ``probe_first_token_s``)."""
+    from pdserve.sim import serving, serving_probe
+    from pdserve.sim.serving import FIRST_TOKEN_METHOD, less_excess, prompt_step_excess
+    from pdserve.worker.step_log import LoggedStep
+
+    sched = SchedulerConfig(chunk_size=4096)
+    w = serving_probe.ServedModel("tiny", [], 1, OLD, sched, 16, 256, 2048, 256)
+    pools = (PoolSpec(Role.MIXED, 1, OLD, 256),)
+    lengths = (48, 160, 400)
+    asked = [RequestRecord(index=i, num_prompt_tokens=n, num_output_tokens=serving.OUTPUT_TOKENS)
+             for i, n in enumerate(lengths)]
+    base = simulate_alone(asked, pools, sched, 16, 2048, 256)
+    sent = [100.0 + 10 * i for i in range(len(lengths))]  # on the host's clock, as the probe records them
+    slow = [0.3 * OLD.step_time_s(prompt(n)) for n in lengths]
+    served = [replace(r, sent_s=t, ttft_s=r.ttft_s + x + 0.005, e2e_s=r.e2e_s + x + 0.005)
+              for r, t, x in zip(base, sent, slow, strict=True)]
+    log = [LoggedStep(t + 0.002, 1.3 * OLD.step_time_s(prompt(n)), prompt(n))
+           for t, n in zip(sent, lengths, strict=True)]
+    log.append(LoggedStep(500.0, 1.0, prompt(400)))  # outside every request's window
+    assert prompt_step_excess(served, log, OLD) == pytest.approx(slow)
+    assert [r.ttft_s for r in less_excess(served, slow)] == pytest.approx([r.ttft_s + 0.005 for r in base])
+
+    def fake_serve(model: serving_probe.ServedModel, disaggregated: bool,
+                   step_log_dir: Path | None = None) -> tuple[list[RequestRecord], ...]:
+        assert step_log_dir is not None
+        (step_log_dir / "mixed-0.jsonl").write_text("".join(
+            json.dumps({"t": s.t, "s": s.s, "shape": dataclasses.asdict(s.shape)}) + "\n" for s in log))
+        return served, [], []
+
+    monkeypatch.setattr(serving_probe, "serve", fake_serve)
+    mixed = serving_probe.measure_serving(w).serving
+    assert mixed.first_token_method == FIRST_TOKEN_METHOD
+    assert mixed.first_token_s == pytest.approx(0.005, abs=1e-6)
+    assert mixed.probe_first_token_s == pytest.approx(0.005 + statistics.median(slow), abs=1e-6)
+    back = ServingOverhead.from_json(json.loads(json.dumps(mixed.to_json())))
+    assert back.first_token_method == FIRST_TOKEN_METHOD
+    assert back.probe_first_token_s == mixed.probe_first_token_s
