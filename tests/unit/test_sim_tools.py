@@ -21,7 +21,7 @@ from pdserve.sim.link import Link, LinkModel
 from pdserve.sim.plan import Kind, Planner, Shape, Verdict, search
 from pdserve.sim.profile import Profile, load_profile, machine_identity
 from pdserve.sim.roofline import RooflineStepModel
-from pdserve.sim.serving import LOADED_ESTIMATOR, PER_TOKEN_METHOD, ServingOverhead
+from pdserve.sim.serving import FIRST_TOKEN_METHOD, LOADED_ESTIMATOR, PER_TOKEN_METHOD, ServingOverhead
 from pdserve.sim.simulator import SimRequest
 from pdserve.sim.step_model import FEATURES, LinearStepModel, StepShape, fit_linear
 
@@ -279,12 +279,16 @@ def test_profile_measures_this_machine_and_simulate_uses_it(tmp_path: Path) -> N
     assert serving["per_token_method"] == PER_TOKEN_METHOD and 0 < serving["per_token_s"] < 0.05
     assert "step log" in serving["method"] and "probe_per_token_s" in serving
     assert data["serving_overhead_handoff"]["per_token_method"] == PER_TOKEN_METHOD
+    # before the first token: the TTFTs corrected by the served prompt steps' own times (the step log)
+    assert serving["first_token_method"] == FIRST_TOKEN_METHOD and serving["probe_first_token_s"] >= 0
+    assert data["serving_overhead_handoff"]["first_token_method"] == FIRST_TOKEN_METHOD
     assert serving["first_token_loaded_s"] >= 0  # and under a Poisson load
     assert serving["first_token_loaded_estimator"] == LOADED_ESTIMATOR
     assert data["serving_overhead_handoff"]["first_token_loaded_s"] >= 0
     co = data["co_located"]  # steps timed beside another engine in another process
     assert co["prefill"] > 0 and co["decode"] > 0 and co["other_threads"] == 1
     assert co["num_samples"]["prefill"] > 0 and co["num_samples"]["decode"] > 0
+    assert co["decode_beside_decode"] > 0 and co["num_samples"]["decode_beside_decode"] > 0  # B decoding only
     # every timing of a shape is kept (the first: the first time the engine met it), the median used
     assert all(s["time_s"] in s["rounds_s"] or len(s["rounds_s"]) % 2 == 0 for s in data["samples"])
     assert max(len(s["rounds_s"]) for s in data["samples"]) >= 3
