@@ -31,7 +31,7 @@ from typing import Any
 from pdserve.sim.colocation import BUSY_OVERLAP, IDLE_OVERLAP, MIN_SERVED_STEPS, overlap_share, step_kind
 from pdserve.sim.profile import Profile, load_profile
 from pdserve.sim.step_model import StepModel, StepShape
-from pdserve.worker.step_log import BUSY_GAP_S, read_step_log
+from pdserve.worker.step_log import BUSY_GAP_S, LoggedStep, read_step_log
 
 
 def summarize(log_dir: Path, model: StepModel) -> dict[str, Any]:
@@ -57,6 +57,15 @@ def summarize(log_dir: Path, model: StepModel) -> dict[str, Any]:
     return out
 
 
+def _others(logs: dict[Path, list[LoggedStep]], path: Path, kind: str | None = None
+            ) -> tuple[list[LoggedStep], list[float]]:
+    """Every other worker's steps (of ``kind``; None: all), sorted by start, and their starts: what
+    :func:`~pdserve.sim.colocation.overlap_share` takes."""
+    steps = sorted((s for p, other in logs.items() if p != path for s in other
+                    if kind is None or step_kind(s.shape) == kind), key=lambda s: s.t)
+    return steps, [s.t for s in steps]
+
+
 def window_speed(log_dir: Path, model: StepModel, t0: float, t1: float, alone: bool = False
                  ) -> dict[str, float]:
     """Per step kind (``decode``, ``prefill``), the median of served / ``model`` over every worker's steps
@@ -71,8 +80,7 @@ def window_speed(log_dir: Path, model: StepModel, t0: float, t1: float, alone: b
     ratios: dict[str, list[float]] = {}
     lone: dict[str, list[float]] = {}
     for path, steps in logs.items():
-        others = sorted((s for p, other in logs.items() if p != path for s in other), key=lambda s: s.t)
-        starts = [s.t for s in others]
+        others, starts = _others(logs, path)
         for step in steps:
             predicted = model.step_time_s(step.shape)
             if not (t0 <= step.t < t1 and predicted > 0):
@@ -94,18 +102,14 @@ def by_partner(log_dir: Path, model: StepModel) -> dict[str, Any]:
     logs = {path: read_step_log(path) for path in sorted(log_dir.glob("*.jsonl"))}
     out: dict[str, Any] = {}
     for path, steps in logs.items():
-        # the other workers' steps of each kind, sorted by start, with their starts
-        others = {kind: sorted((s for p, other in logs.items() if p != path for s in other
-                                if step_kind(s.shape) == kind), key=lambda s: s.t)
-                  for kind in ("decode", "prefill")}
-        starts = {kind: [s.t for s in v] for kind, v in others.items()}
+        others = {kind: _others(logs, path, kind) for kind in ("decode", "prefill")}
         groups: dict[str, list[float]] = {}
         for step in steps:
             predicted = model.step_time_s(step.shape)
             if predicted <= 0 or step.s <= 0:
                 continue
-            cover = {kind: overlap_share(others[kind], step.t, step.t + step.s, starts[kind])
-                     for kind in others}
+            cover = {kind: overlap_share(other, step.t, step.t + step.s, starts)
+                     for kind, (other, starts) in others.items()}
             if sum(cover.values()) < IDLE_OVERLAP:
                 condition = "alone"
             elif max(cover.values()) > BUSY_OVERLAP:

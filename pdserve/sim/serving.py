@@ -264,7 +264,7 @@ def prompt_step_excess(records: Sequence[RequestRecord], steps: Sequence[LoggedS
     logged steps that computed prompt tokens within [sent, sent + TTFT], served − ``model`` seconds summed
     — how much slower (> 0) or faster than the profile's model this process ran the request's prompt;
     0.0 for a record without a TTFT or without such a step."""
-    prompt = sorted((st for st in steps if step_kind(st.shape) == "prefill"), key=lambda st: st.t)
+    prompt = [st for st in steps if step_kind(st.shape) == "prefill"]
     out = []
     for r in records:
         if r.ttft_s is None:

@@ -183,7 +183,7 @@ class Simulator:
             inbox.pop(0)()
         for request in worker.retry_pending():  # a decode (or mixed) worker's deferred reservations
             self._reserved(worker, request.request_id)
-        duration_s = worker.begin_step(self.now_s, self._steps, self._host_busy(worker))
+        duration_s = worker.begin_step(self.now_s, self._steps, self._host_step_kind(worker))
         if duration_s is None:
             self.router.after_iteration(worker)
             return
@@ -191,7 +191,7 @@ class Simulator:
             self._push_step(worker, duration_s)
         self.at(self.now_s + duration_s, lambda: self._step_done(worker))
 
-    def _host_busy(self, worker: SimWorker) -> str | None:
+    def _host_step_kind(self, worker: SimWorker) -> str | None:
         """The kind of step the other workers of ``worker``'s host are in now: ``"prefill"`` when any
         computes prompt tokens, ``"decode"`` when those in a step only decode, None when none is (only
         asked for a worker that slows down)."""
